@@ -1,0 +1,84 @@
+"""Where data sets live, and the checksummed download of the official archives."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from .interactions import DataError
+from .movielens import FORMATS
+
+BASE_URL = "https://files.grouplens.org/datasets/movielens"
+# Published MD5 sums of the official archives; ml-latest* change over time and have none.
+MD5 = {
+    "ml-100k": "0e33842e24a9c977be4e0107933c0723",
+    "ml-1m": "c4d9eecfca2ab87c1945afe126590906",
+    "ml-10m": "ce571fd55effeba0271552578f2648bd",
+    "ml-20m": "cd245b17a1ae2cc31bb14903e1204af3",
+    "ml-25m": "6b51fb2759a8657d3bfcbfc42b592ada",
+}
+
+
+def data_root(data_dir: str | Path | None = None) -> Path:
+    """--data-dir, else $FEDREC_DATA_DIR, else ~/.cache/fedrec."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("FEDREC_DATA_DIR"):
+        return Path(os.environ["FEDREC_DATA_DIR"]).expanduser()
+    return Path.home() / ".cache" / "fedrec"
+
+
+def archive_url(name: str) -> str:
+    base = os.environ.get("FEDREC_MOVIELENS_URL", BASE_URL).rstrip("/")
+    return f"{base}/{name}.zip"
+
+
+def dataset_folder(name: str, data_dir: str | Path | None = None, download: bool = True) -> Path:
+    """Folder holding the extracted data set, downloading it first if needed."""
+    folder = data_root(data_dir) / FORMATS[name].folder
+    if (folder / FORMATS[name].ratings_file).is_file():
+        return folder  # an extracted copy is used as is (e.g. --data-dir ../shared/data)
+    if not download:
+        raise DataError(_missing_message(name, folder, "downloads are turned off"))
+    fetch(name, data_dir)
+    return folder
+
+
+def _missing_message(name: str, folder: Path, why: str) -> str:
+    return (
+        f"{name} is not at {folder / FORMATS[name].ratings_file} and {why}; download "
+        f"{archive_url(name)} and extract it into {folder.parent} (or pass --data-dir)"
+    )
+
+
+def fetch(name: str, data_dir: str | Path | None = None) -> Path:
+    """Download, MD5-check and extract one archive into the data root."""
+    root = data_root(data_dir)
+    folder = root / FORMATS[name].folder
+    url = archive_url(name)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        archive = Path(tmp) / f"{name}.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as error:
+            raise DataError(_missing_message(name, folder, f"the download failed ({error})")) from None
+        expected = MD5.get(name)
+        actual = hashlib.md5(archive.read_bytes()).hexdigest()
+        if expected and actual != expected:
+            raise DataError(
+                f"{url} has MD5 {actual}, expected {expected}; the download is corrupt or "
+                f"changed: retry, or put the verified files in {folder}"
+            )
+        staging = Path(tmp) / "extract"
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(staging)
+        # Move into place only once complete, so a failed run leaves nothing half-written.
+        shutil.move(str(staging / FORMATS[name].folder), folder)
+    return folder

@@ -1,0 +1,45 @@
+"""What one device holds: a user's own train and test ratings, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .interactions import Split
+
+
+@dataclass(frozen=True)
+class CohortData:
+    """Ratings of several users, flattened; `segment[j]` is row j's position in `users`.
+
+    One user is the cohort of size one (the deployment shape)."""
+
+    users: np.ndarray
+    train_segment: np.ndarray
+    train_item: np.ndarray
+    train_rating: np.ndarray
+    test_segment: np.ndarray
+    test_item: np.ndarray
+    test_rating: np.ndarray
+    test_negatives: np.ndarray | None  # [len(test rows), n] for leave-one-out
+
+    def train_counts(self) -> np.ndarray:
+        return np.bincount(self.train_segment, minlength=len(self.users))
+
+
+def cohort(split: Split, users) -> CohortData:
+    """The partitions of `users`, gathered with index arithmetic (no per-user Python)."""
+    users = np.asarray(users, dtype=np.int64)
+    train_rows, train_seg = split.train_index().gather(users)
+    test_rows, test_seg = split.test_index().gather(users)
+    negatives = None if split.test_negatives is None else split.test_negatives[test_rows]
+    return CohortData(
+        users, train_seg, split.train.item[train_rows], split.train.rating[train_rows],
+        test_seg, split.test.item[test_rows], split.test.rating[test_rows], negatives,
+    )
+
+
+def user_partition(split: Split, user: int) -> CohortData:
+    """One user's device data."""
+    return cohort(split, [user])

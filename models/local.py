@@ -1,0 +1,143 @@
+"""The local training step: what each device computes, vectorized across a batch of users.
+
+Every user trains on its own rows only, against its own copy of the item rows it touches,
+so a user's result depends only on its data, its private state and the item parameters
+it was given, never on who else is in the batch. Per-user clipping happens before
+anything is summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .mf import Hyper, ItemParams, UserState
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class LocalUpdate:
+    """Summed item-side updates of a batch of users, and per-user facts about them."""
+
+    emb_delta: torch.Tensor  # [items, dim], sum over users of (clipped) row changes
+    bias_delta: torch.Tensor  # [items]
+    global_bias_delta: torch.Tensor  # [1]
+    num_users: int
+    loss_sum: float
+    num_rows: int
+    norms: torch.Tensor  # [users] L2 norm of each user's update before clipping
+    touched: torch.Tensor  # [rows] item of each trained row (for the sparse upload mode)
+    row_segment: torch.Tensor  # [rows] user position of each trained row
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer: a counter-based hash, so each user's random draws depend on
+    (seed, round, user, counter) only and not on batch composition."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, counts: np.ndarray,
+                     n_items: int, per_positive: int, seed: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
+    """`per_positive` negatives per positive row, uniform over items the user did not rate."""
+    n_neg = counts * per_positive
+    neg_segment = np.repeat(np.arange(len(users)), n_neg)
+    counter = np.arange(len(neg_segment)) - np.repeat(np.cumsum(n_neg) - n_neg, n_neg)
+    key = _mix64(np.array([seed], np.uint64)) ^ _mix64(np.array([round_ + 0x9E3779B9], np.uint64))
+    base = _mix64(users[neg_segment].astype(np.uint64) ^ key)
+    rated = np.sort(users[segment] * n_items + positives)
+    items = np.empty(len(neg_segment), np.int64)
+    todo = np.arange(len(neg_segment))
+    attempt = 0
+    while len(todo):  # redraw the few that hit a rated item
+        draw = _mix64(base[todo] + (counter[todo] * 64 + attempt).astype(np.uint64))
+        items[todo] = (draw % np.uint64(n_items)).astype(np.int64)
+        pair = users[neg_segment[todo]] * n_items + items[todo]
+        pos = np.minimum(np.searchsorted(rated, pair), len(rated) - 1)
+        todo = todo[rated[pos] == pair]
+        attempt += 1
+    return neg_segment, items
+
+
+def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
+                target: torch.Tensor, hyper: Hyper, clip_norm: float = 0.0) -> tuple[UserState, LocalUpdate]:
+    """Train each user of the batch for `hyper.local_epochs` full-batch steps.
+
+    segment/item/target: the rows (user position, item, rating or 0/1 label). Returns the
+    users' new private state and the summed item-side update (each user's update clipped
+    to L2 norm `clip_norm` first when it is > 0).
+    """
+    n = state.emb.shape[0]
+    q0 = items.emb[item]  # each user's own copy of the rows it touches
+    b0 = items.bias[item]
+    mu0 = items.global_bias.expand(n)
+    dq = db = dmu = None  # accumulated local changes of those copies
+    state = UserState(state.emb.clone(), state.bias.clone(), state.m.clone(), state.v.clone(), state.step.clone())
+    loss_sum = 0.0
+    for epoch in range(hyper.local_epochs):
+        q, b, mu = (q0, b0, mu0) if epoch == 0 else (q0 + dq, b0 + db, mu0 + dmu)
+        p = state.emb[segment]
+        bu = state.bias[segment]
+        pred = mu[segment] + bu + b + (p * q).sum(dim=1)
+        if hyper.implicit:
+            dloss = torch.sigmoid(pred) - target
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="sum")
+        else:
+            err = pred - target
+            dloss, loss = 2 * err, err.square().sum()
+        loss_sum = float(loss)  # at the model the epoch started from
+        grad_emb = torch.zeros(n, hyper.dim).index_add_(0, segment, torch.addcmul(2 * hyper.reg_user * p, dloss[:, None], q))
+        grad_bias = torch.zeros(n).index_add_(0, segment, dloss + 2 * hyper.reg_bias * bu)
+        _adam_rows(state, torch.cat([grad_emb, grad_bias[:, None]], dim=1), hyper.lr)
+        step_q = torch.addcmul(2 * hyper.reg_item * q, dloss[:, None], p).mul_(-hyper.lr)
+        step_b = (dloss + 2 * hyper.reg_bias * b).mul_(-hyper.lr)
+        step_mu = torch.zeros(n).index_add_(0, segment, dloss).mul_(-hyper.lr)
+        dq, db, dmu = (step_q, step_b, step_mu) if epoch == 0 else (dq + step_q, db + step_b, dmu + step_mu)
+    sq = torch.zeros(n).index_add_(0, segment, (dq * dq).sum(dim=1) + db * db)
+    norms = (sq + dmu * dmu).sqrt()
+    if clip_norm > 0:
+        scale = torch.clamp(clip_norm / norms.clamp(min=1e-12), max=1.0)
+        row_scale = scale[segment]
+        dq, db, dmu = dq * row_scale[:, None], db * row_scale, dmu * scale
+    update = LocalUpdate(
+        emb_delta=torch.zeros_like(items.emb).index_add_(0, item, dq),
+        bias_delta=torch.zeros_like(items.bias).index_add_(0, item, db),
+        global_bias_delta=dmu.sum().reshape(1),
+        num_users=n, loss_sum=loss_sum, num_rows=len(item), norms=norms,
+        touched=item, row_segment=segment,
+    )
+    return state, update
+
+
+def _adam_rows(state: UserState, grad: torch.Tensor, lr: float) -> None:
+    """Adam on each user's (p_u, b_u), with its own step count for bias correction."""
+    beta1, beta2 = ADAM_BETAS
+    state.step += 1
+    state.m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    state.v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat = state.m / (1 - beta1 ** state.step)[:, None]
+    v_hat = state.v / (1 - beta2 ** state.step)[:, None]
+    step = lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+    state.emb -= step[:, :-1]
+    state.bias -= step[:, -1]
+
+
+def training_rows(rows, n_items: int, hyper: Hyper, round_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(segment, item, target) that a batch of users trains on this round: its ratings, or
+    for implicit feedback its positives (label 1) plus freshly sampled negatives (label 0)."""
+    seg, item = rows.train_segment, rows.train_item
+    if not hyper.implicit:
+        return torch.as_tensor(seg), torch.as_tensor(item), torch.as_tensor(rows.train_rating, dtype=torch.float32)
+    counts = np.bincount(seg, minlength=len(rows.users))
+    neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts, n_items, hyper.train_negatives,
+                                         hyper.seed, round_)
+    target = np.concatenate([np.ones(len(seg), np.float32), np.zeros(len(neg_seg), np.float32)])
+    return (torch.as_tensor(np.concatenate([seg, neg_seg])), torch.as_tensor(np.concatenate([item, neg_item])),
+            torch.as_tensor(target))
