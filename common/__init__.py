@@ -1,0 +1,1 @@
+"""What ClientApp, ServerApp and the runners share: the config and the message schema."""

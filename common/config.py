@@ -1,0 +1,143 @@
+"""The one run configuration of fedrec, with every field documented.
+
+Sources, later ones winning: defaults here, `[tool.flwr.app.config]` / a TOML file, CLI
+flags. Keys are kebab-case outside Python (`users-per-round`), snake_case inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message says which and what to do."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+DATASET_CHOICES = ("synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest")
+SPLIT_CHOICES = ("random", "loo", "u1", "u2", "u3", "u4", "u5")
+STRATEGY_CHOICES = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
+SAMPLING_CHOICES = ("fixed", "poisson")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- data
+    dataset: str = _f("synthetic", "Data set: synthetic (embedded, no download) or a MovieLens name.", DATASET_CHOICES)
+    data_dir: str = _f("", "Data root holding <name>/ folders; empty: $FEDREC_DATA_DIR, else ~/.cache/fedrec.")
+    split: str = _f("random", "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).", SPLIT_CHOICES)
+    test_fraction: float = _f(0.2, "Share of each user's ratings held out by the random split.")
+    negatives: int = _f(99, "Sampled negatives per test positive for leave-one-out evaluation.")
+    synthetic_users: int = _f(2000, "Synthetic data: number of users.")
+    synthetic_items: int = _f(500, "Synthetic data: number of items.")
+    synthetic_density: float = _f(0.05, "Synthetic data: expected share of user-item pairs rated.")
+    synthetic_rank: int = _f(8, "Synthetic data: rank of the true preference matrix.")
+    synthetic_noise: float = _f(0.5, "Synthetic data: std of rating noise before rounding to stars.")
+    seed: int = _f(0, "Seed of everything random: data, split, init, sampling, negatives, noise.")
+    # --- model
+    dim: int = _f(32, "Embedding size K of users and items.")
+    reg_user: float = _f(-1.0, "L2 on user embeddings, per rating; -1: 0.05 (ratings) or 0.01 (implicit).")
+    reg_item: float = _f(-1.0, "L2 on item embeddings, per rating; -1: 0.3 (ratings) or 0.01 (implicit).")
+    reg_bias: float = _f(-1.0, "L2 on user and item biases, per rating; -1: 0.01 (ratings) or 0.001 (implicit).")
+    init_std: float = _f(0.1, "Std of the initial embeddings.")
+    train_negatives: int = _f(1, "Implicit feedback: sampled negatives per positive in training.")
+    # --- training
+    lr: float = _f(0.02, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
+    server_lr: float = _f(0.02, "Server learning rate of the strategy's optimizer (1.0 with fedavg is plain FedAvg).")
+    strategy: str = _f("fedadam", "Server optimizer on the averaged item update.", STRATEGY_CHOICES)
+    epochs: int = _f(150, "Central baseline: full-batch epochs.")
+    rounds: int = _f(150, "Federated rounds.")
+    local_epochs: int = _f(1, "Full-batch passes each sampled user makes over its own ratings per round.")
+    users_per_round: int = _f(0, "Users sampled per round (expected number under poisson); 0: all users.")
+    sampling: str = _f("fixed", "fixed: that many users without replacement; poisson: each user independently.", SAMPLING_CHOICES)
+    users_per_node: int = _f(0, "Simulation: users hosted by one SuperNode (1 = deployment shape); 0: auto.")
+    eval_every: int = _f(10, "Evaluate every this many rounds (and after the last).")
+    top_k: int = _f(10, "K of HR@K, NDCG@K and Recall@K.")
+    # --- output
+    out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
+
+    # ------------------------------------------------------------------
+    @property
+    def implicit(self) -> bool:
+        return self.split == "loo"
+
+    def resolved(self) -> "RunConfig":
+        """Fill the loss-dependent defaults (-1) with concrete values."""
+        defaults = {"reg_user": (0.05, 0.01), "reg_item": (0.3, 0.01), "reg_bias": (0.01, 0.001)}
+        changes = {k: v[self.implicit] for k, v in defaults.items() if getattr(self, k) < 0}
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "RunConfig":
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{_kebab(f.name)}={getattr(self, f.name)!r} is not valid; choose one of {', '.join(choices)}")
+        positive = ("dim", "lr", "server_lr", "epochs", "rounds", "local_epochs", "eval_every", "top_k", "negatives",
+                    "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_kebab(name)} must be > 0 (got {getattr(self, name)})")
+        non_negative = ("users_per_round", "users_per_node", "synthetic_noise", "init_std")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_kebab(name)} must be >= 0 (got {getattr(self, name)})")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test-fraction must be between 0 and 1 (got {self.test_fraction})")
+        if not 0 < self.synthetic_density <= 1:
+            raise ConfigError(f"synthetic-density must be in (0, 1] (got {self.synthetic_density})")
+        if self.split.startswith("u") and self.dataset != "ml-100k":
+            raise ConfigError(f"split {self.split} exists only for ml-100k; use --split random or loo")
+        return self
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+        """Build from kebab- or snake-case keys; unknown keys and wrong types are errors."""
+        base = base or cls()
+        known = {f.name: f for f in fields(cls)}
+        changes = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown setting {key!r}; see README for the list of settings")
+            changes[name] = _coerce(key, value, type(getattr(base, name)))
+        return dataclasses.replace(base, **changes)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: "RunConfig | None" = None) -> "RunConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from None
+        table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+        return cls.from_mapping(table, base)
+
+    def to_dict(self, kebab: bool = True) -> dict[str, Any]:
+        return {(_kebab(f.name) if kebab else f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+
+
+def field_help() -> list[tuple[str, Any, str]]:
+    """(kebab-name, default, help) of every setting, for the CLI and README."""
+    return [(_kebab(f.name), f.default, f.metadata["help"]) for f in fields(RunConfig)]

@@ -1,0 +1,30 @@
+"""The message schema shared by ClientApp and ServerApp: the only thing they share.
+
+What crosses the network is exactly this: item-side arrays, a config record, and sums.
+User embeddings, user biases, ratings and user ids never appear in a reply.
+"""
+
+from fedrec.models.metrics import SUM_KEYS
+
+ARRAYS = "arrays"  # ArrayRecord key, Flower's convention
+CONFIG = "config"  # ConfigRecord key
+METRICS = "metrics"  # MetricRecord key
+
+# The shared model; a train reply carries the sum of its users' changes under these names.
+ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
+ITEM_ARRAYS = (ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS)
+
+WEIGHT = "num-users"  # weight of a reply: users whose updates it sums
+TRAIN_METRICS = (WEIGHT, "loss-sum", "num-rows")
+ROUND = "server-round"  # injected by Flower's strategies
+USERS = "users"  # config: the sampled users this node trains in this round
+
+# Query (discovery) reply: which users a node hosts and the shapes of the model.
+HELLO_METRICS = ("partition-id", "num-partitions", "first-user", "num-users", "population", "num-items",
+                 "rating-min", "rating-max")
+
+# Private per-node state in context.state (never sent).
+STATE_KEY = "fedrec-users"
+
+# Evaluate reply: metric sums over the node's users, finished into RMSE/HR@K by the server.
+EVAL_SUMS = SUM_KEYS
