@@ -64,14 +64,14 @@ def _fast_parse(path: Path, fmt: Format) -> pd.DataFrame:
     if fmt.separator == "::":
         # '::' as a separator needs pandas' slow Python engine; splitting on ':' keeps the
         # C parser and leaves empty columns between the fields.
-        raw = pd.read_csv(path, sep=":", header=None, dtype=str, engine="c", keep_default_na=False)
+        raw = pd.read_csv(path, sep=":", header=None, dtype=str, engine="c", keep_default_na=False, index_col=False)
         if raw.shape[1] != 7:
             return None
         raw = raw.iloc[:, [0, 2, 4, 6]]
         raw.columns = names
     else:
-        raw = pd.read_csv(path, sep=fmt.separator, header=0 if fmt.header else None, dtype=str,
-                          engine="c", keep_default_na=False)
+        raw = pd.read_csv(path, sep=fmt.separator, header=None, skiprows=1 if fmt.header else 0, dtype=str,
+                          engine="c", keep_default_na=False, index_col=False)
         if raw.shape[1] != 4:
             return None
         raw.columns = names
@@ -109,7 +109,7 @@ def _raise_first_bad_line(path: Path, fmt: Format) -> None:
             line = line.rstrip("\r\n")
             where = f"{path}:{number}"
             if not line.strip():
-                raise DataError(f"{where}: empty line; remove it")
+                continue  # blank lines are skipped, as the fast parser does
             fields = line.split(fmt.separator)
             if len(fields) != 4:
                 others = [s for s in ("\t", "::", ",", ";", "|", " ") if s != fmt.separator and s in line]
@@ -135,11 +135,17 @@ def _check_duplicates(path: Path, frame: pd.DataFrame, fmt: Format) -> None:
     if dup.any():
         row = int(np.flatnonzero(dup)[0])
         first = frame.index[(frame["user"] == frame["user"].iat[row]) & (frame["item"] == frame["item"].iat[row])][0]
-        offset = 2 if fmt.header else 1
+        lines = _data_line_numbers(path, fmt)
         raise DataError(
-            f"{path}:{row + offset}: duplicate rating of item {int(frame['item'].iat[row])} by user "
-            f"{int(frame['user'].iat[row])} (first at line {first + offset}); keep one rating per pair"
+            f"{path}:{lines[row]}: duplicate rating of item {int(frame['item'].iat[row])} by user "
+            f"{int(frame['user'].iat[row])} (first at line {lines[first]}); keep one rating per pair"
         )
+
+
+def _data_line_numbers(path: Path, fmt: Format) -> list[int]:
+    """File line number of each data row (header and blank lines skipped); error path only."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return [n for n, line in enumerate(handle, start=1) if line.strip() and not (fmt.header and n == 1)]
 
 
 def read_titles(path: Path, fmt: Format) -> dict[int, str]:

@@ -63,17 +63,19 @@ def random_holdout(ratings: Ratings, test_fraction: float = 0.2, seed: int = 0) 
 def leave_one_out(ratings: Ratings, n_negatives: int = 99, seed: int = 0) -> Split:
     """Each user's latest interaction is the test positive; sampled negatives are items the
     user never interacted with. Ratings become implicit feedback (every rating = positive).
-    Users with a single interaction stay in train only. Timestamp ties break at random."""
+    Users with a single interaction, or with fewer than `n_negatives` unrated items, stay in
+    train only. Timestamp ties break at random."""
     data = ratings.data
     rng = np.random.default_rng(seed)
     latest_first = -data.timestamp.astype(np.float64) + rng.random(len(data)) * 0.5
     rank = _rank_within_user(data, latest_first)
     counts = np.bincount(data.user, minlength=ratings.n_users)
-    is_test = (rank == 0) & (counts[data.user] >= 2)
-    train, test = data.take(~is_test), data.take(is_test)
-    if ratings.n_items - counts.max() < n_negatives:
-        raise DataError(f"{ratings.name}: some user rated all but fewer than {n_negatives} items; "
+    eligible = (counts >= 2) & (ratings.n_items - counts >= n_negatives)
+    if not eligible.any():
+        raise DataError(f"{ratings.name}: no user has {n_negatives} unrated items to sample as negatives; "
                         "lower the number of negatives")
+    is_test = (rank == 0) & eligible[data.user]
+    train, test = data.take(~is_test), data.take(is_test)
     negatives = sample_negatives(UserIndex.build(data, ratings.n_users), data.item, test.user,
                                  ratings.n_items, n_negatives, rng)
     return _split(ratings, "loo", train, test, implicit=True, test_negatives=negatives)

@@ -1,0 +1,59 @@
+"""Shared fixtures: a seeded rng, the shared MovieLens copy, small synthetic configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrec.common.config import RunConfig
+from fedrec.datasets.movielens import FORMATS
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("FEDREC_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "ml-100k" / "u.data").is_file():
+        pytest.skip(f"MovieLens 100K not found at {SHARED_DATA}/ml-100k (set FEDREC_TEST_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def small_cfg(tmp_path) -> RunConfig:
+    """A synthetic population small enough for in-process federated runs in ~1 s."""
+    return RunConfig(dataset="synthetic", synthetic_users=60, synthetic_items=40, synthetic_density=0.2,
+                     dim=8, rounds=6, epochs=6, eval_every=3, out=str(tmp_path / "run"))
+
+
+ROWS = [(10, 100, 4, 881250949), (10, 200, 3, 881250950), (20, 100, 5, 881250951), (30, 300, 1, 881250952)]
+
+
+def write_movielens(root, name, rows=ROWS):
+    """Write a tiny data set in `name`'s native format under root; returns its folder."""
+    fmt = FORMATS[name]
+    folder = root / fmt.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    sep = fmt.separator
+    lines = ["userId,movieId,rating,timestamp"] if fmt.header else []
+    lines += [sep.join(str(v) for v in row) for row in rows]
+    (folder / fmt.ratings_file).write_text("\n".join(lines) + "\n")
+    titles = {"u.item": "100|Toy Story (1995)|x\n200|GoldenEye (1995)|x\n300|Heat (1995)|x\n",
+              "movies.dat": "100::Toy Story (1995)::Animation\n200::GoldenEye (1995)::Action\n300::Heat (1995)::Crime\n",
+              "movies.csv": "movieId,title,genres\n100,Toy Story (1995),Animation\n200,\"GoldenEye, The (1995)\",Action\n"
+                            "300,Heat (1995),Crime\n"}
+    (folder / fmt.titles_file).write_text(titles[fmt.titles_file], encoding="latin-1")
+    return folder
+
+
+@pytest.fixture
+def write_dataset():
+    return write_movielens
