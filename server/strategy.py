@@ -51,7 +51,7 @@ class FedRecStrategy(FedAvg):
         self.on_round = on_round
         self.audit = audit
         self.history: list[dict] = []
-        self._row: dict = {}
+        self._row: dict = {"bytes_up": 0, "bytes_down": 0}
         self._started = 0.0
         self.bytes_up = self.bytes_down = 0
 

@@ -1,0 +1,92 @@
+"""The ClientApp called in-process with hand-built Messages and a Context (no Ray)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.client.app import app
+from fedrec.common import schema
+from fedrec.common.build import hyper, load_data
+from fedrec.models import ItemParams
+
+PRIVATE_NAMES = {"emb", "bias", "m", "v", "step", "user", "user-emb", "user-bias"}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _message(content: RecordDict, kind: str) -> Message:
+    meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                    group_id="", created_at=time.time(), ttl=3600, message_type=kind)
+    return Message(content, metadata=meta)
+
+
+def _request(cfg, users, rnd=1, kind=MessageType.TRAIN):
+    split = load_data(cfg)
+    items = ItemParams.init(split.n_items, hyper(cfg), 3.0)
+    config = ConfigRecord(cfg.to_dict())
+    config[schema.ROUND] = rnd
+    config[schema.USERS] = list(users)
+    arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
+    return _message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), kind), split
+
+
+def _context(pid=0, parts=1):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": parts}, state=RecordDict(),
+                   run_config={})
+
+
+def test_train_reply_carries_only_item_side_arrays_and_sums(small_cfg):
+    cfg = small_cfg.resolved()
+    msg, split = _request(cfg, [3, 4, 5])
+    reply = app(msg, _context())
+    assert set(reply.content.keys()) == {schema.ARRAYS, schema.METRICS}
+    arrays = reply.content[schema.ARRAYS]
+    assert set(arrays.keys()) == set(schema.ITEM_ARRAYS)
+    assert arrays[schema.ITEM_EMB].shape == (split.n_items, cfg.dim)
+    assert set(reply.content[schema.METRICS].keys()) == set(schema.TRAIN_METRICS)
+    assert reply.content[schema.METRICS][schema.WEIGHT] == 3
+    # Only rows of items that users 3-5 rated can have moved.
+    rated = set(split.train.item[np.isin(split.train.user, [3, 4, 5])].tolist())
+    moved = set(np.flatnonzero(np.abs(arrays[schema.ITEM_EMB].numpy()).sum(1) > 0).tolist())
+    assert moved and moved <= rated
+
+
+def test_private_state_persists_across_rounds_and_stays_in_context(small_cfg):
+    cfg = small_cfg.resolved()
+    ctx = _context()
+    msg, _ = _request(cfg, [2], rnd=1)
+    app(msg, ctx)
+    first = ctx.state[schema.STATE_KEY]["emb"].numpy().copy()
+    step = ctx.state[schema.STATE_KEY]["step"].numpy()
+    assert step[2] == 1 and step.sum() == 1  # only the sampled user trained
+    msg, _ = _request(cfg, [2], rnd=2)
+    app(msg, ctx)
+    second = ctx.state[schema.STATE_KEY]
+    assert second["step"].numpy()[2] == 2
+    assert not np.allclose(second["emb"].numpy()[2], first[2])  # the user vector moved on-device
+
+
+def test_evaluate_replies_with_sums_over_the_nodes_users(small_cfg):
+    cfg = small_cfg.resolved()
+    msg, split = _request(cfg, [], kind=MessageType.EVALUATE)
+    reply = app(msg, _context(pid=1, parts=2))
+    metrics = reply.content[schema.METRICS]
+    assert set(metrics.keys()) == {schema.WEIGHT, *schema.EVAL_SUMS}
+    hosted = np.arange(split.n_users // 2, split.n_users)
+    assert metrics["num-ratings"] == np.isin(split.test.user, hosted).sum()
+    assert schema.ARRAYS not in reply.content
+
+
+def test_node_without_partition_config_gets_a_clear_error(small_cfg):
+    msg, _ = _request(small_cfg.resolved(), [0])
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="--node-config 'partition-id=U num-partitions=N'"):
+        app(msg, ctx)  # the engines turn this into an error reply carrying the message

@@ -1,0 +1,119 @@
+"""The server strategy on mock replies with known answers, and user-level sampling."""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.common import schema
+from fedrec.common.config import RunConfig
+from fedrec.models import Hyper, ItemParams
+from fedrec.server.directory import NodeDirectory
+from fedrec.server.sampling import sample_users
+from fedrec.server.strategy import FedRecStrategy, array_record
+
+N_ITEMS, DIM = 6, 2
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _directory():
+    return NodeDirectory(np.array([11, 22, 33], dtype=np.uint64), np.array([0, 4, 8]), np.array([4, 4, 2]),
+                         population=10, num_items=N_ITEMS, rating_scale=(1.0, 5.0))
+
+
+def _reply(node, users, value, loss=1.0):
+    arrays = ArrayRecord({schema.ITEM_EMB: Array(np.full((N_ITEMS, DIM), value, np.float32)),
+                          schema.ITEM_BIAS: Array(np.full(N_ITEMS, value, np.float32)),
+                          schema.GLOBAL_BIAS: Array(np.full(1, value, np.float32))})
+    metrics = MetricRecord({schema.WEIGHT: users, "loss-sum": loss, "num-rows": 10 * users})
+    reply = Mock(spec=Message)
+    reply.has_error.return_value = False
+    reply.content = RecordDict({schema.ARRAYS: arrays, schema.METRICS: metrics})
+    reply.metadata.src_node_id = node
+    return reply
+
+
+def _strategy(**cfg):
+    items = ItemParams.init(N_ITEMS, Hyper(dim=DIM), 3.0)
+    audit = []
+    strategy = FedRecStrategy(RunConfig(**cfg), _directory(), items, audit=audit.append)
+    return strategy, items, audit
+
+
+def test_fedavg_weighs_every_user_equally_across_nodes():
+    strategy, items, audit = _strategy(strategy="fedavg", server_lr=1.0)
+    before = items.emb.clone()
+    # Node 11 sums 1 user's change (2.0), node 22 sums 3 users' changes (6.0): mean per user 2.0.
+    arrays, metrics = strategy.aggregate_train(1, [_reply(11, 1, 2.0, loss=4.0), _reply(22, 3, 6.0, loss=8.0)])
+    np.testing.assert_allclose(arrays[schema.ITEM_EMB].numpy(), before.numpy() + 2.0, rtol=1e-6)
+    np.testing.assert_allclose(arrays[schema.GLOBAL_BIAS].numpy(), [5.0], rtol=1e-6)
+    assert metrics["users"] == 4 and metrics["train-loss"] == pytest.approx(12.0 / 40)
+    assert [line["node"] for line in audit] == [11, 22]
+    assert audit[0]["arrays"][schema.ITEM_EMB]["shape"] == [N_ITEMS, DIM]
+
+
+def test_fedadam_moves_rare_and_popular_rows_alike():
+    strategy, items, _ = _strategy(strategy="fedadam", server_lr=0.1)
+    before = items.emb.clone()
+    reply = _reply(11, 1, 0.0)
+    delta = np.zeros((N_ITEMS, DIM), np.float32)
+    delta[0], delta[1] = 1.0, 1e-3  # a popular row and a rarely rated one
+    reply.content[schema.ARRAYS][schema.ITEM_EMB] = Array(delta)
+    strategy.aggregate_train(1, [reply])
+    step = (items.emb - before).numpy()
+    np.testing.assert_allclose(step[0], step[1], rtol=1e-3)  # same first step despite 1000x smaller change
+    assert np.abs(step[2:]).max() == 0
+
+
+def test_configure_train_sends_each_node_its_sampled_users():
+    strategy, items, _ = _strategy(users_per_round=5, seed=4)
+    messages = list(strategy.configure_train(3, array_record(items), ConfigRecord({"dim": DIM}), grid=None))
+    sampled = sample_users(10, 5, "fixed", 4, 3)
+    got = {}
+    for m in messages:
+        users = list(m.content[schema.CONFIG][schema.USERS])
+        node = int(m.metadata.dst_node_id)
+        lo, hi = {11: (0, 4), 22: (4, 8), 33: (8, 10)}[node]
+        assert all(lo <= u < hi for u in users)
+        assert m.content[schema.CONFIG][schema.ROUND] == 3
+        got[node] = users
+    assert sorted(u for us in got.values() for u in us) == sampled.tolist()
+
+
+def test_sampling_is_seeded_and_user_level():
+    a = sample_users(1000, 100, "fixed", 1, 5)
+    assert len(a) == 100 and len(set(a.tolist())) == 100
+    np.testing.assert_array_equal(a, sample_users(1000, 100, "fixed", 1, 5))
+    assert not np.array_equal(a, sample_users(1000, 100, "fixed", 1, 6))
+    sizes = [len(sample_users(1000, 100, "poisson", 1, r)) for r in range(200)]
+    assert 95 < np.mean(sizes) < 105 and np.std(sizes) > 3  # binomial(1000, 0.1): std 9.5
+    np.testing.assert_array_equal(sample_users(50, 0, "fixed", 0, 1), np.arange(50))
+
+
+def test_evaluation_only_every_few_rounds_and_at_the_end():
+    strategy, items, _ = _strategy(rounds=7, eval_every=3)
+    due = [r for r in range(1, 8) if strategy.configure_evaluate(r, array_record(items), ConfigRecord(), None)]
+    assert due == [3, 6, 7]
+
+
+def test_evaluation_sums_become_metrics():
+    strategy, _, _ = _strategy()
+    strategy._started = 0.0
+    replies = []
+    for node, (sse, n) in {11: (4.0, 4), 22: (12.0, 12)}.items():
+        reply = Mock(spec=Message)
+        reply.has_error.return_value = False
+        reply.metadata.src_node_id = node
+        sums = {k: 0.0 for k in schema.EVAL_SUMS} | {"sse": sse, "sae": sse, "num-ratings": n}
+        reply.content = RecordDict({schema.METRICS: MetricRecord({schema.WEIGHT: 1, **sums})})
+        replies.append(reply)
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["rmse"] == pytest.approx(1.0) and metrics["mae"] == pytest.approx(1.0)
