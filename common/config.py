@@ -43,17 +43,17 @@ class RunConfig:
     seed: int = _f(0, "Seed of everything random: data, split, init, sampling, negatives, noise.")
     # --- model
     dim: int = _f(32, "Embedding size K of users and items.")
-    reg_user: float = _f(-1.0, "L2 on user embeddings, per rating; -1: 0.05 (ratings) or 0.01 (implicit).")
-    reg_item: float = _f(-1.0, "L2 on item embeddings, per rating; -1: 0.3 (ratings) or 0.01 (implicit).")
+    reg_user: float = _f(-1.0, "L2 on user embeddings, per rating; -1: 0.1 (ratings) or 0.01 (implicit).")
+    reg_item: float = _f(-1.0, "L2 on item embeddings, per rating; -1: 0.2 (ratings) or 0.01 (implicit).")
     reg_bias: float = _f(-1.0, "L2 on user and item biases, per rating; -1: 0.01 (ratings) or 0.001 (implicit).")
     init_std: float = _f(0.1, "Std of the initial embeddings.")
     train_negatives: int = _f(1, "Implicit feedback: sampled negatives per positive in training.")
     # --- training
-    lr: float = _f(0.02, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
-    server_lr: float = _f(0.02, "Server learning rate of the strategy's optimizer (1.0 with fedavg is plain FedAvg).")
+    lr: float = _f(0.05, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
+    server_lr: float = _f(0.05, "Server learning rate of the strategy's optimizer (1.0 with fedavg is plain FedAvg).")
     strategy: str = _f("fedadam", "Server optimizer on the averaged item update.", STRATEGY_CHOICES)
-    epochs: int = _f(150, "Central baseline: full-batch epochs.")
-    rounds: int = _f(150, "Federated rounds.")
+    epochs: int = _f(60, "Central baseline: full-batch epochs.")
+    rounds: int = _f(60, "Federated rounds.")
     local_epochs: int = _f(1, "Full-batch passes each sampled user makes over its own ratings per round.")
     users_per_round: int = _f(0, "Users sampled per round (expected number under poisson); 0: all users.")
     sampling: str = _f("fixed", "fixed: that many users without replacement; poisson: each user independently.", SAMPLING_CHOICES)
@@ -70,7 +70,7 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """Fill the loss-dependent defaults (-1) with concrete values."""
-        defaults = {"reg_user": (0.05, 0.01), "reg_item": (0.3, 0.01), "reg_bias": (0.01, 0.001)}
+        defaults = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.01), "reg_bias": (0.01, 0.001)}
         changes = {k: v[self.implicit] for k, v in defaults.items() if getattr(self, k) < 0}
         return dataclasses.replace(self, **changes)
 

@@ -32,7 +32,7 @@ def initial_global_bias(implicit: bool, rating_scale: tuple[float, float]) -> fl
 
 
 def train_central(rows: UserRows, n_users: int, n_items: int, hyper: Hyper, epochs: int,
-                  optimizer: str = "fedadam", server_lr: float = 0.02, k: int = 10,
+                  optimizer: str = "fedadam", server_lr: float = 0.05, k: int = 10,
                   rating_scale: tuple[float, float] = (1.0, 5.0), eval_every: int = 1,
                   on_epoch: Callable[[dict], None] | None = None) -> CentralResult:
     """Full-batch training of biased MF over all users at once."""

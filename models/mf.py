@@ -17,10 +17,10 @@ class Hyper:
     """Model and local-training hyper-parameters (built from the run config)."""
 
     dim: int = 32
-    reg_user: float = 0.05  # L2 on p_u per rating of the user
-    reg_item: float = 0.3  # L2 on q_i per rating of the item
+    reg_user: float = 0.1  # L2 on p_u per rating of the user
+    reg_item: float = 0.2  # L2 on q_i per rating of the item
     reg_bias: float = 0.01  # L2 on b_u and b_i per rating
-    lr: float = 0.02  # Adam step of user parameters; SGD step of local item copies
+    lr: float = 0.05  # Adam step of user parameters; SGD step of local item copies
     local_epochs: int = 1
     implicit: bool = False  # BCE on positives + sampled negatives instead of MSE on ratings
     train_negatives: int = 4  # sampled negatives per positive (implicit only)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import sys
 import warnings
@@ -134,6 +135,39 @@ def compare(cfg: RunConfig) -> None:
     _show(f"central vs federated: {cfg.dataset} {cfg.split}", {"central": report["central"]["metrics"],
                                                                  "federated": report["federated"]["metrics"]})
     out.print(f"results in {report['run_dir']}")
+
+
+@cli.command()
+@_config_command
+def tune(cfg: RunConfig) -> None:
+    """Pick dim and regularization on a validation split of the training data (never the test set)."""
+    from fedrec.simulations.tune import grid_for, tune as run_tune
+
+    total = math.prod(len(v) for v in grid_for(cfg).values())
+    with _progress(total, "tune") as progress:
+        task = progress.add_task("tune", total=total, info="")
+        report = run_tune(cfg, on_point=lambda p: progress.update(task, advance=1, info=str(p)))
+    _show(f"chosen on validation ({report['metric']})", {"chosen": {k: float(v) for k, v in report["chosen"].items()}})
+    out.print(f"results in {report['run_dir']}")
+
+
+@cli.command()
+@_config_command
+def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
+        0, help="users per SuperNode in the federated runs (1 = one user per node; 0 = auto cohorts)")) -> None:
+    """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
+    _quiet_engines()
+    from fedrec.simulations.accuracy import run_accuracy
+
+    report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False))
+    cases = report["cases"]
+    rows = {"ml100k u1-u5 central (mean)": {"rmse": cases["ml100k-central-u1-u5"]["mean_rmse"],
+                                            "mae": cases["ml100k-central-u1-u5"]["mean_mae"]}}
+    for name in ("ml100k-u1", "ml100k-loo", "synthetic"):
+        for mode in ("central", "federated"):
+            rows[f"{name} {mode}"] = {k: v for k, v in cases[name][mode]["metrics"].items() if k != "train_loss"}
+    _show("accuracy", rows)
+    out.print(f"results in {report['run_dir']}/accuracy.json")
 
 
 def main() -> None:

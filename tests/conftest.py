@@ -57,3 +57,9 @@ def write_movielens(root, name, rows=ROWS):
 @pytest.fixture
 def write_dataset():
     return write_movielens
+
+
+@pytest.fixture(autouse=True)
+def no_internet_downloads(tmp_path, monkeypatch):
+    """Tests never reach GroupLens: downloads point at an empty local folder."""
+    monkeypatch.setenv("FEDREC_MOVIELENS_URL", (tmp_path / "no-mirror").as_uri())
