@@ -3,11 +3,12 @@ and `--config FILE` reads a TOML file first; bad input gives one line and exit c
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import logging
 import math
 import os
 import sys
+import typing
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -28,7 +29,8 @@ out = Console()
 
 def _config_command(fn):
     """Give `fn(cfg, **extra)` one CLI option per RunConfig field, plus --config."""
-    own = list(inspect.signature(fn).parameters.values())[1:]
+    hints = typing.get_type_hints(fn)  # annotations are strings under `from __future__ import annotations`
+    own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                 default=typer.Option(None, "--config", help="TOML file with settings (flags win)."))]
     for f in fields(RunConfig):
@@ -60,7 +62,12 @@ def _quiet_engines() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower logs every round at INFO, and run_simulation (deprecated since 1.28, kept in
+    # the pinned 1.42) prints a banner: both would drown the progress display.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(level=os.environ["FLWR_LOG_LEVEL"])
 
 
 def _progress(total: int, label: str) -> Progress:
@@ -168,6 +175,32 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
             rows[f"{name} {mode}"] = {k: v for k, v in cases[name][mode]["metrics"].items() if k != "train_loss"}
     _show("accuracy", rows)
     out.print(f"results in {report['run_dir']}/accuracy.json")
+
+
+@cli.command()
+@_config_command
+def bench(cfg: RunConfig, rounds: int = typer.Option(10, help="rounds per case"),
+          one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case")) -> None:
+    """Throughput and memory through Flower's simulation engine; writes OUT/bench.json.
+
+    Pass --dataset ml-100k --data-dir DIR for the real ML-100K; otherwise its shape is
+    used with synthetic ratings."""
+    _quiet_engines()
+    from fedrec.simulations.bench import run_bench
+
+    if cfg.dataset not in ("ml-100k", "synthetic"):
+        raise ConfigError("bench runs on ml-100k (if you have it) or synthetic data of its shape")
+    if cfg.dataset == "synthetic":
+        cfg = dataclasses.replace(cfg, synthetic_users=943, synthetic_items=1682, synthetic_density=0.063)
+    report = run_bench(cfg, rounds, one_user_rounds, log=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"fedrec bench (engine floor {report['engine_floor_seconds_per_round']:.3f} s/round)")
+    for column in ("case", "updates/s", "s/round", "end-to-end s", "peak RSS MB", "users", "nodes"):
+        table.add_column(column, justify="right")
+    for name, c in report["cases"].items():
+        table.add_row(name, f"{c['updates_per_second']:.0f}", f"{c['seconds_per_round']:.3f}",
+                      f"{c['end_to_end_seconds']:.1f}", f"{c['peak_rss_mb']:.0f}", str(c["num_users"]), str(c["num_nodes"]))
+    out.print(table)
+    out.print(f"results in {report['run_dir']}/bench.json")
 
 
 def main() -> None:

@@ -1,0 +1,113 @@
+"""Throughput and memory benchmark through Flower's simulation engine (Ray backend).
+
+Each case runs in a fresh child process so that peak RSS covers exactly that case's
+process tree (driver, Ray daemons, workers) and nothing a previous case left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedrec.common.config import RunConfig
+from fedrec.common.rundir import make_run_dir, write_json
+
+from .memory import PeakRSS
+
+# A ClientApp that does nothing: what is left is the engine's own cost per round.
+empty_client = ClientApp()
+
+
+@empty_client.train()
+def _empty_train(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
+                   reply_to=msg)
+
+
+def _backend(cpus: int = 2) -> dict:
+    import logging
+
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": logging.ERROR, "log_to_driver": False,
+                          "include_dashboard": False}}
+
+
+def engine_floor(rounds: int) -> dict:
+    from flwr.simulation import run_simulation
+
+    timing = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord({"x": Array(np.zeros(1, np.float32))}), num_rounds=1)
+        start = time.perf_counter()  # after one warm-up round (actors started)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord({"x": Array(np.zeros(1, np.float32))}), num_rounds=rounds)
+        timing["seconds_per_round"] = (time.perf_counter() - start) / rounds
+
+    run_simulation(server_app=server, client_app=empty_client, num_supernodes=2, backend_config=_backend())
+    return {"engine_floor_seconds_per_round": timing["seconds_per_round"]}
+
+
+def fedrec_case(cfg: RunConfig) -> dict:
+    from .federated import simulate
+
+    start = time.perf_counter()
+    with PeakRSS() as peak:
+        outcome = simulate(cfg)
+    end_to_end = time.perf_counter() - start
+    train_rounds = [r for r in outcome.history[1:] if not any(k in r for k in ("rmse", "hr@10"))] or outcome.history
+    seconds = float(np.mean([r["seconds"] for r in train_rounds]))
+    users = float(np.mean([r["users_sampled"] for r in train_rounds]))
+    return {"updates_per_second": users / seconds, "seconds_per_round": seconds, "end_to_end_seconds": end_to_end,
+            "peak_rss_mb": peak.mb, "rounds": cfg.rounds, "users_per_round": users,
+            "num_users": outcome.summary["num_users"], "num_nodes": outcome.summary["num_nodes"],
+            "metrics": outcome.summary["metrics"], "measured_rounds": len(train_rounds)}
+
+
+def _in_child(target, *args) -> dict:
+    """Run one case in a fresh process (spawned, so no Ray or torch state is inherited)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(target, args)
+
+
+def cases(base: RunConfig, rounds: int) -> dict[str, RunConfig]:
+    common = dict(dim=32, local_epochs=1, rounds=rounds, eval_every=rounds, out="")
+    ml = dataclasses.replace(base, **common, split="u1" if base.dataset == "ml-100k" else "random")
+    synthetic = dataclasses.replace(base, **common, dataset="synthetic", split="random", synthetic_users=100_000,
+                                    synthetic_items=5_000, synthetic_density=0.01, users_per_round=10_000)
+    return {
+        "ml100k-one-user-per-node": dataclasses.replace(ml, users_per_node=1),
+        "ml100k-cohorts": dataclasses.replace(ml, users_per_node=0),
+        "synthetic-100k": dataclasses.replace(synthetic, users_per_node=0),
+    }
+
+
+def run_bench(base: RunConfig, rounds: int, one_user_rounds: int, log=print) -> dict:
+    """`base` says where ML-100K is (dataset ml-100k + data-dir), else its shape is synthesized."""
+    run_dir = make_run_dir(base, "bench")
+    report: dict = {"cases": {}}
+    report.update(_in_child(engine_floor, rounds))
+    log(f"engine floor: {report['engine_floor_seconds_per_round']:.3f} s/round")
+    for name, cfg in cases(base, rounds).items():
+        if name == "ml100k-one-user-per-node":
+            cfg = dataclasses.replace(cfg, rounds=one_user_rounds, eval_every=one_user_rounds)
+        report["cases"][name] = result = _in_child(fedrec_case, cfg)
+        log(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})}")
+    one = report["cases"]["ml100k-one-user-per-node"]["updates_per_second"]
+    report["speedup_synthetic_vs_one_user_per_node"] = report["cases"]["synthetic-100k"]["updates_per_second"] / one
+    report["ml100k_cohort_round_minus_floor_seconds"] = (report["cases"]["ml100k-cohorts"]["seconds_per_round"]
+                                                         - report["engine_floor_seconds_per_round"])
+    write_json(run_dir / "bench.json", report)
+    report["run_dir"] = str(run_dir)
+    return report
