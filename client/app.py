@@ -16,6 +16,7 @@ from fedrec.common import schema
 from fedrec.common.config import RunConfig
 from fedrec.datasets import cohort
 from fedrec.models import ItemParams, evaluate_rows, local_train, training_rows
+from fedrec.models.upload import build_upload, decoy_rows
 
 from .node import load_state, node_data, partition, save_state
 
@@ -53,21 +54,28 @@ def train(msg: Message, context: Context) -> Message:
     node = node_data(cfg, *partition(context))
     items = _items(msg)
     state = load_state(context, node)
+    rnd = int(msg.content[schema.CONFIG][schema.ROUND])
     sampled = np.asarray(msg.content[schema.CONFIG][schema.USERS], dtype=np.int64)
-    local = np.searchsorted(node.users, sampled)  # positions of the sampled users on this node
+    local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
     rows = cohort(node.split, sampled)
-    seg, item, target = training_rows(rows, node.split.n_items, node.hyper, int(msg.content[schema.CONFIG][schema.ROUND]))
-    index = torch.as_tensor(local)
-    new_state, update = local_train(items, state.take(index), seg, item, target, node.hyper)
-    state.put(index, new_state)
+    seg, item, target = training_rows(rows, node.split.n_items, node.hyper, rnd)
+    decoy_noise = None
+    if cfg.update_mode == "padded":
+        d_seg, d_item, d_noise = decoy_rows(sampled, rows.train_segment, rows.train_item, node.split.n_items,
+                                            cfg.pad_ratio, node.hyper, rnd)
+        decoy_noise = torch.cat([torch.full((len(seg),), float("nan")), torch.as_tensor(d_noise)])
+        seg, item = torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)])
+        target = torch.cat([target, torch.zeros(len(d_seg))])
+    new_state, update = local_train(items, state.take(local), seg, item, target, node.hyper,
+                                    clip_norm=cfg.clipping_norm, decoy_noise=decoy_noise)
+    state.put(local, new_state)
     save_state(context, state)
-    arrays = ArrayRecord({
-        schema.ITEM_EMB: Array(update.emb_delta.numpy()),
-        schema.ITEM_BIAS: Array(update.bias_delta.numpy()),
-        schema.GLOBAL_BIAS: Array(update.global_bias_delta.numpy()),
-    })
+    noise_std = cfg.noise_multiplier * cfg.clipping_norm if cfg.dp == "local" else 0.0
+    rng = np.random.default_rng([cfg.seed, rnd, int(sampled[0]) if len(sampled) else 0, 11])
+    arrays = build_upload(update, cfg.update_mode, noise_std, rng)
     metrics = MetricRecord({schema.WEIGHT: update.num_users, "loss-sum": update.loss_sum, "num-rows": update.num_rows})
-    return Message(RecordDict({schema.ARRAYS: arrays, schema.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                               schema.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -25,6 +25,9 @@ DATASET_CHOICES = ("synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m"
 SPLIT_CHOICES = ("random", "loo", "u1", "u2", "u3", "u4", "u5")
 STRATEGY_CHOICES = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
 SAMPLING_CHOICES = ("fixed", "poisson")
+DP_CHOICES = ("none", "central", "local")
+UPDATE_MODES = ("dense", "sparse", "padded")
+ACCOUNTANTS = ("rdp", "pld")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ class RunConfig:
     users_per_node: int = _f(0, "Simulation: users hosted by one SuperNode (1 = deployment shape); 0: auto.")
     eval_every: int = _f(10, "Evaluate every this many rounds (and after the last).")
     top_k: int = _f(10, "K of HR@K, NDCG@K and Recall@K.")
+    # --- privacy
+    dp: str = _f("none", "none; central (per-user clipping, server noise); local (noise added on the device).", DP_CHOICES)
+    noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with --target-epsilon: calibrated.")
+    clipping_norm: float = _f(0.0, "C: each user's item-side update is clipped to this L2 norm (0: no clipping).")
+    target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round would exceed it.")
+    target_delta: float = _f(1e-5, "delta at which epsilon is reported.")
+    accountant: str = _f("rdp", "rdp (Flower's RdpAccountant) or pld (dp-accounting's PLD, usually tighter).", ACCOUNTANTS)
+    update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + decoy rows).", UPDATE_MODES)
+    pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
     # --- output
     out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
 
@@ -93,6 +105,18 @@ class RunConfig:
             raise ConfigError(f"test-fraction must be between 0 and 1 (got {self.test_fraction})")
         if not 0 < self.synthetic_density <= 1:
             raise ConfigError(f"synthetic-density must be in (0, 1] (got {self.synthetic_density})")
+        if self.dp == "none" and self.noise_multiplier > 0:
+            raise ConfigError("noise-multiplier is set but dp is 'none'; pass --dp central or --dp local")
+        if self.dp != "none":
+            if self.clipping_norm <= 0:
+                raise ConfigError(f"--dp {self.dp} needs --clipping-norm > 0 (got {self.clipping_norm})")
+            if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
+                raise ConfigError(f"--dp {self.dp} needs --noise-multiplier > 0 or --target-epsilon > 0; "
+                                  "use --dp none for a non-private run")
+            if not 0 < self.target_delta < 1:
+                raise ConfigError(f"target-delta must be in (0, 1) (got {self.target_delta})")
+        if self.noise_multiplier < 0 or self.clipping_norm < 0 or self.target_epsilon < 0 or self.pad_ratio < 0:
+            raise ConfigError("noise-multiplier, clipping-norm, target-epsilon and pad-ratio must be >= 0")
         if self.split.startswith("u") and self.dataset != "ml-100k":
             raise ConfigError(f"split {self.split} exists only for ml-100k; use --split random or loo")
         return self

@@ -44,13 +44,12 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, counts: np.ndarray,
-                     n_items: int, per_positive: int, seed: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
-    """`per_positive` negatives per positive row, uniform over items the user did not rate."""
-    n_neg = counts * per_positive
+def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, n_neg: np.ndarray,
+                     n_items: int, seed: int, round_: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n_neg[j] items for user j, uniform over items the user did not rate (with replacement)."""
     neg_segment = np.repeat(np.arange(len(users)), n_neg)
     counter = np.arange(len(neg_segment)) - np.repeat(np.cumsum(n_neg) - n_neg, n_neg)
-    key = _mix64(np.array([seed], np.uint64)) ^ _mix64(np.array([round_ + 0x9E3779B9], np.uint64))
+    key = _mix64(np.array([seed], np.uint64)) ^ _mix64(np.array([round_ + 0x9E3779B9 + (stream << 32)], np.uint64))
     base = _mix64(users[neg_segment].astype(np.uint64) ^ key)
     rated = np.sort(users[segment] * n_items + positives)
     items = np.empty(len(neg_segment), np.int64)
@@ -67,12 +66,19 @@ def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarr
 
 
 def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
-                target: torch.Tensor, hyper: Hyper, clip_norm: float = 0.0) -> tuple[UserState, LocalUpdate]:
+                target: torch.Tensor, hyper: Hyper, clip_norm: float = 0.0,
+                decoy_noise: torch.Tensor | None = None) -> tuple[UserState, LocalUpdate]:
     """Train each user of the batch for `hyper.local_epochs` full-batch steps.
 
     segment/item/target: the rows (user position, item, rating or 0/1 label). Returns the
     users' new private state and the summed item-side update (each user's update clipped
     to L2 norm `clip_norm` first when it is > 0).
+
+    decoy_noise: for the padded upload mode, one standard normal per row, NaN on real rows.
+    A decoy row (an item the user did not rate) gets a made-up loss gradient of the same
+    scale as the user's real rows (their RMS at the round's start) times its normal, plus
+    the usual L2 term, so its update looks like a real row's; it never touches the user's
+    own vector or the global bias.
     """
     n = state.emb.shape[0]
     q0 = items.emb[item]  # each user's own copy of the rows it touches
@@ -81,6 +87,7 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
     dq = db = dmu = None  # accumulated local changes of those copies
     state = UserState(state.emb.clone(), state.bias.clone(), state.m.clone(), state.v.clone(), state.step.clone())
     loss_sum = 0.0
+    real = None if decoy_noise is None else torch.isnan(decoy_noise)
     for epoch in range(hyper.local_epochs):
         q, b, mu = (q0, b0, mu0) if epoch == 0 else (q0 + dq, b0 + db, mu0 + dmu)
         p = state.emb[segment]
@@ -88,17 +95,28 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
         pred = mu[segment] + bu + b + (p * q).sum(dim=1)
         if hyper.implicit:
             dloss = torch.sigmoid(pred) - target
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="sum")
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none")
         else:
             err = pred - target
-            dloss, loss = 2 * err, err.square().sum()
-        loss_sum = float(loss)  # at the model the epoch started from
-        grad_emb = torch.zeros(n, hyper.dim).index_add_(0, segment, torch.addcmul(2 * hyper.reg_user * p, dloss[:, None], q))
-        grad_bias = torch.zeros(n).index_add_(0, segment, dloss + 2 * hyper.reg_bias * bu)
+            dloss, losses = 2 * err, err.square()
+        loss_sum = float(losses.sum() if real is None else losses[real].sum())  # at the epoch's start
+        user_rows = segment
+        if real is not None:
+            if epoch == 0:
+                rms = (torch.zeros(n).index_add_(0, segment[real], dloss[real] ** 2)
+                       / torch.bincount(segment[real], minlength=n).clamp(min=1)).sqrt()
+                fake = rms[segment] * torch.nan_to_num(decoy_noise)
+            dloss = torch.where(real, dloss, fake)
+            user_rows = segment[real]
+            p_user, q_user, dl_user, bu_user = p[real], q[real], dloss[real], bu[real]
+        else:
+            p_user, q_user, dl_user, bu_user = p, q, dloss, bu
+        grad_emb = torch.zeros(n, hyper.dim).index_add_(0, user_rows, torch.addcmul(2 * hyper.reg_user * p_user, dl_user[:, None], q_user))
+        grad_bias = torch.zeros(n).index_add_(0, user_rows, dl_user + 2 * hyper.reg_bias * bu_user)
         _adam_rows(state, torch.cat([grad_emb, grad_bias[:, None]], dim=1), hyper.lr)
         step_q = torch.addcmul(2 * hyper.reg_item * q, dloss[:, None], p).mul_(-hyper.lr)
         step_b = (dloss + 2 * hyper.reg_bias * b).mul_(-hyper.lr)
-        step_mu = torch.zeros(n).index_add_(0, segment, dloss).mul_(-hyper.lr)
+        step_mu = torch.zeros(n).index_add_(0, user_rows, dl_user).mul_(-hyper.lr)
         dq, db, dmu = (step_q, step_b, step_mu) if epoch == 0 else (dq + step_q, db + step_b, dmu + step_mu)
     sq = torch.zeros(n).index_add_(0, segment, (dq * dq).sum(dim=1) + db * db)
     norms = (sq + dmu * dmu).sqrt()
@@ -110,7 +128,7 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
         emb_delta=torch.zeros_like(items.emb).index_add_(0, item, dq),
         bias_delta=torch.zeros_like(items.bias).index_add_(0, item, db),
         global_bias_delta=dmu.sum().reshape(1),
-        num_users=n, loss_sum=loss_sum, num_rows=len(item), norms=norms,
+        num_users=n, loss_sum=loss_sum, num_rows=len(item) if real is None else int(real.sum()), norms=norms,
         touched=item, row_segment=segment,
     )
     return state, update
@@ -136,7 +154,7 @@ def training_rows(rows, n_items: int, hyper: Hyper, round_: int) -> tuple[torch.
     if not hyper.implicit:
         return torch.as_tensor(seg), torch.as_tensor(item), torch.as_tensor(rows.train_rating, dtype=torch.float32)
     counts = np.bincount(seg, minlength=len(rows.users))
-    neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts, n_items, hyper.train_negatives,
+    neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts * hyper.train_negatives, n_items,
                                          hyper.seed, round_)
     target = np.concatenate([np.ones(len(seg), np.float32), np.zeros(len(neg_seg), np.float32)])
     return (torch.as_tensor(np.concatenate([seg, neg_seg])), torch.as_tensor(np.concatenate([item, neg_item])),

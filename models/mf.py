@@ -12,6 +12,10 @@ import numpy as np
 import torch
 
 
+# Names of the shared arrays, on the wire too (fedrec.common.schema re-exports them).
+ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
+
+
 @dataclass(frozen=True)
 class Hyper:
     """Model and local-training hyper-parameters (built from the run config)."""
@@ -43,12 +47,12 @@ class ItemParams:
         return ItemParams(emb, torch.zeros(n_items), torch.tensor([float(global_bias)]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"item-emb": self.emb, "item-bias": self.bias, "global-bias": self.global_bias}
+        return {ITEM_EMB: self.emb, ITEM_BIAS: self.bias, GLOBAL_BIAS: self.global_bias}
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray]) -> "ItemParams":
         t = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-        return ItemParams(t["item-emb"], t["item-bias"], t["global-bias"])
+        return ItemParams(t[ITEM_EMB], t[ITEM_BIAS], t[GLOBAL_BIAS])
 
     def numpy(self) -> dict[str, np.ndarray]:
         return {k: v.detach().numpy() for k, v in self.tensors().items()}

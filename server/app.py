@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -18,7 +19,35 @@ from fedrec.models import ItemParams, initial_global_bias
 from fedrec.common.build import hyper
 
 from .directory import discover
-from .strategy import FedRecStrategy, array_record
+from .privacy import PrivacyPlan
+from .strategy import BudgetExhausted, FedRecStrategy, array_record
+
+
+def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPlan | None]:
+    """The run's DP plan; with --target-epsilon and no z, z is calibrated for cfg.rounds."""
+    if cfg.dp == "none":
+        return cfg, None
+    plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling,
+                       cfg.users_per_round or population, population, cfg.target_delta, cfg.accountant)
+    if plan.noise_multiplier <= 0:
+        z = plan.calibrate(cfg.target_epsilon, cfg.rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
+        plan = dataclasses.replace(plan, noise_multiplier=z)
+        cfg = dataclasses.replace(cfg, noise_multiplier=z)
+    return cfg, plan
+
+
+def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy, rounds_done: int) -> dict | None:
+    if plan is None:
+        return None
+    summary = {"mode": plan.mode, "epsilon": strategy.epsilon, "delta": plan.delta,
+               "noise_multiplier": plan.noise_multiplier, "clipping_norm": plan.clipping_norm,
+               "sampling": plan.sampling, "sampling_rate": plan.rate, "rounds": rounds_done,
+               "accountant": "flower-rdp" if plan.accountant == "rdp" else "dp-accounting-pld", "unit": "user",
+               "target_epsilon": cfg.target_epsilon or None}
+    if plan.mode == "local":
+        summary["epsilon_per_round"] = plan.epsilon(1)
+        summary["max_rounds_per_user"] = int(strategy.participation.max())
+    return summary
 
 
 @dataclass
@@ -34,10 +63,11 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     start = time.perf_counter()
     cfg = cfg.resolved().validate()
     random.seed(cfg.seed)  # Flower samples with Python's global random; we sample users ourselves
-    config = ConfigRecord(cfg.to_dict())
-    directory = discover(grid, config)
+    directory = discover(grid, ConfigRecord(cfg.to_dict()))
     if cfg.users_per_round > directory.population:
         raise ValueError(f"users-per-round={cfg.users_per_round} exceeds the {directory.population} users")
+    cfg, plan = privacy_plan(cfg, directory.population)
+    config = ConfigRecord(cfg.to_dict())  # clients learn the calibrated z from here (local DP)
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
     run_dir = make_run_dir(cfg, "federated")
     audit: list[dict] = []
@@ -47,27 +77,46 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         audit.append(line)
         audit_file.write(json.dumps(line) + "\n")
 
-    strategy = FedRecStrategy(cfg, directory, items, on_round=on_round, audit=record)
+    strategy = FedRecStrategy(cfg, directory, items, on_round=on_round, audit=record, privacy=plan)
+    stopped = None
     try:
         strategy.start(grid=grid, initial_arrays=array_record(items), num_rounds=cfg.rounds,
                        train_config=config, evaluate_config=config)
+    except BudgetExhausted as reason:
+        stopped = str(reason)
+        final_eval(grid, strategy, config, len(strategy.history))
     finally:
         audit_file.close()
     metric = main_metric(cfg.implicit, cfg.top_k)
     frame = write_history(run_dir, strategy.history)
     final = {k: v for k, v in strategy.history[-1].items()
-             if k not in ("round", "users_sampled", "bytes_up", "bytes_down", "seconds", "train_loss")}
+             if k not in ("round", "users_sampled", "bytes_up", "bytes_down", "seconds", "train_loss", "epsilon")}
     summary = {
         "mode": "federated", "dataset": cfg.dataset, "split": cfg.split, "metrics": final, "rounds": cfg.rounds,
         "wall_seconds": time.perf_counter() - start, "num_users": directory.population,
         "num_nodes": len(directory.node_ids), "bytes_up": strategy.bytes_up, "bytes_down": strategy.bytes_down,
         "config": cfg.to_dict(),
     }
+    if plan is not None:
+        summary["privacy"] = privacy_summary(cfg, plan, strategy, len(strategy.history))
+    if stopped:
+        summary["stopped_early"] = stopped
     write_config(run_dir, cfg)
     write_json(run_dir / "summary.json", summary)
     plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
                 f"federated {cfg.dataset} {cfg.split}: {metric} per round")
     return FederatedOutcome(summary, strategy.history, items, run_dir, audit)
+
+
+def final_eval(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, rounds_done: int) -> None:
+    """After a budget stop: evaluate the model as it stands (evaluation spends no budget)."""
+    if rounds_done and any(k in strategy.history[-1] for k in ("rmse", "hr@10")):
+        return
+    arrays = array_record(strategy.items)
+    strategy._started = time.perf_counter()
+    strategy._row = {"round": rounds_done, "users_sampled": 0, "bytes_up": 0, "bytes_down": 0}
+    replies = grid.send_and_receive(strategy.configure_evaluate(strategy.cfg.rounds, arrays, config, grid))
+    strategy.aggregate_evaluate(rounds_done, replies)
 
 
 app = ServerApp()

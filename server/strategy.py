@@ -25,9 +25,15 @@ from flwr.serverapp.strategy import FedAvg
 from fedrec.common import schema
 from fedrec.common.config import RunConfig
 from fedrec.models import ItemParams, ServerOptimizer, finish
+from fedrec.models.upload import scatter_upload
 
 from .directory import NodeDirectory
+from .privacy import PrivacyPlan, flower_event, flower_rdp_accountant
 from .sampling import sample_users
+
+
+class BudgetExhausted(RuntimeError):
+    """The next round would spend more than the privacy budget."""
 
 
 def array_record(items: ItemParams) -> ArrayRecord:
@@ -40,7 +46,8 @@ def record_bytes(record: ArrayRecord) -> int:
 
 class FedRecStrategy(FedAvg):
     def __init__(self, cfg: RunConfig, directory: NodeDirectory, items: ItemParams,
-                 on_round: Callable[[dict], None] | None = None, audit: Callable[[dict], None] | None = None):
+                 on_round: Callable[[dict], None] | None = None, audit: Callable[[dict], None] | None = None,
+                 privacy: PrivacyPlan | None = None):
         n_nodes = len(directory.node_ids)
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                          min_available_nodes=n_nodes, weighted_by_key=schema.WEIGHT)
@@ -54,12 +61,48 @@ class FedRecStrategy(FedAvg):
         self._row: dict = {"bytes_up": 0, "bytes_down": 0}
         self._started = 0.0
         self.bytes_up = self.bytes_down = 0
+        self.privacy = privacy
+        self.epsilon = 0.0
+        self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
+        self._noise = np.random.default_rng([cfg.seed, 0xD9])  # central DP noise, reproducible per seed
+        self._ledger = None
+        if privacy and privacy.mode == "central" and privacy.accountant == "rdp":
+            self._ledger = flower_rdp_accountant(privacy, cfg.target_epsilon or None)
+
+    # ---------------------------------------------------------------- privacy
+    def _check_budget(self, server_round: int) -> None:
+        target = self.cfg.target_epsilon
+        if not self.privacy or target <= 0:
+            return
+        plan = self.privacy
+        if plan.mode == "local":
+            upcoming = plan.epsilon(int(self.participation.max()) + 1)
+        elif self._ledger is not None:
+            upcoming = target + 1 if self._ledger.would_exceed(flower_event(plan)) else 0.0
+        else:
+            upcoming = plan.epsilon(server_round)
+        if upcoming > target * (1 + 1e-6):
+            raise BudgetExhausted(f"round {server_round} would spend epsilon beyond the target {target}")
+
+    def _account(self, server_round: int) -> None:
+        if not self.privacy:
+            return
+        if self._ledger is not None:
+            self._ledger.compose(flower_event(self.privacy))
+            self.epsilon = float(self._ledger.get_epsilon(self.privacy.delta))
+        elif self.privacy.mode == "local":
+            self.epsilon = self.privacy.epsilon(int(self.participation.max()))
+        else:
+            self.epsilon = self.privacy.epsilon(server_round)
+        self._row["epsilon"] = self.epsilon
 
     # ---------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
+        self._check_budget(server_round)
         users = sample_users(self.directory.population, self.cfg.users_per_round, self.cfg.sampling,
                              self.cfg.seed, server_round)
+        self.participation[users] += 1
         self._row = {"round": server_round, "users_sampled": len(users), "bytes_up": 0, "bytes_down": 0}
         messages = []
         for node_id, node_users in self.directory.group(users).items():
@@ -77,21 +120,31 @@ class FedRecStrategy(FedAvg):
             raise RuntimeError(f"round {server_round}: {len(errors)} node(s) failed: {errors[0].error.reason}")
         if not valid:
             return None, None
-        total = {k: None for k in schema.ITEM_ARRAYS}
+        total = {k: 0.0 for k in schema.ITEM_ARRAYS}
         users = loss = rows = 0.0
+        n_items, dim = self.items.emb.shape
         for reply in valid:
             record = reply.content[schema.ARRAYS]
             self._row["bytes_up"] += record_bytes(record)
             self._audit(server_round, reply)
+            dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
             for k in schema.ITEM_ARRAYS:
-                part = record[k].numpy()
-                total[k] = part.astype(np.float64) if total[k] is None else total[k] + part
+                total[k] = total[k] + dense[k]
             metrics = reply.content[schema.METRICS]
             users += metrics[schema.WEIGHT]
             loss += metrics["loss-sum"]
             rows += metrics["num-rows"]
-        self.optimizer.step({k: torch.as_tensor(v / max(users, 1.0), dtype=torch.float32) for k, v in total.items()})
+        denominator = max(users, 1.0)
+        if self.privacy and self.privacy.mode == "central":
+            # Gaussian noise on the sum of clipped updates, over every coordinate (rows nobody
+            # uploaded too), then a fixed denominator: the expected number of users, so that
+            # the count of participants is not itself released (McMahan et al., 2018).
+            std = self.privacy.noise_multiplier * self.privacy.clipping_norm
+            total = {k: v + self._noise.normal(0.0, std, np.shape(v)) for k, v in total.items()}
+            denominator = float(self.privacy.sample_size)
+        self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
         self._row["train_loss"] = loss / max(rows, 1.0)
+        self._account(server_round)
         return array_record(self.items), MetricRecord({"train-loss": self._row["train_loss"], "users": users})
 
     def _audit(self, server_round: int, reply: Message) -> None:

@@ -179,12 +179,11 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
 
 @cli.command()
 @_config_command
-def bench(cfg: RunConfig, rounds: int = typer.Option(10, help="rounds per case"),
-          one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case")) -> None:
+def bench(cfg: RunConfig, one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case")) -> None:
     """Throughput and memory through Flower's simulation engine; writes OUT/bench.json.
 
-    Pass --dataset ml-100k --data-dir DIR for the real ML-100K; otherwise its shape is
-    used with synthetic ratings."""
+    --rounds sets the rounds of each case. Pass --dataset ml-100k --data-dir DIR for the
+    real ML-100K; otherwise its shape is used with synthetic ratings."""
     _quiet_engines()
     from fedrec.simulations.bench import run_bench
 
@@ -192,7 +191,7 @@ def bench(cfg: RunConfig, rounds: int = typer.Option(10, help="rounds per case")
         raise ConfigError("bench runs on ml-100k (if you have it) or synthetic data of its shape")
     if cfg.dataset == "synthetic":
         cfg = dataclasses.replace(cfg, synthetic_users=943, synthetic_items=1682, synthetic_density=0.063)
-    report = run_bench(cfg, rounds, one_user_rounds, log=lambda line: console.print(line, highlight=False))
+    report = run_bench(cfg, cfg.rounds, one_user_rounds, log=lambda line: console.print(line, highlight=False))
     table = Table(title=f"fedrec bench (engine floor {report['engine_floor_seconds_per_round']:.3f} s/round)")
     for column in ("case", "updates/s", "s/round", "end-to-end s", "peak RSS MB", "users", "nodes"):
         table.add_column(column, justify="right")

@@ -53,9 +53,9 @@ def test_negatives_are_unrated_and_independent_of_the_batch():
     users = np.array([5, 8])
     segment = np.array([0, 0, 1])
     positives = np.array([1, 2, 1])
-    seg, items = sample_negatives(users, segment, positives, np.array([2, 1]), 6, 4, seed=0, round_=2)
+    seg, items = sample_negatives(users, segment, positives, np.array([8, 4]), 6, seed=0, round_=2)
     assert not ({(0, 1), (0, 2), (1, 1)} & set(zip(seg.tolist(), items.tolist())))
-    _, alone = sample_negatives(users[1:], np.array([0]), np.array([1]), np.array([1]), 6, 4, seed=0, round_=2)
+    _, alone = sample_negatives(users[1:], np.array([0]), np.array([1]), np.array([4]), 6, seed=0, round_=2)
     np.testing.assert_array_equal(items[seg == 1], alone)
 
 

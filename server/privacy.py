@@ -1,0 +1,102 @@
+"""User-level privacy accounting with Google's dp-accounting (via Flower where it fits).
+
+Central DP: each round releases sum(clipped user updates) + N(0, (z C)^2). Under Poisson
+sampling with rate q the neighbouring relation is add/remove one user (sensitivity C), so
+the event is PoissonSampled(q, Gaussian(z)). Under fixed-size sampling without replacement
+the relation is replace-one user, whose sum changes by up to 2C: Gaussian(z / 2).
+
+Local DP: each device adds N(0, (z C)^2) to its own clipped update before it leaves. The
+server sees who takes part, so there is no amplification: per round Gaussian(z / 2)
+(replace-one), composed over the rounds a user takes part in.
+
+RDP comes from Flower's RdpAccountant (a dp-accounting wrapper); PLD, often tighter, from
+dp-accounting directly. Calibration of z for a target epsilon uses dp-accounting's
+calibrate_dp_mechanism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import logging
+
+import dp_accounting
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+# dp-accounting warns (through absl) for every RDP order it drops while searching; the
+# result is still valid. absl's first message would also call logging.basicConfig, after
+# which every Flower log line prints twice: a NullHandler on the root logger prevents that.
+logging.getLogger("absl").setLevel(logging.ERROR)
+if not logging.getLogger().handlers:
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    mode: str  # "central" or "local"
+    noise_multiplier: float
+    clipping_norm: float
+    sampling: str  # "poisson" or "fixed"
+    sample_size: int  # expected users per round
+    population: int
+    delta: float
+    accountant: str  # "rdp" or "pld"
+
+    @property
+    def rate(self) -> float:
+        return self.sample_size / self.population
+
+    def event(self, z: float | None = None) -> dp_event.DpEvent:
+        """One round's DpEvent in dp-accounting's terms."""
+        z = self.noise_multiplier if z is None else z
+        if self.mode == "local":
+            return dp_event.GaussianDpEvent(z / 2)
+        if self.sampling == "poisson":
+            return dp_event.PoissonSampledDpEvent(self.rate, dp_event.GaussianDpEvent(z))
+        return dp_event.SampledWithoutReplacementDpEvent(self.population, self.sample_size, dp_event.GaussianDpEvent(z / 2))
+
+    def _relation(self):
+        add_remove = self.mode == "central" and self.sampling == "poisson"
+        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if add_remove else dp_accounting.NeighboringRelation.REPLACE_ONE
+
+    def fresh_accountant(self):
+        if self.accountant == "pld":
+            return pld_privacy_accountant.PLDAccountant(self._relation())
+        return rdp_privacy_accountant.RdpAccountant(neighboring_relation=self._relation())
+
+    def epsilon(self, rounds: int, z: float | None = None) -> float:
+        """Epsilon at `delta` after `rounds` releases (for local DP: rounds a user took part in)."""
+        if rounds <= 0:
+            return 0.0
+        accountant = self.fresh_accountant()
+        accountant.compose(self.event(z), rounds)
+        return float(accountant.get_epsilon(self.delta))
+
+    def calibrate(self, target_epsilon: float, rounds: int) -> float:
+        """Smallest z whose epsilon after `rounds` is at most `target_epsilon` (Brent's method;
+        z below 0.1 is not searched: PLD's discretization would not fit in memory there)."""
+        low, high = 0.1, 1e4
+        if self.epsilon(rounds, low) <= target_epsilon:
+            return low
+        if self.epsilon(rounds, high) > target_epsilon:
+            raise ValueError(f"epsilon {target_epsilon} is out of reach in {rounds} rounds even with z={high}")
+        return float(dp_accounting.calibrate_dp_mechanism(
+            self.fresh_accountant, lambda z: dp_event.SelfComposedDpEvent(self.event(z), rounds),
+            target_epsilon, self.delta, dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
+
+
+def flower_rdp_accountant(plan: PrivacyPlan, max_epsilon: float | None) -> RdpAccountant:
+    """Flower's own ledger for central DP with Poisson or fixed-size sampling (RDP)."""
+    sampling = SamplingMethod.POISSON if plan.sampling == "poisson" else SamplingMethod.WITHOUT_REPLACEMENT
+    relation = NeighboringRelation.ADD_OR_REMOVE_ONE if plan.sampling == "poisson" else NeighboringRelation.REPLACE_ONE
+    return RdpAccountant(PrivacyConfig(target_delta=plan.delta, population_size=plan.population,
+                                       neighboring_relation=relation, sampling_method=sampling,
+                                       max_epsilon=max_epsilon))
+
+
+def flower_event(plan: PrivacyPlan) -> GaussianPrivacyEvent:
+    z = plan.noise_multiplier if plan.sampling == "poisson" else plan.noise_multiplier / 2
+    return GaussianPrivacyEvent(noise_multiplier=z, sample_size=plan.sample_size, population_size=plan.population)
