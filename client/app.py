@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     decoy_noise = None
     if cfg.update_mode == "padded":
         d_seg, d_item, d_noise = decoy_rows(sampled, rows.train_segment, rows.train_item, node.split.n_items,
-                                            cfg.pad_ratio, node.hyper, rnd)
+                                            cfg.pad_ratio, node.hyper, rnd, item_weight=_row_norms(items))
         decoy_noise = torch.cat([torch.full((len(seg),), float("nan")), torch.as_tensor(d_noise)])
         seg, item = torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)])
         target = torch.cat([target, torch.zeros(len(d_seg))])
@@ -76,6 +76,10 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({schema.WEIGHT: update.num_users, "loss-sum": update.loss_sum, "num-rows": update.num_rows})
     return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                schema.METRICS: metrics}), reply_to=msg)
+
+
+def _row_norms(items: ItemParams) -> np.ndarray:
+    return (items.emb.norm(dim=1) + items.bias.abs()).numpy().astype(np.float64) + 1e-6
 
 
 @app.evaluate()

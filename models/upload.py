@@ -21,15 +21,30 @@ ITEM_INDEX = "item-index"
 
 
 def decoy_rows(users: np.ndarray, segment: np.ndarray, items: np.ndarray, n_items: int, ratio: float,
-               hyper: Hyper, round_: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment, item, standard normal) of decoy rows: ratio x each user's rated count."""
+               hyper: Hyper, round_: int, item_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment, item, standard normal) of decoy rows: about ratio x each user's rated count.
+
+    Decoy items are drawn in proportion to `item_weight` (the client passes the norms of the
+    item rows it received, a public proxy for popularity), because users rate popular items
+    far more often than uniform draws would suggest and an observer could tell them apart.
+    """
+    gen = np.random.default_rng([hyper.seed, round_, int(users[0]) if len(users) else 0, 7])
     counts = np.bincount(segment, minlength=len(users))
     want = np.minimum(np.rint(counts * ratio).astype(np.int64), n_items - counts)
-    seg, item = sample_negatives(users, segment, items, want, n_items, hyper.seed, round_, stream=1)
-    # Repeated draws of one decoy item collapse, like a real rated set has no repeats.
-    key = np.unique(seg * n_items + item)
+    p = None if item_weight is None else item_weight / item_weight.sum()
+    draw_seg = np.repeat(np.arange(len(users)), 3 * want)  # 3x: room for rejected draws
+    draw_item = gen.choice(n_items, size=len(draw_seg), p=p)
+    rated = np.sort(segment * n_items + items)
+    key = draw_seg * n_items + draw_item
+    pos = np.minimum(np.searchsorted(rated, key), max(len(rated) - 1, 0))
+    fresh = rated[pos] != key if len(rated) else np.ones(len(key), bool)
+    key = key[fresh]
+    _, first = np.unique(key, return_index=True)  # one decoy per item per user
+    key = key[np.sort(first)]
+    seg = key // n_items
+    rank = np.arange(len(seg)) - np.searchsorted(seg, seg)  # seg is grouped: position within the user
+    key = key[rank < want[seg]]
     seg, item = key // n_items, key % n_items
-    gen = np.random.default_rng([hyper.seed, round_, int(users[0]) if len(users) else 0, 7])
     return seg, item, gen.standard_normal(len(seg)).astype(np.float32)
 
 

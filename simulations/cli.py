@@ -202,6 +202,53 @@ def bench(cfg: RunConfig, one_user_rounds: int = typer.Option(3, help="rounds of
     out.print(f"results in {report['run_dir']}/bench.json")
 
 
+@cli.command()
+@_config_command
+def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to attack"),
+          k: int = typer.Option(10, help="k of precision@k")) -> None:
+    """Leakage audit: can an observer tell which items a user rated? Writes OUT/audit.json."""
+    from fedrec.simulations.audit import run_audit
+
+    report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"leakage audit: {report['results'][0]['targets']} users, {cfg.dataset}")
+    for column in ("observer", "mode", "dp", "epsilon", "AUC", f"precision@{k}"):
+        table.add_column(column, justify="right")
+    for r in report["results"]:
+        table.add_row(r["observer"], r["mode"], r["dp"], "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+                      f"{r['auc']:.3f}", f"{r['precision_at_k']:.3f}")
+    out.print(table)
+    out.print(f"results in {report['run_dir']}/audit.json")
+
+
+@cli.command("privacy-sweep")
+@_config_command
+def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", help="target epsilons, comma-separated"),
+                  targets: int = typer.Option(30, help="users attacked per epsilon")) -> None:
+    """Accuracy and audit AUC per target epsilon (central DP), with non-private references."""
+    _quiet_engines()
+    from fedrec.simulations.sweep import run_sweep
+
+    try:
+        values = [float(v) for v in epsilons.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons {epsilons!r} is not a comma-separated list of numbers") from None
+    if not values or min(values) <= 0:
+        raise ConfigError("--epsilons needs positive numbers")
+    if cfg.clipping_norm <= 0:
+        raise ConfigError("privacy-sweep needs --clipping-norm > 0")
+    report = run_sweep(cfg, values, targets, log=lambda line: console.print(line, highlight=False))
+    metric = report["metric"]
+    table = Table(title=f"privacy sweep ({metric}; non-private {report['non_private'][metric]:.4f}, "
+                        f"central {report['central'][metric]:.4f})")
+    for column in ("target eps", "eps", "delta", "z", metric, "audit AUC"):
+        table.add_column(column, justify="right")
+    for r in report["results"]:
+        table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon']:.2f}", f"{r['delta']:g}", f"{r['noise_multiplier']:.3f}",
+                      f"{r[metric]:.4f}", f"{r['auc']:.3f}")
+    out.print(table)
+    out.print(f"results in {report['run_dir']}/sweep.json")
+
+
 def main() -> None:
     try:
         cli()
