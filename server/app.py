@@ -36,12 +36,12 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
     return cfg, plan
 
 
-def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy, rounds_done: int) -> dict | None:
+def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy) -> dict | None:
     if plan is None:
         return None
     summary = {"mode": plan.mode, "epsilon": strategy.epsilon, "delta": plan.delta,
                "noise_multiplier": plan.noise_multiplier, "clipping_norm": plan.clipping_norm,
-               "sampling": plan.sampling, "sampling_rate": plan.rate, "rounds": rounds_done,
+               "sampling": plan.sampling, "sampling_rate": plan.rate, "rounds": strategy.rounds_trained,
                "accountant": "flower-rdp" if plan.accountant == "rdp" else "dp-accounting-pld", "unit": "user",
                "target_epsilon": cfg.target_epsilon or None}
     if plan.mode == "local":
@@ -92,13 +92,14 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     final = {k: v for k, v in strategy.history[-1].items()
              if k not in ("round", "users_sampled", "bytes_up", "bytes_down", "seconds", "train_loss", "epsilon")}
     summary = {
-        "mode": "federated", "dataset": cfg.dataset, "split": cfg.split, "metrics": final, "rounds": cfg.rounds,
+        "mode": "federated", "dataset": cfg.dataset, "split": cfg.split, "metrics": final,
+        "rounds": strategy.rounds_trained,
         "wall_seconds": time.perf_counter() - start, "num_users": directory.population,
         "num_nodes": len(directory.node_ids), "bytes_up": strategy.bytes_up, "bytes_down": strategy.bytes_down,
         "config": cfg.to_dict(),
     }
     if plan is not None:
-        summary["privacy"] = privacy_summary(cfg, plan, strategy, len(strategy.history))
+        summary["privacy"] = privacy_summary(cfg, plan, strategy)
     if stopped:
         summary["stopped_early"] = stopped
     write_config(run_dir, cfg)

@@ -63,6 +63,7 @@ class FedRecStrategy(FedAvg):
         self.bytes_up = self.bytes_down = 0
         self.privacy = privacy
         self.epsilon = 0.0
+        self.rounds_trained = 0
         self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
         self._noise = np.random.default_rng([cfg.seed, 0xD9])  # central DP noise, reproducible per seed
         self._ledger = None
@@ -144,6 +145,7 @@ class FedRecStrategy(FedAvg):
             denominator = float(self.privacy.sample_size)
         self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
         self._row["train_loss"] = loss / max(rows, 1.0)
+        self.rounds_trained += 1
         self._account(server_round)
         return array_record(self.items), MetricRecord({"train-loss": self._row["train_loss"], "users": users})
 

@@ -1,0 +1,161 @@
+"""Differential privacy: accounting against dp-accounting itself, the noise actually
+added, clipping, configuration rules, reproducibility, and the budget stop."""
+
+from __future__ import annotations
+
+import dataclasses
+from unittest.mock import Mock
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from scipy import stats
+
+from fedrec.client.app import app as client_app
+from fedrec.common import schema
+from fedrec.common.config import ConfigError, RunConfig
+from fedrec.models import Hyper, ItemParams
+from fedrec.server.app import privacy_plan, run_server
+from fedrec.server.directory import NodeDirectory
+from fedrec.server.privacy import PrivacyPlan
+from fedrec.server.strategy import FedRecStrategy
+from fedrec.simulations.inprocess import InProcessGrid
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _rdp(event, rounds, delta, relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
+    accountant = rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+    accountant.compose(event, rounds)
+    return accountant.get_epsilon(delta)
+
+
+def test_epsilon_matches_an_independent_dp_accounting_computation():
+    poisson = PrivacyPlan("central", 1.1, 1.0, "poisson", 1000, 100_000, 1e-6, "rdp")
+    expected = _rdp(dp_event.PoissonSampledDpEvent(0.01, dp_event.GaussianDpEvent(1.1)), 50, 1e-6)
+    assert poisson.epsilon(50) == pytest.approx(expected, rel=1e-9)
+    fixed = dataclasses.replace(poisson, sampling="fixed")
+    expected = _rdp(dp_event.SampledWithoutReplacementDpEvent(100_000, 1000, dp_event.GaussianDpEvent(0.55)), 50, 1e-6,
+                    dp_accounting.NeighboringRelation.REPLACE_ONE)
+    assert fixed.epsilon(50) == pytest.approx(expected, rel=1e-9)
+    local = dataclasses.replace(poisson, mode="local", noise_multiplier=8.0)
+    expected = _rdp(dp_event.GaussianDpEvent(4.0), 7, 1e-6, dp_accounting.NeighboringRelation.REPLACE_ONE)
+    assert local.epsilon(7) == pytest.approx(expected, rel=1e-9)
+    assert dataclasses.replace(poisson, accountant="pld").epsilon(50) < poisson.epsilon(50)  # PLD is tighter
+
+
+def test_flowers_ledger_in_a_run_agrees_with_dp_accounting(small_cfg):
+    cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.5, noise_multiplier=1.3, users_per_round=15,
+                              sampling="poisson", target_delta=1e-4, rounds=5)
+    outcome = run_server(InProcessGrid(client_app, 2), cfg)
+    privacy = outcome.summary["privacy"]
+    expected = _rdp(dp_event.PoissonSampledDpEvent(15 / 60, dp_event.GaussianDpEvent(1.3)), 5, 1e-4)
+    assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert privacy["unit"] == "user" and privacy["sampling_rate"] == pytest.approx(0.25)
+    eps = [row["epsilon"] for row in outcome.history]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(expected, rel=1e-9)
+
+
+def test_calibrated_noise_meets_the_target(small_cfg):
+    cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=1.0, target_epsilon=4.0, users_per_round=10,
+                              sampling="poisson", rounds=20).resolved()
+    cfg, plan = privacy_plan(cfg, 60)
+    assert cfg.noise_multiplier == plan.noise_multiplier > 0
+    assert 3.9 < plan.epsilon(20) <= 4.0
+
+
+def _reply(users, n_items, dim, value=0.0):
+    arrays = ArrayRecord({schema.ITEM_EMB: Array(np.full((n_items, dim), value, np.float32)),
+                          schema.ITEM_BIAS: Array(np.full(n_items, value, np.float32)),
+                          schema.GLOBAL_BIAS: Array(np.full(1, value, np.float32))})
+    reply = Mock(spec=Message)
+    reply.has_error.return_value = False
+    reply.content = RecordDict({schema.ARRAYS: arrays, schema.METRICS: MetricRecord(
+        {schema.WEIGHT: users, "loss-sum": 0.0, "num-rows": 1})})
+    reply.metadata.src_node_id = 1
+    return reply
+
+
+def test_server_noise_has_the_configured_std():
+    """Zero updates in: what comes out is the noise divided by the expected user count.
+    Two-sided chi-square test on 64,000 coordinates; false-alarm rate 1e-6."""
+    n_items, dim, z, clip, expected_users = 2000, 31, 1.7, 0.8, 50
+    cfg = RunConfig(strategy="fedavg", server_lr=1.0, dp="central", noise_multiplier=z, clipping_norm=clip,
+                    users_per_round=expected_users, sampling="poisson", seed=5)
+    items = ItemParams.init(n_items, Hyper(dim=dim, init_std=0.0), 0.0)
+    plan = PrivacyPlan("central", z, clip, "poisson", expected_users, 1000, 1e-5, "rdp")
+    directory = NodeDirectory(np.array([1], np.uint64), np.array([0]), np.array([1000]), 1000, n_items, (1.0, 5.0))
+    strategy = FedRecStrategy(cfg, directory, items, privacy=plan)
+    strategy.aggregate_train(1, [_reply(48, n_items, dim)])
+    noise = np.concatenate([items.emb.numpy().ravel(), items.bias.numpy()]).astype(np.float64)
+    sigma = z * clip / expected_users
+    n = len(noise)
+    statistic = (noise**2).sum() / sigma**2  # chi-square with n degrees of freedom (mean known: 0)
+    assert stats.chi2.ppf(0.5e-6, n) < statistic < stats.chi2.ppf(1 - 0.5e-6, n)
+    assert abs(noise.mean()) < 6 * sigma / np.sqrt(n)
+
+
+def test_every_users_upload_norm_is_at_most_the_clipping_norm(small_cfg):
+    cfg = dataclasses.replace(small_cfg, clipping_norm=0.05, rounds=2, eval_every=2)
+    grid = InProcessGrid(client_app, 60)  # one user per node: each reply is one user's update
+    run_server(grid, cfg)
+    norms = []
+    for reply in grid.replies:
+        if schema.ARRAYS in reply.content:
+            record = reply.content[schema.ARRAYS]
+            norms.append(np.sqrt(sum((record[k].numpy().astype(np.float64) ** 2).sum() for k in schema.ITEM_ARRAYS)))
+    assert len(norms) == 120 and max(norms) <= 0.05 * (1 + 1e-5)
+    assert np.median(norms) == pytest.approx(0.05, rel=1e-4)  # most users were clipped: C binds
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(dp="central", clipping_norm=1.0), "needs --noise-multiplier > 0 or --target-epsilon"),
+    (dict(dp="central", noise_multiplier=1.0), "needs --clipping-norm > 0"),
+    (dict(dp="local", noise_multiplier=1.0, clipping_norm=0.0), "needs --clipping-norm > 0"),
+    (dict(dp="none", noise_multiplier=1.0), "dp is 'none'"),
+    (dict(dp="central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=1.0), "target-delta"),
+])
+def test_non_private_settings_are_rejected_unless_dp_is_none(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**settings).validate()
+    RunConfig(dp="none", clipping_norm=1.0).validate()  # clipping alone is allowed
+
+
+def test_dp_runs_are_reproducible_for_a_seed(small_cfg):
+    cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.3, noise_multiplier=0.8, users_per_round=20,
+                              sampling="poisson", rounds=3)
+    a = run_server(InProcessGrid(client_app, 2), cfg).items
+    b = run_server(InProcessGrid(client_app, 2), cfg).items
+    c = run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, seed=9)).items
+    torch.testing.assert_close(a.emb, b.emb, rtol=0, atol=0)
+    assert not torch.allclose(a.emb, c.emb)
+
+
+def test_budget_stop_ends_training_before_the_target_is_exceeded(small_cfg):
+    cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.3, noise_multiplier=0.9, target_epsilon=6.0,
+                              users_per_round=30, sampling="poisson", rounds=40, eval_every=5, target_delta=1e-3)
+    outcome = run_server(InProcessGrid(client_app, 2), cfg)
+    done = outcome.summary["privacy"]["rounds"]
+    plan = PrivacyPlan("central", 0.9, 0.3, "poisson", 30, 60, 1e-3, "rdp")
+    assert 0 < done < 40 and "stopped_early" in outcome.summary
+    assert plan.epsilon(done) <= 6.0 < plan.epsilon(done + 1)
+    assert outcome.summary["privacy"]["epsilon"] <= 6.0
+    assert "rmse" in outcome.summary["metrics"]  # the model as it stands is still evaluated
+
+
+def test_local_dp_reports_per_round_and_composed_epsilon(small_cfg):
+    cfg = dataclasses.replace(small_cfg, dp="local", clipping_norm=0.2, noise_multiplier=6.0, users_per_round=30,
+                              rounds=4)
+    privacy = run_server(InProcessGrid(client_app, 2), cfg).summary["privacy"]
+    plan = PrivacyPlan("local", 6.0, 0.2, "fixed", 30, 60, cfg.target_delta, "rdp")
+    assert privacy["epsilon_per_round"] == pytest.approx(plan.epsilon(1))
+    assert privacy["epsilon"] == pytest.approx(plan.epsilon(privacy["max_rounds_per_user"]))
+    assert 1 <= privacy["max_rounds_per_user"] <= 4
