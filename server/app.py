@@ -42,7 +42,7 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecSt
     summary = {"mode": plan.mode, "epsilon": strategy.epsilon, "delta": plan.delta,
                "noise_multiplier": plan.noise_multiplier, "clipping_norm": plan.clipping_norm,
                "sampling": plan.sampling, "sampling_rate": plan.rate, "rounds": strategy.rounds_trained,
-               "accountant": "flower-rdp" if plan.accountant == "rdp" else "dp-accounting-pld", "unit": "user",
+               "accountant": f"dp-accounting-{plan.accountant}", "unit": "user",
                "target_epsilon": cfg.target_epsilon or None}
     if plan.mode == "local":
         summary["epsilon_per_round"] = plan.epsilon(1)

@@ -9,6 +9,13 @@ validation and logging. What it changes, and why:
   node or not (node-level weighted averaging would not give that);
 - the mean change is applied by a server optimizer (fedrec.models.server_opt); the
   default, FedAdam, is what resolves the rarely-rated-item dilution of plain FedAvg.
+
+Why not Flower's DifferentialPrivacy*FixedClipping wrappers and clipping mods: they clip
+each *reply*, i.e. a whole node, while the privacy unit here is the user and a node may
+host thousands; they need a plain FedAvg inside, equal reply weights and a fixed
+num_sampled_clients, and their accountant has no sampling amplification. So each user's
+update is clipped inside the node before anything is summed (fedrec.models.local_train),
+and the noise is added here, to the sum, calibrated to the clipping norm.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from fedrec.models import ItemParams, ServerOptimizer, finish
 from fedrec.models.upload import scatter_upload
 
 from .directory import NodeDirectory
-from .privacy import PrivacyPlan, flower_event, flower_rdp_accountant
+from .privacy import PrivacyPlan
 from .sampling import sample_users
 
 
@@ -66,36 +73,26 @@ class FedRecStrategy(FedAvg):
         self.rounds_trained = 0
         self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
         self._noise = np.random.default_rng([cfg.seed, 0xD9])  # central DP noise, reproducible per seed
-        self._ledger = None
-        if privacy and privacy.mode == "central" and privacy.accountant == "rdp":
-            self._ledger = flower_rdp_accountant(privacy, cfg.target_epsilon or None)
 
     # ---------------------------------------------------------------- privacy
+    def _spent_after(self, server_round: int, participation_max: int) -> float:
+        """Epsilon once `server_round` rounds are released (local DP: the most active user's rounds).
+        Every round is the same event, so this is one composition of `count` copies."""
+        plan = self.privacy
+        return plan.epsilon(participation_max if plan.mode == "local" else server_round)
+
     def _check_budget(self, server_round: int) -> None:
         target = self.cfg.target_epsilon
         if not self.privacy or target <= 0:
             return
-        plan = self.privacy
-        if plan.mode == "local":
-            upcoming = plan.epsilon(int(self.participation.max()) + 1)
-        elif self._ledger is not None:
-            upcoming = target + 1 if self._ledger.would_exceed(flower_event(plan)) else 0.0
-        else:
-            upcoming = plan.epsilon(server_round)
+        upcoming = self._spent_after(server_round, int(self.participation.max()) + 1)
         if upcoming > target * (1 + 1e-6):
-            raise BudgetExhausted(f"round {server_round} would spend epsilon beyond the target {target}")
+            raise BudgetExhausted(f"round {server_round} would spend epsilon {upcoming:.3f} beyond the target {target}")
 
     def _account(self, server_round: int) -> None:
-        if not self.privacy:
-            return
-        if self._ledger is not None:
-            self._ledger.compose(flower_event(self.privacy))
-            self.epsilon = float(self._ledger.get_epsilon(self.privacy.delta))
-        elif self.privacy.mode == "local":
-            self.epsilon = self.privacy.epsilon(int(self.participation.max()))
-        else:
-            self.epsilon = self.privacy.epsilon(server_round)
-        self._row["epsilon"] = self.epsilon
+        if self.privacy:
+            self.epsilon = self._spent_after(server_round, int(self.participation.max()))
+            self._row["epsilon"] = self.epsilon
 
     # ---------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

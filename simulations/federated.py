@@ -17,12 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec.client.app import app as client_app
 from fedrec.common.build import load_data, num_nodes
 from fedrec.common.config import ConfigError, RunConfig
+from fedrec.datasets import load_split
 from fedrec.server.app import FederatedOutcome, run_server
 
 
 def check_population(cfg: RunConfig) -> int:
     """Validate what depends on the data before anything starts; returns the user count."""
     population = load_data(cfg).n_users
+    load_split.cache_clear()  # the driver needs the count only; the nodes load their own copy
     if cfg.users_per_round > population:
         raise ConfigError(f"users-per-round={cfg.users_per_round} is larger than the {population} users "
                           f"of {cfg.dataset}; use at most {population} (0 = all)")

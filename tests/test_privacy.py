@@ -52,7 +52,7 @@ def test_epsilon_matches_an_independent_dp_accounting_computation():
     assert dataclasses.replace(poisson, accountant="pld").epsilon(50) < poisson.epsilon(50)  # PLD is tighter
 
 
-def test_flowers_ledger_in_a_run_agrees_with_dp_accounting(small_cfg):
+def test_epsilon_reported_by_a_run_agrees_with_dp_accounting(small_cfg):
     cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.5, noise_multiplier=1.3, users_per_round=15,
                               sampling="poisson", target_delta=1e-4, rounds=5)
     outcome = run_server(InProcessGrid(client_app, 2), cfg)
