@@ -10,7 +10,7 @@ import pandas as pd
 from fedrec.common.config import RunConfig
 from fedrec.common.rundir import main_metric, make_run_dir, write_json
 
-from .audit import run_audit, trained_model
+from .audit import run_audit
 from .central import run_central
 from .federated import simulate
 
@@ -19,17 +19,19 @@ def run_sweep(cfg: RunConfig, epsilons: list[float], targets: int = 30, log=prin
     cfg = cfg.resolved().validate()
     run_dir = make_run_dir(cfg, "sweep")
     metric = main_metric(cfg.implicit, cfg.top_k)
-    plain = dataclasses.replace(cfg, dp="none", noise_multiplier=0.0, target_epsilon=0.0, out="")
-    central = run_central(plain, write=False).summary["metrics"]
+    # The non-private references use neither noise nor clipping: clipping is part of the price.
+    plain = dataclasses.replace(cfg, dp="none", noise_multiplier=0.0, target_epsilon=0.0, clipping_norm=0.0, out="")
+    baseline = run_central(plain, write=False)
+    central = baseline.summary["metrics"]
     log(f"central: {metric} {central[metric]:.4f}")
     non_private = simulate(dataclasses.replace(plain, out=str(run_dir / "non-private"))).summary["metrics"]
     log(f"federated, non-private: {metric} {non_private[metric]:.4f}")
-    model = trained_model(plain)
+    model = baseline.result  # the audited updates are taken at the central model
     results = []
     for eps in epsilons:
         private = dataclasses.replace(cfg, dp="central", target_epsilon=eps, noise_multiplier=0.0)
         outcome = simulate(dataclasses.replace(private, out=str(run_dir / f"eps-{eps:g}")))
-        audit = run_audit(private, targets, log=None, trained=model, write=False)
+        audit = run_audit(private, targets, log=None, trained=model, write=False)  # same clipping as the run
         auc = next(r["auc"] for r in audit["results"] if r["observer"] == "aggregate" and r["dp"] == "central")
         privacy = outcome.summary["privacy"]
         row = {"target_epsilon": eps, "epsilon": privacy["epsilon"], "delta": privacy["delta"],

@@ -56,3 +56,19 @@ def test_bad_settings_give_one_line_and_exit_2(tmp_path):
         assert expected in output and "Traceback" not in output
         assert len(output.splitlines()) <= 3  # one message (progress line may precede it)
     assert not list(tmp_path.glob("**/summary.json"))
+
+
+def test_every_command_builds_and_documents_its_flags():
+    for command in ("central", "simulate", "compare", "tune", "accuracy", "bench", "audit", "privacy-sweep"):
+        result = CliRunner().invoke(cli, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "--users-per-round" in result.output and "--seed" in result.output
+
+
+def test_privacy_flags_are_checked_before_any_work(tmp_path):
+    code, output = _error(["simulate", "--dp", "central", "--clipping-norm", "0", "--noise-multiplier", "1",
+                           "--out", str(tmp_path / "x")])
+    assert code == 2 and "needs --clipping-norm > 0" in output
+    code, output = _error(["privacy-sweep", "--epsilons", "1,a", "--clipping-norm", "0.1"])
+    assert code == 2 and "comma-separated list" in output
+    assert not (tmp_path / "x").exists()
