@@ -64,6 +64,7 @@ def _plot(frame: pd.DataFrame, metric: str, non_private: float, central: float, 
     ax2 = ax.twinx()
     ax2.plot(frame["epsilon"], frame["auc"], marker="s", color="tab:red", alpha=0.6, label="audit AUC")
     ax2.set_ylabel("aggregate-observer AUC", color="tab:red")
+    ax2.set_ylim(0.45, 1.0)  # 0.5 is chance, 1.0 is full disclosure: keep the scale honest
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
