@@ -12,9 +12,8 @@ Local DP adds Gaussian noise to every uploaded coordinate on the device.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .local import LocalUpdate, sample_negatives
+from .local import LocalUpdate
 from .mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB, Hyper
 
 ITEM_INDEX = "item-index"

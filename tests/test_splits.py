@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedrec.datasets import DataError, Interactions, Ratings, SyntheticSpec, cohort, generate, load_split, user_partition
-from fedrec.datasets.splits import canonical_split, leave_one_out, random_holdout
+from fedrec.datasets.splits import leave_one_out, random_holdout
 
 
 def _ratings(seed=0, users=50, items=80):
