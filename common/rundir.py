@@ -53,7 +53,8 @@ def plot_metric(frame: pd.DataFrame, x: str, metric: str, path: Path, title: str
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

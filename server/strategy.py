@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.common.config import ConfigError, RunConfig
 from fedrec.models import ItemParams, ServerOptimizer, finish
 from fedrec.models.upload import scatter_upload
 
@@ -141,6 +141,9 @@ class FedRecStrategy(FedAvg):
             total = {k: v + self._noise.normal(0.0, std, np.shape(v)) for k, v in total.items()}
             denominator = float(self.privacy.sample_size)
         self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
+        if not all(torch.isfinite(t).all() for t in self.items.tensors().values()):
+            raise ConfigError(f"training diverged in round {server_round} (non-finite item parameters); "
+                              f"lower --server-lr ({self.cfg.server_lr}) or --lr ({self.cfg.lr})")
         self._row["train_loss"] = loss / max(rows, 1.0)
         self.rounds_trained += 1
         self._account(server_round)

@@ -82,3 +82,9 @@ def test_implicit_federated_run_reports_ranking_metrics(small_cfg):
     assert 0 <= metrics["hr@10"] <= 1 and 0 <= metrics["ndcg@10"] <= metrics["hr@10"]
     assert "recall@10" in metrics and "rmse" not in metrics
     assert np.isfinite(metrics["full-ndcg@10"])
+
+
+def test_divergence_is_reported_as_a_settings_problem(small_cfg):
+    cfg = dataclasses.replace(small_cfg, strategy="fedavg", server_lr=1e4, lr=5.0, rounds=30)
+    with pytest.raises(ConfigError, match="training diverged in round .*lower --server-lr"):
+        _run(cfg, nodes=2)
