@@ -69,7 +69,7 @@ class RunConfig:
     clipping_norm: float = _f(0.0, "C: each user's item-side update is clipped to this L2 norm (0: no clipping).")
     target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round would exceed it.")
     target_delta: float = _f(1e-5, "delta at which epsilon is reported.")
-    accountant: str = _f("rdp", "rdp (Flower's RdpAccountant) or pld (dp-accounting's PLD, usually tighter).", ACCOUNTANTS)
+    accountant: str = _f("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
     update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + decoy rows).", UPDATE_MODES)
     pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
     # --- output
