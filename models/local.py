@@ -88,6 +88,7 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
     state = UserState(state.emb.clone(), state.bias.clone(), state.m.clone(), state.v.clone(), state.step.clone())
     loss_sum = 0.0
     real = None if decoy_noise is None else torch.isnan(decoy_noise)
+    rows_per_user = torch.bincount(segment if real is None else segment[real], minlength=n).clamp(min=1)
     for epoch in range(hyper.local_epochs):
         q, b, mu = (q0, b0, mu0) if epoch == 0 else (q0 + dq, b0 + db, mu0 + dmu)
         p = state.emb[segment]
@@ -116,7 +117,9 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
         _adam_rows(state, torch.cat([grad_emb, grad_bias[:, None]], dim=1), hyper.lr)
         step_q = torch.addcmul(2 * hyper.reg_item * q, dloss[:, None], p).mul_(-hyper.lr)
         step_b = (dloss + 2 * hyper.reg_bias * b).mul_(-hyper.lr)
-        step_mu = torch.zeros(n).index_add_(0, user_rows, dl_user).mul_(-hyper.lr)
+        # mu's loss curvature grows with the user's rating count (every row touches it), so its
+        # local step is the mean over the user's rows: a summed step is unstable past one epoch.
+        step_mu = torch.zeros(n).index_add_(0, user_rows, dl_user).div_(rows_per_user).mul_(-hyper.lr)
         dq, db, dmu = (step_q, step_b, step_mu) if epoch == 0 else (dq + step_q, db + step_b, dmu + step_mu)
     sq = torch.zeros(n).index_add_(0, segment, (dq * dq).sum(dim=1) + db * db)
     norms = (sq + dmu * dmu).sqrt()

@@ -88,3 +88,9 @@ def test_divergence_is_reported_as_a_settings_problem(small_cfg):
     cfg = dataclasses.replace(small_cfg, strategy="fedavg", server_lr=1e4, lr=5.0, rounds=30)
     with pytest.raises(ConfigError, match="training diverged in round .*lower --server-lr"):
         _run(cfg, nodes=2)
+
+
+def test_several_local_epochs_train_stably_with_partial_participation(small_cfg):
+    one = _run(dataclasses.replace(small_cfg, users_per_round=20, rounds=12, eval_every=12, out=small_cfg.out + "-1"), 2)
+    three = _run(dataclasses.replace(small_cfg, users_per_round=20, rounds=12, eval_every=12, local_epochs=3), 2)
+    assert three.summary["metrics"]["rmse"] < one.summary["metrics"]["rmse"] < 1.2
