@@ -13,7 +13,7 @@ import torch
 
 from fedrec.client.app import app as client_app
 from fedrec.common.build import load_data
-from fedrec.common.config import ConfigError
+from fedrec.common.config import ConfigError, RunConfig
 from fedrec.server.app import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.federated import check_population
@@ -90,7 +90,9 @@ def test_divergence_is_reported_as_a_settings_problem(small_cfg):
         _run(cfg, nodes=2)
 
 
-def test_several_local_epochs_train_stably_with_partial_participation(small_cfg):
-    one = _run(dataclasses.replace(small_cfg, users_per_round=20, rounds=12, eval_every=12, out=small_cfg.out + "-1"), 2)
-    three = _run(dataclasses.replace(small_cfg, users_per_round=20, rounds=12, eval_every=12, local_epochs=3), 2)
-    assert three.summary["metrics"]["rmse"] < one.summary["metrics"]["rmse"] < 1.2
+def test_several_local_epochs_train_stably_with_partial_participation(tmp_path):
+    # The default synthetic population has heavy users (hundreds of ratings): a local step on
+    # mu summed over their rows diverged here past one local epoch (RMSE above 2).
+    cfg = RunConfig(users_per_round=500, local_epochs=2, rounds=6, eval_every=3, out=str(tmp_path / "run"))
+    rmse = [row["rmse"] for row in _run(cfg, 2).history if "rmse" in row]
+    assert rmse[-1] < rmse[0] < 1.2
