@@ -15,10 +15,11 @@ $(BIN)/fedrec: pyproject.toml
 
 install: $(BIN)/fedrec
 
-# Federated vs central on the embedded synthetic data set (no download): prints a table,
-# writes runs/demo/{comparison.md,summary.json,comparison.png,...}.
+# Federated (a quarter of the users per round, two local epochs) vs central on the embedded
+# synthetic data set (no download): prints a table, writes runs/demo/{comparison.md,...}.
 demo: install
-	$(BIN)/fedrec compare --dataset synthetic --rounds 60 --epochs 60 --eval-every 5 --out runs/demo
+	$(BIN)/fedrec compare --dataset synthetic --users-per-round 500 --local-epochs 2 --rounds 60 --epochs 60 \
+		--eval-every 5 --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest
