@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
     cfg = cfg.resolved().validate()
     split = load_data(cfg)
     rows = cohort(split, np.arange(split.n_users))
-    result = train_central(rows, split.n_users, split.n_items, hyper(cfg), cfg.epochs, cfg.strategy, cfg.server_lr,
+    # One step per epoch: local-epochs describes what a device does in a round, not the baseline.
+    central_hyper = dataclasses.replace(hyper(cfg), local_epochs=1)
+    result = train_central(rows, split.n_users, split.n_items, central_hyper, cfg.epochs, cfg.strategy, cfg.server_lr,
                            cfg.top_k, split.rating_scale, cfg.eval_every, on_epoch)
     summary = {
         "mode": "central", "dataset": cfg.dataset, "split": cfg.split, "metrics": result.metrics,

@@ -96,3 +96,8 @@ def test_several_local_epochs_train_stably_with_partial_participation(tmp_path):
     cfg = RunConfig(users_per_round=500, local_epochs=2, rounds=6, eval_every=3, out=str(tmp_path / "run"))
     rmse = [row["rmse"] for row in _run(cfg, 2).history if "rmse" in row]
     assert rmse[-1] < rmse[0] < 1.2
+
+
+def test_central_baseline_ignores_local_epochs(small_cfg):
+    one = run_central(small_cfg, write=False).summary["metrics"]["rmse"]
+    assert run_central(dataclasses.replace(small_cfg, local_epochs=3), write=False).summary["metrics"]["rmse"] == one
