@@ -73,13 +73,16 @@ class FedRecStrategy(FedAvg):
         self.rounds_trained = 0
         self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
         self._noise = np.random.default_rng([cfg.seed, 0xD9])  # central DP noise, reproducible per seed
+        self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
 
     # ---------------------------------------------------------------- privacy
     def _spent_after(self, server_round: int, participation_max: int) -> float:
         """Epsilon once `server_round` rounds are released (local DP: the most active user's rounds).
         Every round is the same event, so this is one composition of `count` copies."""
-        plan = self.privacy
-        return plan.epsilon(participation_max if plan.mode == "local" else server_round)
+        count = participation_max if self.privacy.mode == "local" else server_round
+        if count not in self._epsilons:
+            self._epsilons[count] = self.privacy.epsilon(count)
+        return self._epsilons[count]
 
     def _check_budget(self, server_round: int) -> None:
         target = self.cfg.target_epsilon
