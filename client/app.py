@@ -15,8 +15,9 @@ from flwr.clientapp import ClientApp
 from fedrec.common import schema
 from fedrec.common.config import RunConfig
 from fedrec.datasets import cohort
-from fedrec.models import ItemParams, evaluate_rows, local_train, training_rows
-from fedrec.models.upload import build_upload, decoy_rows
+from fedrec.common.build import device_policy
+from fedrec.models import ItemParams, evaluate_rows
+from fedrec.models.device import device_step
 
 from .node import load_state, node_data, partition, save_state
 
@@ -52,34 +53,18 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     node = node_data(cfg, *partition(context))
-    items = _items(msg)
     state = load_state(context, node)
-    rnd = int(msg.content[schema.CONFIG][schema.ROUND])
     sampled = np.asarray(msg.content[schema.CONFIG][schema.USERS], dtype=np.int64)
     local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
-    rows = cohort(node.split, sampled)
-    seg, item, target = training_rows(rows, node.split.n_items, node.hyper, rnd)
-    decoy_noise = None
-    if cfg.update_mode == "padded":
-        d_seg, d_item, d_noise = decoy_rows(sampled, rows.train_segment, rows.train_item, node.split.n_items,
-                                            cfg.pad_ratio, node.hyper, rnd, item_weight=_row_norms(items))
-        decoy_noise = torch.cat([torch.full((len(seg),), float("nan")), torch.as_tensor(d_noise)])
-        seg, item = torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)])
-        target = torch.cat([target, torch.zeros(len(d_seg))])
-    new_state, update = local_train(items, state.take(local), seg, item, target, node.hyper,
-                                    clip_norm=cfg.clipping_norm, decoy_noise=decoy_noise)
-    state.put(local, new_state)
+    result = device_step(_items(msg), state.take(local), cohort(node.split, sampled), node.split.n_items, node.hyper,
+                         device_policy(cfg), int(msg.content[schema.CONFIG][schema.ROUND]))
+    state.put(local, result.state)
     save_state(context, state)
-    noise_std = cfg.noise_multiplier * cfg.clipping_norm if cfg.dp == "local" else 0.0
-    rng = np.random.default_rng([cfg.seed, rnd, int(sampled[0]) if len(sampled) else 0, 11])
-    arrays = build_upload(update, cfg.update_mode, noise_std, rng)
-    metrics = MetricRecord({schema.WEIGHT: update.num_users, "loss-sum": update.loss_sum, "num-rows": update.num_rows})
-    return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+    update = result.update
+    metrics = MetricRecord({schema.WEIGHT: int(result.took_part.sum()), "loss-sum": update.loss_sum,
+                            "num-rows": update.num_rows})
+    return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in result.upload.items()}),
                                schema.METRICS: metrics}), reply_to=msg)
-
-
-def _row_norms(items: ItemParams) -> np.ndarray:
-    return (items.emb.norm(dim=1) + items.bias.abs()).numpy().astype(np.float64) + 1e-6
 
 
 @app.evaluate()

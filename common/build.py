@@ -6,6 +6,7 @@ import numpy as np
 
 from fedrec.datasets import Split, SyntheticSpec, load_split
 from fedrec.models import Hyper
+from fedrec.models.device import DevicePolicy
 
 from .config import RunConfig
 
@@ -26,6 +27,16 @@ def hyper(cfg: RunConfig) -> Hyper:
     return Hyper(dim=cfg.dim, reg_user=cfg.reg_user, reg_item=cfg.reg_item, reg_bias=cfg.reg_bias, lr=cfg.lr,
                  local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
                  init_std=cfg.init_std, seed=cfg.seed)
+
+
+def device_policy(cfg: RunConfig) -> DevicePolicy:
+    """What each device applies to its users' updates; cfg carries the server's calibrated
+    z and participation cap (fedrec.server.app.privacy_plan)."""
+    local = cfg.dp == "local"
+    return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clip_norm=cfg.clipping_norm,
+                        noise_std=cfg.noise_multiplier * cfg.clipping_norm if local else 0.0,
+                        max_rounds=cfg.max_rounds_per_user if local else 0,
+                        reproducible_seed=cfg.seed if cfg.reproducible_noise else None)
 
 
 def node_users(population: int, partition_id: int, num_partitions: int) -> np.ndarray:

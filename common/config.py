@@ -43,7 +43,8 @@ class RunConfig:
     synthetic_density: float = _f(0.05, "Synthetic data: expected share of user-item pairs rated.")
     synthetic_rank: int = _f(8, "Synthetic data: rank of the true preference matrix.")
     synthetic_noise: float = _f(0.5, "Synthetic data: std of rating noise before rounding to stars.")
-    seed: int = _f(0, "Seed of everything random: data, split, init, sampling, negatives, noise.")
+    seed: int = _f(0, "Seed of the data, split, init, negatives and non-DP sampling (DP noise, decoys and DP "
+                      "sampling use OS entropy unless --reproducible-noise).")
     # --- model
     dim: int = _f(32, "Embedding size K of users and items.")
     reg_user: float = _f(-1.0, "L2 on user embeddings, per rating; -1: 0.1 (ratings) or 0.01 (implicit).")
@@ -72,6 +73,10 @@ class RunConfig:
     accountant: str = _f("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
     update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + decoy rows).", UPDATE_MODES)
     pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
+    max_rounds_per_user: int = _f(0, "Local DP: rounds a user may take part in (its device enforces it; epsilon is "
+                                     "for this many); 0: auto, a cap that about 1 in 100 runs would reach.")
+    reproducible_noise: bool = _f(False, "Derive DP noise, decoys and DP sampling from --seed: repeatable, and NOT "
+                                         "private (anyone with the seed can regenerate them).")
     # --- output
     out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
 
@@ -117,6 +122,14 @@ class RunConfig:
                 raise ConfigError(f"target-delta must be in (0, 1) (got {self.target_delta})")
         if self.noise_multiplier < 0 or self.clipping_norm < 0 or self.target_epsilon < 0 or self.pad_ratio < 0:
             raise ConfigError("noise-multiplier, clipping-norm, target-epsilon and pad-ratio must be >= 0")
+        if self.dp == "local" and self.update_mode != "dense":
+            raise ConfigError(f"--dp local with --update-mode {self.update_mode} would claim a guarantee it does not "
+                              "give (the row indices are not noised); use --update-mode dense")
+        if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed":
+            raise ConfigError("--accountant pld does not support fixed-size sampling (replace-one); "
+                              "use --sampling poisson or --accountant rdp")
+        if self.max_rounds_per_user < 0:
+            raise ConfigError(f"max-rounds-per-user must be >= 0 (got {self.max_rounds_per_user})")
         if self.split.startswith("u") and self.dataset != "ml-100k":
             raise ConfigError(f"split {self.split} exists only for ml-100k; use --split random or loo")
         return self

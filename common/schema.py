@@ -4,7 +4,7 @@ What crosses the network is exactly this: item-side arrays, a config record, and
 User embeddings, user biases, ratings and user ids never appear in a reply.
 """
 
-from fedrec.models.metrics import SUM_KEYS
+from fedrec.models.metrics import METRIC_PREFIXES, SUM_KEYS
 from fedrec.models.mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
 from fedrec.models.upload import ITEM_INDEX
 
@@ -31,3 +31,4 @@ STATE_KEY = "fedrec-users"
 
 # Evaluate reply: metric sums over the node's users, finished into RMSE/HR@K by the server.
 EVAL_SUMS = SUM_KEYS
+EVAL_METRIC_PREFIXES = METRIC_PREFIXES  # what the server finishes them into

@@ -27,6 +27,17 @@ class CohortData:
     def train_counts(self) -> np.ndarray:
         return np.bincount(self.train_segment, minlength=len(self.users))
 
+    def subset(self, positions: np.ndarray) -> "CohortData":
+        """The cohort of users[positions] (positions sorted), segments renumbered."""
+        new_position = np.full(len(self.users), -1)
+        new_position[positions] = np.arange(len(positions))
+        train = new_position[self.train_segment] >= 0
+        test = new_position[self.test_segment] >= 0
+        negatives = None if self.test_negatives is None else self.test_negatives[test]
+        return CohortData(self.users[positions], new_position[self.train_segment[train]], self.train_item[train],
+                          self.train_rating[train], new_position[self.test_segment[test]], self.test_item[test],
+                          self.test_rating[test], negatives)
+
 
 def cohort(split: Split, users) -> CohortData:
     """The partitions of `users`, gathered with index arithmetic (no per-user Python)."""

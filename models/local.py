@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .mf import Hyper, ItemParams, UserState
+from .randomness import mix64
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -30,18 +31,8 @@ class LocalUpdate:
     loss_sum: float
     num_rows: int
     norms: torch.Tensor  # [users] L2 norm of each user's update before clipping
-    touched: torch.Tensor  # [rows] item of each trained row (for the sparse upload mode)
-    row_segment: torch.Tensor  # [rows] user position of each trained row
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer: a counter-based hash, so each user's random draws depend on
-    (seed, round, user, counter) only and not on batch composition."""
-    x = x.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    pair_item: torch.Tensor  # [pairs] item of each distinct (user, item) the batch changed
+    pair_user: torch.Tensor  # [pairs] user position of each such pair
 
 
 def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, n_neg: np.ndarray,
@@ -49,14 +40,14 @@ def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarr
     """n_neg[j] items for user j, uniform over items the user did not rate (with replacement)."""
     neg_segment = np.repeat(np.arange(len(users)), n_neg)
     counter = np.arange(len(neg_segment)) - np.repeat(np.cumsum(n_neg) - n_neg, n_neg)
-    key = _mix64(np.array([seed], np.uint64)) ^ _mix64(np.array([round_ + 0x9E3779B9 + (stream << 32)], np.uint64))
-    base = _mix64(users[neg_segment].astype(np.uint64) ^ key)
+    key = mix64(np.array([seed], np.uint64)) ^ mix64(np.array([round_ + 0x9E3779B9 + (stream << 32)], np.uint64))
+    base = mix64(users[neg_segment].astype(np.uint64) ^ key)
     rated = np.sort(users[segment] * n_items + positives)
     items = np.empty(len(neg_segment), np.int64)
     todo = np.arange(len(neg_segment))
     attempt = 0
     while len(todo):  # redraw the few that hit a rated item
-        draw = _mix64(base[todo] + (counter[todo] * 64 + attempt).astype(np.uint64))
+        draw = mix64(base[todo] + (counter[todo] * 64 + attempt).astype(np.uint64))
         items[todo] = (draw % np.uint64(n_items)).astype(np.int64)
         pair = users[neg_segment[todo]] * n_items + items[todo]
         pos = np.minimum(np.searchsorted(rated, pair), len(rated) - 1)
@@ -121,20 +112,36 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
         # local step is the mean over the user's rows: a summed step is unstable past one epoch.
         step_mu = torch.zeros(n).index_add_(0, user_rows, dl_user).div_(rows_per_user).mul_(-hyper.lr)
         dq, db, dmu = (step_q, step_b, step_mu) if epoch == 0 else (dq + step_q, db + step_b, dmu + step_mu)
-    sq = torch.zeros(n).index_add_(0, segment, (dq * dq).sum(dim=1) + db * db)
-    norms = (sq + dmu * dmu).sqrt()
-    if clip_norm > 0:
-        scale = torch.clamp(clip_norm / norms.clamp(min=1e-12), max=1.0)
-        row_scale = scale[segment]
-        dq, db, dmu = dq * row_scale[:, None], db * row_scale, dmu * scale
+    # A user's contribution is its change per *item*: rows of one item (an implicit negative
+    # drawn twice, a negative that is also a decoy, several local epochs) add up before the
+    # norm is taken, so the bound holds on exactly what is summed.
+    pair_key, pair_of_row = torch.unique(segment * items.emb.shape[0] + item, return_inverse=True)
+    pair_user, pair_item = pair_key // items.emb.shape[0], pair_key % items.emb.shape[0]
+    pair_dq = torch.zeros(len(pair_key), hyper.dim).index_add_(0, pair_of_row, dq)
+    pair_db = torch.zeros(len(pair_key)).index_add_(0, pair_of_row, db)
+    pair_dq, pair_db, dmu, norms = clip_per_user(pair_user, pair_dq, pair_db, dmu, clip_norm)
     update = LocalUpdate(
-        emb_delta=torch.zeros_like(items.emb).index_add_(0, item, dq),
-        bias_delta=torch.zeros_like(items.bias).index_add_(0, item, db),
+        emb_delta=torch.zeros_like(items.emb).index_add_(0, pair_item, pair_dq),
+        bias_delta=torch.zeros_like(items.bias).index_add_(0, pair_item, pair_db),
         global_bias_delta=dmu.sum().reshape(1),
         num_users=n, loss_sum=loss_sum, num_rows=len(item) if real is None else int(real.sum()), norms=norms,
-        touched=item, row_segment=segment,
+        pair_item=pair_item, pair_user=pair_user,
     )
     return state, update
+
+
+def clip_per_user(pair_user: torch.Tensor, pair_dq: torch.Tensor, pair_db: torch.Tensor, dmu: torch.Tensor,
+                  clip_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale each user's whole item-side change (its rows, item biases and global bias) to
+    L2 norm at most `clip_norm` (0: no clipping). `pair_user` gives the user of each row
+    and must list each (user, item) once. Returns the scaled parts and the norms before."""
+    sq = torch.zeros(len(dmu), dtype=pair_dq.dtype).index_add_(0, pair_user, (pair_dq * pair_dq).sum(dim=1) + pair_db * pair_db)
+    norms = (sq + dmu * dmu).sqrt()
+    if clip_norm <= 0:
+        return pair_dq, pair_db, dmu, norms
+    scale = torch.clamp(clip_norm / norms.clamp(min=1e-30), max=1.0)
+    row_scale = scale[pair_user]
+    return pair_dq * row_scale[:, None], pair_db * row_scale, dmu * scale, norms
 
 
 def _adam_rows(state: UserState, grad: torch.Tensor, lr: float) -> None:

@@ -61,6 +61,9 @@ def add_sums(total: dict[str, float], part: dict[str, float]) -> dict[str, float
     return total
 
 
+METRIC_PREFIXES = ("rmse", "mae", "hr", "ndcg", "recall", "full-ndcg")  # names finish() gives, before "@k"
+
+
 def finish(sums: dict[str, float], k: int = 10) -> dict[str, float]:
     """Turn summed counts into metrics; metrics without data are left out."""
     out = {}

@@ -6,7 +6,8 @@
 - padded: the rated rows plus decoy rows of unrated items whose updates are drawn to look
   like real ones (see local_train); hides which rows are real as far as their values
   allow, at the cost of extra bytes and of noise in the decoy items' rows.
-Local DP adds Gaussian noise to every uploaded coordinate on the device.
+Local DP adds Gaussian noise to every uploaded coordinate on the device; it is honest
+only for dense uploads, since neither sparse indices nor decoy choices are noised.
 """
 
 from __future__ import annotations
@@ -14,46 +15,60 @@ from __future__ import annotations
 import numpy as np
 
 from .local import LocalUpdate
-from .mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB, Hyper
+from .mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
+from .randomness import mix64, uniform01
 
 ITEM_INDEX = "item-index"
 
 
 def decoy_rows(users: np.ndarray, segment: np.ndarray, items: np.ndarray, n_items: int, ratio: float,
-               hyper: Hyper, round_: int, item_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               key: int, item_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(segment, item, standard normal) of decoy rows: about ratio x each user's rated count.
 
-    Decoy items are drawn in proportion to `item_weight` (the client passes the norms of the
-    item rows it received, a public proxy for popularity), because users rate popular items
-    far more often than uniform draws would suggest and an observer could tell them apart.
+    Decoy items are drawn in proportion to `item_weight` (the norms of the item rows the
+    device received, a public proxy for popularity), because users rate popular items far
+    more often than uniform draws would suggest and an observer could tell them apart.
+    `key` must be secret (fedrec.models.randomness.private_key): whoever knows it can
+    regenerate the decoys and strip them off. Draws are counter-based per (key, user), so a
+    user's decoys do not depend on who shares its node.
     """
-    gen = np.random.default_rng([hyper.seed, round_, int(users[0]) if len(users) else 0, 7])
     counts = np.bincount(segment, minlength=len(users))
     want = np.minimum(np.rint(counts * ratio).astype(np.int64), n_items - counts)
-    p = None if item_weight is None else item_weight / item_weight.sum()
-    draw_seg = np.repeat(np.arange(len(users)), 3 * want)  # 3x: room for rejected draws
-    draw_item = gen.choice(n_items, size=len(draw_seg), p=p)
+    tries = 3 * want  # room for draws that hit a rated item or repeat
+    draw_seg = np.repeat(np.arange(len(users)), tries)
+    counter = np.arange(len(draw_seg)) - np.repeat(np.cumsum(tries) - tries, tries)
+    base = mix64(np.asarray(users, np.uint64)[draw_seg] ^ np.uint64(key & (2**64 - 1)))
+    bits = mix64(base + counter.astype(np.uint64) * np.uint64(2))
+    weight = np.ones(n_items) if item_weight is None else item_weight
+    cdf = np.cumsum(weight) / weight.sum()
+    draw_item = np.minimum(np.searchsorted(cdf, uniform01(bits), side="right"), n_items - 1)
     rated = np.sort(segment * n_items + items)
-    key = draw_seg * n_items + draw_item
-    pos = np.minimum(np.searchsorted(rated, key), max(len(rated) - 1, 0))
-    fresh = rated[pos] != key if len(rated) else np.ones(len(key), bool)
-    key = key[fresh]
-    _, first = np.unique(key, return_index=True)  # one decoy per item per user
-    key = key[np.sort(first)]
-    seg = key // n_items
+    code = draw_seg * n_items + draw_item
+    pos = np.minimum(np.searchsorted(rated, code), max(len(rated) - 1, 0))
+    fresh = rated[pos] != code if len(rated) else np.ones(len(code), bool)
+    code, bits = code[fresh], bits[fresh]
+    _, first = np.unique(code, return_index=True)  # one decoy per item per user
+    first = np.sort(first)
+    code, bits = code[first], bits[first]
+    seg = code // n_items
     rank = np.arange(len(seg)) - np.searchsorted(seg, seg)  # seg is grouped: position within the user
-    key = key[rank < want[seg]]
-    seg, item = key // n_items, key % n_items
-    return seg, item, gen.standard_normal(len(seg)).astype(np.float32)
+    keep = rank < want[seg]
+    seg, item, bits = seg[keep], code[keep] % n_items, bits[keep]
+    # Box-Muller from two more counter draws of the same (user, draw): one normal per decoy.
+    u1 = uniform01(mix64(bits + np.uint64(1)))
+    u2 = uniform01(mix64(bits + np.uint64(3)))
+    normal = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2 * np.pi * u2)
+    return seg, item, normal.astype(np.float32)
 
 
 def build_upload(update: LocalUpdate, mode: str, local_noise_std: float = 0.0,
                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """The arrays a node sends for the summed update of its users.
 
-    local_noise_std: std of each user's on-device noise per coordinate (0: none). Users of a
-    cohort noise their own uploads independently; their sum carries per coordinate the
-    noise of every user that uploaded it, drawn here directly from that sum's distribution.
+    local_noise_std: std of each user's on-device noise per coordinate (0: none); `rng`
+    must then be a private stream (fedrec.models.randomness.private_rng). Users of a cohort
+    noise their own uploads independently; their sum carries per coordinate the noise of
+    every user that uploaded it, drawn here directly from that sum's distribution.
     """
     emb, bias, mu = update.emb_delta.numpy(), update.bias_delta.numpy(), update.global_bias_delta.numpy()
     n_users = update.num_users
@@ -61,16 +76,23 @@ def build_upload(update: LocalUpdate, mode: str, local_noise_std: float = 0.0,
         arrays = {ITEM_EMB: emb.copy(), ITEM_BIAS: bias.copy(), GLOBAL_BIAS: mu.copy()}
         per_row_users = np.full(len(bias), n_users)
     else:
-        pairs = np.unique(update.row_segment.numpy().astype(np.int64) * len(bias) + update.touched.numpy())
-        rows, per_row_users = np.unique(pairs % len(bias), return_counts=True)
+        rows, per_row_users = np.unique(update.pair_item.numpy(), return_counts=True)  # pairs are distinct
         arrays = {ITEM_INDEX: rows.astype(np.int64), ITEM_EMB: emb[rows], ITEM_BIAS: bias[rows], GLOBAL_BIAS: mu.copy()}
     if local_noise_std > 0:
-        rng = rng or np.random.default_rng()
-        scale = local_noise_std * np.sqrt(per_row_users).astype(np.float32)
-        arrays[ITEM_EMB] = arrays[ITEM_EMB] + rng.normal(size=arrays[ITEM_EMB].shape).astype(np.float32) * scale[:, None]
-        arrays[ITEM_BIAS] = arrays[ITEM_BIAS] + rng.normal(size=len(scale)).astype(np.float32) * scale
-        arrays[GLOBAL_BIAS] = arrays[GLOBAL_BIAS] + np.float32(rng.normal() * local_noise_std * np.sqrt(n_users))
+        if rng is None:
+            raise ValueError("local noise needs a private random stream")
+        add_device_noise(arrays, local_noise_std, per_row_users, n_users, rng)
     return arrays
+
+
+def add_device_noise(arrays: dict[str, np.ndarray], std: float, per_row_users: np.ndarray, n_users: int,
+                     rng: np.random.Generator) -> None:
+    """Add, in place, the sum of `per_row_users` independent N(0, std^2) per coordinate of
+    each row (and of `n_users` to the global bias)."""
+    scale = std * np.sqrt(per_row_users).astype(np.float32)
+    arrays[ITEM_EMB] = arrays[ITEM_EMB] + rng.normal(size=arrays[ITEM_EMB].shape).astype(np.float32) * scale[:, None]
+    arrays[ITEM_BIAS] = arrays[ITEM_BIAS] + rng.normal(size=len(scale)).astype(np.float32) * scale
+    arrays[GLOBAL_BIAS] = arrays[GLOBAL_BIAS] + np.float32(rng.normal() * std * np.sqrt(n_users))
 
 
 def scatter_upload(arrays: dict[str, np.ndarray], n_items: int, dim: int) -> dict[str, np.ndarray]:

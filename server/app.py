@@ -10,7 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from logging import WARNING
+
 from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common.config import RunConfig
@@ -19,21 +22,33 @@ from fedrec.models import ItemParams, initial_global_bias
 from fedrec.common.build import hyper
 
 from .directory import discover
-from .privacy import PrivacyPlan
+from .privacy import PrivacyPlan, participation_cap
+from .releases import is_evaluation, release_ledger
 from .strategy import BudgetExhausted, FedRecStrategy, array_record
 
 
 def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPlan | None]:
-    """The run's DP plan; with --target-epsilon and no z, z is calibrated for cfg.rounds."""
+    """The run's DP plan. Local DP caps each user's rounds (auto: a cap about 1 in 100 runs
+    would reach) and accounts for the cap, not the average; with --target-epsilon and no z,
+    z is calibrated for cfg.rounds (central) or the cap (local)."""
     if cfg.dp == "none":
         return cfg, None
-    plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling,
-                       cfg.users_per_round or population, population, cfg.target_delta, cfg.accountant)
+    sample = cfg.users_per_round or population
+    cap = 0
+    if cfg.dp == "local":
+        cap = cfg.max_rounds_per_user or participation_cap(cfg.rounds, sample / population, population)
+        cap = min(cap, cfg.rounds)
+        cfg = dataclasses.replace(cfg, max_rounds_per_user=cap)
+    plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling, sample, population,
+                       cfg.target_delta, cfg.accountant, max_rounds=cap)
     if plan.noise_multiplier <= 0:
-        z = plan.calibrate(cfg.target_epsilon, cfg.rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
+        z = plan.calibrate(cfg.target_epsilon, cap or cfg.rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
         plan = dataclasses.replace(plan, noise_multiplier=z)
         cfg = dataclasses.replace(cfg, noise_multiplier=z)
     return cfg, plan
+
+
+NOT_PRIVATE = "none: noise, decoys and sampling are derivable from the seed (--reproducible-noise)"
 
 
 def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy) -> dict | None:
@@ -43,10 +58,16 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecSt
                "noise_multiplier": plan.noise_multiplier, "clipping_norm": plan.clipping_norm,
                "sampling": plan.sampling, "sampling_rate": plan.rate, "rounds": strategy.rounds_trained,
                "accountant": f"dp-accounting-{plan.accountant}", "unit": "user",
-               "target_epsilon": cfg.target_epsilon or None}
+               "target_epsilon": cfg.target_epsilon or None,
+               "reproducible_noise": cfg.reproducible_noise,
+               "guarantee": NOT_PRIVATE if cfg.reproducible_noise else
+               f"({strategy.epsilon:.4g}, {plan.delta:g})-DP at user level against whoever reads what the run "
+               "releases" + (" and against the server" if plan.mode == "local" else ""),
+               "releases": release_ledger(plan.mode)}
     if plan.mode == "local":
         summary["epsilon_per_round"] = plan.epsilon(1)
-        summary["max_rounds_per_user"] = int(strategy.participation.max())
+        summary["max_rounds_per_user"] = plan.max_rounds
+        summary["epsilon_at_cap"] = plan.epsilon(plan.max_rounds)
     return summary
 
 
@@ -56,7 +77,8 @@ class FederatedOutcome:
     history: list[dict]
     items: ItemParams
     run_dir: Path
-    audit: list[dict] = field(default_factory=list)
+    audit: list[dict] = field(default_factory=list)  # every reply's shape, in memory (DP runs write none)
+    wall_seconds: float = 0.0
 
 
 def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> FederatedOutcome:
@@ -67,15 +89,19 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if cfg.users_per_round > directory.population:
         raise ValueError(f"users-per-round={cfg.users_per_round} exceeds the {directory.population} users")
     cfg, plan = privacy_plan(cfg, directory.population)
+    if plan is not None and cfg.reproducible_noise:
+        log(WARNING, "--reproducible-noise: DP noise, decoys and sampling derive from the seed; this run is NOT private")
     config = ConfigRecord(cfg.to_dict())  # clients learn the calibrated z from here (local DP)
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
     run_dir = make_run_dir(cfg, "federated")
     audit: list[dict] = []
-    audit_file = open(run_dir / "audit.jsonl", "w")
+    # A DP run keeps the per-reply log in memory only: its lines count replies and rows.
+    audit_file = open(run_dir / "audit.jsonl", "w") if plan is None else None
 
     def record(line: dict) -> None:
         audit.append(line)
-        audit_file.write(json.dumps(line) + "\n")
+        if audit_file:
+            audit_file.write(json.dumps(line) + "\n")
 
     strategy = FedRecStrategy(cfg, directory, items, on_round=on_round, audit=record, privacy=plan)
     stopped = None
@@ -86,19 +112,20 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         stopped = str(reason)
         final_eval(grid, strategy, config, len(strategy.history))
     finally:
-        audit_file.close()
+        if audit_file:
+            audit_file.close()
     metric = main_metric(cfg.implicit, cfg.top_k)
     frame = write_history(run_dir, strategy.history)
-    final = {k: v for k, v in strategy.history[-1].items()
-             if k not in ("round", "users_sampled", "bytes_up", "bytes_down", "seconds", "train_loss", "epsilon")}
+    final = {k: v for k, v in strategy.history[-1].items() if is_evaluation(k)}
     summary = {
         "mode": "federated", "dataset": cfg.dataset, "split": cfg.split, "metrics": final,
-        "rounds": strategy.rounds_trained,
-        "wall_seconds": time.perf_counter() - start, "num_users": directory.population,
-        "num_nodes": len(directory.node_ids), "bytes_up": strategy.bytes_up, "bytes_down": strategy.bytes_down,
-        "config": cfg.to_dict(),
+        "rounds": strategy.rounds_trained, "num_users": directory.population,
+        "num_nodes": len(directory.node_ids), "config": cfg.to_dict(),
     }
-    if plan is not None:
+    if plan is None:
+        summary |= {"wall_seconds": time.perf_counter() - start, "bytes_up": strategy.bytes_up,
+                    "bytes_down": strategy.bytes_down}
+    else:
         summary["privacy"] = privacy_summary(cfg, plan, strategy)
     if stopped:
         summary["stopped_early"] = stopped
@@ -106,12 +133,12 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     write_json(run_dir / "summary.json", summary)
     plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
                 f"federated {cfg.dataset} {cfg.split}: {metric} per round")
-    return FederatedOutcome(summary, strategy.history, items, run_dir, audit)
+    return FederatedOutcome(summary, strategy.history, items, run_dir, audit, time.perf_counter() - start)
 
 
 def final_eval(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, rounds_done: int) -> None:
     """After a budget stop: evaluate the model as it stands (evaluation spends no budget)."""
-    if rounds_done and any(k in strategy.history[-1] for k in ("rmse", "hr@10")):
+    if rounds_done and any(is_evaluation(k) for k in strategy.history[-1]):
         return
     arrays = array_record(strategy.items)
     strategy._started = time.perf_counter()

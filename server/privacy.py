@@ -18,9 +18,11 @@ gives PLD, usually tighter, and calibrate_dp_mechanism to find z for a target ep
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
-import logging
+import numpy as np
 
 import dp_accounting
 from dp_accounting import dp_event
@@ -45,10 +47,21 @@ class PrivacyPlan:
     population: int
     delta: float
     accountant: str  # "rdp" or "pld"
+    max_rounds: int = 0  # local DP: rounds a user may take part in (its devices enforce it)
 
     @property
     def rate(self) -> float:
         return self.sample_size / self.population
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the Gaussian noise per coordinate: on the sum (central) or per user (local)."""
+        return self.noise_multiplier * self.clipping_norm
+
+    def guarantee(self, rounds: int) -> float:
+        """Epsilon that holds for every user after `rounds` rounds: central DP composes
+        every round; local DP the rounds of the most active user allowed, the cap."""
+        return self.epsilon(min(rounds, self.max_rounds) if self.mode == "local" else rounds)
 
     def event(self, z: float | None = None) -> dp_event.DpEvent:
         """One round's DpEvent in dp-accounting's terms."""
@@ -87,3 +100,26 @@ class PrivacyPlan:
         return float(dp_accounting.calibrate_dp_mechanism(
             self.fresh_accountant, lambda z: dp_event.SelfComposedDpEvent(self.event(z), rounds),
             target_epsilon, self.delta, dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
+
+
+def add_central_noise(total: dict[str, np.ndarray], plan: PrivacyPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The sum of clipped user updates plus N(0, (zC)^2) on every coordinate, including rows
+    nobody uploaded (their absence would otherwise be visible). `rng` must be the private
+    "central-noise" stream (fedrec.models.randomness)."""
+    return {k: np.asarray(v, np.float64) + rng.normal(0.0, plan.noise_std, np.shape(v)) for k, v in total.items()}
+
+
+def participation_cap(rounds: int, rate: float, population: int, tail: float = 0.01) -> int:
+    """Smallest k such that, in expectation, fewer than `tail` users of the population would
+    be sampled in more than k of `rounds` rounds (each round with probability `rate`)."""
+    if rate >= 1:
+        return rounds
+    log_p, log_q = math.log(rate), math.log1p(-rate)
+    pmf = [math.exp(math.lgamma(rounds + 1) - math.lgamma(k + 1) - math.lgamma(rounds - k + 1) + k * log_p
+                    + (rounds - k) * log_q) for k in range(rounds + 1)]
+    above = 0.0
+    for k in range(rounds, -1, -1):  # above = P(X > k)
+        if population * above > tail:
+            return min(rounds, k + 1)
+        above += pmf[k]
+    return 1

@@ -29,14 +29,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
 from fedrec.common import schema
 from fedrec.common.config import ConfigError, RunConfig
 from fedrec.models import ItemParams, ServerOptimizer, finish
+from fedrec.models.randomness import private_rng
 from fedrec.models.upload import scatter_upload
 
 from .directory import NodeDirectory
-from .privacy import PrivacyPlan
-from .sampling import sample_users
+from .privacy import PrivacyPlan, add_central_noise
+from .releases import released_row
+from .sampling import sample_users, sampling_rng
 
 
 class BudgetExhausted(RuntimeError):
@@ -72,14 +76,15 @@ class FedRecStrategy(FedAvg):
         self.epsilon = 0.0
         self.rounds_trained = 0
         self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
-        self._noise = np.random.default_rng([cfg.seed, 0xD9])  # central DP noise, reproducible per seed
+        # Central DP noise: OS entropy, so neither the seed nor anything else written down regenerates it.
+        self._noise = private_rng("central-noise", cfg.seed if cfg.reproducible_noise else None)
         self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
 
     # ---------------------------------------------------------------- privacy
     def _spent_after(self, server_round: int, participation_max: int) -> float:
         """Epsilon once `server_round` rounds are released (local DP: the most active user's rounds).
         Every round is the same event, so this is one composition of `count` copies."""
-        count = participation_max if self.privacy.mode == "local" else server_round
+        count = min(participation_max, self.privacy.max_rounds) if self.privacy.mode == "local" else server_round
         if count not in self._epsilons:
             self._epsilons[count] = self.privacy.epsilon(count)
         return self._epsilons[count]
@@ -101,8 +106,11 @@ class FedRecStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
         self._check_budget(server_round)
+        eligible = None
+        if self.privacy and self.privacy.mode == "local":  # devices refuse past their cap anyway
+            eligible = self.participation < self.privacy.max_rounds
         users = sample_users(self.directory.population, self.cfg.users_per_round, self.cfg.sampling,
-                             self.cfg.seed, server_round)
+                             sampling_rng(self.cfg, server_round), eligible)
         self.participation[users] += 1
         self._row = {"round": server_round, "users_sampled": len(users), "bytes_up": 0, "bytes_down": 0}
         messages = []
@@ -119,29 +127,30 @@ class FedRecStrategy(FedAvg):
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         if errors:
             raise RuntimeError(f"round {server_round}: {len(errors)} node(s) failed: {errors[0].error.reason}")
-        if not valid:
+        central = self.privacy is not None and self.privacy.mode == "central"
+        if not valid and not central:
             return None, None
-        total = {k: 0.0 for k in schema.ITEM_ARRAYS}
-        users = loss = rows = 0.0
         n_items, dim = self.items.emb.shape
+        total = {schema.ITEM_EMB: np.zeros((n_items, dim)), schema.ITEM_BIAS: np.zeros(n_items),
+                 schema.GLOBAL_BIAS: np.zeros(1)}
+        users = loss = rows = 0.0
         for reply in valid:
             record = reply.content[schema.ARRAYS]
             self._row["bytes_up"] += record_bytes(record)
             self._audit(server_round, reply)
             dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
             for k in schema.ITEM_ARRAYS:
-                total[k] = total[k] + dense[k]
+                total[k] += dense[k]
             metrics = reply.content[schema.METRICS]
             users += metrics[schema.WEIGHT]
             loss += metrics["loss-sum"]
             rows += metrics["num-rows"]
         denominator = max(users, 1.0)
-        if self.privacy and self.privacy.mode == "central":
-            # Gaussian noise on the sum of clipped updates, over every coordinate (rows nobody
-            # uploaded too), then a fixed denominator: the expected number of users, so that
-            # the count of participants is not itself released (McMahan et al., 2018).
-            std = self.privacy.noise_multiplier * self.privacy.clipping_norm
-            total = {k: v + self._noise.normal(0.0, std, np.shape(v)) for k, v in total.items()}
+        if central:
+            # Noise on the sum of clipped updates (an empty Poisson round too: skipping it would
+            # tell that nobody was sampled), then a fixed denominator: the expected number of
+            # users, so that the count of participants is not released (McMahan et al., 2018).
+            total = add_central_noise(total, self.privacy, self._noise)
             denominator = float(self.privacy.sample_size)
         self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
         if not all(torch.isfinite(t).all() for t in self.items.tensors().values()):
@@ -150,7 +159,21 @@ class FedRecStrategy(FedAvg):
         self._row["train_loss"] = loss / max(rows, 1.0)
         self.rounds_trained += 1
         self._account(server_round)
+        if self.privacy:  # what Flower logs is a release too: only covered quantities
+            return array_record(self.items), None
         return array_record(self.items), MetricRecord({"train-loss": self._row["train_loss"], "users": users})
+
+    def _check_and_log_replies(self, replies: list[Message], is_train: bool,
+                               validate: bool = True) -> tuple[list[Message], list[Message]]:
+        """Flower's check, without its log line in DP runs: "Received N results" counts the
+        participating nodes, which with one user per node is the sampled-user count."""
+        if not self.privacy:
+            return super()._check_and_log_replies(replies, is_train, validate)
+        valid = [r for r in replies if not r.has_error()]
+        errors = [r for r in replies if r.has_error()]
+        if validate and valid:
+            validate_message_reply_consistency([r.content for r in valid], self.weighted_by_key, is_train)
+        return valid, errors
 
     def _audit(self, server_round: int, reply: Message) -> None:
         if self.audit is None:
@@ -200,6 +223,7 @@ class FedRecStrategy(FedAvg):
         self._row["seconds"] = time.perf_counter() - self._started
         self.bytes_up += self._row["bytes_up"]
         self.bytes_down += self._row["bytes_down"]
-        self.history.append(self._row)
+        row = released_row(self._row, self.privacy is not None)
+        self.history.append(row)
         if self.on_round:
-            self.on_round(self._row)
+            self.on_round(row)

@@ -1,58 +1,39 @@
-"""Leakage audit: how well can an observer tell which items a user rated?
+"""Leakage audit: how well can an observer tell which items a user rated, and how much
+privacy can a canary attack prove is lost?
 
-The attack ranks all items by the L2 size of their row in what the observer sees and is
-scored against the truth (the user's training items) with ROC AUC and precision@k.
 Observers:
-- upload: an honest-but-curious server reading one client's own upload (no secure
-  aggregation), for the dense, sparse and padded modes and for local DP;
-- aggregate: anyone who sees what a round releases, given everyone else's contribution
-  (the strongest such observer): the target's clipped update plus the release's central
-  DP noise, averaged over the rounds the target takes part in; without DP, noise-free.
-Updates are the real ones: a model trained centrally for `epochs` epochs, then one round
-of the local step per target user, through the same code as the federated client.
+- upload: an honest-but-curious server reading one device's own uploads (no secure
+  aggregation), in the dense, sparse and padded modes, and under local DP (the average of
+  the target's uploads over the rounds its cap allows, noise included);
+- aggregate: anyone who sees what rounds release, given everyone else's contribution (the
+  strongest such observer): the target's clipped update plus each release's central noise,
+  averaged over the rounds an average user takes part in.
+Updates are real: a model trained centrally for `epochs` epochs, then one round of
+`device_step` per target, the same function the ClientApp runs, with the same private
+noise streams. Attackers: fedrec.simulations.attacks (prior, norm, direction, seed) and
+fedrec.simulations.canary (empirical epsilon lower bounds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 
 import numpy as np
 import torch
 
 from fedrec.common.build import hyper, load_data
-from fedrec.common.config import RunConfig
+from fedrec.common.config import ConfigError, RunConfig
 from fedrec.common.rundir import make_run_dir, write_json
 from fedrec.datasets import cohort
-from fedrec.models import local_train, train_central, training_rows
-from fedrec.models.upload import ITEM_INDEX, build_upload, decoy_rows, scatter_upload
-from fedrec.server.privacy import PrivacyPlan
+from fedrec.models import train_central
+from fedrec.models.device import DevicePolicy, device_step
+from fedrec.models.randomness import private_rng, seeded_rng
+from fedrec.models.upload import ITEM_INDEX, scatter_upload
+from fedrec.server.privacy import PrivacyPlan, add_central_noise, participation_cap
 
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Mann-Whitney AUC with ties counted half."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def precision_at_k(scores: np.ndarray, positive: np.ndarray, k: int) -> float:
-    top = np.argsort(-scores, kind="mergesort")[:k]
-    return float(positive[top].mean())
-
-
-def row_scores(dense: dict[str, np.ndarray], uploaded: np.ndarray | None) -> np.ndarray:
-    """Size of each item's row; rows absent from a sparse upload score below any present one."""
-    scores = np.sqrt((dense["item-emb"] ** 2).sum(axis=1) + dense["item-bias"] ** 2)
-    if uploaded is not None:
-        present = np.zeros(len(scores), bool)
-        present[uploaded] = True
-        scores = np.where(present, scores + 1.0, 0.0)  # +1: present beats absent whatever its size
-    return scores
+from .attacks import direction_scores, norm_scores, precision_at_k, prior_log_odds, roc_auc, seed_attack
+from .canary import canary_audit
 
 
 def trained_model(cfg: RunConfig):
@@ -63,81 +44,108 @@ def trained_model(cfg: RunConfig):
                          cfg.top_k, split.rating_scale, eval_every=cfg.epochs)
 
 
-def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained=None, write: bool = True) -> dict:
+def privacy_plans(cfg: RunConfig, population: int, epsilon: float) -> tuple[PrivacyPlan, PrivacyPlan]:
+    """Central and local plans calibrated to `epsilon`, as a run would calibrate them."""
+    sample = cfg.users_per_round or population
+    clip = cfg.clipping_norm or 1.0
+    central = PrivacyPlan("central", 0.0, clip, cfg.sampling, sample, population, cfg.target_delta, cfg.accountant)
+    cap = min(cfg.rounds, cfg.max_rounds_per_user or participation_cap(cfg.rounds, sample / population, population))
+    local = dataclasses.replace(central, mode="local", max_rounds=cap)
+    central = dataclasses.replace(central, noise_multiplier=central.calibrate(epsilon, cfg.rounds) + 1e-3)
+    local = dataclasses.replace(local, noise_multiplier=local.calibrate(epsilon, cap) + 1e-3)
+    return central, local
+
+
+def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained=None, write: bool = True,
+              epsilons: list[float] | None = None) -> dict:
     cfg = cfg.resolved().validate()
+    if cfg.accountant == "pld" and cfg.sampling == "fixed":
+        raise ConfigError("the audit calibrates central DP: --accountant pld needs --sampling poisson")
+    epsilons = epsilons if epsilons is not None else ([cfg.target_epsilon] if cfg.target_epsilon > 0 else [])
     split = load_data(cfg)
     h = hyper(cfg)
     trained = trained or trained_model(cfg)
     items, users = trained.items, trained.users
-    counts = split.train_index().counts()
-    rng = np.random.default_rng([cfg.seed, 0xA0D17])
-    eligible = np.flatnonzero(counts >= k)
-    chosen = np.sort(rng.choice(eligible, size=min(targets, len(eligible)), replace=False))
-    population = split.n_users
-    sample = cfg.users_per_round or population
+    n_items, population = split.n_items, split.n_users
+    rate = (cfg.users_per_round or population) / population
     clip = cfg.clipping_norm or 1.0
-    participations = max(1, int(round(cfg.rounds * sample / population)))
-    central = PrivacyPlan("central", cfg.noise_multiplier, clip, cfg.sampling, sample, population, cfg.target_delta,
-                          cfg.accountant)
-    local = dataclasses.replace(central, mode="local")
-    if cfg.target_epsilon > 0:
-        central = dataclasses.replace(central, noise_multiplier=central.calibrate(cfg.target_epsilon, cfg.rounds))
-        local = dataclasses.replace(local, noise_multiplier=local.calibrate(cfg.target_epsilon, participations))
-    settings = []  # (observer, mode, dp, epsilon, noise std, decoys)
-    for mode in ("dense", "sparse", "padded"):
-        settings.append(("upload", mode, "none", None, 0.0))
-    if local.noise_multiplier > 0:
-        eps = local.epsilon(participations)
-        settings += [("upload", "dense", "local", eps, local.noise_multiplier * clip),
-                     ("upload", "sparse", "local", eps, local.noise_multiplier * clip)]
-    settings.append(("aggregate", "dense", "none", None, 0.0))
-    if central.noise_multiplier > 0:
-        settings.append(("aggregate", "dense", "central", central.epsilon(cfg.rounds), central.noise_multiplier * clip))
+    repro = cfg.seed if cfg.reproducible_noise else None
+    prior = prior_log_odds(np.bincount(split.train.item, minlength=n_items), population)
+    eligible = np.flatnonzero(split.train_index().counts() >= k)
+    chosen = np.sort(seeded_rng(cfg.seed, "audit-targets").choice(eligible, size=min(targets, len(eligible)),
+                                                                  replace=False))
+    plans = {eps: privacy_plans(cfg, population, eps) for eps in epsilons}
+    participations = max(1, int(round(cfg.rounds * rate)))  # of an average user: the aggregate observer's view
+    round_ = cfg.rounds + 1
+    scores: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
 
-    per_setting = {s: ([], []) for s in settings}
+    def score(setting: tuple, dense: dict, noise_std: float, uploaded=None) -> None:
+        observer, mode, dp, eps = setting
+        for attacker, s in (("norm", norm_scores(dense, uploaded)),
+                            ("direction", direction_scores(dense, items, user_vec, h, noise_std, prior, int(truth.sum())))):
+            scores[(attacker, observer, mode, dp, eps, noise_std)].append((roc_auc(s, truth), precision_at_k(s, truth, k)))
+
     for n, user in enumerate(chosen):
         rows = cohort(split, [user])
-        truth = np.zeros(split.n_items, bool)
+        truth = np.zeros(n_items, bool)
         truth[rows.train_item] = True
-        seg, item, target = training_rows(rows, split.n_items, h, cfg.rounds + 1)
         state = users.take(torch.as_tensor([user]))
-        d_seg, d_item, d_noise = decoy_rows(rows.users, rows.train_segment, rows.train_item, split.n_items,
-                                            cfg.pad_ratio, h, cfg.rounds + 1,
-                                            item_weight=(items.emb.norm(dim=1) + items.bias.abs()).numpy().astype(float) + 1e-6)
-        plain = local_train(items, state, seg, item, target, h, clip_norm=clip)[1]
-        padded = local_train(items, state, torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)]),
-                             torch.cat([target, torch.zeros(len(d_seg))]), h, clip_norm=clip,
-                             decoy_noise=torch.cat([torch.full((len(seg),), float("nan")), torch.as_tensor(d_noise)]))[1]
-        noise_rng = np.random.default_rng([cfg.seed, int(user), 0xA0D])
-        for setting in settings:
-            observer, mode, dp, _, std = setting
-            update = padded if mode == "padded" else plain
-            if observer == "upload":
-                arrays = build_upload(update, mode, std, noise_rng)
-                dense = scatter_upload(arrays, split.n_items, h.dim)
-                scores = row_scores(dense, arrays.get(ITEM_INDEX))
-            else:
-                dense = scatter_upload(build_upload(update, "dense"), split.n_items, h.dim)
-                if std > 0:  # the average over the target's releases of (its update + that release's noise)
-                    spread = std / np.sqrt(participations)
-                    dense = {key: v + noise_rng.normal(0, spread, np.shape(v)) for key, v in dense.items()}
-                scores = row_scores(dense, None)
-            per_setting[setting][0].append(roc_auc(scores, truth))
-            per_setting[setting][1].append(precision_at_k(scores, truth, k))
+        user_vec = state.emb[0].numpy().astype(np.float64)
+        scores[("prior", "none", "-", "none", None, 0.0)].append((roc_auc(prior, truth), precision_at_k(prior, truth, k)))
+        step = lambda policy: device_step(items, state, rows, n_items, h, policy, round_)  # noqa: E731
+        plain = step(DevicePolicy("dense", clip_norm=clip, reproducible_seed=repro))
+        for mode in ("dense", "sparse", "padded"):
+            upload = plain.upload if mode == "dense" else step(DevicePolicy(mode, cfg.pad_ratio, clip, reproducible_seed=repro)).upload
+            score(("upload", mode, "none", None), scatter_upload(upload, n_items, h.dim), 0.0, upload.get(ITEM_INDEX))
+        clean = scatter_upload(plain.upload, n_items, h.dim)
+        score(("aggregate", "dense", "none", None), clean, 0.0)
+        for eps, (central, local) in plans.items():
+            policy = DevicePolicy("dense", clip_norm=clip, noise_std=local.noise_std, reproducible_seed=repro)
+            uploads = [step(policy).upload for _ in range(local.max_rounds)]
+            seen = {key: np.mean([u[key].astype(np.float64) for u in uploads], axis=0) for key in clean}
+            score(("upload", "dense", "local", eps), seen, local.noise_std / np.sqrt(local.max_rounds))
+            auc, _ = seed_attack(uploads[0], local.noise_std, cfg.seed, round_, int(user), truth)
+            scores[("seed", "upload", "dense", "local", eps, local.noise_std)].append((auc, float("nan")))
+            noise_rng = private_rng("central-noise", repro)
+            released = [add_central_noise(clean, central, noise_rng) for _ in range(participations)]
+            seen = {key: np.mean([r[key] for r in released], axis=0) for key in clean}
+            score(("aggregate", "dense", "central", eps), seen, central.noise_std / np.sqrt(participations))
         if log and (n + 1) % 10 == 0:
             log(f"audited {n + 1}/{len(chosen)} users")
     results = []
-    for (observer, mode, dp, eps, std), (aucs, precs) in per_setting.items():
-        results.append({"observer": observer, "mode": mode, "dp": dp, "epsilon": eps, "auc": float(np.mean(aucs)),
-                        "auc_std": float(np.std(aucs)), "precision_at_k": float(np.mean(precs)), "k": k,
+    for (attacker, observer, mode, dp, eps, std), values in scores.items():
+        aucs, precs = np.array(values).T
+        results.append({"attacker": attacker, "observer": observer, "mode": mode, "dp": dp,
+                        "epsilon": _accountant_epsilon(plans, eps, dp, cfg.rounds), "target_epsilon": eps,
+                        "auc": float(aucs.mean()), "auc_std": float(aucs.std()),
+                        "precision_at_k": None if np.isnan(precs).all() else float(precs.mean()), "k": k,
                         "noise_std": std, "targets": len(chosen)})
-    report = {"dataset": cfg.dataset, "split": cfg.split, "results": results, "delta": cfg.target_delta,
-              "clipping_norm": clip, "rounds": cfg.rounds, "sampling_rate": sample / population,
+    canaries = [canary_audit("none", None, n_items, h.dim, cfg.rounds, rate, clip, cfg.target_delta,
+                             reproducible_seed=repro)]
+    for eps, (central, local) in plans.items():
+        for plan in (central, local):
+            canaries.append(canary_audit(plan.mode, plan, n_items, h.dim, cfg.rounds, rate, clip, cfg.target_delta,
+                                         reproducible_seed=repro) | {"target_epsilon": eps})
+    for row in canaries:
+        if log:
+            log(f"canary audit, dp {row['dp']}: epsilon >= {row['epsilon_lower']:.2f} "
+                f"({row['confidence']:.0%} confidence; accountant {row['epsilon']})")
+    report = {"dataset": cfg.dataset, "split": cfg.split, "results": results + canaries, "delta": cfg.target_delta,
+              "clipping_norm": clip, "rounds": cfg.rounds, "sampling_rate": rate,
               "participations_per_user": participations,
-              "noise_multiplier": {"central": central.noise_multiplier, "local": local.noise_multiplier},
-              "config": cfg.to_dict()}
+              "noise_multiplier": {str(eps): {"central": c.noise_multiplier, "local": l.noise_multiplier}
+                                   for eps, (c, l) in plans.items()},
+              "local_max_rounds": {str(eps): l.max_rounds for eps, (_, l) in plans.items()},
+              "reproducible_noise": cfg.reproducible_noise, "config": cfg.to_dict()}
     if write:
         run_dir = make_run_dir(cfg, "audit")
         write_json(run_dir / "audit.json", report)
         report["run_dir"] = str(run_dir)
     return report
+
+
+def _accountant_epsilon(plans: dict, eps: float | None, dp: str, rounds: int) -> float | None:
+    if eps is None or dp == "none":
+        return None
+    central, local = plans[eps]
+    return (central if dp == "central" else local).guarantee(rounds)

@@ -127,7 +127,7 @@ def central(cfg: RunConfig) -> None:
 def simulate(cfg: RunConfig) -> None:
     """Federated training through Flower's simulation engine."""
     outcome = run_federated_cli(cfg)
-    _show(f"federated {cfg.dataset} {cfg.split}, {outcome.summary['wall_seconds']:.1f} s",
+    _show(f"federated {cfg.dataset} {cfg.split}, {outcome.wall_seconds:.1f} s",
           {"federated": outcome.summary["metrics"]})
     out.print(f"results in {outcome.run_dir}")
 
@@ -202,22 +202,56 @@ def bench(cfg: RunConfig, one_user_rounds: int = typer.Option(3, help="rounds of
     out.print(f"results in {report['run_dir']}/bench.json")
 
 
+def _parse_epsilons(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons {text!r} is not a comma-separated list of numbers") from None
+    if not values or not all(0 < v < math.inf for v in values):
+        raise ConfigError("--epsilons needs positive, finite numbers")
+    return values
+
+
 @cli.command()
 @_config_command
 def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to attack"),
-          k: int = typer.Option(10, help="k of precision@k")) -> None:
-    """Leakage audit: can an observer tell which items a user rated? Writes OUT/audit.json."""
+          k: int = typer.Option(10, help="k of precision@k"),
+          epsilons: str = typer.Option("", help="target epsilons to audit, comma-separated (default: --target-epsilon)")) -> None:
+    """Leakage audit: item-inference attackers, canary lower bounds on epsilon, the seed attack. Writes OUT/audit.json."""
     from fedrec.simulations.audit import run_audit
 
-    report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False))
-    table = Table(title=f"leakage audit: {report['results'][0]['targets']} users, {cfg.dataset}")
-    for column in ("observer", "mode", "dp", "epsilon", "AUC", f"precision@{k}"):
+    values = _parse_epsilons(epsilons) if epsilons else None
+    report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False), epsilons=values)
+    table = Table(title=f"leakage audit: {cfg.dataset}, {targets} target users")
+    for column in ("attacker", "observer", "mode", "dp", "epsilon", "AUC", f"precision@{k}", "epsilon lower bound"):
         table.add_column(column, justify="right")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in report["results"]:
-        table.add_row(r["observer"], r["mode"], r["dp"], "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
-                      f"{r['auc']:.3f}", f"{r['precision_at_k']:.3f}")
+        table.add_row(r["attacker"], r["observer"], r.get("mode", "-"), r["dp"], fmt(r["epsilon"], ".2f"),
+                      fmt(r.get("auc"), ".3f"), fmt(r.get("precision_at_k"), ".3f"),
+                      fmt(r.get("epsilon_lower"), ".2f") + (f" ({r['confidence']:.0%})" if "confidence" in r else ""))
     out.print(table)
     out.print(f"results in {report['run_dir']}/audit.json")
+
+
+@cli.command("clip-check")
+@_config_command
+def clip_check(cfg: RunConfig,
+               check_negatives: str = typer.Option("1,4", help="implicit: training negatives per positive to check"),
+               check_local_epochs: str = typer.Option("1,2", help="local epochs to check, comma-separated")) -> None:
+    """Measure every user's contribution norm over C in each upload mode; writes OUT/clip_check.json."""
+    from fedrec.simulations.clipcheck import run_clip_check
+
+    try:
+        neg = [int(v) for v in check_negatives.split(",")]
+        epochs = [int(v) for v in check_local_epochs.split(",")]
+    except ValueError:
+        raise ConfigError("--check-negatives and --check-local-epochs take comma-separated whole numbers") from None
+    if min(neg + epochs) < 1:
+        raise ConfigError("--check-negatives and --check-local-epochs must be >= 1")
+    report = run_clip_check(cfg, neg, epochs, log=lambda line: console.print(line, highlight=False))
+    out.print(f"max contribution/C over every user and mode: {report['max_ratio']:.7f}")
+    out.print(f"results in {report['run_dir']}/clip_check.json")
 
 
 @cli.command("privacy-sweep")
@@ -228,23 +262,18 @@ def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", hel
     _quiet_engines()
     from fedrec.simulations.sweep import run_sweep
 
-    try:
-        values = [float(v) for v in epsilons.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--epsilons {epsilons!r} is not a comma-separated list of numbers") from None
-    if not values or min(values) <= 0:
-        raise ConfigError("--epsilons needs positive numbers")
+    values = _parse_epsilons(epsilons)
     if cfg.clipping_norm <= 0:
         raise ConfigError("privacy-sweep needs --clipping-norm > 0")
     report = run_sweep(cfg, values, targets, log=lambda line: console.print(line, highlight=False))
     metric = report["metric"]
     table = Table(title=f"privacy sweep ({metric}; non-private {report['non_private'][metric]:.4f}, "
                         f"central {report['central'][metric]:.4f})")
-    for column in ("target eps", "eps", "delta", "z", metric, "audit AUC"):
+    for column in ("target eps", "eps", "delta", "z", metric, "direction AUC", "prior AUC", "canary eps lower"):
         table.add_column(column, justify="right")
     for r in report["results"]:
         table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon']:.2f}", f"{r['delta']:g}", f"{r['noise_multiplier']:.3f}",
-                      f"{r[metric]:.4f}", f"{r['auc']:.3f}")
+                      f"{r[metric]:.4f}", f"{r['auc']:.3f}", f"{r['prior_auc']:.3f}", f"{r['epsilon_lower']:.2f}")
     out.print(table)
     out.print(f"results in {report['run_dir']}/sweep.json")
 

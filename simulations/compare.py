@@ -27,8 +27,10 @@ def run_compare(cfg: RunConfig, central_fn, federated_fn) -> dict:
              "| metric | central | federated | gap (fed - central) | ratio |", "|---|---|---|---|---|"]
     for k in gap:
         lines.append(f"| {k} | {c[k]:.4f} | {f[k]:.4f} | {gap[k]:+.4f} | {f[k] / c[k]:.4f} |")
-    lines += ["", f"Wall time: central {central.summary['wall_seconds']:.1f} s, federated "
-              f"{federated.summary['wall_seconds']:.1f} s. Plot: comparison.png."]
+    wall = f"central {central.summary['wall_seconds']:.1f} s"
+    if "wall_seconds" in federated.summary:  # a DP run does not release its timing
+        wall += f", federated {federated.summary['wall_seconds']:.1f} s"
+    lines += ["", f"Wall time: {wall}. Plot: comparison.png."]
     (run_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     report["run_dir"] = run_dir
     return report

@@ -32,13 +32,16 @@ def run_sweep(cfg: RunConfig, epsilons: list[float], targets: int = 30, log=prin
         private = dataclasses.replace(cfg, dp="central", target_epsilon=eps, noise_multiplier=0.0)
         outcome = simulate(dataclasses.replace(private, out=str(run_dir / f"eps-{eps:g}")))
         audit = run_audit(private, targets, log=None, trained=model, write=False)  # same clipping as the run
-        auc = next(r["auc"] for r in audit["results"] if r["observer"] == "aggregate" and r["dp"] == "central")
+        found = {(r["attacker"], r["observer"], r["dp"]): r for r in audit["results"]}
+        auc = found[("direction", "aggregate", "central")]["auc"]
         privacy = outcome.summary["privacy"]
         row = {"target_epsilon": eps, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
                "noise_multiplier": privacy["noise_multiplier"], metric: outcome.summary["metrics"].get(metric),
-               "auc": auc, "rounds": privacy["rounds"]}
+               "auc": auc, "prior_auc": found[("prior", "none", "none")]["auc"],
+               "epsilon_lower": found[("canary", "aggregate", "central")]["epsilon_lower"], "rounds": privacy["rounds"]}
         results.append(row)
-        log(f"epsilon {eps:g}: {metric} {row[metric]:.4f}, z {row['noise_multiplier']:.3f}, aggregate-observer AUC {auc:.3f}")
+        log(f"epsilon {eps:g}: {metric} {row[metric]:.4f}, z {row['noise_multiplier']:.3f}, aggregate-observer AUC "
+            f"{auc:.3f} (prior {row['prior_auc']:.3f}), canary epsilon >= {row['epsilon_lower']:.2f}")
     report = {"results": results, "non_private": non_private, "central": central, "metric": metric,
               "clipping_norm": cfg.clipping_norm, "sampling": cfg.sampling, "users_per_round": cfg.users_per_round,
               "accountant": cfg.accountant, "config": cfg.to_dict()}
@@ -63,8 +66,9 @@ def _plot(frame: pd.DataFrame, metric: str, non_private: float, central: float, 
     ax.set_ylabel(metric)
     ax2 = ax.twinx()
     ax2.plot(frame["epsilon"], frame["auc"], marker="s", color="tab:red", alpha=0.6, label="audit AUC")
-    ax2.set_ylabel("aggregate-observer AUC", color="tab:red")
+    ax2.plot(frame["epsilon"], frame["prior_auc"], linestyle=":", color="tab:red", alpha=0.6, label="popularity prior")
     ax2.set_ylim(0.45, 1.0)  # 0.5 is chance, 1.0 is full disclosure: keep the scale honest
+    ax2.set_ylabel("aggregate-observer AUC (direction attacker)", color="tab:red")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -15,15 +15,20 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
+from typer.testing import CliRunner
 
 from fedrec.client.app import app as client_app
 from fedrec.common import schema
 from fedrec.common.config import ConfigError, RunConfig
-from fedrec.models import Hyper, ItemParams
+from fedrec.datasets import SyntheticSpec, cohort, generate
+from fedrec.datasets.splits import random_holdout
+from fedrec.models import Hyper, ItemParams, UserState
+from fedrec.models.device import DevicePolicy, device_step
 from fedrec.server.app import privacy_plan, run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan
 from fedrec.server.strategy import FedRecStrategy
+from fedrec.simulations.cli import cli
 from fedrec.simulations.inprocess import InProcessGrid
 
 
@@ -129,14 +134,70 @@ def test_non_private_settings_are_rejected_unless_dp_is_none(settings, message):
     RunConfig(dp="none", clipping_norm=1.0).validate()  # clipping alone is allowed
 
 
-def test_dp_runs_are_reproducible_for_a_seed(small_cfg):
-    cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.3, noise_multiplier=0.8, users_per_round=20,
-                              sampling="poisson", rounds=3)
-    a = run_server(InProcessGrid(client_app, 2), cfg).items
-    b = run_server(InProcessGrid(client_app, 2), cfg).items
-    c = run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, seed=9)).items
-    torch.testing.assert_close(a.emb, b.emb, rtol=0, atol=0)
+def _central_dp_items(cfg, **changes):
+    cfg = dataclasses.replace(cfg, **{"dp": "central", "clipping_norm": 0.3, "noise_multiplier": 0.8,
+                                      "users_per_round": 20, "sampling": "poisson", "rounds": 3, **changes})
+    return run_server(InProcessGrid(client_app, 2), cfg).items
+
+
+def test_reproducible_noise_repeats_a_dp_run_for_a_seed(small_cfg):
+    a = _central_dp_items(small_cfg, reproducible_noise=True)
+    b = _central_dp_items(small_cfg, reproducible_noise=True)
+    c = _central_dp_items(small_cfg, reproducible_noise=True, seed=9)
+    for name in ("emb", "bias", "global_bias"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     assert not torch.allclose(a.emb, c.emb)
+
+
+def test_dp_noise_is_fresh_by_default_even_for_the_same_seed(small_cfg):
+    # The seed is public (config.toml, summary.json): noise derived from it would hide nothing.
+    # Everyone takes part each round, so only the noise can tell the two runs apart.
+    a, b = _central_dp_items(small_cfg, users_per_round=0), _central_dp_items(small_cfg, users_per_round=0)
+    assert not torch.allclose(a.emb, b.emb)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(dp="local", update_mode="sparse"), "use --update-mode dense"),
+    (dict(dp="local", update_mode="padded"), "use --update-mode dense"),
+    (dict(dp="central", accountant="pld", sampling="fixed"), "use --sampling poisson"),
+])
+def test_settings_whose_guarantee_would_be_false_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(noise_multiplier=1.0, clipping_norm=0.1, **settings).validate()
+
+
+def test_pld_with_poisson_sampling_and_dense_local_dp_are_accepted():
+    RunConfig(dp="central", accountant="pld", sampling="poisson", noise_multiplier=1.0, clipping_norm=0.1).validate()
+    RunConfig(dp="local", update_mode="dense", noise_multiplier=1.0, clipping_norm=0.1).validate()
+
+
+def test_cli_refuses_local_dp_with_sparse_uploads_in_one_line():
+    result = CliRunner().invoke(cli, ["simulate", "--dp", "local", "--update-mode", "sparse", "--clipping-norm", "0.1",
+                                      "--noise-multiplier", "1"])
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert len(output.splitlines()) == 1 and "--update-mode dense" in output and "Traceback" not in output
+
+
+def test_device_enforces_its_participation_cap():
+    """A device counts its own rounds: past `max_rounds` its user trains and contributes
+    nothing, whatever the server asks."""
+    split = random_holdout(generate(SyntheticSpec(users=20, items=30, density=0.3, seed=4))[0], 0.2, 4)
+    hyper = Hyper(dim=4, local_epochs=2, seed=1)  # 2 Adam steps per round: the cap counts rounds, not steps
+    policy = DevicePolicy(max_rounds=2, noise_std=0.5, clip_norm=0.1, reproducible_seed=None)
+    items = ItemParams.init(split.n_items, hyper, 3.0)
+    state = UserState.init(np.array([3]), split.n_users, hyper)
+    results = []
+    for round_ in (1, 2, 3):
+        results.append(device_step(items, state, cohort(split, [3]), split.n_items, hyper, policy, round_))
+        state = results[-1].state
+    assert [r.took_part.tolist() for r in results] == [[True], [True], [False]]
+    assert all(float(r.update.emb_delta.abs().sum()) > 0 for r in results[:2])
+    capped = results[2].update
+    assert capped.num_users == 0 and capped.num_rows == 0
+    for delta in (capped.emb_delta, capped.bias_delta, capped.global_bias_delta):
+        assert float(delta.abs().sum()) == 0
+    torch.testing.assert_close(results[2].state.emb, results[1].state.emb, rtol=0, atol=0)  # no training either
 
 
 def test_budget_stop_ends_training_before_the_target_is_exceeded(small_cfg):

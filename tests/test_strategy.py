@@ -12,8 +12,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrec.common import schema
 from fedrec.common.config import RunConfig
 from fedrec.models import Hyper, ItemParams
+from fedrec.models.randomness import seeded_rng
 from fedrec.server.directory import NodeDirectory
-from fedrec.server.sampling import sample_users
+from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.server.strategy import FedRecStrategy, array_record
 
 N_ITEMS, DIM = 6, 2
@@ -76,7 +77,9 @@ def test_fedadam_moves_rare_and_popular_rows_alike():
 def test_configure_train_sends_each_node_its_sampled_users():
     strategy, items, _ = _strategy(users_per_round=5, seed=4)
     messages = list(strategy.configure_train(3, array_record(items), ConfigRecord({"dim": DIM}), grid=None))
-    sampled = sample_users(10, 5, "fixed", 4, 3)
+    # Without DP, who is sampled is the run seed's "sampling" stream for the round.
+    sampled = sample_users(10, 5, "fixed", seeded_rng(4, "sampling", 3))
+    np.testing.assert_array_equal(sampled, sample_users(10, 5, "fixed", sampling_rng(RunConfig(seed=4), 3)))
     got = {}
     for m in messages:
         users = list(m.content[schema.CONFIG][schema.USERS])
@@ -89,13 +92,28 @@ def test_configure_train_sends_each_node_its_sampled_users():
 
 
 def test_sampling_is_seeded_and_user_level():
-    a = sample_users(1000, 100, "fixed", 1, 5)
+    def rng(seed, round_):
+        return seeded_rng(seed, "sampling", round_)
+
+    a = sample_users(1000, 100, "fixed", rng(1, 5))
     assert len(a) == 100 and len(set(a.tolist())) == 100
-    np.testing.assert_array_equal(a, sample_users(1000, 100, "fixed", 1, 5))
-    assert not np.array_equal(a, sample_users(1000, 100, "fixed", 1, 6))
-    sizes = [len(sample_users(1000, 100, "poisson", 1, r)) for r in range(200)]
+    np.testing.assert_array_equal(a, sample_users(1000, 100, "fixed", rng(1, 5)))
+    assert not np.array_equal(a, sample_users(1000, 100, "fixed", rng(1, 6)))
+    sizes = [len(sample_users(1000, 100, "poisson", rng(1, r))) for r in range(200)]
     assert 95 < np.mean(sizes) < 105 and np.std(sizes) > 3  # binomial(1000, 0.1): std 9.5
-    np.testing.assert_array_equal(sample_users(50, 0, "fixed", 0, 1), np.arange(50))
+    np.testing.assert_array_equal(sample_users(50, 0, "fixed", rng(0, 1)), np.arange(50))
+
+
+@pytest.mark.parametrize("method", ["fixed", "poisson"])
+def test_ineligible_users_are_dropped_and_nobody_else_changes(method):
+    # Capped users are drawn and then removed, so the others' chances are those of the full draw.
+    eligible = np.arange(1000) % 3 != 0
+    full = sample_users(1000, 100, method, seeded_rng(1, "sampling", 5))
+    kept = sample_users(1000, 100, method, seeded_rng(1, "sampling", 5), eligible)
+    np.testing.assert_array_equal(kept, full[eligible[full]])
+    assert 0 < len(kept) < len(full)
+    everyone = sample_users(50, 0, method, seeded_rng(0, "sampling", 1), eligible[:50])
+    np.testing.assert_array_equal(everyone, np.flatnonzero(eligible[:50]))
 
 
 def test_evaluation_only_every_few_rounds_and_at_the_end():

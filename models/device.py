@@ -1,0 +1,82 @@
+"""Everything a device does in a round, in one Flower-free function.
+
+Train on its own rows, clip, add its local noise, build decoys, shape its upload: the
+ClientApp, the leakage audit and the tests all call `device_step`, so the code a privacy
+claim rests on exists once. A "device" may stand for a cohort of users (simulation);
+each user is still trained, clipped and noised on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .local import LocalUpdate, local_train, training_rows
+from .mf import Hyper, ItemParams, UserState
+from .randomness import private_key, private_rng
+from .upload import build_upload, decoy_rows
+
+if TYPE_CHECKING:  # the data layer's type only; models/ imports no other fedrec package at run time
+    from fedrec.datasets import CohortData
+
+UPDATE_MODES = ("dense", "sparse", "padded")
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a device applies to its users' updates before anything leaves it."""
+
+    update_mode: str = "dense"  # dense, sparse or padded (see fedrec.models.upload)
+    pad_ratio: float = 1.0  # padded: decoy rows per rated row
+    clip_norm: float = 0.0  # C: each user's whole item-side change is clipped to this L2 norm (0: off)
+    noise_std: float = 0.0  # local DP: std of each user's noise per uploaded coordinate
+    max_rounds: int = 0  # local DP: a user takes part in at most this many rounds (0: no cap)
+    reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
+
+
+@dataclass
+class DeviceResult:
+    state: UserState  # the users' new private state (stays on the device)
+    upload: dict[str, np.ndarray]  # exactly what is sent
+    update: LocalUpdate  # the clipped, un-noised sum behind it (never sent; for audits and tests)
+    took_part: np.ndarray  # [users] bool: False for users whose participation cap was reached
+
+
+def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items: int, hyper: Hyper,
+                policy: DevicePolicy, round_: int) -> DeviceResult:
+    """One round on a device for the users of `rows` (whose private state is `state`)."""
+    took_part = np.ones(len(rows.users), bool)
+    if policy.max_rounds > 0:  # the device keeps its own budget, whatever the server asks
+        took_part = (state.step.numpy() // hyper.local_epochs) < policy.max_rounds
+        if not took_part.all():
+            rows = rows.subset(np.flatnonzero(took_part))
+    active = torch.as_tensor(np.flatnonzero(took_part))
+    seg, item, target = training_rows(rows, n_items, hyper, round_)
+    decoy_noise = None
+    if policy.update_mode == "padded":
+        # keyed by round only: decoy_rows separates users by their ids, so a user's decoys
+        # do not depend on who shares its node
+        key = private_key("decoys", policy.reproducible_seed, round_)
+        d_seg, d_item, d_noise = decoy_rows(rows.users, rows.train_segment, rows.train_item, n_items,
+                                            policy.pad_ratio, key, item_weight=public_popularity(items))
+        decoy_noise = torch.cat([torch.full((len(seg),), float("nan")), torch.as_tensor(d_noise)])
+        seg, item = torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)])
+        target = torch.cat([target, torch.zeros(len(d_seg))])
+    new_state, update = local_train(items, state.take(active), seg, item, target, hyper,
+                                    clip_norm=policy.clip_norm, decoy_noise=decoy_noise)
+    state = UserState(*(t.clone() for t in (state.emb, state.bias, state.m, state.v, state.step)))
+    state.put(active, new_state)
+    rng = None
+    if policy.noise_std > 0:
+        first_user = int(rows.users[0]) if len(rows.users) else 0  # nodes of one round must not share a stream
+        rng = private_rng("device-noise", policy.reproducible_seed, round_, first_user)
+    upload = build_upload(update, policy.update_mode, policy.noise_std, rng)
+    return DeviceResult(state, upload, update, took_part)
+
+
+def public_popularity(items: ItemParams) -> np.ndarray:
+    """A popularity proxy every device can compute from the model it received."""
+    return (items.emb.norm(dim=1) + items.bias.abs()).numpy().astype(np.float64) + 1e-6

@@ -1,0 +1,72 @@
+"""Random streams by purpose, named once.
+
+Two kinds:
+- seeded streams (data split, init, training negatives, audit targets) derive from the
+  run seed, so experiments repeat exactly;
+- private streams (DP noise on the server and on the device, decoy rows, DP user
+  sampling, canary membership) are what a privacy guarantee rests on. They draw from OS
+  entropy, and no seed of theirs exists anywhere: the server sees the run seed, writes it
+  to config.toml and summary.json, and chooses rounds and users, so anything derived from
+  it is known to the very observer the noise must hide from. Only `--reproducible-noise`
+  derives them from the seed, and such a run claims no guarantee.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+# One tag per purpose keeps the streams of one seed apart. Private streams have tags too,
+# for the reproducible (non-private) mode only.
+STREAM_TAGS = {
+    "negatives": 0x4E,
+    "audit-targets": 0xA0D17,
+    "sampling": 0x5A,
+    "central-noise": 0xD9,
+    "device-noise": 0x11,
+    "decoys": 0x7D,
+    "canaries": 0xCA,
+}
+PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries"})
+
+_MASK64 = (1 << 64) - 1
+
+
+def seeded_rng(seed: int, stream: str, *key: int) -> np.random.Generator:
+    """A reproducible stream: (seed, purpose, key) -> the same draws on every machine."""
+    return np.random.default_rng([seed & _MASK64, STREAM_TAGS[stream], *(int(k) & _MASK64 for k in key)])
+
+
+def private_rng(stream: str, reproducible_seed: int | None = None, *key: int) -> np.random.Generator:
+    """A stream a privacy guarantee rests on: fresh OS entropy, unless the run opted into
+    reproducible (non-private) noise, in which case it is the seeded stream."""
+    if stream not in PRIVATE_STREAMS:
+        raise ValueError(f"{stream!r} is not a private stream")
+    if reproducible_seed is None:
+        return np.random.default_rng(np.random.SeedSequence())  # OS entropy, never recorded
+    return seeded_rng(reproducible_seed, stream, *key)
+
+
+def private_key(stream: str, reproducible_seed: int | None = None, *key: int) -> int:
+    """A 64-bit key for counter-based draws (see `mix64`) on a private stream."""
+    if reproducible_seed is None:
+        if stream not in PRIVATE_STREAMS:
+            raise ValueError(f"{stream!r} is not a private stream")
+        return secrets.randbits(64)
+    return int(private_rng(stream, reproducible_seed, *key).integers(0, 1 << 63)) << 1 | 1
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer: a counter-based hash, so a user's draws depend on (key, user,
+    counter) only, not on which other users share its batch or node."""
+    x = np.asarray(x).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniform01(bits: np.ndarray) -> np.ndarray:
+    """Uniform floats in [0, 1) from 64-bit hashes (their top 53 bits)."""
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -1,0 +1,59 @@
+"""What a DP run releases, and whether its guarantee covers it.
+
+Whoever reads a run directory, a log or the model is an observer the guarantee must hold
+against. So a DP run writes only quantities that are either covered (noised and accounted,
+or computed from public settings alone) or listed here as not covered with the reason;
+everything else a non-private run reports (users sampled, training loss, bytes, seconds,
+the per-reply upload log) is not released.
+"""
+
+from __future__ import annotations
+
+from fedrec.common.schema import EVAL_METRIC_PREFIXES
+
+# metrics.csv columns a DP run keeps (evaluation metrics are added by prefix)
+DP_ROUND_KEYS = ("round", "epsilon")
+
+COVERED = "covered"
+NOT_COVERED = "not covered"
+
+
+def is_evaluation(key: str) -> bool:
+    return key.split("@")[0] in EVAL_METRIC_PREFIXES
+
+
+def released_row(row: dict, private: bool) -> dict:
+    """The part of a round's record that may leave the server."""
+    if not private:
+        return dict(row)
+    return {k: v for k, v in row.items() if k in DP_ROUND_KEYS or is_evaluation(k)}
+
+
+def release_ledger(mode: str) -> dict[str, dict[str, str]]:
+    """Each quantity a DP run releases, with its status and why (summary.json and README)."""
+    model_why = ("every round's update is a sum of per-user clipped updates plus Gaussian noise, accounted"
+                 if mode == "central" else
+                 "post-processing of uploads each noised on the device and accounted per user")
+    ledger = {
+        "model (item embeddings, item biases, global bias)": (COVERED, model_why),
+        "epsilon per round (metrics.csv, summary.json)": (
+            COVERED, "computed from public settings" + (" and the participation counts, which depend on the "
+                                                        "sampling only, never on data" if mode == "local" else "")),
+        "rounds trained, stopped_early": (COVERED, "the budget stop depends on epsilon only"),
+        "config.toml and summary.json settings": (COVERED, "public settings, chosen before any data is seen"),
+        "evaluation metrics (RMSE/MAE or HR/NDCG/Recall; metrics.csv, summary.json, plot, Flower log)": (
+            NOT_COVERED, "evaluation metric, for the researcher: computed from every user's held-out ratings and "
+                         "private vectors without noise"),
+        "num_users (population size)": (
+            NOT_COVERED, "treated as public: the accounting's sampling rate is derived from it"),
+    }
+    withheld = {
+        "users sampled per round, training loss, bytes up/down, seconds per round": (
+            "not released", "they count participants or their rated rows"),
+        "per-reply upload log (audit.jsonl)": ("not released", "it counts replies and, for sparse uploads, rows"),
+        "run seed's use for noise, decoys and sampling": (
+            "not released", "they come from OS entropy unless --reproducible-noise"),
+    }
+    out = {name: {"status": status, "why": why} for name, (status, why) in ledger.items()}
+    out.update({name: {"status": status, "why": why} for name, (status, why) in withheld.items()})
+    return out

@@ -1,0 +1,77 @@
+"""What a DP run releases: only covered quantities, or ones listed as not covered."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.client.app import app as client_app
+from fedrec.common.config import RunConfig
+from fedrec.models import Hyper, ItemParams
+from fedrec.server.app import run_server
+from fedrec.server.directory import NodeDirectory
+from fedrec.server.privacy import PrivacyPlan
+from fedrec.server.releases import is_evaluation
+from fedrec.server.strategy import FedRecStrategy
+from fedrec.simulations.inprocess import InProcessGrid
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.mark.parametrize("dp", ["central", "local"])
+def test_a_dp_run_releases_only_what_its_ledger_lists(small_cfg, caplog, dp):
+    cfg = dataclasses.replace(small_cfg, dp=dp, clipping_norm=0.3, noise_multiplier=2.0, users_per_round=20,
+                              sampling="poisson", rounds=4, eval_every=2)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        outcome = run_server(InProcessGrid(client_app, 60), cfg)  # one user per node: replies count users
+    frame = pd.read_csv(outcome.run_dir / "metrics.csv")
+    assert set(frame.columns) - {"round", "epsilon"} and all(is_evaluation(c) for c in frame.columns
+                                                              if c not in ("round", "epsilon"))
+    assert not (outcome.run_dir / "audit.jsonl").exists()  # the per-reply log counts participants
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert not {"bytes_up", "bytes_down", "wall_seconds"} & set(summary)
+    releases = summary["privacy"]["releases"]
+    assert releases["evaluation metrics (RMSE/MAE or HR/NDCG/Recall; metrics.csv, summary.json, plot, Flower log)"][
+        "status"] == "not covered"
+    assert releases["per-reply upload log (audit.jsonl)"]["status"] == "not released"
+    assert summary["privacy"]["reproducible_noise"] is False and "DP" in summary["privacy"]["guarantee"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and not [m for m in messages if "Received" in m or "train-loss" in m or "'users'" in m]
+
+
+def test_a_non_private_run_keeps_its_diagnostics(small_cfg):
+    outcome = run_server(InProcessGrid(client_app, 2), dataclasses.replace(small_cfg, rounds=2, eval_every=2))
+    frame = pd.read_csv(outcome.run_dir / "metrics.csv")
+    assert {"users_sampled", "train_loss", "bytes_up", "seconds"} <= set(frame.columns)
+    assert (outcome.run_dir / "audit.jsonl").stat().st_size > 0
+
+
+def test_reproducible_noise_says_the_run_is_not_private(small_cfg):
+    cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.3, noise_multiplier=1.0, rounds=2,
+                              reproducible_noise=True)
+    privacy = run_server(InProcessGrid(client_app, 2), cfg).summary["privacy"]
+    assert privacy["reproducible_noise"] is True and privacy["guarantee"].startswith("none")
+
+
+def test_an_empty_poisson_round_still_adds_noise_and_counts():
+    """Skipping the noise when nobody was sampled would tell that nobody was."""
+    n_items, dim = 30, 4
+    cfg = RunConfig(strategy="fedavg", server_lr=1.0, dp="central", noise_multiplier=1.0, clipping_norm=1.0,
+                    users_per_round=5, sampling="poisson")
+    items = ItemParams.init(n_items, Hyper(dim=dim, init_std=0.0), 0.0)
+    plan = PrivacyPlan("central", 1.0, 1.0, "poisson", 5, 100, 1e-5, "rdp")
+    directory = NodeDirectory(np.array([1], np.uint64), np.array([0]), np.array([100]), 100, n_items, (1.0, 5.0))
+    strategy = FedRecStrategy(cfg, directory, items, privacy=plan)
+    arrays, metrics = strategy.aggregate_train(1, [])
+    assert arrays is not None and metrics is None  # nothing but the model leaves
+    assert np.abs(items.emb.numpy()).max() > 0 and strategy.rounds_trained == 1
+    assert strategy.epsilon == pytest.approx(plan.epsilon(1))
