@@ -60,11 +60,11 @@ def train(msg: Message, context: Context) -> Message:
                          device_policy(cfg), int(msg.content[schema.CONFIG][schema.ROUND]))
     state.put(local, result.state)
     save_state(context, state)
-    update = result.update
-    metrics = MetricRecord({schema.WEIGHT: int(result.took_part.sum()), "loss-sum": update.loss_sum,
-                            "num-rows": update.num_rows})
+    metrics = {schema.WEIGHT: int(result.took_part.sum())}
+    if cfg.dp != "local":  # under local DP the server is the adversary: loss and row count are not noised
+        metrics |= {"loss-sum": result.update.loss_sum, "num-rows": result.update.num_rows}
     return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in result.upload.items()}),
-                               schema.METRICS: metrics}), reply_to=msg)
+                               schema.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

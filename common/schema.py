@@ -18,7 +18,7 @@ ITEM_ARRAYS = (ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS)
 ARRAY_NAMES = (ITEM_INDEX, *ITEM_ARRAYS)
 
 WEIGHT = "num-users"  # weight of a reply: users whose updates it sums
-TRAIN_METRICS = (WEIGHT, "loss-sum", "num-rows")
+TRAIN_METRICS = (WEIGHT, "loss-sum", "num-rows")  # under local DP only WEIGHT: the rest is not noised
 ROUND = "server-round"  # injected by Flower's strategies
 USERS = "users"  # config: the sampled users this node trains in this round
 

@@ -54,6 +54,13 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         "run seed's use for noise, decoys and sampling": (
             "not released", "they come from OS entropy unless --reproducible-noise"),
     }
+    if mode == "local":  # here the server itself is an observer the guarantee must hold against
+        ledger["what each device sends the server besides its noised upload"] = (
+            COVERED, "a count of users trained (1 or 0 per device: whether its participation cap is reached, which "
+                     "depends on the sampling only); no loss or row count")
+        ledger["evaluation sums each device returns to the server"] = (
+            NOT_COVERED, "squared error, hits and counts of the device's held-out ratings, un-noised: the local-DP "
+                         "guarantee covers training uploads only")
     out = {name: {"status": status, "why": why} for name, (status, why) in ledger.items()}
     out.update({name: {"status": status, "why": why} for name, (status, why) in withheld.items()})
     return out

@@ -143,8 +143,8 @@ class FedRecStrategy(FedAvg):
                 total[k] += dense[k]
             metrics = reply.content[schema.METRICS]
             users += metrics[schema.WEIGHT]
-            loss += metrics["loss-sum"]
-            rows += metrics["num-rows"]
+            loss += metrics["loss-sum"] if "loss-sum" in metrics else 0.0  # local-DP devices do not send it
+            rows += metrics["num-rows"] if "num-rows" in metrics else 0.0
         denominator = max(users, 1.0)
         if central:
             # Noise on the sum of clipped updates (an empty Poisson round too: skipping it would

@@ -12,6 +12,7 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
+from fedrec.common import schema
 from fedrec.common.config import RunConfig
 from fedrec.models import Hyper, ItemParams
 from fedrec.server.app import run_server
@@ -31,8 +32,9 @@ def task_identity():
 def test_a_dp_run_releases_only_what_its_ledger_lists(small_cfg, caplog, dp):
     cfg = dataclasses.replace(small_cfg, dp=dp, clipping_norm=0.3, noise_multiplier=2.0, users_per_round=20,
                               sampling="poisson", rounds=4, eval_every=2)
+    grid = InProcessGrid(client_app, 60)  # one user per node: replies count users
     with caplog.at_level(logging.INFO, logger="flwr"):
-        outcome = run_server(InProcessGrid(client_app, 60), cfg)  # one user per node: replies count users
+        outcome = run_server(grid, cfg)
     frame = pd.read_csv(outcome.run_dir / "metrics.csv")
     assert set(frame.columns) - {"round", "epsilon"} and all(is_evaluation(c) for c in frame.columns
                                                               if c not in ("round", "epsilon"))
@@ -44,6 +46,9 @@ def test_a_dp_run_releases_only_what_its_ledger_lists(small_cfg, caplog, dp):
         "status"] == "not covered"
     assert releases["per-reply upload log (audit.jsonl)"]["status"] == "not released"
     assert summary["privacy"]["reproducible_noise"] is False and "DP" in summary["privacy"]["guarantee"]
+    train_replies = [r for r in grid.replies if schema.ARRAYS in r.content]
+    if dp == "local":  # the server is the adversary: nothing un-noised beyond the count of users trained
+        assert train_replies and all(set(r.content[schema.METRICS].keys()) == {schema.WEIGHT} for r in train_replies)
     messages = [r.getMessage() for r in caplog.records]
     assert messages and not [m for m in messages if "Received" in m or "train-loss" in m or "'users'" in m]
 
