@@ -17,17 +17,22 @@ from fedrec.common.config import RunConfig
 from fedrec.datasets import cohort
 from fedrec.common.build import device_policy
 from fedrec.models import ItemParams, evaluate_rows
-from fedrec.models.device import device_step
+from fedrec.models.device import DeviceResult, device_step
 
 from .node import load_state, node_data, partition, save_state
+from .secure import is_secure_round, secure_reply, secure_train_mod
 
 app = ClientApp()
+ROUND_KEYS = (schema.ROUND, schema.USERS, schema.NOISE_SHARE)  # per-round values, not settings
+
+
+def _run_config(record) -> RunConfig:
+    """The run's settings from a round's config (a ConfigRecord, or a dict in SecAgg+ rounds)."""
+    return RunConfig.from_mapping({k: v for k, v in record.items() if k not in ROUND_KEYS})
 
 
 def _config(msg: Message) -> RunConfig:
-    record = msg.content[schema.CONFIG]
-    settings = {k: v for k, v in record.items() if k not in (schema.ROUND, schema.USERS)}
-    return RunConfig.from_mapping(settings)
+    return _run_config(msg.content[schema.CONFIG])
 
 
 def _items(msg: Message) -> ItemParams:
@@ -49,22 +54,30 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
-    cfg = _config(msg)
-    node = node_data(cfg, *partition(context))
-    state = load_state(context, node)
-    sampled = np.asarray(msg.content[schema.CONFIG][schema.USERS], dtype=np.int64)
-    local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
-    result = device_step(_items(msg), state.take(local), cohort(node.split, sampled), node.split.n_items, node.hyper,
-                         device_policy(cfg), int(msg.content[schema.CONFIG][schema.ROUND]))
-    state.put(local, result.state)
-    save_state(context, state)
+    if is_secure_round(msg):  # a SecAgg+ round: FitIns in, a FitRes for the mod to mask out
+        return secure_reply(msg, lambda items, config: _train(items, config, context))
+    result, cfg = _train(_items(msg), msg.content[schema.CONFIG], context)
     metrics = {schema.WEIGHT: int(result.took_part.sum())}
     if cfg.dp != "local":  # under local DP the server is the adversary: loss and row count are not noised
         metrics |= {"loss-sum": result.update.loss_sum, "num-rows": result.update.num_rows}
     return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in result.upload.items()}),
                                schema.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, RunConfig]:
+    """One round of this node's sampled users (config: the round's ConfigRecord or dict)."""
+    cfg = _run_config(config)
+    node = node_data(cfg, *partition(context))
+    state = load_state(context, node)
+    sampled = np.asarray(config[schema.USERS], dtype=np.int64)
+    local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
+    result = device_step(items, state.take(local), cohort(node.split, sampled), node.split.n_items, node.hyper,
+                         device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), int(config[schema.ROUND]))
+    state.put(local, result.state)
+    save_state(context, state)
+    return result, cfg
 
 
 @app.evaluate()

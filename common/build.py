@@ -29,12 +29,14 @@ def hyper(cfg: RunConfig) -> Hyper:
                  init_std=cfg.init_std, seed=cfg.seed)
 
 
-def device_policy(cfg: RunConfig) -> DevicePolicy:
+def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
     """What each device applies to its users' updates; cfg carries the server's calibrated
-    z and participation cap (fedrec.server.app.privacy_plan)."""
+    z and participation cap (fedrec.server.app.privacy_plan), `noise_share` the
+    distributed-DP share the server sized for the round's least accepted survivors."""
     local = cfg.dp == "local"
+    noise = cfg.noise_multiplier * cfg.clipping_norm if local else (noise_share if cfg.dp == "distributed" else 0.0)
     return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clip_norm=cfg.clipping_norm,
-                        noise_std=cfg.noise_multiplier * cfg.clipping_norm if local else 0.0,
+                        noise_std=noise,
                         max_rounds=cfg.max_rounds_per_user if local else 0,
                         reproducible_seed=cfg.seed if cfg.reproducible_noise else None)
 

@@ -25,7 +25,8 @@ DATASET_CHOICES = ("synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m"
 SPLIT_CHOICES = ("random", "loo", "u1", "u2", "u3", "u4", "u5")
 STRATEGY_CHOICES = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
 SAMPLING_CHOICES = ("fixed", "poisson")
-DP_CHOICES = ("none", "central", "local")
+DP_CHOICES = ("none", "central", "local", "distributed")
+SECURE_AGGREGATION = ("none", "secagg+")
 UPDATE_MODES = ("dense", "sparse", "padded")
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -65,7 +66,8 @@ class RunConfig:
     eval_every: int = _f(10, "Evaluate every this many rounds (and after the last).")
     top_k: int = _f(10, "K of HR@K, NDCG@K and Recall@K.")
     # --- privacy
-    dp: str = _f("none", "none; central (per-user clipping, server noise); local (noise added on the device).", DP_CHOICES)
+    dp: str = _f("none", "none; central (per-user clipping, server noise); local (noise added on the device); "
+                         "distributed (each device adds a share of the noise; needs secagg+).", DP_CHOICES)
     noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with --target-epsilon: calibrated.")
     clipping_norm: float = _f(0.0, "C: each user's item-side update is clipped to this L2 norm (0: no clipping).")
     target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round would exceed it.")
@@ -75,6 +77,16 @@ class RunConfig:
     pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
     max_rounds_per_user: int = _f(0, "Local DP: rounds a user may take part in (its device enforces it; epsilon is "
                                      "for this many); 0: auto, a cap that about 1 in 100 runs would reach.")
+    secure_aggregation: str = _f("none", "secagg+: the server learns only the sum of the nodes' updates (Flower's "
+                                         "SecAgg+); uploads are dense.", SECURE_AGGREGATION)
+    secagg_shares: float = _f(0.5, "SecAgg+: shares of each node's keys; below 1 a share of the round's nodes, "
+                                   "from 3 a count (odd).")
+    secagg_threshold: float = _f(0.67, "SecAgg+: shares needed to rebuild a key; up to 1 a share of --secagg-shares, "
+                                       "from 2 a count. Colluding neighbours below it learn nothing.")
+    secagg_min_fraction: float = _f(0.8, "SecAgg+: least share of a round's sampled users that must arrive for the "
+                                         "sum to be unmasked; distributed DP sizes each device's noise share for it.")
+    secagg_timeout: float = _f(0.0, "SecAgg+: seconds to wait for each stage's replies (0: no limit); late nodes "
+                                    "count as dropped and their masks are recovered.")
     reproducible_noise: bool = _f(False, "Derive DP noise, decoys and DP sampling from --seed: repeatable, and NOT "
                                          "private (anyone with the seed can regenerate them).")
     # --- output
@@ -128,6 +140,24 @@ class RunConfig:
         if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed":
             raise ConfigError("--accountant pld does not support fixed-size sampling (replace-one); "
                               "use --sampling poisson or --accountant rdp")
+        if self.dp == "distributed" and self.secure_aggregation == "none":
+            raise ConfigError("--dp distributed needs --secure-aggregation secagg+ (otherwise the server sees each "
+                              "device's small noise share); use --dp central or --dp local without it")
+        if self.secure_aggregation != "none":
+            if self.update_mode != "dense":
+                raise ConfigError(f"--secure-aggregation {self.secure_aggregation} sums dense uploads (a sparse row set "
+                                  f"would itself leak); use --update-mode dense")
+            if self.clipping_norm <= 0:
+                raise ConfigError("--secure-aggregation needs --clipping-norm > 0: SecAgg+ quantizes within a "
+                                  "range that the clipping bound sets")
+            if not (0 < self.secagg_shares < 1 or (self.secagg_shares >= 3 and self.secagg_shares.is_integer())):
+                raise ConfigError(f"secagg-shares must be in (0, 1) or a whole number >= 3 (got {self.secagg_shares})")
+            if not (0 < self.secagg_threshold <= 1 or (self.secagg_threshold >= 2 and self.secagg_threshold.is_integer())):
+                raise ConfigError(f"secagg-threshold must be in (0, 1] or a whole number >= 2 (got {self.secagg_threshold})")
+            if not 0 < self.secagg_min_fraction <= 1:
+                raise ConfigError(f"secagg-min-fraction must be in (0, 1] (got {self.secagg_min_fraction})")
+            if self.secagg_timeout < 0:
+                raise ConfigError(f"secagg-timeout must be >= 0 (got {self.secagg_timeout})")
         if self.max_rounds_per_user < 0:
             raise ConfigError(f"max-rounds-per-user must be >= 0 (got {self.max_rounds_per_user})")
         if self.split.startswith("u") and self.dataset != "ml-100k":

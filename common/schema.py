@@ -21,6 +21,7 @@ WEIGHT = "num-users"  # weight of a reply: users whose updates it sums
 TRAIN_METRICS = (WEIGHT, "loss-sum", "num-rows")  # under local DP only WEIGHT: the rest is not noised
 ROUND = "server-round"  # injected by Flower's strategies
 USERS = "users"  # config: the sampled users this node trains in this round
+NOISE_SHARE = "noise-share-std"  # config, distributed DP: each user's share of the noise (std per coordinate)
 
 # Query (discovery) reply: which users a node hosts and the shapes of the model.
 HELLO_METRICS = ("partition-id", "num-partitions", "first-user", "num-users", "population", "num-items",

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.common import schema
 from fedrec.common.config import RunConfig
 from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
 from fedrec.models import ItemParams, initial_global_bias
@@ -23,6 +24,7 @@ from fedrec.common.build import hyper
 
 from .directory import discover
 from .privacy import PrivacyPlan, participation_cap
+from .secagg import SecureGrid, secagg_setup, secure_summary
 from .releases import is_evaluation, release_ledger
 from .strategy import BudgetExhausted, FedRecStrategy, array_record
 
@@ -92,6 +94,15 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if plan is not None and cfg.reproducible_noise:
         log(WARNING, "--reproducible-noise: DP noise, decoys and sampling derive from the seed; this run is NOT private")
     config = ConfigRecord(cfg.to_dict())  # clients learn the calibrated z from here (local DP)
+    secure = None
+    if cfg.secure_aggregation != "none":
+        secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), directory.num_items,
+                              cfg.dim, plan.noise_multiplier if plan else 0.0,
+                              cfg.users_per_round or directory.population)
+        if plan is not None:  # quantization can move the sum a little further than C: account for it
+            plan = dataclasses.replace(plan, clipping_norm=secure.sensitivity)
+        config[schema.NOISE_SHARE] = secure.noise_share_std
+        grid = SecureGrid(grid, cfg, secure)
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
     run_dir = make_run_dir(cfg, "federated")
     audit: list[dict] = []
@@ -127,6 +138,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
                     "bytes_down": strategy.bytes_down}
     else:
         summary["privacy"] = privacy_summary(cfg, plan, strategy)
+    if secure is not None:
+        summary["secure_aggregation"] = secure_summary(cfg, secure, grid)
     if stopped:
         summary["stopped_early"] = stopped
     write_config(run_dir, cfg)

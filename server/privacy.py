@@ -39,7 +39,7 @@ if not logging.getLogger().handlers:
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    mode: str  # "central" or "local"
+    mode: str  # "central", "local" or "distributed" (accounted as central: the unmasked sum carries the noise)
     noise_multiplier: float
     clipping_norm: float
     sampling: str  # "poisson" or "fixed"
@@ -73,7 +73,7 @@ class PrivacyPlan:
         return dp_event.SampledWithoutReplacementDpEvent(self.population, self.sample_size, dp_event.GaussianDpEvent(z / 2))
 
     def _relation(self):
-        add_remove = self.mode == "central" and self.sampling == "poisson"
+        add_remove = self.mode != "local" and self.sampling == "poisson"
         return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if add_remove else dp_accounting.NeighboringRelation.REPLACE_ONE
 
     def fresh_accountant(self):

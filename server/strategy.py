@@ -128,7 +128,7 @@ class FedRecStrategy(FedAvg):
         if errors:
             raise RuntimeError(f"round {server_round}: {len(errors)} node(s) failed: {errors[0].error.reason}")
         central = self.privacy is not None and self.privacy.mode == "central"
-        if not valid and not central:
+        if not valid and not central:  # distributed DP: a halted secure round released nothing
             return None, None
         n_items, dim = self.items.emb.shape
         total = {schema.ITEM_EMB: np.zeros((n_items, dim)), schema.ITEM_BIAS: np.zeros(n_items),
@@ -146,6 +146,8 @@ class FedRecStrategy(FedAvg):
             loss += metrics["loss-sum"] if "loss-sum" in metrics else 0.0  # local-DP devices do not send it
             rows += metrics["num-rows"] if "num-rows" in metrics else 0.0
         denominator = max(users, 1.0)
+        if self.privacy and self.privacy.mode == "distributed":
+            denominator = float(self.privacy.sample_size)  # the devices' noise shares are in the sum already
         if central:
             # Noise on the sum of clipped updates (an empty Poisson round too: skipping it would
             # tell that nobody was sampled), then a fixed denominator: the expected number of

@@ -7,6 +7,7 @@ the Message constructor reads outside a runtime.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable
 
@@ -37,7 +38,10 @@ class InProcessGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             self.sent.append(message)
-            reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            # A node gets its own copy, as over a network: Flower's SecAgg+ sends one content
+            # object to every node and its client mod edits what it receives.
+            delivered = copy.deepcopy(message)
+            reply = self.client_app(delivered, self.contexts[message.metadata.dst_node_id])
             replies.append(reply)
         self.replies.extend(replies)
         return replies
