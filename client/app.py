@@ -60,7 +60,9 @@ def train(msg: Message, context: Context) -> Message:
         return secure_reply(msg, lambda items, config: _train(items, config, context))
     result, cfg = _train(_items(msg), msg.content[schema.CONFIG], context)
     metrics = {schema.WEIGHT: int(result.took_part.sum())}
-    if cfg.dp != "local":  # under local DP the server is the adversary: loss and row count are not noised
+    # Diagnostics only where they reveal nothing the upload does not: not under local DP (the
+    # server is the adversary and they are not noised), not with decoys (the real row count).
+    if cfg.dp != "local" and cfg.update_mode != "padded":
         metrics |= {"loss-sum": result.update.loss_sum, "num-rows": result.update.num_rows}
     return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in result.upload.items()}),
                                schema.METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -70,7 +72,7 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     """One round of this node's sampled users (config: the round's ConfigRecord or dict)."""
     cfg = _run_config(config)
     node = node_data(cfg, *partition(context))
-    state = load_state(context, node)
+    state = load_state(context, node, cfg)
     sampled = np.asarray(config[schema.USERS], dtype=np.int64)
     local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
     result = device_step(items, state.take(local), cohort(node.split, sampled), node.split.n_items, node.hyper,
@@ -85,7 +87,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score every hosted user on its own held-out rows; reply with sums only."""
     cfg = _config(msg)
     node = node_data(cfg, *partition(context))
-    sums = evaluate_rows(_items(msg), load_state(context, node), node.rows, cfg.implicit, cfg.top_k,
+    sums = evaluate_rows(_items(msg), load_state(context, node, cfg), node.rows, cfg.implicit, cfg.top_k,
                          node.split.rating_scale)
     metrics = MetricRecord({schema.WEIGHT: len(node.users), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)

@@ -13,6 +13,7 @@ from fedrec.common.config import RunConfig
 from fedrec.common.schema import STATE_KEY
 from fedrec.datasets import CohortData, Split, cohort
 from fedrec.models import Hyper, UserState
+from fedrec.models.randomness import private_rng
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,17 @@ def partition(context: Context) -> tuple[int, int]:
                          "--node-config 'partition-id=U num-partitions=N'") from None
 
 
-def load_state(context: Context, node: NodeData) -> UserState:
-    """The node's users' private state, created on first use; lives only in context.state."""
-    if STATE_KEY in context.state:
-        record = context.state[STATE_KEY]
-        return UserState.from_arrays({k: record[k].numpy() for k in record.keys()})
-    return UserState.init(node.users, node.split.n_users, node.hyper)
+def load_state(context: Context, node: NodeData, cfg: RunConfig) -> UserState:
+    """The node's users' private state, created (and kept) on first use; lives only in
+    context.state. Where privacy is on, a user's starting vector is drawn from OS entropy:
+    seeded, the server would know it and could fit each uploaded row against it."""
+    if STATE_KEY not in context.state:
+        # --reproducible-noise keeps the seeded population matrix, as in non-private runs
+        private = (cfg.dp != "none" or cfg.update_mode == "padded") and not cfg.reproducible_noise
+        save_state(context, UserState.init(node.users, node.split.n_users, node.hyper,
+                                           private_rng("user-init") if private else None))
+    record = context.state[STATE_KEY]
+    return UserState.from_arrays({k: record[k].numpy() for k in record.keys()})
 
 
 def save_state(context: Context, state: UserState) -> None:

@@ -49,24 +49,24 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
                 policy: DevicePolicy, round_: int) -> DeviceResult:
     """One round on a device for the users of `rows` (whose private state is `state`)."""
     took_part = np.ones(len(rows.users), bool)
-    if policy.max_rounds > 0:  # the device keeps its own budget, whatever the server asks
+    if policy.max_rounds > 0:  # the device checks the cap itself, not only the server's sampler
         took_part = (state.step.numpy() // hyper.local_epochs) < policy.max_rounds
         if not took_part.all():
             rows = rows.subset(np.flatnonzero(took_part))
     active = torch.as_tensor(np.flatnonzero(took_part))
     seg, item, target = training_rows(rows, n_items, hyper, round_)
-    decoy_noise = None
+    decoy = None
     if policy.update_mode == "padded":
         # keyed by round only: decoy_rows separates users by their ids, so a user's decoys
         # do not depend on who shares its node
         key = private_key("decoys", policy.reproducible_seed, round_)
-        d_seg, d_item, d_noise = decoy_rows(rows.users, rows.train_segment, rows.train_item, n_items,
-                                            policy.pad_ratio, key, item_weight=public_popularity(items))
-        decoy_noise = torch.cat([torch.full((len(seg),), float("nan")), torch.as_tensor(d_noise)])
+        d_seg, d_item, d_pick = decoy_rows(rows.users, rows.train_segment, rows.train_item, n_items,
+                                           policy.pad_ratio, key, item_weight=public_popularity(items))
+        decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(d_seg), dtype=torch.bool)])
         seg, item = torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)])
-        target = torch.cat([target, torch.zeros(len(d_seg))])
+        target = torch.cat([target, decoy_targets(rows, hyper, d_seg, d_pick)])
     new_state, update = local_train(items, state.take(active), seg, item, target, hyper,
-                                    clip_norm=policy.clip_norm, decoy_noise=decoy_noise)
+                                    clip_norm=policy.clip_norm, decoy=decoy)
     state = UserState(*(t.clone() for t in (state.emb, state.bias, state.m, state.v, state.step)))
     state.put(active, new_state)
     rng = None
@@ -75,6 +75,18 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
         rng = private_rng("device-noise", policy.reproducible_seed, round_, first_user)
     upload = build_upload(update, policy.update_mode, policy.noise_std, rng)
     return DeviceResult(state, upload, update, took_part)
+
+
+def decoy_targets(rows: "CohortData", hyper: Hyper, d_seg: np.ndarray, pick: np.ndarray) -> torch.Tensor:
+    """A decoy's made-up target: one of the user's own ratings, drawn by `pick` (uniform), so
+    the rating its update implies is as plausible as a real one; label 1 for implicit data."""
+    if hyper.implicit:
+        return torch.ones(len(d_seg))
+    order = np.argsort(rows.train_segment, kind="stable")
+    counts = np.bincount(rows.train_segment, minlength=len(rows.users))
+    starts = np.searchsorted(rows.train_segment[order], np.arange(len(rows.users)))
+    index = order[starts[d_seg] + np.minimum((pick * counts[d_seg]).astype(np.int64), counts[d_seg] - 1)]
+    return torch.as_tensor(rows.train_rating[index], dtype=torch.float32)
 
 
 def public_popularity(items: ItemParams) -> np.ndarray:

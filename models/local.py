@@ -58,18 +58,18 @@ def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarr
 
 def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
                 target: torch.Tensor, hyper: Hyper, clip_norm: float = 0.0,
-                decoy_noise: torch.Tensor | None = None) -> tuple[UserState, LocalUpdate]:
+                decoy: torch.Tensor | None = None) -> tuple[UserState, LocalUpdate]:
     """Train each user of the batch for `hyper.local_epochs` full-batch steps.
 
     segment/item/target: the rows (user position, item, rating or 0/1 label). Returns the
     users' new private state and the summed item-side update (each user's update clipped
     to L2 norm `clip_norm` first when it is > 0).
 
-    decoy_noise: for the padded upload mode, one standard normal per row, NaN on real rows.
-    A decoy row (an item the user did not rate) gets a made-up loss gradient of the same
-    scale as the user's real rows (their RMS at the round's start) times its normal, plus
-    the usual L2 term, so its update looks like a real row's; it never touches the user's
-    own vector or the global bias.
+    decoy: for the padded upload mode, True on decoy rows: items the user did not rate,
+    given a made-up target (fedrec.models.device draws one of the user's own ratings, or
+    label 1). Their item rows are trained exactly like real ones, so an observer cannot
+    tell them apart by the shape of the update or by the rating it implies; they never
+    touch the user's own vector, its bias, the global bias or the loss.
     """
     n = state.emb.shape[0]
     q0 = items.emb[item]  # each user's own copy of the rows it touches
@@ -78,7 +78,7 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
     dq = db = dmu = None  # accumulated local changes of those copies
     state = UserState(state.emb.clone(), state.bias.clone(), state.m.clone(), state.v.clone(), state.step.clone())
     loss_sum = 0.0
-    real = None if decoy_noise is None else torch.isnan(decoy_noise)
+    real = None if decoy is None else ~decoy
     rows_per_user = torch.bincount(segment if real is None else segment[real], minlength=n).clamp(min=1)
     for epoch in range(hyper.local_epochs):
         q, b, mu = (q0, b0, mu0) if epoch == 0 else (q0 + dq, b0 + db, mu0 + dmu)
@@ -94,11 +94,6 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
         loss_sum = float(losses.sum() if real is None else losses[real].sum())  # at the epoch's start
         user_rows = segment
         if real is not None:
-            if epoch == 0:
-                rms = (torch.zeros(n).index_add_(0, segment[real], dloss[real] ** 2)
-                       / torch.bincount(segment[real], minlength=n).clamp(min=1)).sqrt()
-                fake = rms[segment] * torch.nan_to_num(decoy_noise)
-            dloss = torch.where(real, dloss, fake)
             user_rows = segment[real]
             p_user, q_user, dl_user, bu_user = p[real], q[real], dloss[real], bu[real]
         else:
@@ -135,13 +130,15 @@ def clip_per_user(pair_user: torch.Tensor, pair_dq: torch.Tensor, pair_db: torch
     """Scale each user's whole item-side change (its rows, item biases and global bias) to
     L2 norm at most `clip_norm` (0: no clipping). `pair_user` gives the user of each row
     and must list each (user, item) once. Returns the scaled parts and the norms before."""
-    sq = torch.zeros(len(dmu), dtype=pair_dq.dtype).index_add_(0, pair_user, (pair_dq * pair_dq).sum(dim=1) + pair_db * pair_db)
-    norms = (sq + dmu * dmu).sqrt()
+    sq = torch.zeros(len(dmu), dtype=torch.float64).index_add_(
+        0, pair_user, (pair_dq.double() ** 2).sum(dim=1) + pair_db.double() ** 2)
+    norms = (sq + dmu.double() ** 2).sqrt()  # float64: the bound must not rest on float32 sums
     if clip_norm <= 0:
-        return pair_dq, pair_db, dmu, norms
-    scale = torch.clamp(clip_norm / norms.clamp(min=1e-30), max=1.0)
+        return pair_dq, pair_db, dmu, norms.to(pair_dq.dtype)
+    # A target a hair under C, so that float32 rounding of the scaled values cannot pass C.
+    scale = torch.clamp(clip_norm * (1 - 1e-6) / norms.clamp(min=1e-300), max=1.0).to(pair_dq.dtype)
     row_scale = scale[pair_user]
-    return pair_dq * row_scale[:, None], pair_db * row_scale, dmu * scale, norms
+    return pair_dq * row_scale[:, None], pair_db * row_scale, dmu * scale, norms.to(pair_dq.dtype)
 
 
 def _adam_rows(state: UserState, grad: torch.Tensor, lr: float) -> None:

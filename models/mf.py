@@ -69,12 +69,16 @@ class UserState:
     step: torch.Tensor  # [users] Adam steps taken by each user
 
     @staticmethod
-    def init(users: np.ndarray, n_users: int, hyper: Hyper) -> "UserState":
+    def init(users: np.ndarray, n_users: int, hyper: Hyper, rng: np.random.Generator | None = None) -> "UserState":
         """Initial state of `users`: rows of one seeded population matrix, so a user starts
-        the same whichever node hosts it and whoever it shares the node with."""
-        gen = torch.Generator().manual_seed(hyper.seed + 1)
-        emb = (torch.randn(n_users, hyper.dim, generator=gen) * hyper.init_std)[torch.as_tensor(users)]
+        the same whichever node hosts it and whoever it shares the node with; or, given a
+        private `rng`, vectors nobody else can know."""
         n = len(users)
+        if rng is not None:
+            emb = torch.as_tensor(rng.normal(0.0, hyper.init_std, (n, hyper.dim)), dtype=torch.float32)
+        else:
+            gen = torch.Generator().manual_seed(hyper.seed + 1)
+            emb = (torch.randn(n_users, hyper.dim, generator=gen) * hyper.init_std)[torch.as_tensor(users)]
         zeros = torch.zeros(n, hyper.dim + 1)
         return UserState(emb, torch.zeros(n), zeros, zeros.clone(), torch.zeros(n))
 

@@ -4,7 +4,8 @@ Two kinds:
 - seeded streams (data split, init, training negatives, audit targets) derive from the
   run seed, so experiments repeat exactly;
 - private streams (DP noise on the server and on the device, decoy rows, DP user
-  sampling, canary membership) are what a privacy guarantee rests on. They draw from OS
+  sampling, canary membership, and the starting user vectors of private runs) are what
+  a privacy guarantee or heuristic rests on. They draw from OS
   entropy, and no seed of theirs exists anywhere: the server sees the run seed, writes it
   to config.toml and summary.json, and chooses rounds and users, so anything derived from
   it is known to the very observer the noise must hide from. Only `--reproducible-noise`
@@ -27,8 +28,9 @@ STREAM_TAGS = {
     "device-noise": 0x11,
     "decoys": 0x7D,
     "canaries": 0xCA,
+    "user-init": 0x1D,
 }
-PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries"})
+PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries", "user-init"})
 
 _MASK64 = (1 << 64) - 1
 

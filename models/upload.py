@@ -3,9 +3,10 @@
 - dense: every item row. Rows the user did not rate are exactly zero, so the upload
   reveals the rated set as plainly as sparse does; it only costs more bytes.
 - sparse: the rated rows and their indices. Fewest bytes; reveals the rated set.
-- padded: the rated rows plus decoy rows of unrated items whose updates are drawn to look
-  like real ones (see local_train); hides which rows are real as far as their values
-  allow, at the cost of extra bytes and of noise in the decoy items' rows.
+- padded: the rated rows plus decoy rows of unrated items, trained like real rows on a
+  made-up rating (one of the user's own) or label 1 (see local_train); hides which rows
+  are real among the uploaded ones, at the cost of extra bytes and of noise in the decoy
+  items' rows. No formal guarantee: an upload still lists a superset of the rated items.
 Local DP adds Gaussian noise to every uploaded coordinate on the device; it is honest
 only for dense uploads, since neither sparse indices nor decoy choices are noised.
 """
@@ -23,7 +24,7 @@ ITEM_INDEX = "item-index"
 
 def decoy_rows(users: np.ndarray, segment: np.ndarray, items: np.ndarray, n_items: int, ratio: float,
                key: int, item_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment, item, standard normal) of decoy rows: about ratio x each user's rated count.
+    """(segment, item, uniform in [0, 1)) of decoy rows: about ratio x each user's rated count.
 
     Decoy items are drawn in proportion to `item_weight` (the norms of the item rows the
     device received, a public proxy for popularity), because users rate popular items far
@@ -54,11 +55,8 @@ def decoy_rows(users: np.ndarray, segment: np.ndarray, items: np.ndarray, n_item
     rank = np.arange(len(seg)) - np.searchsorted(seg, seg)  # seg is grouped: position within the user
     keep = rank < want[seg]
     seg, item, bits = seg[keep], code[keep] % n_items, bits[keep]
-    # Box-Muller from two more counter draws of the same (user, draw): one normal per decoy.
-    u1 = uniform01(mix64(bits + np.uint64(1)))
-    u2 = uniform01(mix64(bits + np.uint64(3)))
-    normal = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2 * np.pi * u2)
-    return seg, item, normal.astype(np.float32)
+    # one more counter draw of the same (user, draw): picks the decoy's made-up target
+    return seg, item, uniform01(mix64(bits + np.uint64(1)))
 
 
 def build_upload(update: LocalUpdate, mode: str, local_noise_std: float = 0.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 from logging import WARNING
 
 from flwr.app import ConfigRecord, Context
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common import schema
@@ -25,7 +25,7 @@ from fedrec.common.build import hyper
 from .directory import discover
 from .privacy import PrivacyPlan, participation_cap
 from .secagg import SecureGrid, secagg_setup, secure_summary
-from .releases import is_evaluation, release_ledger
+from .releases import WithheldLogLines, is_evaluation, release_ledger
 from .strategy import BudgetExhausted, FedRecStrategy, array_record
 
 
@@ -51,6 +51,12 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
 
 
 NOT_PRIVATE = "none: noise, decoys and sampling are derivable from the seed (--reproducible-noise)"
+AGAINST_THE_SERVER = {
+    "central": "; not against the server, which sees each upload before it adds the noise",
+    "local": ", and against the server for training uploads (evaluation replies are not covered)",
+    "distributed": ", and against the server, which sees only the SecAgg+ sum of noised updates "
+                   "(evaluation replies are not covered)",
+}
 
 
 def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy) -> dict | None:
@@ -64,7 +70,7 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecSt
                "reproducible_noise": cfg.reproducible_noise,
                "guarantee": NOT_PRIVATE if cfg.reproducible_noise else
                f"({strategy.epsilon:.4g}, {plan.delta:g})-DP at user level against whoever reads what the run "
-               "releases" + (" and against the server" if plan.mode == "local" else ""),
+               "releases" + AGAINST_THE_SERVER[plan.mode],
                "releases": release_ledger(plan.mode)}
     if plan.mode == "local":
         summary["epsilon_per_round"] = plan.epsilon(1)
@@ -91,8 +97,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if cfg.users_per_round > directory.population:
         raise ValueError(f"users-per-round={cfg.users_per_round} exceeds the {directory.population} users")
     cfg, plan = privacy_plan(cfg, directory.population)
-    if plan is not None and cfg.reproducible_noise:
-        log(WARNING, "--reproducible-noise: DP noise, decoys and sampling derive from the seed; this run is NOT private")
+    if cfg.reproducible_noise:
+        log(WARNING, "--reproducible-noise: DP noise, decoys, sampling and starting user vectors derive from the "
+                     "seed; this run is NOT private")
     config = ConfigRecord(cfg.to_dict())  # clients learn the calibrated z from here (local DP)
     secure = None
     if cfg.secure_aggregation != "none":
@@ -116,6 +123,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
 
     strategy = FedRecStrategy(cfg, directory, items, on_round=on_round, audit=record, privacy=plan)
     stopped = None
+    withheld = WithheldLogLines()
+    if plan is not None:
+        FLOWER_LOGGER.addFilter(withheld)
     try:
         strategy.start(grid=grid, initial_arrays=array_record(items), num_rounds=cfg.rounds,
                        train_config=config, evaluate_config=config)
@@ -123,6 +133,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         stopped = str(reason)
         final_eval(grid, strategy, config, len(strategy.history))
     finally:
+        FLOWER_LOGGER.removeFilter(withheld)
         if audit_file:
             audit_file.close()
     metric = main_metric(cfg.implicit, cfg.top_k)
@@ -140,6 +151,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         summary["privacy"] = privacy_summary(cfg, plan, strategy)
     if secure is not None:
         summary["secure_aggregation"] = secure_summary(cfg, secure, grid)
+    if cfg.reproducible_noise:
+        summary["reproducible_noise"] = True
     if stopped:
         summary["stopped_early"] = stopped
     write_config(run_dir, cfg)

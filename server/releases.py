@@ -9,6 +9,8 @@ the per-reply upload log) is not released.
 
 from __future__ import annotations
 
+import logging
+
 from fedrec.common.schema import EVAL_METRIC_PREFIXES
 
 # metrics.csv columns a DP run keeps (evaluation metrics are added by prefix)
@@ -22,6 +24,16 @@ def is_evaluation(key: str) -> bool:
     return key.split("@")[0] in EVAL_METRIC_PREFIXES
 
 
+class WithheldLogLines(logging.Filter):
+    """Drops Flower's log lines that count participants or time a DP run's rounds."""
+
+    WITHHELD = ("Received", "received", "sampled", "finished in", "Strategy execution")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(marker in message for marker in self.WITHHELD)
+
+
 def released_row(row: dict, private: bool) -> dict:
     """The part of a round's record that may leave the server."""
     if not private:
@@ -31,9 +43,12 @@ def released_row(row: dict, private: bool) -> dict:
 
 def release_ledger(mode: str) -> dict[str, dict[str, str]]:
     """Each quantity a DP run releases, with its status and why (summary.json and README)."""
-    model_why = ("every round's update is a sum of per-user clipped updates plus Gaussian noise, accounted"
-                 if mode == "central" else
-                 "post-processing of uploads each noised on the device and accounted per user")
+    model_why = {
+        "central": "every round's update is a sum of per-user clipped updates plus Gaussian noise, accounted",
+        "local": "post-processing of uploads each noised on the device and accounted per user",
+        "distributed": "every round's update is a SecAgg+ sum of per-user clipped updates, each with its share "
+                       "of the Gaussian noise, accounted for the least number of users the round accepts",
+    }[mode]
     ledger = {
         "model (item embeddings, item biases, global bias)": (COVERED, model_why),
         "epsilon per round (metrics.csv, summary.json)": (
@@ -51,6 +66,8 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         "users sampled per round, training loss, bytes up/down, seconds per round": (
             "not released", "they count participants or their rated rows"),
         "per-reply upload log (audit.jsonl)": ("not released", "it counts replies and, for sparse uploads, rows"),
+        "Flower log lines counting replies or sampled nodes, run timings, train metrics": (
+            "not released", "filtered out of the flwr logger for the run (WithheldLogLines)"),
         "run seed's use for noise, decoys and sampling": (
             "not released", "they come from OS entropy unless --reproducible-noise"),
     }

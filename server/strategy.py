@@ -29,8 +29,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
-
 from fedrec.common import schema
 from fedrec.common.config import ConfigError, RunConfig
 from fedrec.models import ItemParams, ServerOptimizer, finish
@@ -128,7 +126,9 @@ class FedRecStrategy(FedAvg):
         if errors:
             raise RuntimeError(f"round {server_round}: {len(errors)} node(s) failed: {errors[0].error.reason}")
         central = self.privacy is not None and self.privacy.mode == "central"
-        if not valid and not central:  # distributed DP: a halted secure round released nothing
+        if not valid and not central:  # nobody replied (or a halted secure round): nothing to release
+            self.rounds_trained += 1
+            self._account(server_round)
             return None, None
         n_items, dim = self.items.emb.shape
         total = {schema.ITEM_EMB: np.zeros((n_items, dim)), schema.ITEM_BIAS: np.zeros(n_items),
@@ -161,21 +161,9 @@ class FedRecStrategy(FedAvg):
         self._row["train_loss"] = loss / max(rows, 1.0)
         self.rounds_trained += 1
         self._account(server_round)
-        if self.privacy:  # what Flower logs is a release too: only covered quantities
+        if self.privacy:  # what Flower logs is a release too: no loss, no head count
             return array_record(self.items), None
         return array_record(self.items), MetricRecord({"train-loss": self._row["train_loss"], "users": users})
-
-    def _check_and_log_replies(self, replies: list[Message], is_train: bool,
-                               validate: bool = True) -> tuple[list[Message], list[Message]]:
-        """Flower's check, without its log line in DP runs: "Received N results" counts the
-        participating nodes, which with one user per node is the sampled-user count."""
-        if not self.privacy:
-            return super()._check_and_log_replies(replies, is_train, validate)
-        valid = [r for r in replies if not r.has_error()]
-        errors = [r for r in replies if r.has_error()]
-        if validate and valid:
-            validate_message_reply_consistency([r.content for r in valid], self.weighted_by_key, is_train)
-        return valid, errors
 
     def _audit(self, server_round: int, reply: Message) -> None:
         if self.audit is None:

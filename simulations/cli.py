@@ -127,7 +127,8 @@ def central(cfg: RunConfig) -> None:
 def simulate(cfg: RunConfig) -> None:
     """Federated training through Flower's simulation engine."""
     outcome = run_federated_cli(cfg)
-    _show(f"federated {cfg.dataset} {cfg.split}, {outcome.wall_seconds:.1f} s",
+    timing = "" if "privacy" in outcome.summary else f", {outcome.wall_seconds:.1f} s"  # a DP run does not release it
+    _show(f"federated {cfg.dataset} {cfg.split}{timing}",
           {"federated": outcome.summary["metrics"]})
     out.print(f"results in {outcome.run_dir}")
 

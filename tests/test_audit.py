@@ -10,15 +10,17 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from fedrec.client.node import NodeData, load_state
 from fedrec.common import schema
+from fedrec.common.build import device_policy, hyper, load_data
 from fedrec.common.config import RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
 from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.mf import ITEM_EMB
+from fedrec.models.mf import ITEM_BIAS, ITEM_EMB
 from fedrec.models.upload import ITEM_INDEX
 from fedrec.server import privacy as server_privacy
 from fedrec.server.directory import NodeDirectory
@@ -169,3 +171,47 @@ def test_audit_report_reads_attacks_against_the_prior(small_cfg):
     assert all(r["epsilon_lower"] <= r["epsilon"] for r in canaries if r["epsilon"] is not None)
     written = json.loads((Path(report["run_dir"]) / "audit.json").read_text())
     assert all("attacker" in r for r in written["results"])
+
+
+def test_decoys_imply_ratings_as_plausible_as_real_ones():
+    """The attack a reviewer ran on padded uploads: given the user's vector, solve each row
+    for its loss gradient and keep rows whose implied rating is a whole star. Decoys are
+    trained on one of the user's own ratings, so they pass the test as often as real rows."""
+    cfg = RunConfig(dataset="synthetic", synthetic_users=200, synthetic_items=300, synthetic_density=0.05, dim=8,
+                    update_mode="padded", pad_ratio=2.0, clipping_norm=0.05).resolved().validate()
+    split, h = load_data(cfg), hyper(cfg)
+    items = ItemParams.init(split.n_items, h, 3.5)
+    flagged = {True: [], False: []}
+    for user in range(30):
+        rows = cohort(split, [user])
+        state = UserState.init(np.array([user]), split.n_users, h)  # the attacker is given this vector
+        upload = device_step(items, state, rows, split.n_items, h, device_policy(cfg), 1).upload
+        p = state.emb[0].double().numpy()
+        index, dq, db = upload[ITEM_INDEX], upload[ITEM_EMB].astype(np.float64), upload[ITEM_BIAS].astype(np.float64)
+        q = items.emb.double().numpy()[index]
+        coef = np.array([np.linalg.lstsq(np.stack([q[j], p], 1), dq[j], rcond=None)[0] for j in range(len(index))])
+        scale = np.median(coef[:, 0] / (-2 * h.lr * h.reg_item))
+        implied = items.global_bias.item() + q @ p - db / (-h.lr * scale) / 2
+        whole = np.abs(implied - np.rint(implied)) < 1e-3
+        real = np.isin(index, rows.train_item)
+        flagged[True] += whole[real].tolist()
+        flagged[False] += whole[~real].tolist()
+    assert np.mean(flagged[True]) > 0.9  # the attack works on real rows...
+    assert np.mean(flagged[False]) > 0.9  # ...and on decoys just as well: it separates nothing
+
+
+def test_private_runs_start_each_user_from_a_vector_the_server_cannot_know(small_cfg):
+    split = load_data(small_cfg)
+    node = NodeData(split, np.arange(5), cohort(split, np.arange(5)), hyper(small_cfg))
+    seeded = UserState.init(np.arange(5), split.n_users, hyper(small_cfg)).emb
+
+    def start(cfg):
+        return load_state(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), node, cfg).emb
+
+    np.testing.assert_array_equal(start(small_cfg), seeded)  # non-private runs repeat exactly
+    for private in (dict(update_mode="padded"), dict(dp="central", clipping_norm=0.1, noise_multiplier=1.0)):
+        cfg = dataclasses.replace(small_cfg, **private)
+        first, second = start(cfg), start(cfg)
+        assert not np.allclose(first, seeded) and not np.allclose(first, second)
+    np.testing.assert_array_equal(start(dataclasses.replace(small_cfg, update_mode="padded", reproducible_noise=True)),
+                                  seeded)

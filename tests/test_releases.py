@@ -80,3 +80,11 @@ def test_an_empty_poisson_round_still_adds_noise_and_counts():
     assert arrays is not None and metrics is None  # nothing but the model leaves
     assert np.abs(items.emb.numpy()).max() > 0 and strategy.rounds_trained == 1
     assert strategy.epsilon == pytest.approx(plan.epsilon(1))
+
+
+def test_padded_replies_do_not_count_the_real_rows(small_cfg):
+    """num-rows would tell the server how many uploaded rows are real, undoing the decoys."""
+    grid = InProcessGrid(client_app, 60)
+    run_server(grid, dataclasses.replace(small_cfg, update_mode="padded", rounds=1, eval_every=1))
+    train = [r for r in grid.replies if schema.ARRAYS in r.content]
+    assert train and all(set(r.content[schema.METRICS].keys()) == {schema.WEIGHT} for r in train)
