@@ -53,6 +53,7 @@ class SecAggSetup:
     sensitivity: float  # C plus the worst quantization error a user can move the sum by (accounted)
     min_users: int  # a round is unmasked only if at least this many sampled users' updates arrived
     noise_share_std: float  # distributed DP: each user's noise per coordinate (0 otherwise)
+    max_sampled: int  # users a node may train in one round for r to hold (the sampler is checked against it)
 
     @property
     def step(self) -> float:
@@ -60,14 +61,17 @@ class SecAggSetup:
 
 
 def secagg_setup(cfg: RunConfig, num_nodes: int, max_users_per_node: int, num_items: int, dim: int,
-                 noise_multiplier: float, expected_users: int) -> SecAggSetup:
+                 noise_multiplier: float, expected_users: int, population: int) -> SecAggSetup:
     """Sizes chosen so that nothing is clipped by quantization and its error is accounted.
 
-    A node's coordinate is at most (its users) x C plus its users' noise shares, so r covers
-    that with 8 standard deviations to spare. Stochastic rounding moves each coordinate by
-    less than one step, so one user can move the unmasked sum by at most C + 2 step sqrt(D)
-    (its own node's rounding changes): that is the sensitivity the accountant is told.
+    A node's coordinate is at most (its sampled users) x C plus their noise shares; r covers
+    that for up to `max_sampled` users per node (the expected number plus six standard
+    deviations) with 8 noise standard deviations to spare. Stochastic rounding moves each
+    coordinate by less than one step, so one user can move the unmasked sum by at most
+    C + 2 step sqrt(D) (its own node's rounding changes): the sensitivity the accountant is told.
     """
+    expected_per_node = max_users_per_node * expected_users / population
+    max_sampled = min(max_users_per_node, math.ceil(expected_per_node + 6 * math.sqrt(expected_per_node) + 10))
     min_users = max(1, math.ceil(cfg.secagg_min_fraction * expected_users))
     levels = min(2**30, MODULUS // 2 ** math.ceil(math.log2(num_nodes + 1)))
     coords = num_items * (dim + 1) + 2
@@ -76,9 +80,9 @@ def secagg_setup(cfg: RunConfig, num_nodes: int, max_users_per_node: int, num_it
     for _ in range(3):  # r depends on the noise share, which depends on the sensitivity r sets
         if cfg.dp == "distributed":
             share = noise_multiplier * sensitivity / math.sqrt(min_users)
-        clip_range = max_users_per_node * cfg.clipping_norm * 1.001 + 8 * share * math.sqrt(max_users_per_node)
+        clip_range = max_sampled * cfg.clipping_norm * 1.001 + 8 * share * math.sqrt(max_sampled)
         sensitivity = cfg.clipping_norm + 2 * (2 * clip_range / levels) * math.sqrt(coords)
-    return SecAggSetup(clip_range, levels, sensitivity, min_users, share)
+    return SecAggSetup(clip_range, levels, sensitivity, min_users, share, max_sampled)
 
 
 class _SumStrategy(Strategy):
@@ -144,6 +148,7 @@ class SecureGrid(Grid):
                                   clipping_range=setup.clip_range, quantization_range=setup.levels,
                                   modulus_range=MODULUS, timeout=cfg.secagg_timeout or None)
         self.workflow.min_users = setup.min_users
+        self.max_sampled = setup.max_sampled
         self.rounds = 0
         self.survivors: list[int] = []  # nodes whose masked vectors entered each round's sum
         self.halted: list[str] = []  # why rounds were not unmasked
@@ -165,6 +170,9 @@ class SecureGrid(Grid):
             fitins[node] = FitIns(params, dict(m.content[schema.CONFIG]))
             proxies[node] = GridClientProxy(node, self.inner, self.context.run_id)
         self.workflow.users_on = {m.metadata.dst_node_id: len(m.content[schema.CONFIG][schema.USERS]) for m in messages}
+        if max(self.workflow.users_on.values()) > self.max_sampled:  # ~1e-9 per round by construction
+            raise RuntimeError(f"a node was sampled {max(self.workflow.users_on.values())} users, more than the "
+                               f"{self.max_sampled} the SecAgg+ range was sized for")
         self.workflow.halted = ""
         strategy = _SumStrategy(fitins, proxies)
         manager = SimpleClientManager()
