@@ -29,11 +29,12 @@ from fedrec.datasets import cohort
 from fedrec.models import train_central
 from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.randomness import private_rng, seeded_rng
-from fedrec.models.upload import ITEM_INDEX, scatter_upload
+from fedrec.models.upload import ITEM_INDEX, add_device_noise, scatter_upload
 from fedrec.server.privacy import PrivacyPlan, add_central_noise, participation_cap
 
 from .attacks import direction_scores, norm_scores, precision_at_k, prior_log_odds, roc_auc, seed_attack
 from .canary import canary_audit
+from .secure_views import masked_views
 
 
 def trained_model(cfg: RunConfig):
@@ -76,14 +77,19 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
                                                                   replace=False))
     plans = {eps: privacy_plans(cfg, population, eps) for eps in epsilons}
     participations = max(1, int(round(cfg.rounds * rate)))  # of an average user: the aggregate observer's view
+    min_users = max(1, int(np.ceil(cfg.secagg_min_fraction * (cfg.users_per_round or population))))
+    share_rng = private_rng("device-noise", repro)
     round_ = cfg.rounds + 1
     scores: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
 
-    def score(setting: tuple, dense: dict, noise_std: float, uploaded=None) -> None:
+    def score(setting: tuple, dense: dict, noise_std: float, uploaded=None, secure: str = "none") -> None:
         observer, mode, dp, eps = setting
         for attacker, s in (("norm", norm_scores(dense, uploaded)),
                             ("direction", direction_scores(dense, items, user_vec, h, noise_std, prior, int(truth.sum())))):
-            scores[(attacker, observer, mode, dp, eps, noise_std)].append((roc_auc(s, truth), precision_at_k(s, truth, k)))
+            scores[(attacker, observer, mode, dp, eps, noise_std, secure)].append(
+                (roc_auc(s, truth), precision_at_k(s, truth, k)))
+
+    masked = masked_views(cfg, items, chosen, population, round_)  # the server's view under SecAgg+
 
     for n, user in enumerate(chosen):
         rows = cohort(split, [user])
@@ -91,7 +97,7 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
         truth[rows.train_item] = True
         state = users.take(torch.as_tensor([user]))
         user_vec = state.emb[0].numpy().astype(np.float64)
-        scores[("prior", "none", "-", "none", None, 0.0)].append((roc_auc(prior, truth), precision_at_k(prior, truth, k)))
+        scores[("prior", "none", "-", "none", None, 0.0, "none")].append((roc_auc(prior, truth), precision_at_k(prior, truth, k)))
         step = lambda policy: device_step(items, state, rows, n_items, h, policy, round_)  # noqa: E731
         plain = step(DevicePolicy("dense", clip_norm=clip, reproducible_seed=repro))
         for mode in ("dense", "sparse", "padded"):
@@ -99,23 +105,34 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
             score(("upload", mode, "none", None), scatter_upload(upload, n_items, h.dim), 0.0, upload.get(ITEM_INDEX))
         clean = scatter_upload(plain.upload, n_items, h.dim)
         score(("aggregate", "dense", "none", None), clean, 0.0)
+        score(("upload", "dense", "none", None), masked[int(user)], clip, secure="secagg+")
         for eps, (central, local) in plans.items():
             policy = DevicePolicy("dense", clip_norm=clip, noise_std=local.noise_std, reproducible_seed=repro)
             uploads = [step(policy).upload for _ in range(local.max_rounds)]
             seen = {key: np.mean([u[key].astype(np.float64) for u in uploads], axis=0) for key in clean}
             score(("upload", "dense", "local", eps), seen, local.noise_std / np.sqrt(local.max_rounds))
             auc, _ = seed_attack(uploads[0], local.noise_std, cfg.seed, round_, int(user), truth)
-            scores[("seed", "upload", "dense", "local", eps, local.noise_std)].append((auc, float("nan")))
+            scores[("seed", "upload", "dense", "local", eps, local.noise_std, "none")].append((auc, float("nan")))
             noise_rng = private_rng("central-noise", repro)
             released = [add_central_noise(clean, central, noise_rng) for _ in range(participations)]
             seen = {key: np.mean([r[key] for r in released], axis=0) for key in clean}
             score(("aggregate", "dense", "central", eps), seen, central.noise_std / np.sqrt(participations))
+            # distributed DP: the least accepted number of users each add their share (the device's function)
+            shares = []
+            for _ in range(participations):
+                release = {key: v.astype(np.float32) for key, v in clean.items()}
+                add_device_noise(release, central.noise_std / np.sqrt(min_users), np.full(n_items, min_users),
+                                 min_users, share_rng)
+                shares.append(release)
+            seen = {key: np.mean([r[key].astype(np.float64) for r in shares], axis=0) for key in clean}
+            score(("aggregate", "dense", "distributed", eps), seen, central.noise_std / np.sqrt(participations),
+                  secure="secagg+")
         if log and (n + 1) % 10 == 0:
             log(f"audited {n + 1}/{len(chosen)} users")
     results = []
-    for (attacker, observer, mode, dp, eps, std), values in scores.items():
+    for (attacker, observer, mode, dp, eps, std, secure), values in scores.items():
         aucs, precs = np.array(values).T
-        results.append({"attacker": attacker, "observer": observer, "mode": mode, "dp": dp,
+        results.append({"attacker": attacker, "observer": observer, "mode": mode, "dp": dp, "secure_aggregation": secure,
                         "epsilon": _accountant_epsilon(plans, eps, dp, cfg.rounds), "target_epsilon": eps,
                         "auc": float(aucs.mean()), "auc_std": float(aucs.std()),
                         "precision_at_k": None if np.isnan(precs).all() else float(precs.mean()), "k": k,
@@ -123,9 +140,10 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
     canaries = [canary_audit("none", None, n_items, h.dim, cfg.rounds, rate, clip, cfg.target_delta,
                              reproducible_seed=repro)]
     for eps, (central, local) in plans.items():
-        for plan in (central, local):
+        distributed = dataclasses.replace(central, mode="distributed")
+        for plan in (central, local, distributed):
             canaries.append(canary_audit(plan.mode, plan, n_items, h.dim, cfg.rounds, rate, clip, cfg.target_delta,
-                                         reproducible_seed=repro) | {"target_epsilon": eps})
+                                         reproducible_seed=repro, min_users=min_users) | {"target_epsilon": eps})
     for row in canaries:
         if log:
             log(f"canary audit, dp {row['dp']}: epsilon >= {row['epsilon_lower']:.2f} "
@@ -148,4 +166,4 @@ def _accountant_epsilon(plans: dict, eps: float | None, dp: str, rounds: int) ->
     if eps is None or dp == "none":
         return None
     central, local = plans[eps]
-    return (central if dp == "central" else local).guarantee(rounds)
+    return (local if dp == "local" else central).guarantee(rounds)  # distributed is accounted as central

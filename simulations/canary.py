@@ -69,7 +69,8 @@ def _log_mix(o: np.ndarray, q: float, shift: float, sigma: float) -> np.ndarray:
 
 
 def canary_scores(dp: str, plan: PrivacyPlan | None, n_items: int, dim: int, rounds: int, rate: float,
-                  clip: float, member: np.ndarray, replace_one: bool, reproducible_seed: int | None) -> np.ndarray:
+                  clip: float, member: np.ndarray, replace_one: bool, reproducible_seed: int | None,
+                  min_users: int = 1) -> np.ndarray:
     """Log-likelihood-ratio score of each canary's presence from what the observer sees."""
     count = len(member)
     value = canary_updates(n_items, dim, clip, count)
@@ -86,11 +87,14 @@ def canary_scores(dp: str, plan: PrivacyPlan | None, n_items: int, dim: int, rou
             score += _flat(arrays, count)  # the LR of N(+C) vs N(-C) is monotone in the sum
         return score
     noise_rng = private_rng("central-noise", reproducible_seed)
+    share_rng = private_rng("device-noise", reproducible_seed, 1)
     for _ in range(rounds):
         sampled = sampler.random(count) < rate
         release = _as_arrays(np.where(sampled, own, 0.0), n_items, dim)
         if dp == "central":
             release = add_central_noise(release, plan, noise_rng)
+        elif dp == "distributed":  # the least accepted number of users each add their share, on their devices
+            add_device_noise(release, sigma / np.sqrt(min_users), np.full(n_items, min_users), min_users, share_rng)
         o = _flat(release, count)
         if sigma > 0:  # sampling unknown to the attacker: each round is a mixture
             score += _log_mix(o, rate, clip, sigma) - (_log_mix(o, rate, -clip, sigma) if replace_one
@@ -145,14 +149,15 @@ def _cp_high(k: int, n: int, a: float) -> float:
 
 def canary_audit(dp: str, plan: PrivacyPlan | None, n_items: int, dim: int, rounds: int, rate: float, clip: float,
                  delta: float, max_canaries: int = 200_000, confidence: float = 0.95,
-                 reproducible_seed: int | None = None) -> dict:
+                 reproducible_seed: int | None = None, min_users: int = 1) -> dict:
     """One audit row: the empirical epsilon lower bound next to the accountant's."""
     count = min(n_items * (dim + 1), max_canaries)
     rng = private_rng("canaries", reproducible_seed, 0)
     member = rng.random(count) < 0.5
     replace_one = dp == "local" or (plan is not None and plan.sampling == "fixed")
-    score = canary_scores(dp, plan, n_items, dim, rounds, rate, clip, member, replace_one, reproducible_seed)
+    score = canary_scores(dp, plan, n_items, dim, rounds, rate, clip, member, replace_one, reproducible_seed, min_users)
     row = {"attacker": "canary", "observer": "upload" if dp == "local" else "aggregate", "dp": dp,
+           "secure_aggregation": "secagg+" if dp == "distributed" else "none",
            "epsilon": None if plan is None else plan.guarantee(rounds), "canaries": count,
            "noise_std": 0.0 if plan is None else plan.noise_std, "relation": "replace-one" if replace_one else "add-remove"}
     return row | epsilon_lower_bound(score, member, delta, confidence, rng)

@@ -219,16 +219,17 @@ def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to 
           k: int = typer.Option(10, help="k of precision@k"),
           epsilons: str = typer.Option("", help="target epsilons to audit, comma-separated (default: --target-epsilon)")) -> None:
     """Leakage audit: item-inference attackers, canary lower bounds on epsilon, the seed attack. Writes OUT/audit.json."""
+    _quiet_engines()  # the in-process SecAgg+ rounds would log every stage
     from fedrec.simulations.audit import run_audit
 
     values = _parse_epsilons(epsilons) if epsilons else None
     report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False), epsilons=values)
     table = Table(title=f"leakage audit: {cfg.dataset}, {targets} target users")
-    for column in ("attacker", "observer", "mode", "dp", "epsilon", "AUC", f"precision@{k}", "epsilon lower bound"):
+    for column in ("attacker", "observer", "mode", "dp", "secagg", "epsilon", "AUC", f"precision@{k}", "epsilon lower bound"):
         table.add_column(column, justify="right")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in report["results"]:
-        table.add_row(r["attacker"], r["observer"], r.get("mode", "-"), r["dp"], fmt(r["epsilon"], ".2f"),
+        table.add_row(r["attacker"], r["observer"], r.get("mode", "-"), r["dp"], r["secure_aggregation"], fmt(r["epsilon"], ".2f"),
                       fmt(r.get("auc"), ".3f"), fmt(r.get("precision_at_k"), ".3f"),
                       fmt(r.get("epsilon_lower"), ".2f") + (f" ({r['confidence']:.0%})" if "confidence" in r else ""))
     out.print(table)

@@ -18,13 +18,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1):
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, partitions: list[int] | None = None):
+        """`num_nodes` nodes hosting partitions 0..num_nodes-1, or only `partitions` of them."""
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self.client_app = client_app
         self.contexts = {
             1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
                               state=RecordDict(), run_config={})
-            for i in range(num_nodes)
+            for i in (range(num_nodes) if partitions is None else partitions)
         }
         self.sent: list[Message] = []
         self.replies: list[Message] = []

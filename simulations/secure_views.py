@@ -1,0 +1,66 @@
+"""What an honest-but-curious server holds of one device's upload under SecAgg+, measured
+by running Flower's protocol in process on the audit's target users (one user per node)
+and keeping every masked vector the server receives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from fedrec.client.app import app as client_app
+from fedrec.common import schema
+from fedrec.common.config import RunConfig
+from fedrec.common.secagg import SECURE_ORDER
+from fedrec.models import ItemParams
+from fedrec.server.secagg import SecureGrid, secagg_setup
+from fedrec.server.strategy import array_record
+
+from .inprocess import InProcessGrid
+
+FIRST_NODE = 1000  # InProcessGrid's node id of partition 0
+
+
+class _MaskRecorder(InProcessGrid):
+    """Delivers like InProcessGrid and keeps each node's masked vector as the server gets it."""
+
+    def __init__(self, population: int, users: list[int]):
+        super().__init__(client_app, population, partitions=users)
+        self.masked: dict[int, list[np.ndarray]] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if record is not None and Key.MASKED_PARAMETERS in record:
+                self.masked[reply.metadata.src_node_id] = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
+        return replies
+
+
+def masked_views(cfg: RunConfig, items: ItemParams, users: np.ndarray, population: int, round_: int,
+                 group: int = 10) -> dict[int, dict[str, np.ndarray]]:
+    """For each user, its masked vector read the only way the server can: as quantized values."""
+    secure_cfg = dataclasses.replace(cfg, secure_aggregation="secagg+", dp="none", update_mode="dense",
+                                     clipping_norm=cfg.clipping_norm or 1.0)
+    views = {}
+    for start in range(0, len(users), group):
+        chunk = [int(u) for u in users[start:start + group]]
+        if len(chunk) < 3:  # SecAgg+ needs a few participants: borrow the previous users
+            chunk = [int(u) for u in users[max(0, start - 3):start]] + chunk
+        grid = _MaskRecorder(population, chunk)
+        setup = secagg_setup(secure_cfg, len(chunk), 1, items.emb.shape[0], items.emb.shape[1], 0.0, len(chunk),
+                             len(chunk))
+        messages = []
+        for user in chunk:
+            config = ConfigRecord(secure_cfg.to_dict())
+            config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, [user], 0.0
+            messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
+                                    dst_node_id=FIRST_NODE + user, message_type=MessageType.TRAIN))
+        SecureGrid(grid, secure_cfg, setup).send_and_receive(messages)
+        for node, vector in grid.masked.items():
+            values = [v.astype(np.float64) * setup.step - setup.clip_range for v in vector[1:]]  # [0]: the weight
+            views[node - FIRST_NODE] = dict(zip(SECURE_ORDER, values))
+    return views
