@@ -155,8 +155,13 @@ def test_audit_report_reads_attacks_against_the_prior(small_cfg):
     cfg = dataclasses.replace(small_cfg, synthetic_users=300, synthetic_items=120, clipping_norm=0.1,
                               users_per_round=30, sampling="poisson", epochs=10, rounds=10)
     report = run_audit(cfg, targets=15, log=None, epsilons=[2.0])
-    rows = {(r["attacker"], r["observer"], r.get("mode"), r["dp"]): r for r in report["results"]}
+    rows = {(r["attacker"], r["observer"], r.get("mode"), r["dp"]): r for r in report["results"]
+            if r["secure_aggregation"] == "none" or r["dp"] == "distributed"}
     prior = rows[("prior", "none", "-", "none")]["auc"]
+    masked = {r["attacker"]: r for r in report["results"] if r["secure_aggregation"] == "secagg+"
+              and r["observer"] == "upload"}
+    assert masked["norm"]["auc"] < 0.65  # SecAgg+: what the server holds of one upload says nothing
+    assert rows[("direction", "aggregate", "dense", "distributed")]["auc"] < prior + 0.1
     assert 0.6 < prior < 0.95  # popularity alone says something: attacks are read against it
     for attacker in ("norm", "direction"):
         assert rows[(attacker, "upload", "dense", "none")]["auc"] == 1.0
@@ -167,7 +172,7 @@ def test_audit_report_reads_attacks_against_the_prior(small_cfg):
         assert row["epsilon"] <= 2.0 + 1e-6 and row["auc"] < prior + 0.1
     assert rows[("seed", "upload", "dense", "local")]["auc"] < 0.65
     canaries = [r for r in report["results"] if r["attacker"] == "canary"]
-    assert {r["dp"] for r in canaries} == {"none", "central", "local"}
+    assert {r["dp"] for r in canaries} == {"none", "central", "local", "distributed"}
     assert all(r["epsilon_lower"] <= r["epsilon"] for r in canaries if r["epsilon"] is not None)
     written = json.loads((Path(report["run_dir"]) / "audit.json").read_text())
     assert all("attacker" in r for r in written["results"])
