@@ -236,6 +236,25 @@ def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to 
     out.print(f"results in {report['run_dir']}/audit.json")
 
 
+@cli.command("secagg-bench")
+@_config_command
+def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="one-user nodes of the in-process cases"),
+                 deploy_nodes: str = typer.Option("10", help="SuperNodes of the loopback deployment cases ('' to skip)")) -> None:
+    """Seconds per round and bytes per device with and without SecAgg+; writes OUT/secagg_bench.json."""
+    _quiet_engines()
+    from fedrec.simulations.secagg_bench import run_secagg_bench
+
+    try:
+        inprocess = [int(v) for v in nodes.split(",") if v.strip()]
+        deployed = [int(v) for v in deploy_nodes.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError("--nodes and --deploy-nodes take comma-separated whole numbers") from None
+    if min(inprocess + deployed, default=3) < 3:
+        raise ConfigError("SecAgg+ needs at least 3 nodes per case")
+    report = run_secagg_bench(cfg, inprocess, deployed, cfg.rounds, log=lambda line: console.print(line, highlight=False))
+    out.print(f"results in {report['run_dir']}/secagg_bench.json")
+
+
 @cli.command("clip-check")
 @_config_command
 def clip_check(cfg: RunConfig,

@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +18,9 @@ from fedrec.common import schema
 from fedrec.common.build import load_data
 from fedrec.common.config import RunConfig
 from fedrec.server.app import run_server
+from fedrec.simulations.loopback import Processes, flower_env, flwr_run, free_port, start_federation, wait_for_port
 
 pytestmark = pytest.mark.engine
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 class RecordingGrid:
@@ -90,81 +83,25 @@ def test_ray_simulation_respects_the_privacy_boundary(tmp_path):
     assert (Path(cfg.out) / "audit.jsonl").read_text().count("\n") == 4 * 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(home: Path) -> dict:
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
-    return env
-
-
-class Processes:
-    def __init__(self, env):
-        self.env, self.procs = env, []
-
-    def start(self, *args, log: Path):
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=open(log, "w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self):
-        for proc in self.procs:  # each in its own session: stop it and everything it spawned
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture
 def processes(tmp_path):
-    procs = Processes(_env(tmp_path / "flwr-home"))
+    procs = Processes(flower_env(tmp_path / "flwr-home"))
     yield procs
     procs.stop()
 
 
-def _wait_for_port(port: int, proc, log: Path, seconds: float = 60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on {port}: {log.read_text()[-2000:]}")
-
-
 def _flwr_run(tmp_path, env, connection: str, port: int, run_config: str, extra: list[str]) -> dict:
-    home = Path(env["FLWR_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    run = subprocess.run([str(BIN / "flwr"), "run", str(REPO), connection, "--stream", "--run-config", run_config, *extra],
-                         env=env, capture_output=True, text=True, timeout=600)
-    # `flwr run --stream` exits 0 even when the run fails: the run's status is the verdict.
-    listing = subprocess.run([str(BIN / "flwr"), "ls", connection, "--format", "json"], env=env, capture_output=True,
-                             text=True, timeout=120)
-    runs = json.loads(listing.stdout)["runs"]
-    assert runs and runs[0]["status"] == "finished:completed", run.stdout[-3000:] + run.stderr[-3000:]
-    return runs[0]
+    run, output = flwr_run(env, connection, port, run_config, extra)
+    assert run.get("status") == "finished:completed", output
+    return run
 
 
 def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "superlink.log"
     link = processes.start("flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
                            "--disable-runtime-dependency-installation", log=log)
-    _wait_for_port(port, link, log)
+    wait_for_port(port, link, log)
     out = tmp_path / "run"
     _flwr_run(tmp_path, processes.env, "sim", port, f"rounds=2 eval-every=2 synthetic-users=200 out='{out}'",
               ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"])
@@ -173,15 +110,8 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, processes):
 
 
 def test_deployment_one_user_per_supernode_on_loopback(tmp_path, processes):
-    port = _free_port()
-    log = tmp_path / "superlink.log"
-    link = processes.start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                           "--disable-runtime-dependency-installation", log=log)
-    _wait_for_port(port, link, log)
     users = 3
-    for user in range(users):
-        processes.start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
-                        "--node-config", f"partition-id={user} num-partitions={users}", log=tmp_path / f"node{user}.log")
+    port = start_federation(processes, tmp_path, users)
     out = tmp_path / "run"
     _flwr_run(tmp_path, processes.env, "dep", port,
               f"rounds=2 eval-every=2 synthetic-users={users} synthetic-items=40 synthetic-density=0.5 out='{out}'", [])
@@ -209,15 +139,8 @@ def test_ray_simulation_with_secagg_and_distributed_dp(tmp_path):
 
 
 def test_deployment_secagg_with_eight_supernodes_one_user_each(tmp_path, processes):
-    port = _free_port()
-    log = tmp_path / "superlink.log"
-    link = processes.start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                           "--disable-runtime-dependency-installation", log=log)
-    _wait_for_port(port, link, log)
     users = 8
-    for user in range(users):
-        processes.start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
-                        "--node-config", f"partition-id={user} num-partitions={users}", log=tmp_path / f"node{user}.log")
+    port = start_federation(processes, tmp_path, users)
     out = tmp_path / "run"
     _flwr_run(tmp_path, processes.env, "dep", port,
               f"rounds=1 eval-every=1 synthetic-users={users} synthetic-items=40 synthetic-density=0.5 "
