@@ -75,6 +75,11 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         ledger["what each device sends the server besides its noised upload"] = (
             COVERED, "a count of users trained (1 or 0 per device: whether its participation cap is reached, which "
                      "depends on the sampling only); no loss or row count")
+    if mode == "distributed":
+        ledger["what each device sends the server besides its masked vector"] = (
+            COVERED, "nothing: the count of users it trained is inside the masked vector, and its FitRes metrics "
+                     "are empty")
+    if mode in ("local", "distributed"):
         ledger["evaluation sums each device returns to the server"] = (
             NOT_COVERED, "squared error, hits and counts of the device's held-out ratings, un-noised: the local-DP "
                          "guarantee covers training uploads only")

@@ -1,5 +1,6 @@
-"""Privacy-utility sweep: for each target epsilon, central-DP federated accuracy and the
-aggregate observer's audit AUC, next to the non-private federated and central results."""
+"""Privacy-utility sweep: for each target epsilon, federated accuracy under central DP (or
+distributed DP with --dp distributed --secure-aggregation secagg+), the aggregate observer's
+audit AUC and the canary lower bound, next to the non-private federated and central results."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ def run_sweep(cfg: RunConfig, epsilons: list[float], targets: int = 30, log=prin
     cfg = cfg.resolved().validate()
     run_dir = make_run_dir(cfg, "sweep")
     metric = main_metric(cfg.implicit, cfg.top_k)
+    mode = "distributed" if cfg.dp == "distributed" else "central"  # the DP each point of the sweep uses
     # The non-private references use neither noise nor clipping: clipping is part of the price.
-    plain = dataclasses.replace(cfg, dp="none", noise_multiplier=0.0, target_epsilon=0.0, clipping_norm=0.0, out="")
+    plain = dataclasses.replace(cfg, dp="none", noise_multiplier=0.0, target_epsilon=0.0, clipping_norm=0.0,
+                                secure_aggregation="none", out="")
     baseline = run_central(plain, write=False)
     central = baseline.summary["metrics"]
     log(f"central: {metric} {central[metric]:.4f}")
@@ -29,16 +32,16 @@ def run_sweep(cfg: RunConfig, epsilons: list[float], targets: int = 30, log=prin
     model = baseline.result  # the audited updates are taken at the central model
     results = []
     for eps in epsilons:
-        private = dataclasses.replace(cfg, dp="central", target_epsilon=eps, noise_multiplier=0.0)
+        private = dataclasses.replace(cfg, dp=mode, target_epsilon=eps, noise_multiplier=0.0)
         outcome = simulate(dataclasses.replace(private, out=str(run_dir / f"eps-{eps:g}")))
         audit = run_audit(private, targets, log=None, trained=model, write=False)  # same clipping as the run
         found = {(r["attacker"], r["observer"], r["dp"]): r for r in audit["results"]}
-        auc = found[("direction", "aggregate", "central")]["auc"]
+        auc = found[("direction", "aggregate", mode)]["auc"]
         privacy = outcome.summary["privacy"]
         row = {"target_epsilon": eps, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
                "noise_multiplier": privacy["noise_multiplier"], metric: outcome.summary["metrics"].get(metric),
                "auc": auc, "prior_auc": found[("prior", "none", "none")]["auc"],
-               "epsilon_lower": found[("canary", "aggregate", "central")]["epsilon_lower"], "rounds": privacy["rounds"]}
+               "epsilon_lower": found[("canary", "aggregate", mode)]["epsilon_lower"], "rounds": privacy["rounds"]}
         results.append(row)
         log(f"epsilon {eps:g}: {metric} {row[metric]:.4f}, z {row['noise_multiplier']:.3f}, aggregate-observer AUC "
             f"{auc:.3f} (prior {row['prior_auc']:.3f}), canary epsilon >= {row['epsilon_lower']:.2f}")
