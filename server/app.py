@@ -17,7 +17,7 @@ from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.common.config import ConfigError, RunConfig
 from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
 from fedrec.models import ItemParams, initial_global_bias
 from fedrec.common.build import hyper
@@ -103,6 +103,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     config = ConfigRecord(cfg.to_dict())  # clients learn the calibrated z from here (local DP)
     secure = None
     if cfg.secure_aggregation != "none":
+        if len(directory.node_ids) < 2:
+            raise ConfigError("SecAgg+ needs at least 2 SuperNodes (with one, its update is the sum); "
+                              "start more nodes or set --users-per-node")
         secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), directory.num_items,
                               cfg.dim, plan.noise_multiplier if plan else 0.0,
                               cfg.users_per_round or directory.population, directory.population)
@@ -136,6 +139,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         FLOWER_LOGGER.removeFilter(withheld)
         if audit_file:
             audit_file.close()
+    if secure is not None and len(grid.halted) == cfg.rounds:
+        raise ConfigError(f"every SecAgg+ round was halted ({grid.halted[0]}); lower --secagg-min-fraction or "
+                          "--secagg-threshold, or start more nodes")
     metric = main_metric(cfg.implicit, cfg.top_k)
     frame = write_history(run_dir, strategy.history)
     final = {k: v for k, v in strategy.history[-1].items() if is_evaluation(k)}

@@ -165,3 +165,15 @@ def test_distributed_dp_shares_are_sized_for_the_least_accepted_survivors(cfg):
 def test_settings_secure_aggregation_cannot_honour_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig(**settings).validate()
+
+
+def test_a_run_whose_every_round_halts_says_why(cfg):
+    grid = DroppingGrid(NODES, drop={1000})
+    with pytest.raises(ConfigError, match="every SecAgg\\+ round was halted.*arrived"):
+        run_server(grid, dataclasses.replace(cfg, users_per_round=0, secagg_shares=0.99, secagg_min_fraction=1.0,
+                                             rounds=2, eval_every=2))
+
+
+def test_secure_aggregation_needs_two_nodes(cfg):
+    with pytest.raises(ConfigError, match="at least 2 SuperNodes"):
+        run_server(InProcessGrid(client_app, 1), cfg)
