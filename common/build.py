@@ -37,7 +37,7 @@ def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
     noise = cfg.noise_multiplier * cfg.clipping_norm if local else (noise_share if cfg.dp == "distributed" else 0.0)
     return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clip_norm=cfg.clipping_norm,
                         noise_std=noise,
-                        max_rounds=cfg.max_rounds_per_user if local else 0,
+                        max_rounds=cfg.max_rounds_per_user if cfg.dp in ("local", "distributed") else 0,
                         reproducible_seed=cfg.seed if cfg.reproducible_noise else None)
 
 

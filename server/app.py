@@ -37,14 +37,14 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
         return cfg, None
     sample = cfg.users_per_round or population
     cap = 0
-    if cfg.dp == "local":
+    if cfg.dp in ("local", "distributed"):  # distributed: the server knows who took part, so it is capped too
         cap = cfg.max_rounds_per_user or participation_cap(cfg.rounds, sample / population, population)
         cap = min(cap, cfg.rounds)
         cfg = dataclasses.replace(cfg, max_rounds_per_user=cap)
     plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling, sample, population,
                        cfg.target_delta, cfg.accountant, max_rounds=cap)
     if plan.noise_multiplier <= 0:
-        z = plan.calibrate(cfg.target_epsilon, cap or cfg.rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
+        z = plan.calibrate(cfg.target_epsilon, cap if cfg.dp == "local" else cfg.rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
         plan = dataclasses.replace(plan, noise_multiplier=z)
         cfg = dataclasses.replace(cfg, noise_multiplier=z)
     return cfg, plan
@@ -54,8 +54,8 @@ NOT_PRIVATE = "none: noise, decoys and sampling are derivable from the seed (--r
 AGAINST_THE_SERVER = {
     "central": "; not against the server, which sees each upload before it adds the noise",
     "local": ", and against the server for training uploads (evaluation replies are not covered)",
-    "distributed": ", and against the server, which sees only the SecAgg+ sum of noised updates "
-                   "(evaluation replies are not covered)",
+    "distributed": "; against the server, which sees only the SecAgg+ sum of noised updates but knows who was "
+                   "sampled (no amplification), see epsilon_against_server (evaluation replies are not covered)",
 }
 
 
@@ -76,6 +76,11 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecSt
         summary["epsilon_per_round"] = plan.epsilon(1)
         summary["max_rounds_per_user"] = plan.max_rounds
         summary["epsilon_at_cap"] = plan.epsilon(plan.max_rounds)
+    if plan.mode == "distributed":
+        rounds_taken = int(strategy.participation.max())
+        summary["max_rounds_per_user"] = plan.max_rounds
+        summary["epsilon_against_server"] = plan.server_epsilon(rounds_taken)
+        summary["epsilon_against_server_at_cap"] = plan.server_epsilon(plan.max_rounds)
     return summary
 
 

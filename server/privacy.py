@@ -18,6 +18,7 @@ gives PLD, usually tighter, and calibrate_dp_mechanism to find z for a target ep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class PrivacyPlan:
     population: int
     delta: float
     accountant: str  # "rdp" or "pld"
-    max_rounds: int = 0  # local DP: rounds a user may take part in (its devices enforce it)
+    max_rounds: int = 0  # local and distributed DP: rounds a user may take part in (its devices enforce it)
 
     @property
     def rate(self) -> float:
@@ -62,6 +63,12 @@ class PrivacyPlan:
         """Epsilon that holds for every user after `rounds` rounds: central DP composes
         every round; local DP the rounds of the most active user allowed, the cap."""
         return self.epsilon(min(rounds, self.max_rounds) if self.mode == "local" else rounds)
+
+    def server_epsilon(self, rounds_taken: int) -> float:
+        """Distributed DP against the server: it chose who takes part, so no amplification;
+        each of a user's rounds is a Gaussian release of its clipped update (replace-one,
+        sensitivity 2C) in noise z C, composed over the rounds it took part in (capped)."""
+        return dataclasses.replace(self, mode="local").epsilon(min(rounds_taken, self.max_rounds or rounds_taken))
 
     def event(self, z: float | None = None) -> dp_event.DpEvent:
         """One round's DpEvent in dp-accounting's terms."""

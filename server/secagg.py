@@ -38,7 +38,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.common.config import ConfigError, RunConfig
 from fedrec.common.secagg import COUNT, SECURE_ORDER
 
 MODULUS = 2**32  # Flower's default mask modulus
@@ -75,13 +75,20 @@ def secagg_setup(cfg: RunConfig, num_nodes: int, max_users_per_node: int, num_it
     min_users = max(1, math.ceil(cfg.secagg_min_fraction * expected_users))
     levels = min(2**30, MODULUS // 2 ** math.ceil(math.log2(num_nodes + 1)))
     coords = num_items * (dim + 1) + 2
-    share = 0.0
-    sensitivity = cfg.clipping_norm
-    for _ in range(3):  # r depends on the noise share, which depends on the sensitivity r sets
-        if cfg.dp == "distributed":
-            share = noise_multiplier * sensitivity / math.sqrt(min_users)
-        clip_range = max_sampled * cfg.clipping_norm * 1.001 + 8 * share * math.sqrt(max_sampled)
-        sensitivity = cfg.clipping_norm + 2 * (2 * clip_range / levels) * math.sqrt(coords)
+    # r = S C 1.001 + 8 share sqrt(S), share = z C' / sqrt(m), C' = C + a r with a = 4 sqrt(D) / L:
+    # a linear fixed point in C', solved exactly (no fixed point when the noise term feeds back 1:1).
+    a = 4 * math.sqrt(coords) / levels
+    z = noise_multiplier if cfg.dp == "distributed" else 0.0
+    feedback = 8 * a * z * math.sqrt(max_sampled / min_users)
+    if feedback >= 0.5:
+        raise ConfigError("SecAgg+ quantization is too coarse for this noise and model size (the rounding would "
+                          "double the sensitivity); use fewer users per node or a smaller model")
+    sensitivity = cfg.clipping_norm * (1 + 1.001 * a * max_sampled) / (1 - feedback)
+    share = z * sensitivity / math.sqrt(min_users)
+    clip_range = max_sampled * cfg.clipping_norm * 1.001 + 8 * share * math.sqrt(max_sampled)
+    if sensitivity > 1.5 * cfg.clipping_norm:
+        raise ConfigError(f"SecAgg+ quantization would raise the sensitivity from C={cfg.clipping_norm} to "
+                          f"{sensitivity:.4g}; use fewer users per node (--users-per-node) or fewer users per round")
     return SecAggSetup(clip_range, levels, sensitivity, min_users, share, max_sampled)
 
 

@@ -105,7 +105,7 @@ class FedRecStrategy(FedAvg):
         self._started = time.perf_counter()
         self._check_budget(server_round)
         eligible = None
-        if self.privacy and self.privacy.mode == "local":  # devices refuse past their cap anyway
+        if self.privacy and self.privacy.max_rounds:  # local/distributed: devices refuse past their cap anyway
             eligible = self.participation < self.privacy.max_rounds
         users = sample_users(self.directory.population, self.cfg.users_per_round, self.cfg.sampling,
                              sampling_rng(self.cfg, server_round), eligible)

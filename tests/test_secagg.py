@@ -177,3 +177,30 @@ def test_a_run_whose_every_round_halts_says_why(cfg):
 def test_secure_aggregation_needs_two_nodes(cfg):
     with pytest.raises(ConfigError, match="at least 2 SuperNodes"):
         run_server(InProcessGrid(client_app, 1), cfg)
+
+
+def test_against_the_server_distributed_dp_gets_no_amplification(cfg):
+    """The server chose who took part: its epsilon composes the rounds a user was in, without
+    sampling amplification, and is reported apart from the release readers' epsilon."""
+    from fedrec.server.privacy import PrivacyPlan
+
+    cfg = dataclasses.replace(cfg, dp="distributed", noise_multiplier=1.0, rounds=3, eval_every=3, sampling="poisson",
+                              secagg_min_fraction=0.5)
+    privacy = run_server(InProcessGrid(client_app, 6), cfg).summary["privacy"]
+    plan = PrivacyPlan("local", 1.0, privacy["clipping_norm"], "poisson", 20, 60, cfg.target_delta, "rdp",
+                       max_rounds=privacy["max_rounds_per_user"])
+    assert privacy["epsilon_against_server_at_cap"] == pytest.approx(plan.epsilon(plan.max_rounds))
+    assert privacy["epsilon_against_server"] > privacy["epsilon"]  # amplification only hides from readers
+    assert "no amplification" in privacy["guarantee"]
+
+
+def test_the_noise_share_and_sensitivity_solve_the_range_equations_exactly(cfg):
+    cfg = dataclasses.replace(cfg, dp="distributed", noise_multiplier=3.0)
+    setup = secagg_setup(cfg, 2, 50_000, 5_000, 32, 3.0, 10_000, 100_000)
+    coords = 5_000 * 33 + 2
+    assert setup.noise_share_std == pytest.approx(3.0 * setup.sensitivity / np.sqrt(setup.min_users))
+    assert setup.sensitivity == pytest.approx(cfg.clipping_norm + 2 * setup.step * np.sqrt(coords))
+    assert setup.clip_range >= setup.max_sampled * cfg.clipping_norm + 8 * setup.noise_share_std * np.sqrt(
+        setup.max_sampled)
+    with pytest.raises(ConfigError, match="quantization"):
+        secagg_setup(cfg, 60_000, 1, 200_000, 64, 50.0, 2, 60_000)
