@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .local import LocalUpdate, local_train, training_rows
-from .mf import Hyper, ItemParams, UserState
+from .mf import Hyper, ItemParams, UserState, predict
 from .randomness import private_key, private_rng
 from .upload import build_upload, decoy_rows
 
@@ -54,6 +54,7 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
         if not took_part.all():
             rows = rows.subset(np.flatnonzero(took_part))
     active = torch.as_tensor(np.flatnonzero(took_part))
+    active_state = state.take(active)
     seg, item, target = training_rows(rows, n_items, hyper, round_)
     decoy = None
     if policy.update_mode == "padded":
@@ -64,8 +65,8 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
                                            policy.pad_ratio, key, item_weight=public_popularity(items))
         decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(d_seg), dtype=torch.bool)])
         seg, item = torch.cat([seg, torch.as_tensor(d_seg)]), torch.cat([item, torch.as_tensor(d_item)])
-        target = torch.cat([target, decoy_targets(rows, hyper, d_seg, d_pick)])
-    new_state, update = local_train(items, state.take(active), seg, item, target, hyper,
+        target = torch.cat([target, decoy_targets(rows, hyper, items, active_state, d_seg, d_item, d_pick)])
+    new_state, update = local_train(items, active_state, seg, item, target, hyper,
                                     clip_norm=policy.clip_norm, decoy=decoy)
     state = UserState(*(t.clone() for t in (state.emb, state.bias, state.m, state.v, state.step)))
     state.put(active, new_state)
@@ -77,16 +78,25 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
     return DeviceResult(state, upload, update, took_part)
 
 
-def decoy_targets(rows: "CohortData", hyper: Hyper, d_seg: np.ndarray, pick: np.ndarray) -> torch.Tensor:
-    """A decoy's made-up target: one of the user's own ratings, drawn by `pick` (uniform), so
-    the rating its update implies is as plausible as a real one; label 1 for implicit data."""
+def decoy_targets(rows: "CohortData", hyper: Hyper, items: ItemParams, state: UserState, d_seg: np.ndarray,
+                  d_item: np.ndarray, pick: np.ndarray) -> torch.Tensor:
+    """A decoy's made-up target: the model's prediction for it plus the residual of one of
+    the user's real rows (drawn by `pick`), rounded to the rating grid. Its update then
+    implies a rating as plausible as a real one and is as large as a real row's; label 1
+    for implicit data."""
     if hyper.implicit:
         return torch.ones(len(d_seg))
     order = np.argsort(rows.train_segment, kind="stable")
     counts = np.bincount(rows.train_segment, minlength=len(rows.users))
     starts = np.searchsorted(rows.train_segment[order], np.arange(len(rows.users)))
     index = order[starts[d_seg] + np.minimum((pick * counts[d_seg]).astype(np.int64), counts[d_seg] - 1)]
-    return torch.as_tensor(rows.train_rating[index], dtype=torch.float32)
+    real_pred = predict(items, state, torch.as_tensor(rows.train_segment[index]), torch.as_tensor(rows.train_item[index]))
+    residual = rows.train_rating[index] - real_pred.numpy()
+    guess = predict(items, state, torch.as_tensor(d_seg), torch.as_tensor(d_item)).numpy() + residual
+    ratings = rows.train_rating
+    halves = not np.all(np.equal(np.mod(ratings, 1), 0))  # some data sets rate in half stars
+    guess = np.rint(guess * 2) / 2 if halves else np.rint(guess)
+    return torch.as_tensor(np.clip(guess, ratings.min(), ratings.max()), dtype=torch.float32)
 
 
 def public_popularity(items: ItemParams) -> np.ndarray:

@@ -66,7 +66,7 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
     to L2 norm `clip_norm` first when it is > 0).
 
     decoy: for the padded upload mode, True on decoy rows: items the user did not rate,
-    given a made-up target (fedrec.models.device draws one of the user's own ratings, or
+    given a made-up target (fedrec.models.device.decoy_targets: a plausible rating, or
     label 1). Their item rows are trained exactly like real ones, so an observer cannot
     tell them apart by the shape of the update or by the rating it implies; they never
     touch the user's own vector, its bias, the global bias or the loss.

@@ -4,7 +4,7 @@
   reveals the rated set as plainly as sparse does; it only costs more bytes.
 - sparse: the rated rows and their indices. Fewest bytes; reveals the rated set.
 - padded: the rated rows plus decoy rows of unrated items, trained like real rows on a
-  made-up rating (one of the user's own) or label 1 (see local_train); hides which rows
+  made-up rating (the prediction plus one of the user's real residuals) or label 1; hides which rows
   are real among the uploaded ones, at the cost of extra bytes and of noise in the decoy
   items' rows. No formal guarantee: an upload still lists a superset of the rated items.
 Local DP adds Gaussian noise to every uploaded coordinate on the device; it is honest
