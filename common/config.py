@@ -79,8 +79,9 @@ class RunConfig:
                                      "for this many); 0: auto, a cap that about 1 in 100 runs would reach.")
     secure_aggregation: str = _f("none", "secagg+: the server learns only the sum of the nodes' updates (Flower's "
                                          "SecAgg+); uploads are dense.", SECURE_AGGREGATION)
-    secagg_shares: float = _f(0.5, "SecAgg+: shares of each node's keys; below 1 a share of the round's nodes, "
-                                   "from 3 a count (odd).")
+    secagg_shares: float = _f(0.0, "SecAgg+: neighbours each node shares its keys with; 0: auto, 2 log2(nodes) + 1 "
+                                   "(Bell et al.'s logarithmic degree); below 1 a share of the round's nodes; from 3 a "
+                                   "count (odd).")
     secagg_threshold: float = _f(0.67, "SecAgg+: shares needed to rebuild a key; up to 1 a share of --secagg-shares, "
                                        "from 2 a count. Colluding neighbours below it learn nothing.")
     secagg_min_fraction: float = _f(0.8, "SecAgg+: least share of a round's sampled users that must arrive for the "
@@ -150,8 +151,9 @@ class RunConfig:
             if self.clipping_norm <= 0:
                 raise ConfigError("--secure-aggregation needs --clipping-norm > 0: SecAgg+ quantizes within a "
                                   "range that the clipping bound sets")
-            if not (0 < self.secagg_shares < 1 or (self.secagg_shares >= 3 and self.secagg_shares.is_integer())):
-                raise ConfigError(f"secagg-shares must be in (0, 1) or a whole number >= 3 (got {self.secagg_shares})")
+            if not (0 <= self.secagg_shares < 1 or (self.secagg_shares >= 3 and self.secagg_shares.is_integer())):
+                raise ConfigError(f"secagg-shares must be 0 (auto), in (0, 1) or a whole number >= 3 "
+                                  f"(got {self.secagg_shares})")
             if not (0 < self.secagg_threshold <= 1 or (self.secagg_threshold >= 2 and self.secagg_threshold.is_integer())):
                 raise ConfigError(f"secagg-threshold must be in (0, 1] or a whole number >= 2 (got {self.secagg_threshold})")
             if not 0 < self.secagg_min_fraction <= 1:

@@ -139,6 +139,14 @@ class _Workflow(SecAggPlusWorkflow):
         return True
 
 
+def auto_shares(nodes: int) -> int | float:
+    """SecAgg+'s point: each node masks with O(log n) neighbours, not all n (which is SecAgg,
+    quadratic in the nodes). 2 log2(n) + 1, odd as Flower wants; everyone (1.0) when that
+    is not fewer than the nodes."""
+    shares = 2 * math.ceil(math.log2(max(nodes, 2))) + 1
+    return shares if shares < nodes else 1.0
+
+
 def _count(value: float | int) -> float | int:
     """Flower reads an int as a count and a float as a share."""
     return int(value) if value >= 2 else float(value)
@@ -151,7 +159,9 @@ class SecureGrid(Grid):
         self.inner = grid
         self.context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.clip_norm = cfg.clipping_norm
-        self.workflow = _Workflow(_count(cfg.secagg_shares), _count(cfg.secagg_threshold), max_weight=1.0,
+        self.auto_shares = cfg.secagg_shares == 0
+        self.workflow = _Workflow(1.0 if self.auto_shares else _count(cfg.secagg_shares), _count(cfg.secagg_threshold),
+                                  max_weight=1.0,
                                   clipping_range=setup.clip_range, quantization_range=setup.levels,
                                   modulus_range=MODULUS, timeout=cfg.secagg_timeout or None)
         self.workflow.min_users = setup.min_users
@@ -181,6 +191,8 @@ class SecureGrid(Grid):
             raise RuntimeError(f"a node was sampled {max(self.workflow.users_on.values())} users, more than the "
                                f"{self.max_sampled} the SecAgg+ range was sized for")
         self.workflow.halted = ""
+        if self.auto_shares:
+            self.workflow.num_shares = auto_shares(len(messages))
         strategy = _SumStrategy(fitins, proxies)
         manager = SimpleClientManager()
         for proxy in proxies.values():

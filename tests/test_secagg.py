@@ -204,3 +204,9 @@ def test_the_noise_share_and_sensitivity_solve_the_range_equations_exactly(cfg):
         setup.max_sampled)
     with pytest.raises(ConfigError, match="quantization"):
         secagg_setup(cfg, 60_000, 1, 200_000, 64, 50.0, 2, 60_000)
+
+
+def test_auto_shares_grow_with_the_log_of_the_nodes():
+    from fedrec.server.secagg import auto_shares
+
+    assert [auto_shares(n) for n in (3, 4, 10, 50, 200, 1000)] == [1.0, 1.0, 9, 13, 17, 21]
