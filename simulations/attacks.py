@@ -95,8 +95,10 @@ def seed_attack(upload: dict[str, np.ndarray], noise_std: float, seed: int, roun
                 truth: np.ndarray) -> tuple[float, str]:
     """Regenerate a dense local-DP upload's noise with each candidate stream, subtract it,
     and rank items by what is left (unrated rows come out exactly zero when the guess is
-    right). Returns the AUC of the best guess (the one leaving the most zero rows)."""
-    best = (-1, 0.5, "none")
+    right). Returns the AUC of the best guess (the one leaving the most zero rows); when no
+    guess zeroes a single row, none is subtracted (a wrong guess only adds noise, and a
+    fixed one would bias the ranking toward the rows it happens to be large on)."""
+    best = (0, roc_auc(norm_scores(upload), truth), "none matched")
     for name, rng in noise_candidates(seed, round_, user):
         guess = {k: np.zeros_like(v) for k, v in upload.items()}
         add_device_noise(guess, noise_std, np.ones(len(upload[ITEM_BIAS]), np.int64), 1, rng)

@@ -67,13 +67,13 @@ def test_a_server_that_knows_the_config_cannot_regenerate_device_noise(split, re
     the same attacker must win, or it would prove nothing."""
     seed = SEED if reproducible else None
     aucs = []
-    for user in range(20):  # noise far above the signal: only a regenerated noise can expose the rows
+    for user in range(split.n_users):  # noise far above the signal: only a regenerated noise can expose the rows
         result, truth = _device(split, user, DevicePolicy("dense", clip_norm=0.1, noise_std=5.0, reproducible_seed=seed))
         aucs.append(seed_attack(result.upload, 5.0, SEED, ROUND, user, truth)[0])
     if reproducible:
         assert min(aucs) == 1.0
     else:
-        assert np.mean(aucs) <= 0.55
+        assert np.mean(aucs) <= 0.55  # chance is 0.5; the mean over 120 users has a standard error of ~0.008
 
 
 def test_two_runs_with_the_same_seed_draw_different_device_noise(split):
