@@ -8,16 +8,20 @@ import dataclasses
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from fedrec.client.app import app as client_app
 from fedrec.common import schema
+from fedrec.common.build import hyper
 from fedrec.common.config import ConfigError, RunConfig
+from fedrec.models import ItemParams, initial_global_bias
 from fedrec.server.app import run_server
-from fedrec.server.secagg import SecureGrid, secagg_setup
+from fedrec.server.privacy import PrivacyPlan
+from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup
+from fedrec.server.strategy import array_record
 from fedrec.simulations.inprocess import InProcessGrid
 
 NODES = 10
@@ -56,10 +60,6 @@ class DroppingGrid(InProcessGrid):
 def _round_messages(cfg: RunConfig, grid: InProcessGrid, users_per_node: dict[int, list[int]], round_: int,
                     noise_share: float = 0.0) -> list[Message]:
     """One round's train messages, as FedRecStrategy.configure_train builds them."""
-    from fedrec.models import ItemParams, initial_global_bias
-    from fedrec.common.build import hyper
-    from fedrec.server.strategy import array_record
-
     items = ItemParams.init(cfg.synthetic_items, hyper(cfg), initial_global_bias(False, (1.0, 5.0)))
     messages = []
     for node, users in users_per_node.items():
@@ -182,8 +182,6 @@ def test_secure_aggregation_needs_two_nodes(cfg):
 def test_against_the_server_distributed_dp_gets_no_amplification(cfg):
     """The server chose who took part: its epsilon composes the rounds a user was in, without
     sampling amplification, and is reported apart from the release readers' epsilon."""
-    from fedrec.server.privacy import PrivacyPlan
-
     cfg = dataclasses.replace(cfg, dp="distributed", noise_multiplier=1.0, rounds=3, eval_every=3, sampling="poisson",
                               secagg_min_fraction=0.5)
     privacy = run_server(InProcessGrid(client_app, 6), cfg).summary["privacy"]
@@ -207,6 +205,4 @@ def test_the_noise_share_and_sensitivity_solve_the_range_equations_exactly(cfg):
 
 
 def test_auto_shares_grow_with_the_log_of_the_nodes():
-    from fedrec.server.secagg import auto_shares
-
     assert [auto_shares(n) for n in (3, 4, 10, 50, 200, 1000)] == [1.0, 1.0, 9, 13, 17, 21]
