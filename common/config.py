@@ -75,8 +75,9 @@ class RunConfig:
     accountant: str = _f("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
     update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + decoy rows).", UPDATE_MODES)
     pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
-    max_rounds_per_user: int = _f(0, "Local and distributed DP: rounds a user may take part in (its device enforces it; epsilon against the server is "
-                                     "for this many); 0: auto, a cap that about 1 in 100 runs would reach.")
+    max_rounds_per_user: int = _f(0, "Local and distributed DP: rounds a user may take part in (its device enforces "
+                                     "it; epsilon against the server is for this many); 0: auto, a cap that about "
+                                     "1 in 100 runs would reach.")
     secure_aggregation: str = _f("none", "secagg+: the server learns only the sum of the nodes' updates (Flower's "
                                          "SecAgg+); uploads are dense.", SECURE_AGGREGATION)
     secagg_shares: float = _f(0.0, "SecAgg+: neighbours each node shares its keys with; 0: auto, 2 log2(nodes) + 1 "

@@ -32,8 +32,8 @@ class DevicePolicy:
     update_mode: str = "dense"  # dense, sparse or padded (see fedrec.models.upload)
     pad_ratio: float = 1.0  # padded: decoy rows per rated row
     clip_norm: float = 0.0  # C: each user's whole item-side change is clipped to this L2 norm (0: off)
-    noise_std: float = 0.0  # local DP: std of each user's noise per uploaded coordinate
-    max_rounds: int = 0  # local DP: a user takes part in at most this many rounds (0: no cap)
+    noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
+    max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
     reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
 
 

@@ -32,7 +32,7 @@ from .strategy import BudgetExhausted, FedRecStrategy, array_record
 def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPlan | None]:
     """The run's DP plan. Local DP caps each user's rounds (auto: a cap about 1 in 100 runs
     would reach) and accounts for the cap, not the average; with --target-epsilon and no z,
-    z is calibrated for cfg.rounds (central) or the cap (local)."""
+    z is calibrated for cfg.rounds (central, distributed) or the cap (local)."""
     if cfg.dp == "none":
         return cfg, None
     sample = cfg.users_per_round or population
@@ -44,7 +44,8 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
     plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling, sample, population,
                        cfg.target_delta, cfg.accountant, max_rounds=cap)
     if plan.noise_multiplier <= 0:
-        z = plan.calibrate(cfg.target_epsilon, cap if cfg.dp == "local" else cfg.rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
+        rounds = cap if cfg.dp == "local" else cfg.rounds  # distributed: calibrated as central DP
+        z = plan.calibrate(cfg.target_epsilon, rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
         plan = dataclasses.replace(plan, noise_multiplier=z)
         cfg = dataclasses.replace(cfg, noise_multiplier=z)
     return cfg, plan
