@@ -29,6 +29,7 @@ DP_CHOICES = ("none", "central", "local", "distributed")
 SECURE_AGGREGATION = ("none", "secagg+")
 UPDATE_MODES = ("dense", "sparse", "padded")
 ACCOUNTANTS = ("rdp", "pld")
+ROBUST_CHOICES = ("none", "norm-bound")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,20 @@ class RunConfig:
                                     "count as dropped and their masks are recovered.")
     reproducible_noise: bool = _f(False, "Derive DP noise, decoys and DP sampling from --seed: repeatable, and NOT "
                                          "private (anyone with the seed can regenerate them).")
+    # --- reliability
+    round_timeout: float = _f(0.0, "Seconds the server waits for a round's replies; later replies count as failed "
+                                   "(0: until every node answered or failed, at most an hour).")
+    min_reply_fraction: float = _f(0.5, "Least share of a round's sampled users whose updates must arrive and pass the "
+                                        "checks for the round to be applied; otherwise the round is skipped.")
+    dropout: float = _f(0.0, "Simulation: probability that each sampled device fails in a round, to measure robustness.")
+    robust_aggregation: str = _f("none", "none, or norm-bound: each reply is scaled down to at most --robust-bound "
+                                         "times the round's median per-user update norm per user it sums (not under "
+                                         "DP, where replies above users x C are rejected instead).", ROBUST_CHOICES)
+    robust_bound: float = _f(10.0, "norm-bound: allowed multiple of the round's median per-user update norm.")
+    checkpoint_every: int = _f(10, "Write a checkpoint to the run directory every this many rounds (and on "
+                                   "Ctrl-C/SIGTERM); 0: only on an interrupt.")
+    resume: str = _f("", "Run directory of an interrupted run to continue from its last checkpoint (the run's own "
+                         "settings are used; pass only this and --out).")
     # --- output
     out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
 

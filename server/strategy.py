@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -38,7 +40,9 @@ from fedrec.models.upload import scatter_upload
 from .directory import NodeDirectory
 from .privacy import PrivacyPlan, add_central_noise
 from .releases import released_row
+from .robust import reply_scales
 from .sampling import sample_users, sampling_rng
+from .validation import check_eval_reply, check_reply_norm, check_train_reply
 
 
 class BudgetExhausted(RuntimeError):
@@ -53,13 +57,17 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
+def _norm(dense: dict[str, np.ndarray]) -> float:
+    """L2 norm of a reply's whole item-side update (every array, as clipping measures it)."""
+    return float(np.sqrt(sum(float(np.square(dense[k], dtype=np.float64).sum()) for k in schema.ITEM_ARRAYS)))
+
+
 class FedRecStrategy(FedAvg):
     def __init__(self, cfg: RunConfig, directory: NodeDirectory, items: ItemParams,
                  on_round: Callable[[dict], None] | None = None, audit: Callable[[dict], None] | None = None,
                  privacy: PrivacyPlan | None = None):
-        n_nodes = len(directory.node_ids)
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-                         min_available_nodes=n_nodes, weighted_by_key=schema.WEIGHT)
+                         min_available_nodes=1, weighted_by_key=schema.WEIGHT)
         self.cfg = cfg
         self.directory = directory
         self.items = items
@@ -69,6 +77,7 @@ class FedRecStrategy(FedAvg):
         self.history: list[dict] = []
         self._row: dict = {"bytes_up": 0, "bytes_down": 0}
         self._started = 0.0
+        self._sent: dict[int, int] = {}  # node id -> users asked to train this round
         self.bytes_up = self.bytes_down = 0
         self.privacy = privacy
         self.epsilon = 0.0
@@ -111,40 +120,72 @@ class FedRecStrategy(FedAvg):
                              sampling_rng(self.cfg, server_round), eligible)
         self.participation[users] += 1
         self._row = {"round": server_round, "users_sampled": len(users), "bytes_up": 0, "bytes_down": 0}
+        self._sent = {}
+        joined = self.directory.refresh(grid, config)
+        if joined:
+            log(INFO, "round %s: %s node(s) joined", server_round, len(joined))
+        groups, absent = self.directory.group(users)
+        if absent:  # their node is not connected: they count as failed, like a device that is off
+            self._row["users_unreachable"] = absent
         messages = []
-        for node_id, node_users in self.directory.group(users).items():
+        for node_id, node_users in groups.items():
             node_config = ConfigRecord(dict(config))
             node_config[schema.ROUND] = server_round
             node_config[schema.USERS] = [int(u) for u in node_users]
+            self._sent[node_id] = len(node_users)
             messages.append(Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: node_config}),
                                     dst_node_id=node_id, message_type=MessageType.TRAIN))
         self._row["bytes_down"] += record_bytes(arrays) * len(messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True)
-        if errors:
-            raise RuntimeError(f"round {server_round}: {len(errors)} node(s) failed: {errors[0].error.reason}")
+        n_items, dim = self.items.emb.shape
+        accepted: list[tuple[dict, float, Message]] = []  # (dense update, users, reply)
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                self._count("nodes_failed", server_round, node, f"error reply: {reply.error.reason}")
+                continue
+            problem = check_train_reply(reply.content, self._sent.get(node, 0), n_items, dim, self.cfg)
+            dense = None
+            if problem is None:
+                record = reply.content[schema.ARRAYS]
+                dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
+                users = float(reply.content[schema.METRICS][schema.WEIGHT])
+                problem = check_reply_norm(_norm(dense), users, self.cfg)
+            if problem is not None:
+                self._count("nodes_rejected", server_round, node, problem)
+                continue
+            self._row["bytes_up"] += record_bytes(reply.content[schema.ARRAYS])
+            self._audit(server_round, reply)
+            accepted.append((dense, users, reply))
+        self._row["nodes_replied"] = len(accepted)
+        users = float(sum(u for _, u, _ in accepted))
+        self._row["users_failed"] = max(self._row.get("users_sampled", 0) - users, 0)
         central = self.privacy is not None and self.privacy.mode == "central"
-        if not valid and not central:  # nobody replied (or a halted secure round): nothing to release
+        if not self._enough(users):
+            # Too few updates arrived to be worth a step. Nothing is released, but a DP run still
+            # counts the round: epsilon then does not tell that the round was skipped.
+            self._row["skipped"] = 1
             self.rounds_trained += 1
             self._account(server_round)
             return None, None
-        n_items, dim = self.items.emb.shape
+        if not accepted and not central:  # nobody was sampled (or a halted secure round): nothing to release
+            self.rounds_trained += 1
+            self._account(server_round)
+            return None, None
+        scales = reply_scales(np.array([_norm(d) for d, _, _ in accepted]), np.array([u for _, u, _ in accepted]),
+                              self.cfg, self.privacy is not None)
         total = {schema.ITEM_EMB: np.zeros((n_items, dim)), schema.ITEM_BIAS: np.zeros(n_items),
                  schema.GLOBAL_BIAS: np.zeros(1)}
-        users = loss = rows = 0.0
-        for reply in valid:
-            record = reply.content[schema.ARRAYS]
-            self._row["bytes_up"] += record_bytes(record)
-            self._audit(server_round, reply)
-            dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
+        loss = rows = 0.0
+        for (dense, _, reply), scale in zip(accepted, scales):
             for k in schema.ITEM_ARRAYS:
-                total[k] += dense[k]
+                total[k] += dense[k] * scale
             metrics = reply.content[schema.METRICS]
-            users += metrics[schema.WEIGHT]
-            loss += metrics["loss-sum"] if "loss-sum" in metrics else 0.0  # local-DP devices do not send it
-            rows += metrics["num-rows"] if "num-rows" in metrics else 0.0
+            loss += float(metrics["loss-sum"]) if "loss-sum" in metrics else 0.0  # local-DP devices do not send it
+            rows += float(metrics["num-rows"]) if "num-rows" in metrics else 0.0
+        self._row["replies_scaled"] = int((scales < 1).sum())
         denominator = max(users, 1.0)
         if self.privacy and self.privacy.mode == "distributed":
             denominator = float(self.privacy.sample_size)  # the devices' noise shares are in the sum already
@@ -164,6 +205,20 @@ class FedRecStrategy(FedAvg):
         if self.privacy:  # what Flower logs is a release too: no loss, no head count
             return array_record(self.items), None
         return array_record(self.items), MetricRecord({"train-loss": self._row["train_loss"], "users": users})
+
+    def _enough(self, users: float) -> bool:
+        """Did enough of the round's sampled users' updates arrive (and pass the checks)?"""
+        sampled = self._row.get("users_sampled", 0)
+        if self.cfg.secure_aggregation != "none" or sampled == 0:
+            return True  # SecAgg+ enforces its own least share (--secagg-min-fraction) before unmasking
+        return users >= self.cfg.min_reply_fraction * sampled
+
+    def _count(self, column: str, server_round: int, node: int, reason: str) -> None:
+        """A reply that is not used: counted in the round's row and logged with its reason."""
+        self._row[column] = self._row.get(column, 0) + 1
+        log(WARNING, "round %s: node %s %s: %s", server_round, node, column.split("_")[1], reason)
+        if self.audit is not None:
+            self.audit({"round": server_round, "node": node, "dropped": column.split("_")[1], "reason": reason})
 
     def _audit(self, server_round: int, reply: Message) -> None:
         if self.audit is None:
@@ -187,22 +242,30 @@ class FedRecStrategy(FedAvg):
             return []
         config = ConfigRecord(dict(config))
         config[schema.ROUND] = server_round
-        nodes = [int(n) for n in self.directory.node_ids]
+        self.directory.refresh(grid, config)
+        nodes = self.directory.present_ids()
         self._row["bytes_down"] += record_bytes(arrays) * len(nodes)
         return [Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), dst_node_id=n,
                         message_type=MessageType.EVALUATE) for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        sums: dict[str, float] = {}
+        answered = 0
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                self._count("nodes_failed", server_round, node, f"evaluation error reply: {reply.error.reason}")
+                continue
+            problem = check_eval_reply(reply.content, self.directory.hosted(node), self.cfg,
+                                       self.directory.rating_scale)
+            if problem is not None:
+                self._count("nodes_rejected", server_round, node, f"evaluation: {problem}")
+                continue
+            answered += 1
+            for key in schema.EVAL_SUMS:
+                sums[key] = sums.get(key, 0.0) + float(reply.content[schema.METRICS][key])
         result = None
-        if replies:
-            valid, errors = self._check_and_log_replies(replies, is_train=False)
-            if errors:
-                raise RuntimeError(f"evaluation in round {server_round} failed: {errors[0].error.reason}")
-            sums: dict[str, float] = {}
-            for reply in valid:
-                for key in schema.EVAL_SUMS:
-                    sums[key] = sums.get(key, 0.0) + float(reply.content[schema.METRICS][key])
+        if answered:
             metrics = finish(sums, self.cfg.top_k)
             self._row.update(metrics)
             result = MetricRecord(metrics)

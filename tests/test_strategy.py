@@ -30,6 +30,9 @@ def _directory():
                          population=10, num_items=N_ITEMS, rating_scale=(1.0, 5.0))
 
 
+_GRID = Mock(get_node_ids=Mock(return_value=[11, 22, 33]))
+
+
 def _reply(node, users, value, loss=1.0):
     arrays = ArrayRecord({schema.ITEM_EMB: Array(np.full((N_ITEMS, DIM), value, np.float32)),
                           schema.ITEM_BIAS: Array(np.full(N_ITEMS, value, np.float32)),
@@ -76,7 +79,7 @@ def test_fedadam_moves_rare_and_popular_rows_alike():
 
 def test_configure_train_sends_each_node_its_sampled_users():
     strategy, items, _ = _strategy(users_per_round=5, seed=4)
-    messages = list(strategy.configure_train(3, array_record(items), ConfigRecord({"dim": DIM}), grid=None))
+    messages = list(strategy.configure_train(3, array_record(items), ConfigRecord({"dim": DIM}), grid=_GRID))
     # Without DP, who is sampled is the run seed's "sampling" stream for the round.
     sampled = sample_users(10, 5, "fixed", seeded_rng(4, "sampling", 3))
     np.testing.assert_array_equal(sampled, sample_users(10, 5, "fixed", sampling_rng(RunConfig(seed=4), 3)))
@@ -118,7 +121,7 @@ def test_ineligible_users_are_dropped_and_nobody_else_changes(method):
 
 def test_evaluation_only_every_few_rounds_and_at_the_end():
     strategy, items, _ = _strategy(rounds=7, eval_every=3)
-    due = [r for r in range(1, 8) if strategy.configure_evaluate(r, array_record(items), ConfigRecord(), None)]
+    due = [r for r in range(1, 8) if strategy.configure_evaluate(r, array_record(items), ConfigRecord(), _GRID)]
     assert due == [3, 6, 7]
 
 
