@@ -18,17 +18,21 @@ from fedrec.datasets import cohort
 from fedrec.common.build import device_policy
 from fedrec.models import ItemParams, evaluate_rows
 from fedrec.models.device import DeviceResult, device_step
+from fedrec.models.randomness import dropped
 
 from .node import load_state, node_data, partition, save_state
 from .secure import is_secure_round, secure_reply, secure_train_mod
 
 app = ClientApp()
-ROUND_KEYS = (schema.ROUND, schema.USERS, schema.NOISE_SHARE)  # per-round values, not settings
+
+
+class DeviceDropped(RuntimeError):
+    """A simulated failure (--dropout): Flower turns it into an error reply, as for a dead device."""
 
 
 def _run_config(record) -> RunConfig:
     """The run's settings from a round's config (a ConfigRecord, or a dict in SecAgg+ rounds)."""
-    return RunConfig.from_mapping({k: v for k, v in record.items() if k not in ROUND_KEYS})
+    return RunConfig.from_mapping({k: v for k, v in record.items() if k not in schema.ROUND_KEYS})
 
 
 def _config(msg: Message) -> RunConfig:
@@ -44,7 +48,7 @@ def _items(msg: Message) -> ItemParams:
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which users this node hosts and the model's shapes (no data)."""
     pid, parts = partition(context)
-    node = node_data(_config(msg), pid, parts)
+    node = node_data(_config(msg), context)
     lo, hi = node.split.rating_scale
     metrics = MetricRecord({
         "partition-id": pid, "num-partitions": parts, "first-user": int(node.users[0]) if len(node.users) else -1,
@@ -71,14 +75,19 @@ def train(msg: Message, context: Context) -> Message:
 def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, RunConfig]:
     """One round of this node's sampled users (config: the round's ConfigRecord or dict)."""
     cfg = _run_config(config)
-    node = node_data(cfg, *partition(context))
-    state = load_state(context, node, cfg)
+    node = node_data(cfg, context)
+    round_ = int(config[schema.ROUND])
+    state = load_state(context, node, cfg, config, up_to=round_ - 1)
     sampled = np.asarray(config[schema.USERS], dtype=np.int64)
+    if cfg.dropout > 0:  # simulated failures: these devices go silent this round
+        sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
+        if not len(sampled):
+            raise DeviceDropped(f"every sampled device of this node dropped out in round {round_} (--dropout)")
     local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
     result = device_step(items, state.take(local), cohort(node.split, sampled), node.split.n_items, node.hyper,
-                         device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), int(config[schema.ROUND]))
+                         device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), round_)
     state.put(local, result.state)
-    save_state(context, state)
+    save_state(context, state, config, round_)
     return result, cfg
 
 
@@ -86,9 +95,10 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
 def evaluate(msg: Message, context: Context) -> Message:
     """Score every hosted user on its own held-out rows; reply with sums only."""
     cfg = _config(msg)
-    node = node_data(cfg, *partition(context))
-    sums = evaluate_rows(_items(msg), load_state(context, node, cfg), node.rows, cfg.implicit, cfg.top_k,
-                         node.split.rating_scale)
+    config = msg.content[schema.CONFIG]
+    node = node_data(cfg, context)
+    state = load_state(context, node, cfg, config, up_to=int(config[schema.ROUND]))
+    sums = evaluate_rows(_items(msg), state, node.rows, cfg.implicit, cfg.top_k, node.split.rating_scale)
     metrics = MetricRecord({schema.WEIGHT: len(node.users), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

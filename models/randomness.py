@@ -29,6 +29,7 @@ STREAM_TAGS = {
     "decoys": 0x7D,
     "canaries": 0xCA,
     "user-init": 0x1D,
+    "dropout": 0xD0,
 }
 PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries", "user-init"})
 
@@ -67,6 +68,17 @@ def mix64(x: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
+
+
+def dropped(seed: int, round_: int, users: np.ndarray, probability: float) -> np.ndarray:
+    """Simulated device failures (--dropout): whether each user's device fails this round,
+    a seeded draw per (seed, round, user), the same on whichever node hosts the user."""
+    if probability <= 0:
+        return np.zeros(len(users), bool)
+    key = int(seeded_rng(seed, "dropout", round_).integers(0, 1 << 63))
+    with np.errstate(over="ignore"):
+        bits = mix64(np.asarray(users, np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(key))
+    return uniform01(bits) < probability
 
 
 def uniform01(bits: np.ndarray) -> np.ndarray:

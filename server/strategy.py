@@ -83,8 +83,6 @@ class FedRecStrategy(FedAvg):
         self.epsilon = 0.0
         self.rounds_trained = 0
         self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
-        # Central DP noise: OS entropy, so neither the seed nor anything else written down regenerates it.
-        self._noise = private_rng("central-noise", cfg.seed if cfg.reproducible_noise else None)
         self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
 
     # ---------------------------------------------------------------- privacy
@@ -193,7 +191,9 @@ class FedRecStrategy(FedAvg):
             # Noise on the sum of clipped updates (an empty Poisson round too: skipping it would
             # tell that nobody was sampled), then a fixed denominator: the expected number of
             # users, so that the count of participants is not released (McMahan et al., 2018).
-            total = add_central_noise(total, self.privacy, self._noise)
+            # OS entropy, fresh each round: neither the seed nor a checkpoint regenerates it.
+            noise = private_rng("central-noise", self.cfg.seed if self.cfg.reproducible_noise else None, server_round)
+            total = add_central_noise(total, self.privacy, noise)
             denominator = float(self.privacy.sample_size)
         self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
         if not all(torch.isfinite(t).all() for t in self.items.tensors().values()):

@@ -15,6 +15,7 @@ from fedrec.common.config import RunConfig
 from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
 from fedrec.datasets import cohort
 from fedrec.models import CentralResult, train_central
+from fedrec.models.saved import save_model
 
 
 @dataclass
@@ -44,6 +45,7 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
         frame = write_history(run_dir, result.history)
         write_config(run_dir, cfg)
         write_json(run_dir / "summary.json", summary)
+        save_model(run_dir, result.items)
         metric = main_metric(cfg.implicit, cfg.top_k)
         plot_metric(frame, "epoch", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
                     f"central {cfg.dataset} {cfg.split}: {metric} per epoch")

@@ -211,7 +211,7 @@ def test_private_runs_start_each_user_from_a_vector_the_server_cannot_know(small
     seeded = UserState.init(np.arange(5), split.n_users, hyper(small_cfg)).emb
 
     def start(cfg):
-        return load_state(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), node, cfg).emb
+        return load_state(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), node, cfg, {}, 0).emb
 
     np.testing.assert_array_equal(start(small_cfg), seeded)  # non-private runs repeat exactly
     for private in (dict(update_mode="padded"), dict(dp="central", clipping_norm=0.1, noise_multiplier=1.0)):

@@ -1,0 +1,114 @@
+"""The server's checkpoint: one atomic file from which a run continues as if never stopped.
+
+What it holds: the item parameters, the server optimizer's state, the privacy ledger
+(rounds trained, each user's participation count, epsilon), the round history and the
+run series id the devices key their own saved state by. What it does not hold: random
+generator states. Every seeded stream is keyed by (seed, round), so the round number
+*is* the state; private streams (DP noise, DP sampling) draw fresh OS entropy and are
+never written anywhere, a checkpoint included.
+
+The checkpoint is the server's memory, not a release: it is written beside the run's
+outputs while the run is going, and deleted once the run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrec.models import ItemParams, ServerOptimizer
+
+CHECKPOINT = "checkpoint.npz"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or belongs to another run."""
+
+
+def new_series() -> str:
+    """A run series id: names the devices' saved state of this run (and of its resumptions)."""
+    return secrets.token_hex(8)
+
+
+@dataclass
+class Checkpoint:
+    round: int  # last round completed
+    series: str
+    items: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]  # flattened torch optimizer state
+    participation: np.ndarray
+    rounds_trained: int
+    epsilon: float
+    history: list[dict]
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def optimizer_arrays(opt: ServerOptimizer) -> dict[str, np.ndarray]:
+    """torch optimizer state as named arrays (no pickle): 'p<param>.<name>'."""
+    out = {}
+    for index, state in opt.opt.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"p{index}.{name}"] = torch.as_tensor(value).numpy()
+    return out
+
+
+def load_optimizer(opt: ServerOptimizer, arrays: dict[str, np.ndarray]) -> None:
+    state_dict = opt.opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, value in arrays.items():
+        index, name = key[1:].split(".", 1)
+        state.setdefault(int(index), {})[name] = torch.as_tensor(value)
+    state_dict["state"] = state
+    opt.opt.load_state_dict(state_dict)
+
+
+def save(run_dir: Path, ck: Checkpoint) -> Path:
+    meta = {"format": FORMAT, "round": ck.round, "series": ck.series, "rounds_trained": ck.rounds_trained,
+            "epsilon": ck.epsilon, "history": ck.history, "bytes_up": ck.bytes_up, "bytes_down": ck.bytes_down}
+    arrays = {f"items.{k}": v for k, v in ck.items.items()}
+    arrays |= {f"opt.{k}": v for k, v in ck.optimizer.items()}
+    arrays["participation"] = ck.participation
+    arrays["meta"] = np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)
+    path = run_dir / CHECKPOINT
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)  # a kill leaves the old checkpoint or the new one, never half of one
+    return path
+
+
+def load(run_dir: Path) -> Checkpoint:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINT}: the run completed (checkpoints are removed then) "
+                              "or never reached one; start a new run")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}; this fedrec reads {FORMAT}")
+    return Checkpoint(
+        round=int(meta["round"]), series=str(meta["series"]),
+        items={k[6:]: v for k, v in arrays.items() if k.startswith("items.")},
+        optimizer={k[4:]: v for k, v in arrays.items() if k.startswith("opt.")},
+        participation=arrays["participation"], rounds_trained=int(meta["rounds_trained"]),
+        epsilon=float(meta["epsilon"]), history=list(meta["history"]),
+        bytes_up=int(meta.get("bytes_up", 0)), bytes_down=int(meta.get("bytes_down", 0)))
+
+
+def remove(run_dir: Path) -> None:
+    (Path(run_dir) / CHECKPOINT).unlink(missing_ok=True)
+
