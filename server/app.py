@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,14 +19,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common import schema
 from fedrec.common.config import ConfigError, RunConfig
-from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
+import pandas as pd
+
+from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config
 from fedrec.models import ItemParams, initial_global_bias
+from fedrec.models.saved import save_model
 from fedrec.common.build import hyper
 
+from . import checkpoint
 from .directory import discover
 from .privacy import PrivacyPlan, participation_cap
 from .secagg import SecureGrid, secagg_setup, secure_summary
-from .releases import WithheldLogLines, is_evaluation, release_ledger
+from .releases import DP_ROUND_KEYS, WithheldLogLines, is_evaluation, release_ledger
+from .rounds import (ROUND_COLUMNS, Interrupted, MetricsLog, RunState, metric_columns, restore, run_rounds,
+                     save_checkpoint, stop_on_signals)
 from .strategy import BudgetExhausted, FedRecStrategy, array_record
 
 
@@ -93,10 +100,18 @@ class FederatedOutcome:
     run_dir: Path
     audit: list[dict] = field(default_factory=list)  # every reply's shape, in memory (DP runs write none)
     wall_seconds: float = 0.0
+    status: str = "completed"  # or "interrupted" (checkpointed; continue with --resume)
 
 
-def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> FederatedOutcome:
+def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
+               stop: threading.Event | None = None) -> FederatedOutcome:
+    """Run (or, with cfg.resume, continue) a federation. `stop`: when set, the run ends after
+    the current round with a checkpoint and status "interrupted"."""
     start = time.perf_counter()
+    saved = None
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+        saved = checkpoint.load(Path(cfg.resume))
     cfg = cfg.resolved().validate()
     random.seed(cfg.seed)  # Flower samples with Python's global random; we sample users ourselves
     directory = discover(grid, ConfigRecord(cfg.to_dict()))
@@ -120,42 +135,76 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         config[schema.NOISE_SHARE] = secure.noise_share_std
         grid = SecureGrid(grid, cfg, secure)
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
-    run_dir = make_run_dir(cfg, "federated")
+    run_dir = Path(cfg.resume) if saved else make_run_dir(cfg, "federated")
     audit: list[dict] = []
     # A DP run keeps the per-reply log in memory only: its lines count replies and rows.
-    audit_file = open(run_dir / "audit.jsonl", "w") if plan is None else None
+    audit_file = open(run_dir / "audit.jsonl", "a" if saved else "w") if plan is None else None
 
     def record(line: dict) -> None:
         audit.append(line)
         if audit_file:
             audit_file.write(json.dumps(line) + "\n")
+            audit_file.flush()
 
-    strategy = FedRecStrategy(cfg, directory, items, on_round=on_round, audit=record, privacy=plan)
-    stopped = None
+    columns = list(ROUND_COLUMNS if plan is None else DP_ROUND_KEYS) + metric_columns(cfg.implicit, cfg.top_k)
+    metrics_log = MetricsLog(run_dir / "metrics.csv", columns, saved.history if saved else [])
+
+    def round_done(row: dict) -> None:
+        metrics_log.append(row)
+        if on_round:
+            on_round(row)
+
+    strategy = FedRecStrategy(cfg, directory, items, on_round=round_done, audit=record, privacy=plan)
+    state = RunState(run_dir, {"mode": "federated", "dataset": cfg.dataset, "split": cfg.split,
+                               "num_users": directory.population, "config": cfg.to_dict()},
+                     series=saved.series if saved else checkpoint.new_series())
+    if saved:
+        restore(strategy, saved)
+        state.last_round = saved.round
+    write_config(run_dir, cfg)
+    state.status("running", rounds=state.last_round)
+    stopped = interrupted = None
     withheld = WithheldLogLines()
     if plan is not None:
         FLOWER_LOGGER.addFilter(withheld)
     try:
-        strategy.start(grid=grid, initial_arrays=array_record(items), num_rounds=cfg.rounds,
-                       train_config=config, evaluate_config=config)
+        run_rounds(grid, strategy, config, state, stop)
     except BudgetExhausted as reason:
         stopped = str(reason)
-        final_eval(grid, strategy, config, len(strategy.history))
+        final_eval(grid, strategy, ConfigRecord({**dict(config), schema.SERIES: state.series}), len(strategy.history))
+    except Interrupted as reason:
+        interrupted = str(reason)
+    except BaseException as error:
+        # No checkpoint now: the strategy may be half-way through a round. The last one stands.
+        state.status(f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                     rounds=state.last_round, resumable=(run_dir / checkpoint.CHECKPOINT).is_file())
+        raise
     finally:
         FLOWER_LOGGER.removeFilter(withheld)
         if audit_file:
             audit_file.close()
-    if secure is not None and len(grid.halted) == cfg.rounds:
+    if interrupted:
+        save_checkpoint(state, strategy)
+        state.status("interrupted", rounds=state.last_round, resume=f"fedrec simulate --resume {run_dir}")
+        return FederatedOutcome(state.summary, strategy.history, items, run_dir, audit,
+                                time.perf_counter() - start, status="interrupted")
+    if secure is not None and grid.halted and len(grid.halted) >= cfg.rounds - (saved.round if saved else 0):
         raise ConfigError(f"every SecAgg+ round was halted ({grid.halted[0]}); lower --secagg-min-fraction or "
                           "--secagg-threshold, or start more nodes")
+    summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
+    save_model(run_dir, items)
     metric = main_metric(cfg.implicit, cfg.top_k)
-    frame = write_history(run_dir, strategy.history)
-    final = {k: v for k, v in strategy.history[-1].items() if is_evaluation(k)}
-    summary = {
-        "mode": "federated", "dataset": cfg.dataset, "split": cfg.split, "metrics": final,
-        "rounds": strategy.rounds_trained, "num_users": directory.population,
-        "num_nodes": len(directory.node_ids), "config": cfg.to_dict(),
-    }
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
+                f"federated {cfg.dataset} {cfg.split}: {metric} per round")
+    state.status("completed", **summary)
+    checkpoint.remove(run_dir)  # the server's memory; the run is over
+    return FederatedOutcome(summary, strategy.history, items, run_dir, audit, time.perf_counter() - start)
+
+
+def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start) -> dict:
+    final = {k: v for k, v in strategy.history[-1].items() if is_evaluation(k)} if strategy.history else {}
+    summary = {"metrics": final, "rounds": strategy.rounds_trained, "num_nodes": len(directory.node_ids)}
     if plan is None:
         summary |= {"wall_seconds": time.perf_counter() - start, "bytes_up": strategy.bytes_up,
                     "bytes_down": strategy.bytes_down}
@@ -167,11 +216,16 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         summary["reproducible_noise"] = True
     if stopped:
         summary["stopped_early"] = stopped
-    write_config(run_dir, cfg)
-    write_json(run_dir / "summary.json", summary)
-    plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
-                f"federated {cfg.dataset} {cfg.split}: {metric} per round")
-    return FederatedOutcome(summary, strategy.history, items, run_dir, audit, time.perf_counter() - start)
+    return summary
+
+
+def resumed_config(cfg: RunConfig) -> RunConfig:
+    """The settings of the run to continue: its own config.toml, writing back into its directory."""
+    run_dir = Path(cfg.resume).expanduser().resolve()
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"--resume {cfg.resume}: no config.toml there; pass the directory of an interrupted run")
+    saved = RunConfig.from_toml(run_dir / "config.toml")
+    return dataclasses.replace(saved, out=str(run_dir), resume=str(run_dir))
 
 
 def final_eval(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, rounds_done: int) -> None:
@@ -190,5 +244,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run .`: every setting comes from [tool.flwr.app.config]."""
-    run_server(grid, RunConfig.from_mapping(dict(context.run_config)))
+    """Entry point for `flwr run .`: every setting comes from [tool.flwr.app.config]. SIGTERM
+    (e.g. `flwr stop`) ends the run after the current round with a checkpoint; the run then
+    counts as failed for Flower, and `resume=<run dir>` continues it."""
+    stop = threading.Event()
+    with stop_on_signals(stop, say=lambda line: log(WARNING, line)):
+        outcome = run_server(grid, RunConfig.from_mapping(dict(context.run_config)), stop=stop)
+    if outcome.status != "completed":
+        raise RuntimeError(f"run {outcome.status}; continue it with --run-config 'resume=\"{outcome.run_dir}\"'")

@@ -7,9 +7,14 @@ config travels by closure) and returns the outcome object the server produced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -18,7 +23,12 @@ from fedrec.client.app import app as client_app
 from fedrec.common.build import load_data, num_nodes
 from fedrec.common.config import ConfigError, RunConfig
 from fedrec.datasets import load_split
-from fedrec.server.app import FederatedOutcome, run_server
+from fedrec.client.storage import ENV_DIR
+from fedrec.common.rundir import make_run_dir
+from fedrec.server.app import FederatedOutcome, resumed_config, run_server
+from fedrec.server.rounds import stop_on_signals
+
+DEVICE_DIR = "devices"  # the simulated devices' own disks, inside the run directory until it completes
 
 
 def check_population(cfg: RunConfig) -> int:
@@ -32,17 +42,25 @@ def check_population(cfg: RunConfig) -> int:
 
 
 def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
-             num_cpus: int | None = None) -> FederatedOutcome:
+             num_cpus: int | None = None, say: Callable[[str], None] = print) -> FederatedOutcome:
+    """Run (or with cfg.resume continue) a simulation. Ctrl-C/SIGTERM: the run stops after
+    the current round with a checkpoint and the outcome's status is "interrupted"."""
+    if cfg.resume:
+        cfg = resumed_config(cfg)
     cfg = cfg.resolved().validate()
     nodes = num_nodes(cfg, check_population(cfg))
+    run_dir = Path(cfg.resume) if cfg.resume else make_run_dir(cfg, "federated")
+    cfg = dataclasses.replace(cfg, out=str(run_dir))
+    devices = run_dir / DEVICE_DIR
     outcome: dict = {}
+    stop = threading.Event()
 
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            outcome["result"] = run_server(grid, cfg, on_round)
+            outcome["result"] = run_server(grid, cfg, on_round, stop=stop)
         except BaseException as error:  # run_simulation only logs; hand it to the caller
             outcome["error"] = error
             raise
@@ -53,9 +71,29 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": logging.ERROR,
                              "log_to_driver": False, "include_dashboard": False}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
+    # What the simulated devices read from the operator, not from the server: their data
+    # and their own disks (engine workers inherit this process's environment).
+    env = {ENV_DIR: str(devices)} | ({"FEDREC_DATA_DIR": str(Path(cfg.data_dir).resolve())} if cfg.data_dir else {})
+    with _environment(env), stop_on_signals(stop, say):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
     if "error" in outcome:
         raise outcome["error"]
     if "result" not in outcome:
         raise RuntimeError("the simulation ended without a result; see the Flower log above")
+    if outcome["result"].status == "completed":
+        shutil.rmtree(devices, ignore_errors=True)  # the devices' private state is no output of the run
     return outcome["result"]
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -11,7 +11,8 @@ import copy
 import itertools
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -42,7 +43,11 @@ class InProcessGrid(Grid):
             # A node gets its own copy, as over a network: Flower's SecAgg+ sends one content
             # object to every node and its client mod edits what it receives.
             delivered = copy.deepcopy(message)
-            reply = self.client_app(delivered, self.contexts[message.metadata.dst_node_id])
+            try:
+                reply = self.client_app(delivered, self.contexts[message.metadata.dst_node_id])
+            except Exception as error:  # as the engines do: the failure becomes an error reply
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(error)),
+                                reply_to=delivered)
             replies.append(reply)
         self.replies.extend(replies)
         return replies

@@ -1,0 +1,150 @@
+"""The round loop and the run directory's life: status from the start, a metrics row as each
+round ends, checkpoints, a clean stop on request.
+
+Flower's Strategy.start runs rounds 1..N with no way to start later, stop between rounds
+or save state, so fedrec drives the same configure/aggregate calls itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedrec.common import schema
+from fedrec.common.rundir import write_json
+from fedrec.models.metrics import SUM_KEYS, finish
+
+from . import checkpoint
+from .releases import DP_ROUND_KEYS
+from .strategy import FedRecStrategy, array_record
+
+# metrics.csv columns of a run without DP (a DP run keeps DP_ROUND_KEYS and the evaluation metrics)
+ROUND_COLUMNS = ("round", "users_sampled", "nodes_replied", "nodes_failed", "nodes_rejected", "users_failed",
+                 "users_unreachable", "skipped", "replies_scaled", "train_loss", "bytes_up", "bytes_down", "seconds")
+WAIT_FOREVER = 3600.0  # round-timeout 0: Flower's own default wait
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (Ctrl-C, SIGTERM); its last completed round is checkpointed."""
+
+
+def metric_columns(implicit: bool, top_k: int) -> list[str]:
+    names = list(finish({k: 1.0 for k in SUM_KEYS}, top_k))
+    return [n for n in names if (n in ("rmse", "mae")) != implicit]
+
+
+class MetricsLog:
+    """metrics.csv, one row appended (and flushed) as each round ends, so `tail -f` shows progress."""
+
+    def __init__(self, path: Path, columns: list[str], earlier: list[dict]):
+        self.path, self.columns = path, columns
+        with open(path, "w", newline="") as handle:  # a resumed run rewrites the rows its checkpoint kept
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(earlier)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.columns, extrasaction="ignore").writerow(row)
+
+
+@dataclass
+class RunState:
+    """Where a run is: what the directory says about it while it goes."""
+
+    run_dir: Path
+    summary: dict  # the parts of summary.json known from the start
+    series: str
+    last_round: int = 0  # last round completed
+
+    def status(self, status: str, **extra) -> None:
+        write_json(self.run_dir / "summary.json", {"status": status, **self.summary, **extra})
+
+
+def save_checkpoint(state: RunState, strategy: FedRecStrategy) -> None:
+    from .checkpoint import optimizer_arrays
+
+    checkpoint.save(state.run_dir, checkpoint.Checkpoint(
+        round=state.last_round, series=state.series, items=strategy.items.numpy(),
+        optimizer=optimizer_arrays(strategy.optimizer), participation=strategy.participation,
+        rounds_trained=strategy.rounds_trained, epsilon=strategy.epsilon, history=strategy.history,
+        bytes_up=strategy.bytes_up, bytes_down=strategy.bytes_down))
+
+
+def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint) -> None:
+    import torch
+
+    from .checkpoint import load_optimizer
+
+    for name, tensor in strategy.items.tensors().items():
+        with torch.no_grad():
+            tensor.copy_(torch.as_tensor(saved.items[name]))
+    load_optimizer(strategy.optimizer, saved.optimizer)
+    if len(saved.participation) != len(strategy.participation):
+        raise checkpoint.CheckpointError("the checkpoint's population differs from the federation's; "
+                                         "resume against the same data set and nodes")
+    strategy.participation[:] = saved.participation
+    strategy.rounds_trained, strategy.epsilon = saved.rounds_trained, saved.epsilon
+    strategy.history = list(saved.history)
+    strategy.bytes_up, strategy.bytes_down = saved.bytes_up, saved.bytes_down
+
+
+def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state: RunState,
+               stop: threading.Event | None) -> None:
+    """Rounds last_round+1 .. cfg.rounds; checkpoints every cfg.checkpoint_every rounds.
+    Raises Interrupted between rounds once `stop` is set."""
+    cfg = strategy.cfg
+    timeout = cfg.round_timeout or WAIT_FOREVER
+    config = ConfigRecord(dict(config))
+    config[schema.SERIES] = state.series
+    arrays: ArrayRecord = array_record(strategy.items)
+    for server_round in range(state.last_round + 1, cfg.rounds + 1):
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"stopped after round {state.last_round}")
+        config[schema.CHECKPOINT_ROUND] = _last_checkpoint(state.last_round, cfg.checkpoint_every)
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid), timeout=timeout)
+        updated, _ = strategy.aggregate_train(server_round, replies)
+        if updated is not None:
+            arrays = updated
+        evaluations = strategy.configure_evaluate(server_round, arrays, config, grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout)
+                                    if evaluations else [])
+        state.last_round = server_round
+        if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0 and server_round < cfg.rounds:
+            save_checkpoint(state, strategy)
+
+
+def _last_checkpoint(last_round: int, every: int) -> int:
+    """The round of the newest checkpoint the server holds (devices keep state back to it)."""
+    return last_round - last_round % every if every else 0
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event, say=print):
+    """First Ctrl-C or SIGTERM: finish the current round, checkpoint, end (exit 130 in the CLI).
+    A second one: leave at once, without a traceback. Only the main thread may install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            say("stopping now, without a checkpoint of the round in progress")
+            os._exit(130)
+        stop.set()
+        say("stopping after this round and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

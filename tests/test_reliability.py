@@ -1,0 +1,145 @@
+"""Runs that survive: failed devices, nodes that leave and rejoin, a stop and a resume
+(in-process, no Ray; the real engines are in test_engines.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedrec.client.app import app as client_app
+from fedrec.client.storage import ENV_DIR
+from fedrec.models.randomness import dropped
+from fedrec.models.saved import load_model
+from fedrec.server import checkpoint
+from fedrec.server.app import run_server
+from fedrec.simulations.inprocess import InProcessGrid
+
+
+@pytest.fixture
+def devices(tmp_path, monkeypatch):
+    """The simulated devices' own disks (what simulate() gives the engine's workers)."""
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
+    return tmp_path / "devices"
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_run_reports_its_status_and_each_round_as_it_ends(small_cfg, devices):
+    seen = []
+
+    def on_round(row):  # what `tail -f metrics.csv` and a reader of summary.json see meanwhile
+        run_dir = outcome_dir[0]
+        seen.append((_summary(run_dir)["status"], len(pd.read_csv(run_dir / "metrics.csv"))))
+
+    cfg = dataclasses.replace(small_cfg, rounds=4, checkpoint_every=2)
+    outcome_dir = [Path(cfg.out)]
+    outcome = run_server(InProcessGrid(client_app, 3), cfg, on_round)
+    assert seen == [("running", 1), ("running", 2), ("running", 3), ("running", 4)]
+    assert _summary(outcome.run_dir)["status"] == "completed"
+    assert not (outcome.run_dir / checkpoint.CHECKPOINT).exists()  # the server's memory is not an output
+    saved = load_model(outcome.run_dir)
+    torch.testing.assert_close(saved.emb, outcome.items.emb)
+
+
+def _stopping_after(round_: int, stop: threading.Event):
+    def on_round(row):
+        if row["round"] == round_:
+            stop.set()  # what the first Ctrl-C does
+    return on_round
+
+
+@pytest.mark.parametrize("dp", ["none", "central"])
+def test_stop_and_resume_gives_the_uninterrupted_result(small_cfg, devices, dp):
+    cfg = dataclasses.replace(small_cfg, rounds=6, eval_every=2, checkpoint_every=2, users_per_round=20)
+    if dp == "central":  # seeded noise (not private) so that the two runs can be compared
+        cfg = dataclasses.replace(cfg, dp="central", clipping_norm=0.5, noise_multiplier=0.8, reproducible_noise=True)
+    whole = run_server(InProcessGrid(client_app, 3), dataclasses.replace(cfg, out=cfg.out + "-whole"))
+
+    stop = threading.Event()
+    first = run_server(InProcessGrid(client_app, 3), cfg, _stopping_after(3, stop), stop=stop)
+    assert first.status == "interrupted" and _summary(first.run_dir)["status"] == "interrupted"
+    assert checkpoint.load(first.run_dir).round == 3
+    # Fresh devices (new processes: empty context.state) that kept their state on their own disks.
+    resumed = run_server(InProcessGrid(client_app, 3), dataclasses.replace(cfg, resume=str(first.run_dir)))
+    assert resumed.status == "completed" and _summary(resumed.run_dir)["status"] == "completed"
+    for name, tensor in whole.items.tensors().items():
+        torch.testing.assert_close(resumed.items.tensors()[name], tensor, rtol=0, atol=0)
+    assert resumed.summary["metrics"] == whole.summary["metrics"]
+    frame = pd.read_csv(resumed.run_dir / "metrics.csv")
+    assert list(frame["round"]) == [1, 2, 3, 4, 5, 6]
+    if dp == "central":
+        assert resumed.summary["privacy"]["epsilon"] == pytest.approx(whole.summary["privacy"]["epsilon"])
+
+
+def test_a_crash_mid_run_leaves_a_failed_status_and_a_checkpoint_to_resume(small_cfg, devices):
+    cfg = dataclasses.replace(small_cfg, rounds=5, eval_every=5, checkpoint_every=1)
+    whole = run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, out=cfg.out + "-whole"))
+
+    def crash(row):
+        if row["round"] == 2:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_server(InProcessGrid(client_app, 2), cfg, crash)
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary["status"].startswith("failed: power cut") and summary["resumable"]
+    resumed = run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, resume=cfg.out))
+    assert resumed.summary["metrics"] == whole.summary["metrics"]
+
+
+def test_dropped_devices_are_counted_and_the_round_goes_on(small_cfg):
+    cfg = dataclasses.replace(small_cfg, rounds=4, eval_every=4, dropout=0.3, users_per_round=30)
+    outcome = run_server(InProcessGrid(client_app, 60), cfg)  # one user per node: a drop is a failed node
+    frame = pd.read_csv(outcome.run_dir / "metrics.csv")
+    assert frame["nodes_failed"].sum() > 0
+    assert (frame["nodes_replied"] + frame["nodes_failed"] == frame["users_sampled"]).all()
+    assert (frame["users_failed"] == frame["nodes_failed"]).all()
+    assert np.isfinite(outcome.summary["metrics"]["rmse"])
+
+
+def test_a_device_drops_the_same_way_whoever_hosts_it():
+    users = np.arange(1000)
+    together = dropped(7, 3, users, 0.3)
+    apart = np.concatenate([dropped(7, 3, users[:400], 0.3), dropped(7, 3, users[400:], 0.3)])
+    np.testing.assert_array_equal(together, apart)
+    assert 0.25 < together.mean() < 0.35
+    assert not np.array_equal(together, dropped(7, 4, users, 0.3))  # a new draw each round
+
+
+def test_too_few_replies_skip_the_round(small_cfg):
+    cfg = dataclasses.replace(small_cfg, rounds=3, eval_every=3, dropout=0.9, min_reply_fraction=0.5,
+                              users_per_round=30)
+    outcome = run_server(InProcessGrid(client_app, 60), cfg)
+    frame = pd.read_csv(outcome.run_dir / "metrics.csv")
+    assert frame["skipped"].fillna(0).sum() == 3  # ~3 of 30 replies per round: below half
+    np.testing.assert_array_equal(outcome.items.emb.numpy(), run_server(
+        InProcessGrid(client_app, 60), dataclasses.replace(cfg, rounds=1, out=cfg.out + "-0")).items.emb.numpy())
+
+
+def test_a_node_that_leaves_is_skipped_and_used_again_when_it_rejoins(small_cfg):
+    grid = InProcessGrid(client_app, 3)
+    gone = {}
+
+    def on_round(row):
+        if row["round"] == 1:  # node 1001 dies
+            gone["context"] = grid.contexts.pop(1001)
+        if row["round"] == 3:  # and comes back as a new node (a new node id, same partition)
+            grid.contexts[2001] = gone["context"]
+
+    cfg = dataclasses.replace(small_cfg, rounds=5, eval_every=1, users_per_round=0)
+    outcome = run_server(grid, cfg, on_round)
+    frame = pd.read_csv(outcome.run_dir / "metrics.csv")
+    by_round = frame.set_index("round")
+    assert by_round.loc[2, "users_unreachable"] == 20 and by_round.loc[3, "users_unreachable"] == 20
+    assert np.isnan(by_round.loc[4, "users_unreachable"]) and by_round.loc[4, "nodes_replied"] == 3
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert 2001 in trained
