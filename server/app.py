@@ -138,6 +138,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     run_dir = Path(cfg.resume) if saved else make_run_dir(cfg, "federated")
     audit: list[dict] = []
     # A DP run keeps the per-reply log in memory only: its lines count replies and rows.
+    if saved and plan is None:  # lines of rounds after the checkpoint are about to be redone
+        keep_audit_lines(run_dir / "audit.jsonl", saved.round)
     audit_file = open(run_dir / "audit.jsonl", "a" if saved else "w") if plan is None else None
 
     def record(line: dict) -> None:
@@ -217,6 +219,12 @@ def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stoppe
     if stopped:
         summary["stopped_early"] = stopped
     return summary
+
+
+def keep_audit_lines(path: Path, last_round: int) -> None:
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def resumed_config(cfg: RunConfig) -> RunConfig:
