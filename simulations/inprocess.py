@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from pathlib import Path
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -19,12 +20,16 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, partitions: list[int] | None = None):
-        """`num_nodes` nodes hosting partitions 0..num_nodes-1, or only `partitions` of them."""
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, partitions: list[int] | None = None,
+                 data_dir: str = ""):
+        """`num_nodes` nodes hosting partitions 0..num_nodes-1, or only `partitions` of them;
+        `data_dir`: where the nodes read their data (their node config, as in deployment)."""
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self.client_app = client_app
+        where = {"data-dir": str(Path(data_dir).resolve())} if data_dir else {}
         self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+            1000 + i: Context(run_id=run_id, node_id=1000 + i,
+                              node_config={"partition-id": i, "num-partitions": num_nodes, **where},
                               state=RecordDict(), run_config={})
             for i in (range(num_nodes) if partitions is None else partitions)
         }
