@@ -27,7 +27,7 @@ def is_evaluation(key: str) -> bool:
 class WithheldLogLines(logging.Filter):
     """Drops Flower's log lines that count participants or time a DP run's rounds."""
 
-    WITHHELD = ("Received", "received", "sampled", "finished in", "Strategy execution")
+    WITHHELD = ("Received", "received", "sampled", "finished in", "Strategy execution", "reply of node")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -66,6 +66,11 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         "users sampled per round, training loss, bytes up/down, seconds per round": (
             "not released", "they count participants or their rated rows"),
         "per-reply upload log (audit.jsonl)": ("not released", "it counts replies and, for sparse uploads, rows"),
+        "failed, late and rejected replies, users unreachable, skipped rounds (metrics.csv, log lines)": (
+            "not released", "they tell which nodes were sampled; a skipped round still counts in epsilon"),
+        "checkpoint.npz and the simulated devices' saved state (devices/)": (
+            "not released", "the server's and the devices' own memory while a run goes; deleted when it completes, "
+                            "so only an interrupted run directory holds them"),
         "Flower log lines counting replies or sampled nodes, run timings, train metrics": (
             "not released", "filtered out of the flwr logger for the run (WithheldLogLines)"),
         "run seed's use for noise, decoys and sampling": (
