@@ -59,26 +59,49 @@ def _missing_message(name: str, folder: Path, why: str) -> str:
 def fetch(name: str, data_dir: str | Path | None = None) -> Path:
     """Download, MD5-check and extract one archive into the data root."""
     root = data_root(data_dir)
+    new = next((p for p in (root, *root.parents)[::-1] if not p.exists()), None)  # first folder this call creates
+    try:
+        return _fetch(name, root)
+    except BaseException:
+        # A failed download leaves no trace: not even the (empty) folders made for it.
+        for folder in (root, *root.parents) if new else ():
+            if folder == new.parent or not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
+
+
+def _fetch(name: str, root: Path) -> Path:
     folder = root / FORMATS[name].folder
     url = archive_url(name)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(_missing_message(name, folder, f"{root} cannot be created ({error.strerror})")) from None
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         archive = Path(tmp) / f"{name}.zip"
+        md5 = hashlib.md5()
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
-                shutil.copyfileobj(response, out)
+                for block in iter(lambda: response.read(1 << 20), b""):  # hashed as it streams: memory stays flat
+                    md5.update(block)
+                    out.write(block)
         except OSError as error:
             raise DataError(_missing_message(name, folder, f"the download failed ({error})")) from None
-        expected = MD5.get(name)
-        actual = hashlib.md5(archive.read_bytes()).hexdigest()
+        expected, actual = MD5.get(name), md5.hexdigest()
         if expected and actual != expected:
             raise DataError(
                 f"{url} has MD5 {actual}, expected {expected}; the download is corrupt or "
                 f"changed: retry, or put the verified files in {folder}"
             )
         staging = Path(tmp) / "extract"
-        with zipfile.ZipFile(archive) as zipped:
-            zipped.extractall(staging)
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(staging)
+        except zipfile.BadZipFile as error:
+            raise DataError(f"{url} is not a valid zip archive ({error}); retry, or put the files in {folder}") from None
+        if not (staging / FORMATS[name].folder).is_dir():
+            raise DataError(f"{url} holds no {FORMATS[name].folder}/ folder; put the files in {folder}")
         # Move into place only once complete, so a failed run leaves nothing half-written.
         shutil.move(str(staging / FORMATS[name].folder), folder)
     return folder

@@ -49,6 +49,15 @@ def _bad(tmp_path, name, text, write_dataset):
     ("ml-1m", "1\t2\t3\t4\n", r"ratings.dat:1: expected 4 '::'-separated fields.*looks separated by '\\t'"),
     ("ml-20m", "userId,movieId,rating,timestamp\n1,2,0.25,4\n", r"ratings.csv:2: rating 0.25 is out of range"),
     ("ml-20m", "userId,movieId,rating,timestamp\n1,2,3,4,5\n", r"ratings.csv:2: expected 4 comma-separated"),
+    ("ml-100k", "1\t2\t3\t4\n" * 200 + "1\t2\t3\t4\t5\n", r"u.data:201: expected 4 tab-separated fields"),
+    ("ml-100k", f"{2**70}\t2\t3\t4\n", rf"u.data:1: user id {2**70} does not fit a 64-bit integer"),
+    ("ml-100k", f"1\t{2**63}\t3\t4\n", rf"u.data:1: item id {2**63} does not fit a 64-bit integer"),
+    ("ml-100k", "1\t2\t3\t4\n-1\t2\t3\t4\n", r"u.data:2: user id -1 is negative"),
+    ("ml-100k", "1\t2.5\t3\t4\n", r"u.data:1: item id '2.5' is not an integer"),
+    ("ml-1m", "1::2::3::4\n" * 150 + "1::2::3::99999999999999999999\n", r"ratings.dat:151: timestamp 9+ does not fit"),
+    ("ml-1m", "1::2::3::4\n1::-7::3::4\n", r"ratings.dat:2: item id -7 is negative"),
+    ("ml-20m", "userId,movieId,rating,timestamp\n1,2,nan,4\n", r"ratings.csv:2: rating nan is out of range"),
+    ("ml-100k", "1\t2\t3\t4\n" + "\x00garbage" * 1000 + "\n", r"u.data:2: line longer than 4096 characters"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, name, text, expected, write_dataset):
     _bad(tmp_path, name, text, write_dataset)
@@ -96,8 +105,8 @@ def test_download_with_wrong_md5_leaves_nothing_behind(tmp_path, monkeypatch, wr
     monkeypatch.setenv("FEDREC_MOVIELENS_URL", archive.parent.as_uri())
     monkeypatch.setitem(dl.MD5, "ml-1m", "0" * 32)
     with pytest.raises(DataError, match=r"ml-1m.zip has MD5 .* expected 0000"):
-        load_ratings("ml-1m", data_dir=tmp_path / "root")
-    assert list((tmp_path / "root").iterdir()) == []
+        load_ratings("ml-1m", data_dir=tmp_path / "root" / "data")
+    assert not (tmp_path / "root").exists()  # not even the folders made for the download
 
 
 def test_offline_error_names_url_and_path(tmp_path, monkeypatch):
@@ -106,6 +115,30 @@ def test_offline_error_names_url_and_path(tmp_path, monkeypatch):
         load_ratings("ml-25m", data_dir=tmp_path / "root")
     message = str(info.value)
     assert "ml-25m.zip" in message and str(tmp_path / "root" / "ml-25m" / "ratings.csv") in message
+    assert not (tmp_path / "root").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DataError):
+        load_ratings("ml-25m", data_dir=tmp_path / "kept")
+    assert list((tmp_path / "kept").iterdir()) == []  # a folder that existed before stays
+
+
+def test_large_ids_keep_their_values(tmp_path, write_dataset):
+    rows = [(2**63 - 1, 5, 4, 1), (2**40, 5, 3, 2), (0, 2**62, 1, 3)]
+    ratings = load_ratings("ml-100k", data_dir=write_dataset(tmp_path, "ml-100k", rows=rows).parent)
+    assert list(ratings.user_ids) == [0, 2**40, 2**63 - 1] and ratings.n_users == 3
+    assert list(ratings.item_ids) == [5, 2**62]
+
+
+def test_oversized_files_are_refused_before_reading(tmp_path, write_dataset):
+    folder = write_dataset(tmp_path, "ml-100k")
+    with open(folder / "u.data", "r+b") as handle:
+        handle.truncate(2 * 2**30)  # a sparse 2 GB file: reading it would take gigabytes of memory
+    with pytest.raises(DataError, match=r"u.data: 2,048 MB is far more than ml-100k's 100,000 ratings take"):
+        load_ratings("ml-100k", data_dir=tmp_path)
+    folder = write_dataset(tmp_path / "b", "ml-20m")
+    (folder / "movies.csv").write_text("movieId,title\nnot a number,x\n")
+    with pytest.raises(DataError, match="movies.csv: not a MovieLens titles file"):
+        load_ratings("ml-20m", data_dir=tmp_path / "b")
 
 
 def test_data_root_precedence(tmp_path, monkeypatch):
