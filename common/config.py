@@ -7,6 +7,9 @@ flags. Keys are kebab-case outside Python (`users-per-round`), snake_case inside
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -123,34 +126,52 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         for f in fields(self):
+            value = getattr(self, f.name)
+            if not _is_kind(value, type(f.default)):  # e.g. RunConfig(rounds=True): a bool is not a count
+                raise ConfigError(f"{_kebab(f.name)}={value!r} is not a valid {type(f.default).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_kebab(f.name)} must be a finite number (got {value})")
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{_kebab(f.name)}={getattr(self, f.name)!r} is not valid; choose one of {', '.join(choices)}")
+            if choices and value not in choices:
+                raise ConfigError(f"{_kebab(f.name)}={value!r} is not valid; choose one of {', '.join(choices)}")
         positive = ("dim", "lr", "server_lr", "epochs", "rounds", "local_epochs", "eval_every", "top_k", "negatives",
-                    "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives")
+                    "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives", "robust_bound")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0 (got {getattr(self, name)})")
-        non_negative = ("users_per_round", "users_per_node", "synthetic_noise", "init_std")
+        non_negative = ("users_per_round", "users_per_node", "synthetic_noise", "init_std", "noise_multiplier",
+                        "clipping_norm", "target_epsilon", "pad_ratio", "max_rounds_per_user", "round_timeout",
+                        "checkpoint_every", "secagg_timeout")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0 (got {getattr(self, name)})")
+        for name, most in LIMITS.items():
+            if getattr(self, name) > most:
+                raise ConfigError(f"{_kebab(name)} must be at most {most:,} (got {getattr(self, name):,}); "
+                                  "a larger value would exhaust memory or time long before it helps")
+        for name in ("reg_user", "reg_item", "reg_bias"):
+            if getattr(self, name) < 0 and getattr(self, name) != -1:
+                raise ConfigError(f"{_kebab(name)} must be >= 0, or -1 for the default (got {getattr(self, name)})")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be between 0 and 2**63 - 1 (got {self.seed})")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test-fraction must be between 0 and 1 (got {self.test_fraction})")
         if not 0 < self.synthetic_density <= 1:
             raise ConfigError(f"synthetic-density must be in (0, 1] (got {self.synthetic_density})")
+        if not 0 <= self.min_reply_fraction <= 1:
+            raise ConfigError(f"min-reply-fraction must be in [0, 1] (got {self.min_reply_fraction})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1) (got {self.dropout}); at 1 no device would ever reply")
         if self.dp == "none" and self.noise_multiplier > 0:
             raise ConfigError("noise-multiplier is set but dp is 'none'; pass --dp central or --dp local")
+        if not 0 < self.target_delta < 1:
+            raise ConfigError(f"target-delta must be in (0, 1) (got {self.target_delta})")
         if self.dp != "none":
             if self.clipping_norm <= 0:
                 raise ConfigError(f"--dp {self.dp} needs --clipping-norm > 0 (got {self.clipping_norm})")
             if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
                 raise ConfigError(f"--dp {self.dp} needs --noise-multiplier > 0 or --target-epsilon > 0; "
                                   "use --dp none for a non-private run")
-            if not 0 < self.target_delta < 1:
-                raise ConfigError(f"target-delta must be in (0, 1) (got {self.target_delta})")
-        if self.noise_multiplier < 0 or self.clipping_norm < 0 or self.target_epsilon < 0 or self.pad_ratio < 0:
-            raise ConfigError("noise-multiplier, clipping-norm, target-epsilon and pad-ratio must be >= 0")
         if self.dp == "local" and self.update_mode != "dense":
             raise ConfigError(f"--dp local with --update-mode {self.update_mode} would claim a guarantee it does not "
                               "give (the row indices are not noised); use --update-mode dense")
@@ -174,12 +195,9 @@ class RunConfig:
                 raise ConfigError(f"secagg-threshold must be in (0, 1] or a whole number >= 2 (got {self.secagg_threshold})")
             if not 0 < self.secagg_min_fraction <= 1:
                 raise ConfigError(f"secagg-min-fraction must be in (0, 1] (got {self.secagg_min_fraction})")
-            if self.secagg_timeout < 0:
-                raise ConfigError(f"secagg-timeout must be >= 0 (got {self.secagg_timeout})")
-        if self.max_rounds_per_user < 0:
-            raise ConfigError(f"max-rounds-per-user must be >= 0 (got {self.max_rounds_per_user})")
         if self.split.startswith("u") and self.dataset != "ml-100k":
             raise ConfigError(f"split {self.split} exists only for ml-100k; use --split random or loo")
+        _check_memory(self)
         return self
 
     # ------------------------------------------------------------------
@@ -213,15 +231,108 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return isinstance(value, bool) and kind is bool
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real if kind is float else kind)
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    try:
+    """A TOML or flag value as the field's type; never a bool as a number, nor a number as a bool."""
+    bad = ConfigError(f"{key}={value!r} is not a valid {kind.__name__}")
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
         if kind is bool:
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
+            if text not in ("true", "false"):
+                raise bad
+            return text == "true"
+        try:
+            value = int(text) if kind is int else float(text)
+        except ValueError:
+            raise bad from None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e3 in a TOML file is a whole number
+    if not _is_kind(value, kind):
+        raise bad
+    try:
         return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+    except OverflowError:  # an int too large for a float
+        raise bad from None
+
+
+# Upper bounds no real run reaches; beyond them the run would exhaust memory (or time) before failing.
+LIMITS = {"dim": 8192, "synthetic_users": 100_000_000, "synthetic_items": 10_000_000, "synthetic_rank": 1024,
+          "negatives": 100_000, "train_negatives": 1000, "top_k": 100_000, "pad_ratio": 1000.0}
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(cfg: RunConfig) -> None:
+    """Refuse a run whose data and model alone (a floor: training needs more) exceed this machine's memory."""
+    from fedrec.datasets.movielens import KNOWN_SIZES
+
+    if cfg.dataset == "synthetic":
+        users, items = cfg.synthetic_users, cfg.synthetic_items
+        ratings = min(users * items, max(users * items * cfg.synthetic_density, 5 * users))
+        data, lower = ratings * 40 + (users + items) * cfg.synthetic_rank * 12, \
+            "--synthetic-users, --synthetic-items or --synthetic-density"
+        what = f"synthetic data of {users:,} users x {items:,} items"
+    else:
+        users, items, ratings = KNOWN_SIZES[cfg.dataset]
+        data, lower, what = ratings * 40, "nothing: use a smaller data set", cfg.dataset
+    needs = {lower: data, "--dim": (users + items) * cfg.dim * 4 * 2,
+             "--negatives": users * cfg.negatives * 8 if cfg.implicit else 0}
+    total, memory = sum(needs.values()), _physical_memory()
+    if memory and total > memory:
+        largest = max(needs, key=needs.get)
+        raise ConfigError(f"{what} with these settings needs at least {total / 2**30:,.1f} GB of memory and "
+                          f"this machine has {memory / 2**30:.1f} GB; lower {largest}")
+
+
+# What each kind of run reads: a setting outside it would be silently ignored, so it is refused (flags)
+# or reset (config files, whose other settings still apply).
+DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "negatives", "synthetic_users",
+                           "synthetic_items", "synthetic_density", "synthetic_rank", "synthetic_noise", "seed"})
+CENTRAL_SETTINGS = DATA_SETTINGS | {"dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives", "lr",
+                                    "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
+
+
+def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str, str]:
+    """Settings changed from their default that a run would not use, each with why: "outside" the
+    settings its command reads (`reads`; None: all), or "with --<switch> <value>" that makes it moot."""
+    no_dp, pad, loo = cfg.dp == "none", cfg.update_mode == "padded", cfg.split == "loo"
+    moot = {"noise_multiplier": ("dp", no_dp), "target_epsilon": ("dp", no_dp), "target_delta": ("dp", no_dp),
+            "accountant": ("dp", no_dp), "max_rounds_per_user": ("dp", cfg.dp not in ("local", "distributed")),
+            "reproducible_noise": ("dp", no_dp and not pad),  # nothing random left to repeat
+            "pad_ratio": ("update_mode", not pad), "robust_bound": ("robust_aggregation", cfg.robust_aggregation == "none"),
+            "test_fraction": ("split", cfg.split != "random"), "negatives": ("split", not loo),
+            "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic")}
+    for f in fields(cfg):
+        if f.name.startswith("secagg_"):
+            moot[f.name] = ("secure_aggregation", cfg.secure_aggregation == "none")
+        if f.name.startswith("synthetic_"):
+            moot[f.name] = ("dataset", cfg.dataset != "synthetic")
+    default, out = RunConfig(), {}
+    for f in fields(cfg):
+        if getattr(cfg, f.name) == getattr(default, f.name):
+            continue
+        switch, is_moot = moot.get(f.name, ("", False))
+        if reads is not None and f.name not in reads:
+            out[f.name] = "outside"
+        elif is_moot:
+            out[f.name] = f"with --{_kebab(switch)} {getattr(cfg, switch)}"
+    return out
+
+
+def with_defaults(cfg: RunConfig, names: list[str]) -> RunConfig:
+    return dataclasses.replace(cfg, **{n: getattr(RunConfig(), n) for n in names})
 
 
 def field_help() -> list[tuple[str, Any, str]]:

@@ -8,13 +8,48 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+
+# Files whose presence means a run was written here.
+FINISHED = ("summary.json", "metrics.csv", "config.toml")
 
 
 def make_run_dir(cfg: RunConfig, mode: str) -> Path:
-    path = Path(cfg.out) if cfg.out else Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
+    """The run directory, created and proven writable before any work (an unwritable --out must not
+    cost a finished run). A directory that already holds files is refused, except by --resume of
+    it: old and new results are never mixed. Calling it again for the same, still empty, directory
+    (the CLI checks first, the runner later) is harmless."""
+    if cfg.out or cfg.resume:
+        path = Path(cfg.out or cfg.resume).expanduser()
+    else:  # runs/<mode>-<time>, with a suffix when two runs start in the same second
+        stamp = Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = next(p for p in (Path(f"{stamp}{s}") for s in ("", *(f"-{i}" for i in range(2, 10**6))))
+                    if not p.exists())
+    if cfg.resume and not Path(cfg.resume).expanduser().is_dir():
+        raise ConfigError(f"--resume {cfg.resume}: no such run directory")
+    resuming = bool(cfg.resume) and path.resolve() == Path(cfg.resume).expanduser().resolve()
+    try:
+        if path.is_dir() and any(path.iterdir()) and not resuming:
+            finished = [name for name in FINISHED if (path / name).exists()]
+            what = f"a run ({', '.join(finished)})" if finished else "files"
+            hint = f", or continue it with fedrec simulate --resume {path}" if mode == "federated" else ""
+            raise ConfigError(f"--out {path} already holds {what}; choose a new directory (results are never "
+                              f"mixed){hint}")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".fedrec-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--out {path} cannot be written ({error.strerror}); choose another directory") from None
     return path.resolve()
+
+
+def remove_if_empty(path: Path, keep: Path | None = None) -> None:
+    """Remove a run directory that a failed run left empty, and its empty parents up to `keep`."""
+    for folder in (path, *path.parents):
+        if folder == keep or not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -24,9 +59,14 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_config(directory: Path, cfg: RunConfig) -> None:
+    """The settings that define the experiment: `--config` of this file repeats it into a new
+    directory from anywhere (no `out` or `resume`; `data-dir` absolute)."""
     lines = ["# Resolved fedrec run config: pass it back with --config to repeat the run.", "[tool.flwr.app.config]"]
-    for key, value in cfg.resolved().to_dict().items():
-        lines.append(f"{key} = {json.dumps(value)}")
+    values = cfg.resolved().to_dict()
+    values["data-dir"] = str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else ""
+    for key, value in values.items():
+        if key not in ("out", "resume"):
+            lines.append(f"{key} = {json.dumps(value)}")
     (directory / "config.toml").write_text("\n".join(lines) + "\n")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.common.build import hyper, load_data
-from fedrec.common.config import RunConfig
+from fedrec.common.config import CENTRAL_SETTINGS, RunConfig, ignored_settings, with_defaults
 from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
 from fedrec.datasets import cohort
 from fedrec.models import CentralResult, train_central
@@ -27,7 +27,10 @@ class CentralOutcome:
 
 def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, write: bool = True) -> CentralOutcome:
     start = time.perf_counter()
-    cfg = cfg.resolved().validate()
+    # Settings central training does not read go back to their defaults, so that its saved config
+    # never claims them (compare hands it the federated run's --dp, --rounds...).
+    cfg = with_defaults(cfg, ignored_settings(cfg, CENTRAL_SETTINGS)).resolved().validate()
+    run_dir = make_run_dir(cfg, "central") if write else Path()  # an unwritable --out fails before training
     split = load_data(cfg)
     rows = cohort(split, np.arange(split.n_users))
     # One step per epoch: local-epochs describes what a device does in a round, not the baseline.
@@ -39,14 +42,12 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
         "epochs": cfg.epochs, "wall_seconds": time.perf_counter() - start, "train_seconds": result.wall_seconds,
         "num_users": split.n_users, "num_items": split.n_items, "config": cfg.to_dict(),
     }
-    run_dir = Path()
     if write:
-        run_dir = make_run_dir(cfg, "central")
         frame = write_history(run_dir, result.history)
         write_config(run_dir, cfg)
-        write_json(run_dir / "summary.json", summary)
         save_model(run_dir, result.items)
         metric = main_metric(cfg.implicit, cfg.top_k)
         plot_metric(frame, "epoch", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
                     f"central {cfg.dataset} {cfg.split}: {metric} per epoch")
+        write_json(run_dir / "summary.json", summary)  # last: a summary means the run is complete
     return CentralOutcome(summary, result, run_dir)

@@ -4,6 +4,7 @@ added, clipping, configuration rules, reproducibility, and the budget stop."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from unittest.mock import Mock
 
 import dp_accounting
@@ -134,9 +135,13 @@ def test_non_private_settings_are_rejected_unless_dp_is_none(settings, message):
     RunConfig(dp="none", clipping_norm=1.0).validate()  # clipping alone is allowed
 
 
+_RUN_DIRS = itertools.count()
+
+
 def _central_dp_items(cfg, **changes):
     cfg = dataclasses.replace(cfg, **{"dp": "central", "clipping_norm": 0.3, "noise_multiplier": 0.8,
                                       "users_per_round": 20, "sampling": "poisson", "rounds": 3, **changes})
+    cfg = dataclasses.replace(cfg, out=f"{cfg.out}-{next(_RUN_DIRS)}")  # a run directory is never reused
     return run_server(InProcessGrid(client_app, 2), cfg).items
 
 

@@ -81,7 +81,8 @@ def _setup(cfg, noise=0.0):
 
 
 def test_a_secure_run_trains_the_same_model_as_a_plain_one(cfg):
-    plain = run_server(InProcessGrid(client_app, 6), dataclasses.replace(cfg, secure_aggregation="none"))
+    plain = run_server(InProcessGrid(client_app, 6), dataclasses.replace(cfg, secure_aggregation="none",
+                                                                          out=cfg.out + "-plain"))
     secure = run_server(InProcessGrid(client_app, 6), cfg)
     step = secure.summary["secure_aggregation"]["quantization_step"]
     for name, tensor in plain.items.tensors().items():
