@@ -3,6 +3,7 @@ and `--config FILE` reads a TOML file first; bad input gives one line and exit c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -14,17 +15,89 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.common.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
+from fedrec.common.rundir import make_run_dir, remove_if_empty
 from fedrec.datasets import DataError
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+class _OneLineErrors(typer.core.TyperGroup):
+    """A bad flag or flag value is one line and exit 2, like every other bad input (not click's panel)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            _fail(error.format_message())
+
+
+# Unexpected errors still show a traceback, but without local variables (megabytes of arrays).
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_OneLineErrors,
+                  pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 out = Console()
+
+ALL_SETTINGS = frozenset(f.name for f in fields(RunConfig))
+# Settings each command reads; the others are hidden from its --help, refused as flags, and reset (with
+# a note) when a --config file sets them, so a saved config never claims what a run did not do.
+# Commands not listed here (benchmarks, audits) choose their own cases and take every setting.
+COMMAND_SETTINGS = {
+    "central": (CENTRAL_SETTINGS, "central trains one model on pooled data; federated and privacy settings "
+                                  "apply to simulate and compare"),
+    "tune": (CENTRAL_SETTINGS - {"dim", "reg_user", "reg_item"}, "tune trains central models on pooled data and "
+                                                                  "searches dim, reg-user and reg-item itself"),
+    "simulate": (ALL_SETTINGS - {"epochs"}, "epochs are the central baseline's; simulate trains for --rounds"),
+    "compare": (ALL_SETTINGS - {"resume"}, "compare starts new runs; --resume applies to simulate"),
+}
+# Commands whose run directory is checked (and created) before any work: command -> runs/<name>-<time>.
+RUN_DIR_NAMES = {"central": "central", "simulate": "federated", "compare": "compare", "tune": "tune",
+                 "accuracy": "accuracy", "bench": "bench", "audit": "audit", "secagg_bench": "secagg-bench",
+                 "clip_check": "clip-check", "privacy_sweep": "sweep"}
+RESUMABLE = {"simulate"}
+RESUME_TAKES = {"resume"}  # what may go with --resume: the run continues with its own saved settings
+
+
+def _fail(message: str) -> typing.NoReturn:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _flags(names) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
+
+
+def _settings(name: str, flags: dict, config_file: Path | None) -> RunConfig:
+    """The run's settings from the file and flags, refusing what this command would not use."""
+    if flags.get("resume") and name not in RESUMABLE:
+        raise ConfigError(f"--resume does not apply to {name.replace('_', '-')}; it continues a `fedrec simulate` run")
+    if flags.get("resume") and (config_file or set(flags) - RESUME_TAKES):
+        extra = _flags(sorted(set(flags) - RESUME_TAKES)) or "--config"
+        raise ConfigError(f"--resume continues {flags['resume']} with its own saved settings; drop {extra}")
+    base = RunConfig.from_toml(config_file) if config_file else RunConfig()
+    if base.resume:
+        raise ConfigError(f"{config_file} sets resume; pass --resume RUN_DIR on the command line instead")
+    cfg = RunConfig.from_mapping(flags, base)
+    if name not in COMMAND_SETTINGS:
+        return cfg.validate()
+    reads, why = COMMAND_SETTINGS[name]
+    ignored = ignored_settings(cfg, reads)
+    given = [n for n in ignored if n in flags]
+    if given:
+        outside = [n for n in given if ignored[n] == "outside"]
+        reasons = [f"{_flags(outside)} {'does' if len(outside) == 1 else 'do'} not apply to "
+                   f"{name.replace('_', '-')}: {why}"] if outside else []
+        reasons += [f"{_flags([n])} does not apply {ignored[n]}" for n in given if n not in outside]
+        raise ConfigError("; ".join(reasons))
+    if ignored:  # set by the file only: the file's other settings still apply
+        console.print(f"note: {name.replace('_', '-')} does not use {_flags(ignored)} from {config_file}; "
+                      "they are ignored", highlight=False, soft_wrap=True)
+        cfg = with_defaults(cfg, list(ignored))
+    return cfg.validate()
 
 
 def _config_command(fn):
@@ -33,24 +106,44 @@ def _config_command(fn):
     own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                 default=typer.Option(None, "--config", help="TOML file with settings (flags win)."))]
+    reads = COMMAND_SETTINGS.get(fn.__name__, (ALL_SETTINGS,))[0]
     for f in fields(RunConfig):
-        kind = type(f.default)
+        shown = "off" if f.default is False else (f.default != "" or "empty")  # click hides a False or '' default
         params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, "--" + f.name.replace("_", "-"), help=f"{f.metadata['help']} [default: {f.default!r}]",
-                                 show_default=False)))
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
+            default=typer.Option(f.default, "--" + f.name.replace("_", "-"), help=f.metadata["help"],
+                                 show_default=shown, hidden=f.name not in reads)))
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
     def command(**kwargs):
         extra = {p.name: kwargs.pop(p.name) for p in own}
         config_file = kwargs.pop("config")
+        run_dir = keep = None
         try:
-            base = RunConfig.from_toml(config_file) if config_file else RunConfig()
-            cfg = RunConfig.from_mapping({k: v for k, v in kwargs.items() if v is not None}, base).validate()
-            fn(cfg, **extra)
+            try:
+                # Only flags given on the command line override the --config file, not the defaults shown.
+                source = click.get_current_context().get_parameter_source
+                flags = {k: v for k, v in kwargs.items() if source(k) == click.core.ParameterSource.COMMANDLINE}
+                cfg = _settings(fn.__name__, flags, config_file)
+                if fn.__name__ in RUN_DIR_NAMES:  # before any work: a bad --out must not cost a finished run
+                    target = Path(cfg.out or cfg.resume or "runs/new").expanduser().absolute()
+                    keep = next(p for p in (target, *target.parents) if p.exists()).resolve()
+                    run_dir = make_run_dir(cfg, RUN_DIR_NAMES[fn.__name__])
+                    cfg = dataclasses.replace(cfg, out=str(run_dir))
+                fn(cfg, **extra)
+            except BaseException:
+                if run_dir is not None:
+                    remove_if_empty(run_dir, keep)  # a failed run leaves no empty directory behind
+                raise
         except (ConfigError, DataError) as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _fail(str(error))
+        except MemoryError:
+            _fail(f"out of memory while running {fn.__name__.replace('_', '-')}; lower --dim, --users-per-round, "
+                  "--users-per-node or the data size")
+        except OSError as error:
+            if error.filename is None:
+                raise
+            _fail(f"{error.filename}: {error.strerror or error}")
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = fn.__doc__
@@ -70,9 +163,16 @@ def _quiet_engines() -> None:
     update_console_handler(level=os.environ["FLWR_LOG_LEVEL"])
 
 
-def _progress(total: int, label: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+@contextlib.contextmanager
+def _progress(total: int, label: str):
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True  # a failed run shows its one error line, not a stopped bar
+            raise
 
 
 def _show(title: str, rows: dict[str, dict[str, float]]) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
+from fedrec.common.config import ConfigError
 from fedrec.simulations.cli import cli
 
 SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8"]
@@ -58,11 +60,14 @@ def test_bad_settings_give_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.glob("**/summary.json"))
 
 
-def test_every_command_builds_and_documents_its_flags():
+def test_every_command_builds_and_documents_its_flags_with_defaults():
     for command in ("central", "simulate", "compare", "tune", "accuracy", "bench", "audit", "privacy-sweep"):
-        result = CliRunner().invoke(cli, [command, "--help"])
+        result = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
         assert result.exit_code == 0, (command, result.output)
-        assert "--users-per-round" in result.output and "--seed" in result.output
+        assert "--seed" in result.output and "[default: 0]" in result.output and "[default: synthetic]" in result.output
+        # central and tune train on pooled data: federated and privacy flags are not offered
+        assert ("--users-per-round" in result.output) == (command not in ("central", "tune"))
+        assert ("--dp " in result.output) == (command not in ("central", "tune"))
 
 
 def test_privacy_flags_are_checked_before_any_work(tmp_path):
@@ -72,3 +77,128 @@ def test_privacy_flags_are_checked_before_any_work(tmp_path):
     code, output = _error(["privacy-sweep", "--epsilons", "1,a", "--clipping-norm", "0.1"])
     assert code == 2 and "comma-separated list" in output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run the CLI from an empty directory, so that anything it writes (runs/...) shows."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _one_line_exit_2(args, expected):
+    code, output = _error(args)
+    assert code == 2, (args, output)
+    assert expected in output and "Traceback" not in output, (args, output)
+    assert len(output.splitlines()) == 1, output
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["central", "--server-lr", "nan"], "server-lr must be a finite number"),
+    (["central", "--lr", "nan"], "lr must be a finite number"),
+    (["central", "--init-std", "inf"], "init-std must be a finite number"),
+    (["simulate", "--clipping-norm", "nan"], "clipping-norm must be a finite number"),
+    (["simulate", "--dp", "central", "--clipping-norm", "0.1", "--target-epsilon", "nan"],
+     "target-epsilon must be a finite number"),
+    (["central", "--seed", "-1"], "seed must be between 0 and 2**63 - 1"),
+    (["central", "--seed", str(2**63)], "seed must be between 0 and 2**63 - 1"),
+    (["central", "--dim", "1e9"], "'--dim'"),
+    (["central", "--dim", "1000000000"], "dim must be at most 8,192"),
+    (["simulate", "--synthetic-users", "1e10"], "'--synthetic-users'"),
+    (["simulate", "--synthetic-users", "10000000000"], "synthetic-users must be at most"),
+    (["simulate", "--synthetic-users", "50000000", "--synthetic-items", "5000000"],
+     "GB of memory and this machine has"),
+    (["simulate", "--split", "loo", "--negatives", "1000000"], "negatives must be at most"),
+    (["simulate", "--round-timeout", "-1"], "round-timeout must be >= 0"),
+    (["simulate", "--min-reply-fraction", "1.5"], "min-reply-fraction must be in [0, 1]"),
+    (["simulate", "--dropout", "1"], "dropout must be in [0, 1)"),
+    (["simulate", "--robust-aggregation", "norm-bound", "--robust-bound", "0"], "robust-bound must be > 0"),
+    (["simulate", "--checkpoint-every", "-1"], "checkpoint-every must be >= 0"),
+    (["simulate", "--target-epsilon", "8"], "--target-epsilon does not apply with --dp none"),
+    (["simulate", "--target-delta", "1e-6"], "--target-delta does not apply with --dp none"),
+    (["simulate", "--secagg-min-fraction", "0.9"], "--secagg-min-fraction does not apply with --secure-aggregation none"),
+    (["simulate", "--dataset", "ml-100k", "--synthetic-users", "80"], "--synthetic-users does not apply with --dataset ml-100k"),
+    (["simulate", "--epochs", "5"], "--epochs does not apply to simulate"),
+    (["central", "--dp", "central"], "--dp does not apply to central: central trains one model on pooled data"),
+    (["central", "--rounds", "5", "--noise-multiplier", "1"], "--rounds, --noise-multiplier do not apply to central"),
+    (["tune", "--dim", "16"], "--dim does not apply to tune"),
+    (["central", "--resume", "runs/x"], "--resume does not apply to central"),
+    (["simulate", "--resume", "runs/x", "--dim", "8"], "--resume continues runs/x with its own saved settings; drop --dim"),
+    (["simulate", "--resume", "runs/x"], "--resume runs/x: no such run directory"),
+    (["central", "--no-such-flag", "3"], "No such option"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(in_tmp, args, expected):
+    _one_line_exit_2(args, expected)
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_bad_out_is_found_before_training(in_tmp, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr("fedrec.simulations.central.train_central", no_training)
+    (in_tmp / "file").write_text("x")
+    _one_line_exit_2(["central", "--out", str(in_tmp / "file" / "run")], "cannot be written (Not a directory)")
+    _one_line_exit_2(["central", "--out", str(in_tmp / "file")], "cannot be written (File exists)")
+    finished = in_tmp / "old"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    _one_line_exit_2(["central", "--out", str(finished)], "already holds a run (summary.json)")
+    _one_line_exit_2(["simulate", "--out", str(finished)], "or continue it with fedrec simulate --resume")
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["file", "old"] and [p.name for p in finished.iterdir()] == ["summary.json"]
+
+
+def test_a_run_that_fails_leaves_no_directory(in_tmp):
+    _one_line_exit_2(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"], "ml-100k is not at")
+    _one_line_exit_2(["simulate", "--users-per-round", "5000", *SMALL], "is larger than the 80 users")
+    assert list(in_tmp.iterdir()) == []  # neither the run directories nor the data directory
+
+
+@pytest.mark.parametrize("error,expected", [
+    (MemoryError(), "out of memory while running central; lower --dim"),
+    (OSError(28, "No space left on device", "/full/disk/metrics.csv"), "/full/disk/metrics.csv: No space left on device"),
+])
+def test_memory_and_disk_errors_are_one_line(in_tmp, monkeypatch, error, expected):
+    def fail(cfg):
+        raise error
+
+    monkeypatch.setattr("fedrec.simulations.cli.run_central_cli", fail)
+    _one_line_exit_2(["central"], expected)
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_config_file_settings_a_command_does_not_use_are_reset_with_a_note(in_tmp, monkeypatch):
+    seen = {}
+
+    def capture(cfg):
+        seen["cfg"] = cfg
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr("fedrec.simulations.cli.run_central_cli", capture)
+    (in_tmp / "c.toml").write_text('dp = "central"\nclipping-norm = 0.1\ntarget-epsilon = 4.0\nrounds = 5\ndim = 4\n')
+    code, output = _error(["central", "--config", "c.toml"])
+    assert code == 2 and "note: central does not use --rounds, --dp, --clipping-norm, --target-epsilon" in output
+    cfg = seen["cfg"]
+    assert (cfg.dp, cfg.clipping_norm, cfg.target_epsilon, cfg.rounds, cfg.dim) == ("none", 0.0, 0.0, 60, 4)
+    (in_tmp / "c.toml").write_text("rounds = true\n")
+    _one_line_exit_2(["simulate", "--config", "c.toml"], "rounds=True is not a valid int")
+    (in_tmp / "c.toml").write_text('resume = "runs/x"\n')
+    _one_line_exit_2(["simulate", "--config", "c.toml"], "sets resume; pass --resume RUN_DIR")
+
+
+def test_saved_config_repeats_the_run_into_a_new_directory(tmp_path, monkeypatch):
+    out = tmp_path / "first"
+    args = ["central", *SMALL, "--epochs", "2", "--eval-every", "2", "--seed", "5"]
+    assert CliRunner().invoke(cli, [*args, "--out", str(out)]).exit_code == 0
+    saved = (out / "config.toml").read_text()
+    assert "\nout =" not in saved and "\nresume =" not in saved
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(cli, ["central", "--config", str(out / "config.toml")])
+    assert result.exit_code == 0, result.output
+    (rerun,) = (elsewhere / "runs").iterdir()
+    assert (rerun / "config.toml").read_text() == saved  # the same experiment
+    assert json.loads((rerun / "summary.json").read_text())["metrics"] == json.loads((out / "summary.json").read_text())["metrics"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the first run is untouched
