@@ -13,9 +13,11 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedrec.common import schema
@@ -110,7 +112,10 @@ def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state
         if stop is not None and stop.is_set():
             raise Interrupted(f"stopped after round {state.last_round}")
         config[schema.CHECKPOINT_ROUND] = _last_checkpoint(state.last_round, cfg.checkpoint_every)
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid), timeout=timeout)
+        log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
+        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid),
+                                             timeout=timeout))
+        log(INFO, "round %s: received %s train replies", server_round, len(replies))  # withheld under DP
         updated, _ = strategy.aggregate_train(server_round, replies)
         if updated is not None:
             arrays = updated
