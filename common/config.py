@@ -107,8 +107,8 @@ class RunConfig:
     robust_bound: float = _f(10.0, "norm-bound: allowed multiple of the round's median per-user update norm.")
     checkpoint_every: int = _f(10, "Write a checkpoint to the run directory every this many rounds (and on "
                                    "Ctrl-C/SIGTERM); 0: only on an interrupt.")
-    resume: str = _f("", "Run directory of an interrupted run to continue from its last checkpoint (the run's own "
-                         "settings are used; pass only this and --out).")
+    resume: str = _f("", "Run directory of an interrupted run to continue from its last checkpoint, with the run's "
+                         "own saved settings (so nothing else may be passed with it).")
     # --- output
     out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
 

@@ -143,3 +143,56 @@ def test_a_node_that_leaves_is_skipped_and_used_again_when_it_rejoins(small_cfg)
     assert np.isnan(by_round.loc[4, "users_unreachable"]) and by_round.loc[4, "nodes_replied"] == 3
     trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
     assert 2001 in trained
+
+
+def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denominator():
+    """Three nodes asked, one fails: the step is (sum of the two replies + full noise) / expected users."""
+    from unittest.mock import Mock
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.common import schema
+    from fedrec.common.config import RunConfig
+    from fedrec.models import Hyper, ItemParams
+    from fedrec.models.randomness import private_rng
+    from fedrec.server.directory import NodeDirectory
+    from fedrec.server.privacy import PrivacyPlan, add_central_noise
+    from fedrec.server.strategy import FedRecStrategy, array_record
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    n_items, dim, z, clip, expected = 5, 2, 1.3, 1.0, 6
+    cfg = RunConfig(strategy="fedavg", server_lr=1.0, dp="central", noise_multiplier=z, clipping_norm=clip,
+                    users_per_round=expected, sampling="poisson", seed=3, reproducible_noise=True, dim=dim,
+                    min_reply_fraction=0.0)
+    items = ItemParams.init(n_items, Hyper(dim=dim, init_std=0.0), 0.0)
+    plan = PrivacyPlan("central", z, clip, "poisson", expected, 9, 1e-5, "rdp")
+    directory = NodeDirectory(np.array([11, 22, 33], np.uint64), np.array([0, 3, 6]), np.array([3, 3, 3]), 9, n_items,
+                              (1.0, 5.0))
+    strategy = FedRecStrategy(cfg, directory, items, privacy=plan)
+    grid = Mock(get_node_ids=Mock(return_value=[11, 22, 33]))
+    strategy.configure_train(1, array_record(items), ConfigRecord({"dim": dim}), grid)
+    sent = dict(strategy._sent)
+
+    def reply(node, value):
+        update = {schema.ITEM_EMB: np.full((n_items, dim), value, np.float32),
+                  schema.ITEM_BIAS: np.zeros(n_items, np.float32), schema.GLOBAL_BIAS: np.zeros(1, np.float32)}
+        message = Mock(spec=Message)
+        message.has_error.return_value = False
+        message.content = RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}),
+                                      schema.METRICS: MetricRecord({schema.WEIGHT: 1, "loss-sum": 0.0, "num-rows": 1})})
+        message.metadata.src_node_id = node
+        return message
+
+    failed = Mock(spec=Message)
+    failed.has_error.return_value = True
+    failed.error = Error(code=0, reason="node unavailable")
+    failed.metadata.src_node_id = 33
+    live = [n for n in sent if n != 33][:2]
+    value = 0.1 / np.sqrt(n_items * dim)  # each reply well inside 1 user x C
+    strategy.aggregate_train(1, [reply(n, value) for n in live] + [failed])
+    total = {schema.ITEM_EMB: np.full((n_items, dim), value * len(live)), schema.ITEM_BIAS: np.zeros(n_items),
+             schema.GLOBAL_BIAS: np.zeros(1)}
+    expected_step = add_central_noise(total, plan, private_rng("central-noise", 3, 1))[schema.ITEM_EMB] / expected
+    np.testing.assert_allclose(items.emb.numpy(), expected_step, rtol=1e-5, atol=1e-7)
+    assert strategy._row["nodes_failed"] == 1
