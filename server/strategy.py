@@ -42,7 +42,7 @@ from .privacy import PrivacyPlan, add_central_noise
 from .releases import released_row
 from .robust import reply_scales
 from .sampling import sample_users, sampling_rng
-from .validation import check_eval_reply, check_reply_norm, check_train_reply
+from .validation import check_eval_reply, check_reply_norm, check_train_reply, secure_setup
 
 
 class BudgetExhausted(RuntimeError):
@@ -139,18 +139,22 @@ class FedRecStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         n_items, dim = self.items.emb.shape
         accepted: list[tuple[dict, float, Message]] = []  # (dense update, users, reply)
+        # Under SecAgg+ the one reply is the sum of every node asked: it answers for all their users.
+        secure = secure_setup(self.cfg, self.directory, n_items, dim)
         for reply in replies:
             node = int(reply.metadata.src_node_id)
             if reply.has_error():
                 self._count("nodes_failed", server_round, node, f"error reply: {reply.error.reason}")
                 continue
-            problem = check_train_reply(reply.content, self._sent.get(node, 0), n_items, dim, self.cfg)
+            sent = sum(self._sent.values()) if secure else self._sent.get(node, 0)
+            problem = check_train_reply(reply.content, sent, n_items, dim, self.cfg)  # before anything is read
             dense = None
             if problem is None:
                 record = reply.content[schema.ARRAYS]
                 dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
                 users = float(reply.content[schema.METRICS][schema.WEIGHT])
-                problem = check_reply_norm(_norm(dense), users, self.cfg)
+                problem = check_reply_norm(_norm(dense), users, self.cfg, n_items * (dim + 1) + 1, secure,
+                                           len(self._sent) if secure else 1)
             if problem is not None:
                 self._count("nodes_rejected", server_round, node, problem)
                 continue
@@ -257,7 +261,7 @@ class FedRecStrategy(FedAvg):
                 self._count("nodes_failed", server_round, node, f"evaluation error reply: {reply.error.reason}")
                 continue
             problem = check_eval_reply(reply.content, self.directory.hosted(node), self.cfg,
-                                       self.directory.rating_scale)
+                                       self.directory.rating_scale, n_items=self.directory.num_items)
             if problem is not None:
                 self._count("nodes_rejected", server_round, node, f"evaluation: {problem}")
                 continue
