@@ -407,6 +407,28 @@ def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", hel
     out.print(f"results in {report['run_dir']}/sweep.json")
 
 
+@cli.command()
+def deploy(nodes: int = typer.Option(3, min=1, help="SuperNodes to start (node I hosts partition I of N)"),
+           dir: Optional[Path] = typer.Option(None, "--dir", help="certs, keys, database, logs, run [default: runs/deploy-<time>]"),
+           insecure: bool = typer.Option(False, help="no TLS, no SuperNode authentication: loopback tests only"),
+           run_config: str = typer.Option("rounds=3 eval-every=3", help="flwr run --run-config, e.g. 'rounds=3 synthetic-users=300'"),
+           keep_running: bool = typer.Option(False, help="leave the federation up after the run and print how to stop it"),
+           data_dir: Optional[Path] = typer.Option(None, help="where nodes read data [default: $FEDREC_DATA_DIR or ~/.cache/fedrec]")) -> None:
+    """A SuperLink and N SuperNodes on this machine (TLS, SuperNode authentication, state in a database), one fedrec run."""
+    import time
+
+    from fedrec.simulations.deploy import deploy as run_deploy
+
+    root = dir or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        code = run_deploy(nodes, root, run_config, insecure, keep_running, data_dir,
+                          log=lambda line: console.print(line, highlight=False, markup=False))
+    except (FileExistsError, ValueError, TimeoutError, RuntimeError) as error:  # bad --dir / paths: 2; failed start: 1
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(error, (FileExistsError, ValueError)) else 1) from None
+    raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         cli()
