@@ -220,7 +220,7 @@ class FedRecStrategy(FedAvg):
     def _count(self, column: str, server_round: int, node: int, reason: str) -> None:
         """A reply that is not used: counted in the round's row and logged with its reason."""
         self._row[column] = self._row.get(column, 0) + 1
-        log(WARNING, "round %s: node %s %s: %s", server_round, node, column.split("_")[1], reason)
+        log(WARNING, "round %s: reply of node %s %s: %s", server_round, node, column.split("_")[1], reason)
         if self.audit is not None:
             self.audit({"round": server_round, "node": node, "dropped": column.split("_")[1], "reason": reason})
 

@@ -363,6 +363,19 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
     out.print(f"results in {report['run_dir']}/secagg_bench.json")
 
 
+@cli.command()
+@_config_command
+def robustness(cfg: RunConfig, dropout_rate: float = typer.Option(0.3, help="share of sampled devices failing each round"),
+               poisoning: bool = typer.Option(True, help="also run the poisoning experiment")) -> None:
+    """Dropouts, stop-and-resume and poisoning against clean runs of the same settings; writes OUT/robustness.json."""
+    from fedrec.simulations.robustness import run_robustness
+
+    if not 0 < dropout_rate < 1:
+        raise ConfigError(f"--dropout-rate must be between 0 and 1 (got {dropout_rate})")
+    report = run_robustness(cfg, dropout_rate, poisoning, log=lambda line: console.print(line, highlight=False))
+    out.print(f"results in {report['run_dir']}/robustness.json")
+
+
 @cli.command("clip-check")
 @_config_command
 def clip_check(cfg: RunConfig,
