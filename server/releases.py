@@ -35,9 +35,10 @@ class WithheldLogLines(logging.Filter):
 
 
 def released_row(row: dict, private: bool) -> dict:
-    """The part of a round's record that may leave the server."""
+    """The part of a round's record that may leave the server (keys starting with _ never do)."""
+    row = {k: v for k, v in row.items() if not k.startswith("_")}
     if not private:
-        return dict(row)
+        return row
     return {k: v for k, v in row.items() if k in DP_ROUND_KEYS or is_evaluation(k)}
 
 

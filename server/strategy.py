@@ -165,6 +165,11 @@ class FedRecStrategy(FedAvg):
         users = float(sum(u for _, u, _ in accepted))
         self._row["users_failed"] = max(self._row.get("users_sampled", 0) - users, 0)
         central = self.privacy is not None and self.privacy.mode == "central"
+        rejected = self._row.get("nodes_rejected", 0)
+        if not accepted and rejected and self._row.get("_non_finite", 0) == rejected:
+            # Every reply came back with inf/nan: honest devices whose training blew up, not an attack.
+            raise ConfigError(f"training diverged in round {server_round} (every reply held non-finite values); "
+                              f"lower --server-lr ({self.cfg.server_lr}) or --lr ({self.cfg.lr})")
         if not self._enough(users):
             # Too few updates arrived to be worth a step. Nothing is released, but a DP run still
             # counts the round: epsilon then does not tell that the round was skipped.
@@ -220,6 +225,8 @@ class FedRecStrategy(FedAvg):
     def _count(self, column: str, server_round: int, node: int, reason: str) -> None:
         """A reply that is not used: counted in the round's row and logged with its reason."""
         self._row[column] = self._row.get(column, 0) + 1
+        if "finite" in reason:
+            self._row["_non_finite"] = self._row.get("_non_finite", 0) + 1
         log(WARNING, "round %s: reply of node %s %s: %s", server_round, node, column.split("_")[1], reason)
         if self.audit is not None:
             self.audit({"round": server_round, "node": node, "dropped": column.split("_")[1], "reason": reason})
