@@ -173,30 +173,24 @@ def test_secure_deployment_refuses_strangers_and_survives_a_superlink_restart(tm
         assert not plain["success"] and not mitm["success"], (plain, mitm)
         assert "Connection to the SuperLink is unavailable" in plain["error-message"] + mitm["error-message"]
 
-        out = tmp_path / "run1"
-        run, output = fed.run(f"rounds=2 eval-every=2 {FAST} out='{out}'")
-        assert run.get("status") == "finished:completed", output
-        _assert_served_by(out, registered, rounds=2)
-
         # Restart the SuperLink on the same database: registrations and node ids survive, the
-        # SuperNodes reconnect on their own, and the next run completes.
+        # SuperNodes reconnect on their own, and a run over TLS completes on the registered
+        # nodes only. (One run, after the restart, keeps the test short: each ClientApp call
+        # starts a process that imports torch.)
         fed.restart_superlink()
         assert set(fed.node_status()) == set(registered)
-        out = tmp_path / "run2"
-        run, output = fed.run(f"rounds=1 eval-every=1 {FAST} out='{out}'")
+        out = tmp_path / "run"
+        run, output = fed.run(f"rounds=2 eval-every=2 {FAST} out='{out}'")
         assert run.get("status") == "finished:completed", output
-        _assert_served_by(out, registered, rounds=1)
-        assert "Connection successful after" in (fed.root / "node0.log").read_text()  # it retried, then got back in
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["num_nodes"] == 2 and summary["rounds"] == 2
+        audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+        assert {str(a["node"]) for a in audit} == set(registered)  # only the registered nodes trained
+        restarted_log = (fed.root / "superlink-restart1.log").read_text()  # the new SuperLink got their replies
+        assert all(f"Push replies from node_id={node}" in restarted_log for node in registered)
     finally:
         fed.stop()
     assert _no_processes_left(fed.root / "flwr-home")
-
-
-def _assert_served_by(out: Path, registered: dict, rounds: int) -> None:
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_nodes"] == 2 and summary["rounds"] == rounds
-    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
-    assert {str(a["node"]) for a in audit} == set(registered)  # only the registered nodes trained
 
 
 @pytest.mark.engine
