@@ -90,3 +90,29 @@ def test_node_without_partition_config_gets_a_clear_error(small_cfg):
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="--node-config 'partition-id=U num-partitions=N'"):
         app(msg, ctx)  # the engines turn this into an error reply carrying the message
+
+
+def test_a_node_reads_data_where_its_own_config_says_never_where_the_server_says(shared_data, tmp_path):
+    from fedrec.common.config import RunConfig
+
+    server_pick = tmp_path / "chosen-by-the-server"
+    cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(server_pick))
+    hello = _message(RecordDict({schema.CONFIG: ConfigRecord(cfg.to_dict())}), MessageType.QUERY)
+    node_config = {"partition-id": 0, "num-partitions": 1, "data-dir": str(shared_data)}
+    reply = app(hello, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={}))
+    assert reply.content[schema.METRICS]["population"] == 943
+    assert not server_pick.exists()  # nothing created or downloaded where the server pointed
+
+
+def test_a_device_keeps_its_state_on_its_own_disk_under_a_checked_series_name(tmp_path):
+    from fedrec.client.storage import load_snapshot, save_snapshot
+
+    state = {"emb": np.ones((2, 3), np.float32)}
+    for round_ in (1, 2, 3):
+        save_snapshot(tmp_path, "0123456789abcdef", round_, {"emb": state["emb"] * round_}, keep_from=2)
+    assert sorted(p.name for p in (tmp_path / "0123456789abcdef").iterdir()) == ["state-r000002.npz",
+                                                                                  "state-r000003.npz"]
+    np.testing.assert_array_equal(load_snapshot(tmp_path, "0123456789abcdef", 2)["emb"], state["emb"] * 2)
+    assert load_snapshot(tmp_path, "0123456789abcdef", 1) is None
+    with pytest.raises(ValueError, match="16 hex digits"):  # the server names no path
+        save_snapshot(tmp_path, "../../etc", 1, state, keep_from=0)
