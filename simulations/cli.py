@@ -368,6 +368,7 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
 def robustness(cfg: RunConfig, dropout_rate: float = typer.Option(0.3, help="share of sampled devices failing each round"),
                poisoning: bool = typer.Option(True, help="also run the poisoning experiment")) -> None:
     """Dropouts, stop-and-resume and poisoning against clean runs of the same settings; writes OUT/robustness.json."""
+    _quiet_engines()
     from fedrec.simulations.robustness import run_robustness
 
     if not 0 < dropout_rate < 1:
