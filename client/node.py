@@ -7,16 +7,17 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Context
 
 from fedrec.common.build import hyper, load_data, node_users
 from fedrec.common.config import RunConfig
-from fedrec.common.schema import CHECKPOINT_ROUND, SERIES, STATE_KEY
+from fedrec.common.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 from fedrec.datasets import CohortData, Split, cohort
 from fedrec.models import Hyper, UserState
 from fedrec.models.randomness import private_rng
 
-from .storage import load_snapshot, save_snapshot, state_root
+from .storage import discard_after, load_snapshot, rounds_taken, save_snapshot, state_root
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,15 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
     server would know it and could fit each uploaded row against it."""
     if STATE_KEY not in context.state:
         root, series = state_root(context), str(config.get(SERIES, ""))
+        if root and series and RESUMED_FROM in config:
+            discard_after(root, series, str(config[RESUMED_FROM]))
         saved = load_snapshot(root, series, up_to) if root and series else None
         if saved is not None:
             state = UserState.from_arrays(saved)
+            steps = rounds_taken(root, series)
+            if cfg.dp in ("local", "distributed") and steps is not None and len(steps) == len(state.step):
+                # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
+                state.step = torch.maximum(state.step, torch.as_tensor(steps, dtype=state.step.dtype))
         else:
             # --reproducible-noise keeps the seeded population matrix, as in non-private runs
             private = (cfg.dp != "none" or cfg.update_mode == "padded") and not cfg.reproducible_noise

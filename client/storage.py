@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Context
 
 ENV_DIR = "FEDREC_DEVICE_STATE_DIR"
-_SNAPSHOT = re.compile(r"state-r(\d{6})\.npz")
+_SNAPSHOT = re.compile(r"state-r(\d{6,})\.npz")
 
 
 def state_root(context: Context) -> Path | None:
@@ -45,17 +45,50 @@ def save_snapshot(root: Path, series: str, round_: int, arrays: dict[str, np.nda
     """Write the state after `round_`; drop snapshots no resume can need (older than the newest
     one at or before `keep_from`, the server's last checkpoint round)."""
     directory = _series_dir(root, series)
+    if round_ < 0:
+        raise ValueError(f"round {round_} is negative")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"state-r{round_:06d}.npz"
     tmp = directory / f".{path.name}.tmp"
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     os.replace(tmp, path)
+    steps = rounds_taken(root, series)
+    if "step" in arrays:
+        steps = arrays["step"] if steps is None or len(steps) != len(arrays["step"]) else np.maximum(steps, arrays["step"])
+        np.save(directory / ".steps.tmp.npy", steps)
+        os.replace(directory / ".steps.tmp.npy", directory / "steps.npy")
     rounds = _rounds(directory)
     floor = max((r for r in rounds if r <= keep_from), default=None)
     for r in rounds:
         if floor is not None and r < floor:
             (directory / f"state-r{r:06d}.npz").unlink(missing_ok=True)
+
+
+def discard_after(root: Path, series: str, resumed: str) -> None:
+    """A resumed run ("<round>-<session>") restarts after <round>: snapshots of later rounds
+    belong to the timeline the crash cut off and must not be loaded (under DP its sampling is
+    not redone identically). Once per resumed session, so a device restarting later in the
+    same session keeps what it has saved since."""
+    match = re.fullmatch(r"(\d+)-([0-9a-f]{8})", resumed)
+    if not match:
+        raise ValueError(f"resumed-from {resumed!r} is not <round>-<8 hex digits>")
+    directory = _series_dir(root, series)
+    marker = directory / f"resumed-{match.group(2)}"
+    if marker.exists():
+        return
+    for r in _rounds(directory):
+        if r > int(match.group(1)):
+            (directory / f"state-r{r:06d}.npz").unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def rounds_taken(root: Path, series: str) -> np.ndarray | None:
+    """Per user, the most local steps the device ever saved: never goes back on a resume, so the
+    participation cap holds across crashes."""
+    path = _series_dir(root, series) / "steps.npy"
+    return np.load(path, allow_pickle=False) if path.is_file() else None
 
 
 def load_snapshot(root: Path, series: str, up_to: int) -> dict[str, np.ndarray] | None:

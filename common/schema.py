@@ -24,7 +24,8 @@ USERS = "users"  # config: the sampled users this node trains in this round
 NOISE_SHARE = "noise-share-std"  # config, distributed DP: each user's share of the noise (std per coordinate)
 SERIES = "run-series"  # config: 16 hex digits naming this run's saved device state (kept across resumptions)
 CHECKPOINT_ROUND = "checkpoint-round"  # config: the server's last checkpoint; devices keep state back to it
-ROUND_KEYS = (ROUND, USERS, NOISE_SHARE, SERIES, CHECKPOINT_ROUND)  # per-round config values, not run settings
+RESUMED_FROM = "resumed-from"  # config, a resumed run: "<checkpoint round>-<session>"; devices drop later snapshots
+ROUND_KEYS = (ROUND, USERS, NOISE_SHARE, SERIES, CHECKPOINT_ROUND, RESUMED_FROM)  # per-round, not settings
 
 # Query (discovery) reply: which users a node hosts and the shapes of the model.
 HELLO_METRICS = ("partition-id", "num-partitions", "first-user", "num-users", "population", "num-items",

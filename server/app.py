@@ -161,8 +161,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
                                "num_users": directory.population, "config": cfg.to_dict()},
                      series=saved.series if saved else checkpoint.new_series())
     if saved:
-        restore(strategy, saved)
-        state.last_round = saved.round
+        restore(strategy, saved, run_dir)
+        state.last_round = state.resumed_from = saved.round
     write_config(run_dir, cfg)
     state.status("running", rounds=state.last_round)
     stopped = interrupted = None

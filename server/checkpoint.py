@@ -111,4 +111,31 @@ def load(run_dir: Path) -> Checkpoint:
 
 def remove(run_dir: Path) -> None:
     (Path(run_dir) / CHECKPOINT).unlink(missing_ok=True)
+    (Path(run_dir) / PROGRESS).unlink(missing_ok=True)
+
+
+# A DP run's rounds can be released after the last checkpoint and before a crash. Each round
+# is recorded here before its messages go out, so a resume accounts for them.
+PROGRESS = "progress.npz"
+
+
+def save_progress(run_dir: Path, round_started: int, participation: np.ndarray | None) -> None:
+    arrays = {"round": np.array(round_started)}
+    if participation is not None:
+        arrays["participation"] = participation
+    tmp = run_dir / (PROGRESS + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, run_dir / PROGRESS)
+
+
+def load_progress(run_dir: Path) -> tuple[int, np.ndarray | None]:
+    """(last round whose messages may have gone out, participation after its sampling) or (0, None)."""
+    path = Path(run_dir) / PROGRESS
+    if not path.is_file():
+        return 0, None
+    with np.load(path, allow_pickle=False) as data:
+        return int(data["round"]), (data["participation"] if "participation" in data.files else None)
 

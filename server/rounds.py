@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
 import signal
 import threading
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -66,6 +68,7 @@ class RunState:
     summary: dict  # the parts of summary.json known from the start
     series: str
     last_round: int = 0  # last round completed
+    resumed_from: int | None = None  # the checkpoint round this session started from
 
     def status(self, status: str, **extra) -> None:
         write_json(self.run_dir / "summary.json", {"status": status, **self.summary, **extra})
@@ -74,14 +77,23 @@ class RunState:
 def save_checkpoint(state: RunState, strategy: FedRecStrategy) -> None:
     from .checkpoint import optimizer_arrays
 
+    private = strategy.privacy is not None
     checkpoint.save(state.run_dir, checkpoint.Checkpoint(
         round=state.last_round, series=state.series, items=strategy.items.numpy(),
-        optimizer=optimizer_arrays(strategy.optimizer), participation=strategy.participation,
+        optimizer=optimizer_arrays(strategy.optimizer), participation=_participation(strategy),
         rounds_trained=strategy.rounds_trained, epsilon=strategy.epsilon, history=strategy.history,
-        bytes_up=strategy.bytes_up, bytes_down=strategy.bytes_down))
+        bytes_up=0 if private else strategy.bytes_up, bytes_down=0 if private else strategy.bytes_down))
 
 
-def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint) -> None:
+def _participation(strategy: FedRecStrategy) -> np.ndarray:
+    """Who took part how often: kept only where the privacy accounting needs it (the local and
+    distributed participation cap), since it tells who was sampled."""
+    if strategy.privacy is not None and not strategy.privacy.max_rounds:
+        return np.zeros(0, np.int64)
+    return strategy.participation
+
+
+def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint, run_dir: Path) -> None:
     import torch
 
     from .checkpoint import load_optimizer
@@ -90,11 +102,19 @@ def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint) -> None:
         with torch.no_grad():
             tensor.copy_(torch.as_tensor(saved.items[name]))
     load_optimizer(strategy.optimizer, saved.optimizer)
-    if len(saved.participation) != len(strategy.participation):
+    if len(saved.participation) not in (0, len(strategy.participation)):
         raise checkpoint.CheckpointError("the checkpoint's population differs from the federation's; "
                                          "resume against the same data set and nodes")
-    strategy.participation[:] = saved.participation
+    if len(saved.participation):
+        strategy.participation[:] = saved.participation
     strategy.rounds_trained, strategy.epsilon = saved.rounds_trained, saved.epsilon
+    started, participation = checkpoint.load_progress(run_dir)
+    if strategy.privacy is not None and started > saved.round:
+        # Rounds the interrupted run sent out after its checkpoint were released: account them.
+        strategy.rounds_trained += started - saved.round
+        if participation is not None:
+            np.maximum(strategy.participation, participation, out=strategy.participation)
+        strategy.epsilon = strategy._spent_after(strategy.rounds_trained, int(strategy.participation.max()))
     strategy.history = list(saved.history)
     strategy.bytes_up, strategy.bytes_down = saved.bytes_up, saved.bytes_down
 
@@ -107,14 +127,19 @@ def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state
     timeout = cfg.round_timeout or WAIT_FOREVER
     config = ConfigRecord(dict(config))
     config[schema.SERIES] = state.series
+    if state.resumed_from is not None:  # with a session token: devices drop the cut-off timeline once
+        config[schema.RESUMED_FROM] = f"{state.resumed_from}-{secrets.token_hex(4)}"
     arrays: ArrayRecord = array_record(strategy.items)
     for server_round in range(state.last_round + 1, cfg.rounds + 1):
         if stop is not None and stop.is_set():
             raise Interrupted(f"stopped after round {state.last_round}")
         config[schema.CHECKPOINT_ROUND] = _last_checkpoint(state.last_round, cfg.checkpoint_every)
         log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
-        replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid),
-                                             timeout=timeout))
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        if strategy.privacy is not None:  # before anything goes out: a crash from here on is accounted
+            checkpoint.save_progress(state.run_dir, server_round,
+                                     strategy.participation if strategy.privacy.max_rounds else None)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
         log(INFO, "round %s: received %s train replies", server_round, len(replies))  # withheld under DP
         updated, _ = strategy.aggregate_train(server_round, replies)
         if updated is not None:

@@ -42,7 +42,7 @@ from .privacy import PrivacyPlan, add_central_noise
 from .releases import released_row
 from .robust import reply_scales
 from .sampling import sample_users, sampling_rng
-from .validation import check_eval_reply, check_reply_norm, check_train_reply, secure_setup
+from .validation import check_eval_reply, check_reply_norm, check_reply_peak, check_train_reply, secure_setup
 
 
 class BudgetExhausted(RuntimeError):
@@ -86,10 +86,11 @@ class FedRecStrategy(FedAvg):
         self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
 
     # ---------------------------------------------------------------- privacy
-    def _spent_after(self, server_round: int, participation_max: int) -> float:
-        """Epsilon once `server_round` rounds are released (local DP: the most active user's rounds).
-        Every round is the same event, so this is one composition of `count` copies."""
-        count = min(participation_max, self.privacy.max_rounds) if self.privacy.mode == "local" else server_round
+    def _spent_after(self, releases: int, participation_max: int) -> float:
+        """Epsilon once `releases` rounds are out (local DP: the most active user's rounds). Every
+        round is the same event, so this is one composition of `count` copies. Releases, not the
+        round number: after a crash and --resume, the rounds the lost run got through count too."""
+        count = min(participation_max, self.privacy.max_rounds) if self.privacy.mode == "local" else releases
         if count not in self._epsilons:
             self._epsilons[count] = self.privacy.epsilon(count)
         return self._epsilons[count]
@@ -98,13 +99,13 @@ class FedRecStrategy(FedAvg):
         target = self.cfg.target_epsilon
         if not self.privacy or target <= 0:
             return
-        upcoming = self._spent_after(server_round, int(self.participation.max()) + 1)
+        upcoming = self._spent_after(self.rounds_trained + 1, int(self.participation.max()) + 1)
         if upcoming > target * (1 + 1e-6):
             raise BudgetExhausted(f"round {server_round} would spend epsilon {upcoming:.3f} beyond the target {target}")
 
     def _account(self, server_round: int) -> None:
         if self.privacy:
-            self.epsilon = self._spent_after(server_round, int(self.participation.max()))
+            self.epsilon = self._spent_after(self.rounds_trained, int(self.participation.max()))
             self._row["epsilon"] = self.epsilon
 
     # ---------------------------------------------------------------- train
@@ -154,7 +155,9 @@ class FedRecStrategy(FedAvg):
                 dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
                 users = float(reply.content[schema.METRICS][schema.WEIGHT])
                 problem = check_reply_norm(_norm(dense), users, self.cfg, n_items * (dim + 1) + 1, secure,
-                                           len(self._sent) if secure else 1)
+                                           len(self._sent) if secure else 1) or check_reply_peak(
+                    max(float(np.abs(dense[k]).max(initial=0.0)) for k in schema.ITEM_ARRAYS), users, self.cfg,
+                    n_items * (dim + 1) + 1)
             if problem is not None:
                 self._count("nodes_rejected", server_round, node, problem)
                 continue
@@ -220,6 +223,10 @@ class FedRecStrategy(FedAvg):
         sampled = self._row.get("users_sampled", 0)
         if self.cfg.secure_aggregation != "none" or sampled == 0:
             return True  # SecAgg+ enforces its own least share (--secagg-min-fraction) before unmasking
+        if self.privacy is not None and self.privacy.mode == "central":
+            # Never skip under central DP: whether a round is skipped depends on who was sampled
+            # (un-noised counts), and a skipped round would show as an unchanged model.
+            return True
         return users >= self.cfg.min_reply_fraction * sampled
 
     def _count(self, column: str, server_round: int, node: int, reason: str) -> None:

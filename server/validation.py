@@ -78,6 +78,8 @@ def check_train_reply(content: RecordDict, sent_users: int, n_items: int, dim: i
             return f"{name} has shape {value.shape}, expected {shape}"
         if not np.isfinite(value).all():
             return f"{name} holds non-finite values"
+        if value.size and np.abs(value).max() > np.finfo(np.float32).max:  # would turn inf in the float32 model
+            return f"{name} holds values beyond the float32 range"
     users = metrics[schema.WEIGHT]
     problem = _count(schema.WEIGHT, users, sent_users)
     if problem:
@@ -127,6 +129,19 @@ def check_reply_norm(norm: float, users: float, cfg: RunConfig, coords: int = 0,
     bound = reply_norm_bound(users, cfg, coords, secure, nodes)
     if norm > bound:
         return f"update norm {norm:.6g} exceeds {bound:.6g}, the bound for {users:g} user(s) clipped to C={cfg.clipping_norm:g}"
+    return None
+
+
+def check_reply_peak(peak: float, users: float, cfg: RunConfig, coords: int) -> str | None:
+    """Under local DP the norm bound leaves room for the noise; a device that skips its noise could
+    spend all that room on one coordinate. No honest coordinate exceeds users·C plus the
+    largest of `coords` Gaussians of std zC·√users (a data-independent bound)."""
+    if cfg.dp != "local" or cfg.clipping_norm <= 0:
+        return None
+    std = cfg.noise_multiplier * cfg.clipping_norm * math.sqrt(users)
+    bound = users * cfg.clipping_norm * (1 + ROUNDING) + std * (math.sqrt(2 * math.log(2 * max(coords, 1))) + NOISE_TAIL)
+    if peak > bound:
+        return f"update coordinate {peak:.6g} exceeds {bound:.6g}, the most one of {users:g} noised user(s) can move"
     return None
 
 

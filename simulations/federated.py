@@ -26,9 +26,9 @@ from fedrec.datasets import load_split
 from fedrec.client.storage import ENV_DIR
 from fedrec.common.rundir import make_run_dir
 from fedrec.server.app import FederatedOutcome, resumed_config, run_server
+from fedrec.server.checkpoint import CHECKPOINT
 from fedrec.server.rounds import stop_on_signals
 
-DEVICE_DIR = "devices"  # the simulated devices' own disks, inside the run directory until it completes
 
 
 def check_population(cfg: RunConfig) -> int:
@@ -51,7 +51,7 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     nodes = num_nodes(cfg, check_population(cfg))
     run_dir = Path(cfg.resume) if cfg.resume else make_run_dir(cfg, "federated")
     cfg = dataclasses.replace(cfg, out=str(run_dir))
-    devices = run_dir / DEVICE_DIR
+    devices = device_dir(run_dir)
     outcome: dict = {}
     stop = threading.Event()
 
@@ -74,15 +74,27 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     # What the simulated devices read from the operator, not from the server: their data
     # and their own disks (engine workers inherit this process's environment).
     env = {ENV_DIR: str(devices)} | ({"FEDREC_DATA_DIR": str(Path(cfg.data_dir).resolve())} if cfg.data_dir else {})
-    with _environment(env), stop_on_signals(stop, say):
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
-    if "error" in outcome:
-        raise outcome["error"]
-    if "result" not in outcome:
-        raise RuntimeError("the simulation ended without a result; see the Flower log above")
-    if outcome["result"].status == "completed":
-        shutil.rmtree(devices, ignore_errors=True)  # the devices' private state is no output of the run
+    devices.mkdir(mode=0o700, exist_ok=True)
+    try:
+        with _environment(env), stop_on_signals(stop, say):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
+        if "error" in outcome:
+            raise outcome["error"]
+        if "result" not in outcome:
+            raise RuntimeError("the simulation ended without a result; see the Flower log above")
+    finally:
+        # The devices' private state is no output: it stays only while the run can be resumed
+        # (interrupted, or failed after a checkpoint).
+        result = outcome.get("result")
+        if (result.status != "interrupted") if result else not (run_dir / CHECKPOINT).is_file():
+            shutil.rmtree(devices, ignore_errors=True)
     return outcome["result"]
+
+
+def device_dir(run_dir: Path) -> Path:
+    """The simulated devices' own disks: beside the run directory, not in it (what is in a run
+    directory is what a run releases), private to this user (0700)."""
+    return run_dir.with_name(run_dir.name + ".devices")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ Ray's per-message cost); test_resume_engines.py shows the same resume through Ra
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from fedrec.common.config import RunConfig
 from fedrec.common.rundir import main_metric, make_run_dir, write_json
 from fedrec.server.app import run_server
 
-from .federated import _environment, check_population
+from .federated import _environment, check_population, device_dir
 from .inprocess import InProcessGrid
 
 
@@ -44,7 +45,7 @@ def run_robustness(cfg: RunConfig, dropout: float = 0.3, poisoning: bool = True,
     nodes = num_nodes(cfg, check_population(cfg))
     metric = main_metric(cfg.implicit, cfg.top_k)
     report: dict = {"metric": metric, "config": cfg.to_dict(), "cases": {}}
-    with _environment({ENV_DIR: str(run_dir / "devices")}):
+    with _environment({ENV_DIR: str(device_dir(run_dir))}):
         clean, seconds = _run(cfg, run_dir, "clean", nodes)
         base = clean.summary["metrics"][metric]
         log(f"clean: {metric} {base:.4f} ({seconds:.0f} s)")
@@ -71,6 +72,7 @@ def run_robustness(cfg: RunConfig, dropout: float = 0.3, poisoning: bool = True,
                                      metric: resumed.summary["metrics"][metric]}
         log(f"stopped after round {half}, resumed on fresh devices: identical to the clean run: {identical}")
 
+    shutil.rmtree(device_dir(run_dir), ignore_errors=True)
     if poisoning:
         from .poisoning import run_poisoning
 

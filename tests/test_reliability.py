@@ -196,3 +196,46 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
     expected_step = add_central_noise(total, plan, private_rng("central-noise", 3, 1))[schema.ITEM_EMB] / expected
     np.testing.assert_allclose(items.emb.numpy(), expected_step, rtol=1e-5, atol=1e-7)
     assert strategy._row["nodes_failed"] == 1
+
+
+def test_rounds_released_after_the_last_checkpoint_are_accounted_on_resume(small_cfg, devices):
+    """A crash after round 3 with the checkpoint at round 2: round 3 went out, so the resumed run
+    composes 2 + 1 + 4 releases, not 6."""
+    cfg = dataclasses.replace(small_cfg, rounds=6, eval_every=6, checkpoint_every=2, users_per_round=20,
+                              dp="central", clipping_norm=0.5, noise_multiplier=0.8, sampling="poisson")
+
+    def crash(row):
+        if row["round"] == 3:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        run_server(InProcessGrid(client_app, 3), cfg, crash)
+    resumed = run_server(InProcessGrid(client_app, 3), dataclasses.replace(cfg, resume=cfg.out))
+    privacy = resumed.summary["privacy"]
+    assert privacy["rounds"] == 7
+    from fedrec.server.app import privacy_plan
+    assert privacy["epsilon"] == pytest.approx(privacy_plan(cfg, 60)[1].epsilon(7))
+
+
+def test_central_dp_never_skips_a_round(small_cfg):
+    """Whether enough replies came depends on who was sampled: under central DP every round is
+    applied, noise included, so an unchanged model cannot tell that a sampled device failed."""
+    cfg = dataclasses.replace(small_cfg, rounds=3, eval_every=3, dropout=0.9, users_per_round=30, dp="central",
+                              clipping_norm=0.5, noise_multiplier=1.0)
+    outcome = run_server(InProcessGrid(client_app, 60), cfg)
+    assert not [r for r in outcome.history if r.get("skipped")]
+    assert outcome.summary["privacy"]["rounds"] == 3
+
+
+def test_a_resumed_device_never_loads_the_timeline_a_crash_cut_off(tmp_path):
+    from fedrec.client.storage import discard_after, load_snapshot, rounds_taken, save_snapshot
+
+    series = "00112233445566aa"
+    for round_ in (2, 3, 4):  # checkpoint at 2; the crashed session got to 4
+        save_snapshot(tmp_path, series, round_, {"step": np.array([float(round_)])}, keep_from=2)
+    discard_after(tmp_path, series, "2-0a0b0c0d")
+    assert load_snapshot(tmp_path, series, 10)["step"][0] == 2.0
+    assert rounds_taken(tmp_path, series)[0] == 4.0  # the cap still counts the cut-off rounds
+    save_snapshot(tmp_path, series, 3, {"step": np.array([3.5])}, keep_from=2)
+    discard_after(tmp_path, series, "2-0a0b0c0d")  # the same session again (a device restart): keeps it
+    assert load_snapshot(tmp_path, series, 10)["step"][0] == 3.5

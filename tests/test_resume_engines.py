@@ -56,6 +56,7 @@ def test_ctrl_c_then_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path)
     output = first.stdout.read().strip().splitlines()
     assert "Traceback" not in "\n".join(output) and output[-1].startswith("interrupted after round")
     assert _status(run) == "interrupted" and (run / "checkpoint.npz").is_file()
+    assert not (run / "devices").exists() and (tmp_path / "run.devices").is_dir()  # not in the run directory
 
     second = _start("--resume", "run", cwd=tmp_path)
     _wait_for_round(run, 6, second)
@@ -66,7 +67,7 @@ def test_ctrl_c_then_kill_9_then_resume_ends_like_an_uninterrupted_run(tmp_path)
     third = _start("--resume", "run", cwd=tmp_path)
     assert third.wait(timeout=600) == 0, third.stdout.read()
     assert _status(run) == "completed" and not (run / "checkpoint.npz").exists()
-    assert not (run / "devices").exists()  # the simulated devices' private state is not an output
+    assert not (tmp_path / "run.devices").exists()  # the simulated devices' private state is not kept
     pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv").drop(columns="seconds"),
                                   pd.read_csv(tmp_path / "whole" / "metrics.csv").drop(columns="seconds"))
     assert (json.loads((run / "summary.json").read_text())["metrics"]

@@ -201,12 +201,14 @@ def test_a_secagg_sum_is_checked_against_every_user_sent_and_its_rounding():
         7 * C * (1 + 1e-5) + 3 * setup.step * math.sqrt(COORDS) + noise, rel=1e-9)
 
 
-def test_norm_bound_scales_outliers_only_and_never_under_dp():
+def test_norm_bound_drops_outliers_only_and_never_under_dp():
     cfg = RunConfig(robust_aggregation="norm-bound", robust_bound=10.0)
     norms, users = np.array([1.0, 2.0, 1.5, 3000.0, 0.5]), np.array([1, 2, 1, 1, 0])
-    scales = reply_scales(norms, users, cfg, private=False)
-    # per-user norms 1, 1, 1.5, 3000: median 1.25, so at most 12.5 per user
-    np.testing.assert_allclose(scales, [1, 1, 1, 12.5 / 3000, 0])
+    # per-user norms 1, 1, 1.5, 3000: median 1.25, so at most 12.5 per user; 0 users allow nothing
+    np.testing.assert_array_equal(reply_scales(norms, users, cfg, private=False), [1, 1, 1, 0, 0])
+    # the bound grows with the users a reply sums: 20 is within 2 users' bound, not 1 user's
+    np.testing.assert_array_equal(reply_scales(np.array([1.0, 1, 1, 20]), np.array([1, 1, 1, 2]), cfg, False), [1] * 4)
+    np.testing.assert_array_equal(reply_scales(np.array([1.0, 1, 1, 20]), np.array([1, 1, 1, 1]), cfg, False), [1, 1, 1, 0])
     np.testing.assert_array_equal(reply_scales(norms, users, cfg, private=True), np.ones(5))
     np.testing.assert_array_equal(reply_scales(norms, users, RunConfig(robust_aggregation="none"), False), np.ones(5))
 
@@ -401,3 +403,27 @@ def test_malformed_replies_change_nothing_the_honest_ones_would_not(data, mode):
     metrics = attacked.aggregate_evaluate(1, [_reply(n, c) for n, c in zip(NODES, good + evil)])
     expected = clean.aggregate_evaluate(1, [_reply(n, c) for n, c in zip(NODES, good)])
     assert dict(metrics) == dict(expected)
+
+
+def test_values_beyond_float32_are_rejected_not_applied_as_inf():
+    from fedrec.common import schema as s
+    from fedrec.server.validation import check_train_reply
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    n_items, dim = 4, 2
+    arrays = {s.ITEM_EMB: np.full((n_items, dim), 1e39), s.ITEM_BIAS: np.zeros(n_items), s.GLOBAL_BIAS: np.zeros(1)}
+    content = RecordDict({s.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          s.METRICS: MetricRecord({s.WEIGHT: 1, "loss-sum": 0.0, "num-rows": 1})})
+    assert "float32" in check_train_reply(content, 1, n_items, dim, RunConfig(dim=dim))
+
+
+def test_under_local_dp_a_noise_free_poison_on_one_coordinate_is_rejected():
+    from fedrec.server.validation import check_reply_norm, check_reply_peak
+
+    cfg = RunConfig(dp="local", clipping_norm=0.05, noise_multiplier=1.0)
+    coords = 1682 * 33 + 1
+    spike = 12.0  # inside the norm bound (which leaves room for the noise), far above any honest coordinate
+    assert check_reply_norm(spike, 1, cfg, coords) is None
+    assert "coordinate" in check_reply_peak(spike, 1, cfg, coords)
+    honest = np.abs(np.random.default_rng(0).normal(0, 0.05, coords)).max() + 0.05
+    assert check_reply_peak(honest, 1, cfg, coords) is None
