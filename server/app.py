@@ -190,15 +190,21 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         state.status("interrupted", rounds=state.last_round, resume=f"fedrec simulate --resume {run_dir}")
         return FederatedOutcome(state.summary, strategy.history, items, run_dir, audit,
                                 time.perf_counter() - start, status="interrupted")
-    if secure is not None and grid.halted and len(grid.halted) >= cfg.rounds - (saved.round if saved else 0):
-        raise ConfigError(f"every SecAgg+ round was halted ({grid.halted[0]}); lower --secagg-min-fraction or "
-                          "--secagg-threshold, or start more nodes")
-    summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
-    save_model(run_dir, items)
-    metric = main_metric(cfg.implicit, cfg.top_k)
-    frame = pd.read_csv(run_dir / "metrics.csv")
-    plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
-                f"federated {cfg.dataset} {cfg.split}: {metric} per round")
+    try:
+        if secure is not None and grid.halted and len(grid.halted) >= cfg.rounds - (saved.round if saved else 0):
+            why = "" if plan is not None else f" ({grid.halted[0]})"  # a DP run does not tell how many arrived
+            raise ConfigError(f"every SecAgg+ round was halted{why}; lower --secagg-min-fraction or "
+                              "--secagg-threshold, or start more nodes")
+        summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
+        save_model(run_dir, items)
+        metric = main_metric(cfg.implicit, cfg.top_k)
+        frame = pd.read_csv(run_dir / "metrics.csv")
+        plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
+                    f"federated {cfg.dataset} {cfg.split}: {metric} per round")
+    except BaseException as error:
+        state.status(f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                     rounds=state.last_round, resumable=False)
+        raise
     state.status("completed", **summary)
     checkpoint.remove(run_dir)  # the server's memory; the run is over
     return FederatedOutcome(summary, strategy.history, items, run_dir, audit, time.perf_counter() - start)
@@ -221,9 +227,16 @@ def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stoppe
     return summary
 
 
+def _round_of(line: str) -> float:
+    try:
+        return json.loads(line)["round"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return float("inf")
+
+
 def keep_audit_lines(path: Path, last_round: int) -> None:
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
+        lines = [line for line in path.read_text().splitlines() if _round_of(line) <= last_round]
         path.write_text("".join(line + "\n" for line in lines))
 
 

@@ -27,7 +27,8 @@ def is_evaluation(key: str) -> bool:
 class WithheldLogLines(logging.Filter):
     """Drops Flower's log lines that count participants or time a DP run's rounds."""
 
-    WITHHELD = ("Received", "received", "sampled", "finished in", "Strategy execution", "reply of node")
+    WITHHELD = ("Received", "received", "sampled", "finished in", "Strategy execution", "reply of node", "joined",
+                "halted")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -69,9 +70,11 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         "per-reply upload log (audit.jsonl)": ("not released", "it counts replies and, for sparse uploads, rows"),
         "failed, late and rejected replies, users unreachable, skipped rounds (metrics.csv, log lines)": (
             "not released", "they tell which nodes were sampled; a skipped round still counts in epsilon"),
-        "checkpoint.npz and the simulated devices' saved state (devices/)": (
-            "not released", "the server's and the devices' own memory while a run goes; deleted when it completes, "
-                            "so only an interrupted run directory holds them"),
+        "checkpoint.npz, progress.npz, and the simulated devices' disks (RUN_DIR.devices/)": (
+            "not released", "the server's and the devices' own memory while a run goes, deleted when it completes; "
+                            "an interrupted run (or one failed after a checkpoint) keeps them to resume: then they "
+                            "reveal who was sampled (local/distributed DP participation counts; snapshot names) and "
+                            "the devices' private vectors, so such a directory is not to be shared"),
         "Flower log lines counting replies or sampled nodes, run timings, train metrics": (
             "not released", "filtered out of the flwr logger for the run (WithheldLogLines)"),
         "run seed's use for noise, decoys and sampling": (
@@ -85,6 +88,10 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         ledger["what each device sends the server besides its masked vector"] = (
             COVERED, "nothing: the count of users it trained is inside the masked vector, and its FitRes metrics "
                      "are empty")
+    if mode == "distributed":
+        ledger["SecAgg+ rounds halted (summary.json secure_aggregation.rounds_halted, an unchanged model)"] = (
+            NOT_COVERED, "whether enough sampled devices answered for the sum to be unmasked: depends on who was "
+                         "sampled and on failures, and is not noised")
     if mode in ("local", "distributed"):
         ledger["evaluation sums each device returns to the server"] = (
             NOT_COVERED, "squared error, hits and counts of the device's held-out ratings, un-noised: the local-DP "

@@ -142,11 +142,16 @@ class FedRecStrategy(FedAvg):
         accepted: list[tuple[dict, float, Message]] = []  # (dense update, users, reply)
         # Under SecAgg+ the one reply is the sum of every node asked: it answers for all their users.
         secure = secure_setup(self.cfg, self.directory, n_items, dim)
+        seen: set[int] = set()
         for reply in replies:
             node = int(reply.metadata.src_node_id)
             if reply.has_error():
                 self._count("nodes_failed", server_round, node, f"error reply: {reply.error.reason}")
                 continue
+            if node in seen and not secure:  # one reply per node and round (the SuperLink enforces it too)
+                self._count("nodes_rejected", server_round, node, "a second reply in one round")
+                continue
+            seen.add(node)
             sent = sum(self._sent.values()) if secure else self._sent.get(node, 0)
             problem = check_train_reply(reply.content, sent, n_items, dim, self.cfg)  # before anything is read
             dense = None
