@@ -101,9 +101,10 @@ class RunConfig:
     min_reply_fraction: float = _f(0.5, "Least share of a round's sampled users whose updates must arrive and pass the "
                                         "checks for the round to be applied; otherwise the round is skipped.")
     dropout: float = _f(0.0, "Simulation: probability that each sampled device fails in a round, to measure robustness.")
-    robust_aggregation: str = _f("none", "none, or norm-bound: each reply is scaled down to at most --robust-bound "
-                                         "times the round's median per-user update norm per user it sums (not under "
-                                         "DP, where replies above users x C are rejected instead).", ROBUST_CHOICES)
+    robust_aggregation: str = _f("norm-bound", "none, or norm-bound: a reply whose norm exceeds --robust-bound times "
+                                               "the round's median per-user update norm per user it sums is dropped "
+                                               "(not under DP, where replies above users x C are rejected instead).",
+                                 ROBUST_CHOICES)
     robust_bound: float = _f(10.0, "norm-bound: allowed multiple of the round's median per-user update norm.")
     checkpoint_every: int = _f(10, "Write a checkpoint to the run directory every this many rounds (and on "
                                    "Ctrl-C/SIGTERM); 0: only on an interrupt.")
