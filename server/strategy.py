@@ -139,7 +139,7 @@ class FedRecStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         n_items, dim = self.items.emb.shape
-        accepted: list[tuple[dict, float, Message]] = []  # (dense update, users, reply)
+        accepted: list[tuple[dict, float, Message, float]] = []  # (dense update, users, reply, its norm)
         # Under SecAgg+ the one reply is the sum of every node asked: it answers for all their users.
         secure = secure_setup(self.cfg, self.directory, n_items, dim)
         seen: set[int] = set()
@@ -159,7 +159,8 @@ class FedRecStrategy(FedAvg):
                 record = reply.content[schema.ARRAYS]
                 dense = scatter_upload({k: record[k].numpy() for k in record.keys()}, n_items, dim)
                 users = float(reply.content[schema.METRICS][schema.WEIGHT])
-                problem = check_reply_norm(_norm(dense), users, self.cfg, n_items * (dim + 1) + 1, secure,
+                norm = _norm(dense)
+                problem = check_reply_norm(norm, users, self.cfg, n_items * (dim + 1) + 1, secure,
                                            len(self._sent) if secure else 1) or check_reply_peak(
                     max(float(np.abs(dense[k]).max(initial=0.0)) for k in schema.ITEM_ARRAYS), users, self.cfg,
                     n_items * (dim + 1) + 1)
@@ -168,9 +169,9 @@ class FedRecStrategy(FedAvg):
                 continue
             self._row["bytes_up"] += record_bytes(reply.content[schema.ARRAYS])
             self._audit(server_round, reply)
-            accepted.append((dense, users, reply))
+            accepted.append((dense, users, reply, norm))
         self._row["nodes_replied"] = len(accepted)
-        users = float(sum(u for _, u, _ in accepted))
+        users = float(sum(a[1] for a in accepted))
         self._row["users_failed"] = max(self._row.get("users_sampled", 0) - users, 0)
         central = self.privacy is not None and self.privacy.mode == "central"
         rejected = self._row.get("nodes_rejected", 0)
@@ -189,12 +190,12 @@ class FedRecStrategy(FedAvg):
             self.rounds_trained += 1
             self._account(server_round)
             return None, None
-        scales = reply_scales(np.array([_norm(d) for d, _, _ in accepted]), np.array([u for _, u, _ in accepted]),
+        scales = reply_scales(np.array([a[3] for a in accepted]), np.array([a[1] for a in accepted]),
                               self.cfg, self.privacy is not None)
         total = {schema.ITEM_EMB: np.zeros((n_items, dim)), schema.ITEM_BIAS: np.zeros(n_items),
                  schema.GLOBAL_BIAS: np.zeros(1)}
         loss = rows = 0.0
-        for (dense, _, reply), scale in zip(accepted, scales):
+        for (dense, _, reply, _), scale in zip(accepted, scales):
             for k in schema.ITEM_ARRAYS:
                 total[k] += dense[k] * scale
             metrics = reply.content[schema.METRICS]
