@@ -12,10 +12,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 from fedrec.datasets import cohort
-from fedrec.common.build import device_policy
+from fedrec.run.build import device_policy
 from fedrec.models import ItemParams, evaluate_rows
 from fedrec.models.device import DeviceResult, device_step
 from fedrec.models.randomness import dropped

@@ -3,7 +3,7 @@ handler returns.
 
 The mod speaks the legacy format (FitIns in, FitRes out), so a secure round's message is
 recognized by its SecAgg+ config record and answered with a FitRes whose parameters are
-the dense update (fedrec.common.secagg.SECURE_ORDER). Plain rounds pass by untouched.
+the dense update (fedrec.run.secagg.SECURE_ORDER). Plain rounds pass by untouched.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedrec.common import schema
-from fedrec.common.secagg import COUNT, SECURE_ORDER
+from fedrec.run import schema
+from fedrec.run.secagg import COUNT, SECURE_ORDER
 from fedrec.models import ItemParams
 
 FITINS_CONFIG, FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # the legacy format's FitIns records

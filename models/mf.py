@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 
-# Names of the shared arrays, on the wire too (fedrec.common.schema re-exports them).
+# Names of the shared arrays, on the wire too (fedrec.run.schema re-exports them).
 ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
 
 

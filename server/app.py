@@ -17,14 +17,14 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.common import schema
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.run import schema
+from fedrec.run.config import ConfigError, RunConfig
 import pandas as pd
 
-from fedrec.common.rundir import main_metric, make_run_dir, plot_metric, write_config
+from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_config
 from fedrec.models import ItemParams, initial_global_bias
 from fedrec.models.saved import save_model
-from fedrec.common.build import hyper
+from fedrec.run.build import hyper
 
 from . import checkpoint
 from .directory import discover

@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedrec.common import schema
+from fedrec.run import schema
 
 
 class DiscoveryError(RuntimeError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from fedrec.common.schema import EVAL_METRIC_PREFIXES
+from fedrec.run.schema import EVAL_METRIC_PREFIXES
 
 # metrics.csv columns a DP run keeps (evaluation metrics are added by prefix)
 DP_ROUND_KEYS = ("round", "epsilon")

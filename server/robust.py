@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.common.config import RunConfig
+from fedrec.run.config import RunConfig
 
 
 def reply_scales(norms: np.ndarray, users: np.ndarray, cfg: RunConfig, private: bool) -> np.ndarray:

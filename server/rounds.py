@@ -22,8 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedrec.common import schema
-from fedrec.common.rundir import write_json
+from fedrec.run import schema
+from fedrec.run.rundir import write_json
 from fedrec.models.metrics import SUM_KEYS, finish
 
 from . import checkpoint

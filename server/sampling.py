@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.common.config import RunConfig
+from fedrec.run.config import RunConfig
 from fedrec.models.randomness import private_rng, seeded_rng
 
 

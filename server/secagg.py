@@ -37,9 +37,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedrec.common import schema
-from fedrec.common.config import ConfigError, RunConfig
-from fedrec.common.secagg import COUNT, SECURE_ORDER
+from fedrec.run import schema
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.secagg import COUNT, SECURE_ORDER
 
 MODULUS = 2**32  # Flower's default mask modulus
 

@@ -31,8 +31,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedrec.common import schema
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.run import schema
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.models import ItemParams, ServerOptimizer, finish
 from fedrec.models.randomness import private_rng
 from fedrec.models.upload import scatter_upload

@@ -3,7 +3,7 @@
 Any device may send anything. Each check returns None for a reply the server may use, or a
 one-line reason for dropping it (logged in audit.jsonl, counted as nodes_rejected in
 metrics.csv); a dropped reply is never applied. What is checked is what the protocol
-promises: the schema (fedrec.common.schema, and what fedrec.client.app sends in each
+promises: the schema (fedrec.run.schema, and what fedrec.client.app sends in each
 mode), shapes, dtypes, finite values, row indices, the user count, and, when clipping is
 on, the clipping bound: a reply summing n users' updates, each clipped to C, has norm at
 most n·C (plus the noise or rounding that legitimately rides on it).
@@ -16,8 +16,8 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 
 from .directory import NodeDirectory
 from .secagg import SecAggSetup, secagg_setup

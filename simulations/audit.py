@@ -22,9 +22,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from fedrec.common.build import hyper, load_data
-from fedrec.common.config import ConfigError, RunConfig
-from fedrec.common.rundir import make_run_dir, write_json
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.datasets import cohort
 from fedrec.models import train_central
 from fedrec.models.device import DevicePolicy, device_step

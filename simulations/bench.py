@@ -17,8 +17,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedrec.common.config import RunConfig
-from fedrec.common.rundir import make_run_dir, write_json
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
 
 from .memory import PeakRSS
 

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedrec.common.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
-from fedrec.common.rundir import make_run_dir, remove_if_empty
+from fedrec.run.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
+from fedrec.run.rundir import make_run_dir, remove_if_empty
 from fedrec.datasets import DataError
 
 class _OneLineErrors(typer.core.TyperGroup):

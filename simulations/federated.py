@@ -20,11 +20,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.client.app import app as client_app
-from fedrec.common.build import load_data, num_nodes
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.run.build import load_data, num_nodes
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.datasets import load_split
 from fedrec.client.storage import ENV_DIR
-from fedrec.common.rundir import make_run_dir
+from fedrec.run.rundir import make_run_dir
 from fedrec.server.app import FederatedOutcome, resumed_config, run_server
 from fedrec.server.checkpoint import CHECKPOINT
 from fedrec.server.rounds import stop_on_signals

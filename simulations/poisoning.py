@@ -23,10 +23,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fedrec.client.app import app as real_client_app
-from fedrec.common import schema
-from fedrec.common.build import load_data
-from fedrec.common.config import RunConfig
-from fedrec.common.rundir import make_run_dir, write_json
+from fedrec.run import schema
+from fedrec.run.build import load_data
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.server import strategy as strategy_module
 from fedrec.server.app import run_server
 

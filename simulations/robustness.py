@@ -22,9 +22,9 @@ import torch
 
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
-from fedrec.common.build import num_nodes
-from fedrec.common.config import RunConfig
-from fedrec.common.rundir import main_metric, make_run_dir, write_json
+from fedrec.run.build import num_nodes
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
 from fedrec.server.app import run_server
 
 from .federated import _environment, check_population, device_dir

@@ -19,8 +19,8 @@ import pandas as pd
 
 import fedrec.client.app as client_module
 from fedrec.client.app import app as client_app
-from fedrec.common.config import RunConfig
-from fedrec.common.rundir import make_run_dir, write_json
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.server.app import run_server
 
 from .federated import simulate

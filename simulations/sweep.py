@@ -8,8 +8,8 @@ import dataclasses
 
 import pandas as pd
 
-from fedrec.common.config import RunConfig
-from fedrec.common.rundir import main_metric, make_run_dir, write_json
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .audit import run_audit
 from .central import run_central

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from fedrec.common.build import hyper, load_data
-from fedrec.common.config import RunConfig
-from fedrec.common.rundir import main_metric, make_run_dir, write_json
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
 from fedrec.datasets import Ratings, cohort
 from fedrec.datasets.splits import leave_one_out, random_holdout
 from fedrec.models import train_central

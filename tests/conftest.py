@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrec.common.config import RunConfig
+from fedrec.run.config import RunConfig
 from fedrec.datasets.movielens import FORMATS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.client.node import NodeData, load_state
-from fedrec.common import schema
-from fedrec.common.build import device_policy, hyper, load_data
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.build import device_policy, hyper, load_data
+from fedrec.run.config import RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState

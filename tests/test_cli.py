@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedrec.common.config import ConfigError
+from fedrec.run.config import ConfigError
 from fedrec.simulations.cli import cli
 
 SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8"]

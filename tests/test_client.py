@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app
-from fedrec.common import schema
-from fedrec.common.build import hyper, load_data
+from fedrec.run import schema
+from fedrec.run.build import hyper, load_data
 from fedrec.models import ItemParams
 
 PRIVATE_NAMES = {"emb", "bias", "m", "v", "step", "user", "user-emb", "user-bias"}
@@ -93,7 +93,7 @@ def test_node_without_partition_config_gets_a_clear_error(small_cfg):
 
 
 def test_a_node_reads_data_where_its_own_config_says_never_where_the_server_says(shared_data, tmp_path):
-    from fedrec.common.config import RunConfig
+    from fedrec.run.config import RunConfig
 
     server_pick = tmp_path / "chosen-by-the-server"
     cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(server_pick))

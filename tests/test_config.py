@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrec.common.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings
-from fedrec.common.rundir import make_run_dir, remove_if_empty, write_config
+from fedrec.run.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings
+from fedrec.run.rundir import make_run_dir, remove_if_empty, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_every_float_must_be_finite_and_the_message_names_it(name):
     ({"target_delta": 1.0}, "target-delta must be in \\(0, 1\\)"),
 ])
 def test_out_of_range_settings_name_their_flag(settings, message, monkeypatch):
-    monkeypatch.setattr("fedrec.common.config._physical_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr("fedrec.run.config._physical_memory", lambda: 16 * 2**30)
     with pytest.raises(ConfigError, match=message):
         RunConfig(**settings).validate()
 

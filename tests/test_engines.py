@@ -14,9 +14,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.client.app import app as client_app
-from fedrec.common import schema
-from fedrec.common.build import load_data
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.build import load_data
+from fedrec.run.config import RunConfig
 from fedrec.server.app import run_server
 from fedrec.simulations.loopback import Processes, flower_env, flwr_run, free_port, start_federation, wait_for_port
 

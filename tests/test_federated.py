@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fedrec.client.app import app as client_app
-from fedrec.common.build import load_data
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.run.build import load_data
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.server.app import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.federated import check_population

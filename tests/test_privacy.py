@@ -19,8 +19,8 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from fedrec.client.app import app as client_app
-from fedrec.common import schema
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.run import schema
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState

@@ -12,8 +12,8 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
-from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 from fedrec.models import Hyper, ItemParams
 from fedrec.server.app import run_server
 from fedrec.server.directory import NodeDirectory

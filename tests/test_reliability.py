@@ -152,8 +152,8 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
     from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedrec.common import schema
-    from fedrec.common.config import RunConfig
+    from fedrec.run import schema
+    from fedrec.run.config import RunConfig
     from fedrec.models import Hyper, ItemParams
     from fedrec.models.randomness import private_rng
     from fedrec.server.directory import NodeDirectory

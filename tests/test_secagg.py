@@ -14,9 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from fedrec.client.app import app as client_app
-from fedrec.common import schema
-from fedrec.common.build import hyper
-from fedrec.common.config import ConfigError, RunConfig
+from fedrec.run import schema
+from fedrec.run.build import hyper
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.models import ItemParams, initial_global_bias
 from fedrec.server.app import run_server
 from fedrec.server.privacy import PrivacyPlan

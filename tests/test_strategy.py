@@ -9,8 +9,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 from fedrec.models import Hyper, ItemParams
 from fedrec.models.randomness import seeded_rng
 from fedrec.server.directory import NodeDirectory

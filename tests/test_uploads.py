@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedrec.client.app import app as client_app
-from fedrec.common import schema
+from fedrec.run import schema
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState, local_train, training_rows

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedrec.client.app import app as client_app
-from fedrec.common import schema
-from fedrec.common.config import RunConfig
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
@@ -406,7 +406,7 @@ def test_malformed_replies_change_nothing_the_honest_ones_would_not(data, mode):
 
 
 def test_values_beyond_float32_are_rejected_not_applied_as_inf():
-    from fedrec.common import schema as s
+    from fedrec.run import schema as s
     from fedrec.server.validation import check_train_reply
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 

@@ -1,1 +1,0 @@
-"""What ClientApp, ServerApp and the runners share: the config and the message schema."""
