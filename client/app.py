@@ -12,13 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.run import schema
-from fedrec.run.config import RunConfig
 from fedrec.datasets import cohort
-from fedrec.run.build import device_policy
 from fedrec.models import ItemParams, evaluate_rows
 from fedrec.models.device import DeviceResult, device_step
 from fedrec.models.randomness import dropped
+from fedrec.run import schema
+from fedrec.run.build import device_policy
+from fedrec.run.config import RunConfig
 
 from .node import load_state, node_data, partition, save_state
 from .secure import is_secure_round, secure_reply, secure_train_mod

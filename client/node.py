@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context
 
-from fedrec.run.build import hyper, load_data, node_users
-from fedrec.run.config import RunConfig
-from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 from fedrec.datasets import CohortData, Split, cohort
 from fedrec.models import Hyper, UserState
 from fedrec.models.randomness import private_rng
+from fedrec.run.build import hyper, load_data, node_users
+from fedrec.run.config import RunConfig
+from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 
 from .storage import discard_after, load_snapshot, rounds_taken, save_snapshot, state_root
 

@@ -17,9 +17,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedrec.models import ItemParams
 from fedrec.run import schema
 from fedrec.run.secagg import COUNT, SECURE_ORDER
-from fedrec.models import ItemParams
 
 FITINS_CONFIG, FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # the legacy format's FitIns records
 

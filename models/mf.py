@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 # Names of the shared arrays, on the wire too (fedrec.run.schema re-exports them).
 ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
 

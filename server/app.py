@@ -9,30 +9,37 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 
-from logging import WARNING
-
+import pandas as pd
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.run import schema
-from fedrec.run.config import ConfigError, RunConfig
-import pandas as pd
-
-from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_config
 from fedrec.models import ItemParams, initial_global_bias
 from fedrec.models.saved import save_model
+from fedrec.run import schema
 from fedrec.run.build import hyper
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_config
 
 from . import checkpoint
 from .directory import discover
 from .privacy import PrivacyPlan, participation_cap
-from .secagg import SecureGrid, secagg_setup, secure_summary
 from .releases import DP_ROUND_KEYS, WithheldLogLines, is_evaluation, release_ledger
-from .rounds import (ROUND_COLUMNS, Interrupted, MetricsLog, RunState, metric_columns, restore, run_rounds,
-                     save_checkpoint, stop_on_signals)
+from .rounds import (
+    ROUND_COLUMNS,
+    Interrupted,
+    MetricsLog,
+    RunState,
+    metric_columns,
+    restore,
+    run_rounds,
+    save_checkpoint,
+    stop_on_signals,
+)
+from .secagg import SecureGrid, secagg_setup, secure_summary
 from .strategy import BudgetExhausted, FedRecStrategy, array_record
 
 

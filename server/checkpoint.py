@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrec.models import ItemParams, ServerOptimizer
+from fedrec.models import ServerOptimizer
 
 CHECKPOINT = "checkpoint.npz"
 FORMAT = 1

@@ -23,9 +23,8 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 import dp_accounting
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant

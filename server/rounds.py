@@ -22,12 +22,11 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedrec.models.metrics import SUM_KEYS, finish
 from fedrec.run import schema
 from fedrec.run.rundir import write_json
-from fedrec.models.metrics import SUM_KEYS, finish
 
 from . import checkpoint
-from .releases import DP_ROUND_KEYS
 from .strategy import FedRecStrategy, array_record
 
 # metrics.csv columns of a run without DP (a DP run keeps DP_ROUND_KEYS and the evaluation metrics)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.run.config import RunConfig
 from fedrec.models.randomness import private_rng, seeded_rng
+from fedrec.run.config import RunConfig
 
 
 def sample_users(population: int, per_round: int, method: str, rng: np.random.Generator,

@@ -31,11 +31,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedrec.run import schema
-from fedrec.run.config import ConfigError, RunConfig
 from fedrec.models import ItemParams, ServerOptimizer, finish
 from fedrec.models.randomness import private_rng
 from fedrec.models.upload import scatter_upload
+from fedrec.run import schema
+from fedrec.run.config import ConfigError, RunConfig
 
 from .directory import NodeDirectory
 from .privacy import PrivacyPlan, add_central_noise

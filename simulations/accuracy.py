@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
+from fedrec.datasets import generate
 from fedrec.run.build import load_data, synthetic_spec
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
-from fedrec.datasets import generate
 
 from .central import run_central
 from .federated import simulate

@@ -22,14 +22,14 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from fedrec.run.build import hyper, load_data
-from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.datasets import cohort
 from fedrec.models import train_central
 from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.randomness import private_rng, seeded_rng
 from fedrec.models.upload import ITEM_INDEX, add_device_noise, scatter_upload
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.server.privacy import PrivacyPlan, add_central_noise, participation_cap
 
 from .attacks import direction_scores, norm_scores, precision_at_k, prior_log_odds, roc_auc, seed_attack

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.run.build import hyper, load_data
-from fedrec.run.config import CENTRAL_SETTINGS, RunConfig, ignored_settings, with_defaults
-from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
 from fedrec.datasets import cohort
 from fedrec.models import CentralResult, train_central
 from fedrec.models.saved import save_model
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import CENTRAL_SETTINGS, RunConfig, ignored_settings, with_defaults
+from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_config, write_history, write_json
 
 
 @dataclass

@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedrec.datasets import DataError
 from fedrec.run.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
 from fedrec.run.rundir import make_run_dir, remove_if_empty
-from fedrec.datasets import DataError
+
 
 class _OneLineErrors(typer.core.TyperGroup):
     """A bad flag or flag value is one line and exit 2, like every other bad input (not click's panel)."""
@@ -257,7 +258,8 @@ def compare(cfg: RunConfig) -> None:
 @_config_command
 def tune(cfg: RunConfig) -> None:
     """Pick dim and regularization on a validation split of the training data (never the test set)."""
-    from fedrec.simulations.tune import grid_for, tune as run_tune
+    from fedrec.simulations.tune import grid_for
+    from fedrec.simulations.tune import tune as run_tune
 
     total = math.prod(len(v) for v in grid_for(cfg).values())
     with _progress(total, "tune") as progress:

@@ -14,13 +14,13 @@ import itertools
 import numpy as np
 import torch
 
-from fedrec.run.build import hyper, load_data
-from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.datasets import cohort
 from fedrec.models import ItemParams, UserState, initial_global_bias
 from fedrec.models.device import UPDATE_MODES, DevicePolicy, device_step
 from fedrec.models.upload import scatter_upload
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
 
 
 def contribution_ratios(cfg: RunConfig, mode: str) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedrec.run.config import RunConfig
-from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_json, write_history
+from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_history, write_json
 
 
 def run_compare(cfg: RunConfig, central_fn, federated_fn) -> dict:

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from .certs import make_certs, make_node_key
-from .loopback import (Processes, Secure, flower_env, flwr, flwr_run, start_federation, start_superlink,
-                       write_connection)
+from .loopback import Processes, Secure, flower_env, flwr, flwr_run, start_federation, start_superlink, write_connection
 
 CONNECTION = "fedrec-deploy"
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication. Anyone on the network can read "

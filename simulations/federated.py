@@ -20,15 +20,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.client.app import app as client_app
+from fedrec.client.storage import ENV_DIR
+from fedrec.datasets import load_split
 from fedrec.run.build import load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.datasets import load_split
-from fedrec.client.storage import ENV_DIR
 from fedrec.run.rundir import make_run_dir
 from fedrec.server.app import FederatedOutcome, resumed_config, run_server
 from fedrec.server.checkpoint import CHECKPOINT
 from fedrec.server.rounds import stop_on_signals
-
 
 
 def check_population(cfg: RunConfig) -> int:

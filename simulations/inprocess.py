@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 

@@ -12,10 +12,10 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedrec.client.app import app as client_app
+from fedrec.models import ItemParams
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 from fedrec.run.secagg import SECURE_ORDER
-from fedrec.models import ItemParams
 from fedrec.server.secagg import SecureGrid, secagg_setup
 from fedrec.server.strategy import array_record
 

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 
-from fedrec.run.build import hyper, load_data
-from fedrec.run.config import RunConfig
-from fedrec.run.rundir import main_metric, make_run_dir, write_json
 from fedrec.datasets import Ratings, cohort
 from fedrec.datasets.splits import leave_one_out, random_holdout
 from fedrec.models import train_central
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 GRID = {"dim": (32, 64), "reg_user": (0.02, 0.05, 0.1), "reg_item": (0.1, 0.2, 0.3, 0.5)}
 IMPLICIT_GRID = {"dim": (32, 64), "reg_user": (0.001, 0.01, 0.05), "reg_item": (0.001, 0.01, 0.05)}

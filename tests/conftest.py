@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrec.run.config import RunConfig
 from fedrec.datasets.movielens import FORMATS
+from fedrec.run.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FEDREC_TEST_DATA", REPO.parent / "shared" / "data"))

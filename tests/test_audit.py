@@ -13,15 +13,15 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.client.node import NodeData, load_state
-from fedrec.run import schema
-from fedrec.run.build import device_policy, hyper, load_data
-from fedrec.run.config import RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
 from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.mf import ITEM_BIAS, ITEM_EMB
 from fedrec.models.upload import ITEM_INDEX
+from fedrec.run import schema
+from fedrec.run.build import device_policy, hyper, load_data
+from fedrec.run.config import RunConfig
 from fedrec.server import privacy as server_privacy
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan

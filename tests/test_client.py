@@ -10,9 +10,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app
+from fedrec.models import ItemParams
 from fedrec.run import schema
 from fedrec.run.build import hyper, load_data
-from fedrec.models import ItemParams
 
 PRIVATE_NAMES = {"emb", "bias", "m", "v", "step", "user", "user-emb", "user-bias"}
 

@@ -12,6 +12,7 @@ from fedrec.datasets import DataError, load_ratings
 from fedrec.datasets import download as dl
 from fedrec.datasets.movielens import FORMATS, load_movielens
 
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_every_format_loads_with_contiguous_ids_and_titles(tmp_path, name, write_dataset):
     write_dataset(tmp_path, name)

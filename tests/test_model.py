@@ -8,7 +8,16 @@ import torch
 
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import leave_one_out, random_holdout
-from fedrec.models import Hyper, ItemParams, ServerOptimizer, UserState, local_train, sample_negatives, train_central, training_rows
+from fedrec.models import (
+    Hyper,
+    ItemParams,
+    ServerOptimizer,
+    UserState,
+    local_train,
+    sample_negatives,
+    train_central,
+    training_rows,
+)
 
 HYPER = Hyper(dim=8, seed=3)
 

@@ -19,12 +19,12 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from fedrec.client.app import app as client_app
-from fedrec.run import schema
-from fedrec.run.config import ConfigError, RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
 from fedrec.models.device import DevicePolicy, device_step
+from fedrec.run import schema
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.server.app import privacy_plan, run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan

@@ -12,9 +12,9 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
+from fedrec.models import Hyper, ItemParams
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
-from fedrec.models import Hyper, ItemParams
 from fedrec.server.app import run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan

@@ -152,10 +152,10 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
     from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedrec.run import schema
-    from fedrec.run.config import RunConfig
     from fedrec.models import Hyper, ItemParams
     from fedrec.models.randomness import private_rng
+    from fedrec.run import schema
+    from fedrec.run.config import RunConfig
     from fedrec.server.directory import NodeDirectory
     from fedrec.server.privacy import PrivacyPlan, add_central_noise
     from fedrec.server.strategy import FedRecStrategy, array_record

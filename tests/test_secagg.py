@@ -14,10 +14,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from fedrec.client.app import app as client_app
+from fedrec.models import ItemParams, initial_global_bias
 from fedrec.run import schema
 from fedrec.run.build import hyper
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.models import ItemParams, initial_global_bias
 from fedrec.server.app import run_server
 from fedrec.server.privacy import PrivacyPlan
 from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrec.datasets import DataError, Interactions, Ratings, SyntheticSpec, cohort, generate, load_split, user_partition
+from fedrec.datasets import (
+    DataError,
+    Interactions,
+    Ratings,
+    SyntheticSpec,
+    cohort,
+    generate,
+    load_split,
+    user_partition,
+)
 from fedrec.datasets.splits import leave_one_out, random_holdout
 
 

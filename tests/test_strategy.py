@@ -9,10 +9,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrec.run import schema
-from fedrec.run.config import RunConfig
 from fedrec.models import Hyper, ItemParams
 from fedrec.models.randomness import seeded_rng
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.server.strategy import FedRecStrategy, array_record

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fedrec.client.app import app as client_app
-from fedrec.run import schema
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState, local_train, training_rows
 from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.upload import build_upload, scatter_upload
+from fedrec.run import schema
 from fedrec.server.app import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 

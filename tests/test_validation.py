@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedrec.client.app import app as client_app
-from fedrec.run import schema
-from fedrec.run.config import RunConfig
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
 from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.upload import scatter_upload
+from fedrec.run import schema
+from fedrec.run.config import RunConfig
 from fedrec.server.app import run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.robust import reply_scales
@@ -406,9 +406,10 @@ def test_malformed_replies_change_nothing_the_honest_ones_would_not(data, mode):
 
 
 def test_values_beyond_float32_are_rejected_not_applied_as_inf():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
     from fedrec.run import schema as s
     from fedrec.server.validation import check_train_reply
-    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
     n_items, dim = 4, 2
     arrays = {s.ITEM_EMB: np.full((n_items, dim), 1e39), s.ITEM_BIAS: np.zeros(n_items), s.GLOBAL_BIAS: np.zeros(1)}
