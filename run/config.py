@@ -110,6 +110,10 @@ class RunConfig:
                                    "Ctrl-C/SIGTERM); 0: only on an interrupt.")
     resume: str = _f("", "Run directory of an interrupted run to continue from its last checkpoint, with the run's "
                          "own saved settings (so nothing else may be passed with it).")
+    # --- engine
+    ray_address: str = _f("", "Simulation: a running Ray cluster to join (the address `ray start --head` prints, "
+                              "e.g. 10.0.0.5:6379) instead of starting Ray on this machine; each ClientApp actor "
+                              "takes one of the cluster's CPUs.")
     # --- output
     out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
 
