@@ -55,7 +55,8 @@ def save_snapshot(root: Path, series: str, round_: int, arrays: dict[str, np.nda
     os.replace(tmp, path)
     steps = rounds_taken(root, series)
     if "step" in arrays:
-        steps = arrays["step"] if steps is None or len(steps) != len(arrays["step"]) else np.maximum(steps, arrays["step"])
+        steps = (arrays["step"] if steps is None or len(steps) != len(arrays["step"])
+                 else np.maximum(steps, arrays["step"]))
         np.save(directory / ".steps.tmp.npy", steps)
         os.replace(directory / ".steps.tmp.npy", directory / "steps.npy")
     rounds = _rounds(directory)

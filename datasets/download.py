@@ -99,7 +99,8 @@ def _fetch(name: str, root: Path) -> Path:
             with zipfile.ZipFile(archive) as zipped:
                 zipped.extractall(staging)
         except zipfile.BadZipFile as error:
-            raise DataError(f"{url} is not a valid zip archive ({error}); retry, or put the files in {folder}") from None
+            raise DataError(f"{url} is not a valid zip archive ({error}); "
+                            f"retry, or put the files in {folder}") from None
         if not (staging / FORMATS[name].folder).is_dir():
             raise DataError(f"{url} holds no {FORMATS[name].folder}/ folder; put the files in {folder}")
         # Move into place only once complete, so a failed run leaves nothing half-written.

@@ -41,7 +41,8 @@ FORMATS: dict[str, Format] = {
     "ml-10m": Format("ml-10M100K", "ratings.dat", "::", False, True, "movies.dat", "::", (69_878, 10_677, 10_000_054)),
     "ml-20m": Format("ml-20m", "ratings.csv", ",", True, True, "movies.csv", ",", (138_493, 26_744, 20_000_263)),
     "ml-25m": Format("ml-25m", "ratings.csv", ",", True, True, "movies.csv", ",", (162_541, 59_047, 25_000_095)),
-    "ml-latest-small": Format("ml-latest-small", "ratings.csv", ",", True, True, "movies.csv", ",", (610, 9724, 100_836)),
+    "ml-latest-small": Format("ml-latest-small", "ratings.csv", ",", True, True, "movies.csv", ",",
+                              (610, 9724, 100_836)),
     "ml-latest": Format("ml-latest", "ratings.csv", ",", True, True, "movies.csv", ",", (330_975, 83_239, 33_832_162)),
 }
 MOVIELENS = tuple(FORMATS)
@@ -231,6 +232,8 @@ def map_ids(frame: pd.DataFrame, ratings: Ratings, path: Path) -> Interactions:
         pos = np.clip(np.searchsorted(ids, values), 0, len(ids) - 1)
         unknown = np.flatnonzero(ids[pos] != values)
         if len(unknown):
-            raise DataError(f"{path}:{unknown[0] + 1}: {column} {values[unknown[0]]} is not in the data set's full ratings file")
+            raise DataError(f"{path}:{unknown[0] + 1}: {column} {values[unknown[0]]} "
+                            f"is not in the data set's full ratings file")
         out.append(pos)
-    return Interactions.build(out[0], out[1], frame["rating"].to_numpy(np.float32), frame["timestamp"].to_numpy(np.int64))
+    return Interactions.build(out[0], out[1], frame["rating"].to_numpy(np.float32),
+                              frame["timestamp"].to_numpy(np.int64))

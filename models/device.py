@@ -90,7 +90,8 @@ def decoy_targets(rows: "CohortData", hyper: Hyper, items: ItemParams, state: Us
     counts = np.bincount(rows.train_segment, minlength=len(rows.users))
     starts = np.searchsorted(rows.train_segment[order], np.arange(len(rows.users)))
     index = order[starts[d_seg] + np.minimum((pick * counts[d_seg]).astype(np.int64), counts[d_seg] - 1)]
-    real_pred = predict(items, state, torch.as_tensor(rows.train_segment[index]), torch.as_tensor(rows.train_item[index]))
+    real_pred = predict(items, state, torch.as_tensor(rows.train_segment[index]),
+                        torch.as_tensor(rows.train_item[index]))
     residual = rows.train_rating[index] - real_pred.numpy()
     guess = predict(items, state, torch.as_tensor(d_seg), torch.as_tensor(d_item)).numpy() + residual
     ratings = rows.train_rating

@@ -98,7 +98,8 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
             p_user, q_user, dl_user, bu_user = p[real], q[real], dloss[real], bu[real]
         else:
             p_user, q_user, dl_user, bu_user = p, q, dloss, bu
-        grad_emb = torch.zeros(n, hyper.dim).index_add_(0, user_rows, torch.addcmul(2 * hyper.reg_user * p_user, dl_user[:, None], q_user))
+        row_grads = torch.addcmul(2 * hyper.reg_user * p_user, dl_user[:, None], q_user)
+        grad_emb = torch.zeros(n, hyper.dim).index_add_(0, user_rows, row_grads)
         grad_bias = torch.zeros(n).index_add_(0, user_rows, dl_user + 2 * hyper.reg_bias * bu_user)
         _adam_rows(state, torch.cat([grad_emb, grad_bias[:, None]], dim=1), hyper.lr)
         step_q = torch.addcmul(2 * hyper.reg_item * q, dloss[:, None], p).mul_(-hyper.lr)

@@ -29,5 +29,6 @@ def save_model(run_dir: Path, items: ItemParams) -> Path:
 def load_model(run_dir: Path) -> ItemParams:
     with np.load(Path(run_dir) / MODEL_FILE, allow_pickle=False) as data:
         if int(data["format"]) != MODEL_FORMAT:
-            raise ValueError(f"{run_dir}/{MODEL_FILE} has format {int(data['format'])}; this fedrec reads {MODEL_FORMAT}")
+            raise ValueError(f"{run_dir}/{MODEL_FILE} has format {int(data['format'])}; "
+                             f"this fedrec reads {MODEL_FORMAT}")
         return ItemParams.from_arrays({k: data[k] for k in data.files if k != "format"})

@@ -40,7 +40,8 @@ class RunConfig:
     # --- data
     dataset: str = _f("synthetic", "Data set: synthetic (embedded, no download) or a MovieLens name.", DATASET_CHOICES)
     data_dir: str = _f("", "Data root holding <name>/ folders; empty: $FEDREC_DATA_DIR, else ~/.cache/fedrec.")
-    split: str = _f("random", "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).", SPLIT_CHOICES)
+    split: str = _f("random", "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).",
+                    SPLIT_CHOICES)
     test_fraction: float = _f(0.2, "Share of each user's ratings held out by the random split.")
     negatives: int = _f(99, "Sampled negatives per test positive for leave-one-out evaluation.")
     synthetic_users: int = _f(2000, "Synthetic data: number of users.")
@@ -65,19 +66,23 @@ class RunConfig:
     rounds: int = _f(60, "Federated rounds.")
     local_epochs: int = _f(1, "Full-batch passes each sampled user makes over its own ratings per round.")
     users_per_round: int = _f(0, "Users sampled per round (expected number under poisson); 0: all users.")
-    sampling: str = _f("fixed", "fixed: that many users without replacement; poisson: each user independently.", SAMPLING_CHOICES)
+    sampling: str = _f("fixed", "fixed: that many users without replacement; poisson: each user independently.",
+                       SAMPLING_CHOICES)
     users_per_node: int = _f(0, "Simulation: users hosted by one SuperNode (1 = deployment shape); 0: auto.")
     eval_every: int = _f(10, "Evaluate every this many rounds (and after the last).")
     top_k: int = _f(10, "K of HR@K, NDCG@K and Recall@K.")
     # --- privacy
     dp: str = _f("none", "none; central (per-user clipping, server noise); local (noise added on the device); "
                          "distributed (each device adds a share of the noise; needs secagg+).", DP_CHOICES)
-    noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with --target-epsilon: calibrated.")
+    noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with "
+                                      "--target-epsilon: calibrated.")
     clipping_norm: float = _f(0.0, "C: each user's item-side update is clipped to this L2 norm (0: no clipping).")
-    target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round would exceed it.")
+    target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round "
+                                    "would exceed it.")
     target_delta: float = _f(1e-5, "delta at which epsilon is reported.")
     accountant: str = _f("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
-    update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + decoy rows).", UPDATE_MODES)
+    update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + "
+                                   "decoy rows).", UPDATE_MODES)
     pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
     max_rounds_per_user: int = _f(0, "Local and distributed DP: rounds a user may take part in (its device enforces "
                                      "it; epsilon against the server is for this many); 0: auto, a cap that about "
@@ -100,7 +105,8 @@ class RunConfig:
                                    "(0: until every node answered or failed, at most an hour).")
     min_reply_fraction: float = _f(0.5, "Least share of a round's sampled users whose updates must arrive and pass the "
                                         "checks for the round to be applied; otherwise the round is skipped.")
-    dropout: float = _f(0.0, "Simulation: probability that each sampled device fails in a round, to measure robustness.")
+    dropout: float = _f(0.0, "Simulation: probability that each sampled device fails in a round, to measure "
+                             "robustness.")
     robust_aggregation: str = _f("norm-bound", "none, or norm-bound: a reply whose norm exceeds --robust-bound times "
                                                "the round's median per-user update norm per user it sums is dropped "
                                                "(not under DP, where replies above users x C are rejected instead).",
@@ -188,16 +194,18 @@ class RunConfig:
                               "device's small noise share); use --dp central or --dp local without it")
         if self.secure_aggregation != "none":
             if self.update_mode != "dense":
-                raise ConfigError(f"--secure-aggregation {self.secure_aggregation} sums dense uploads (a sparse row set "
-                                  f"would itself leak); use --update-mode dense")
+                raise ConfigError(f"--secure-aggregation {self.secure_aggregation} sums dense uploads "
+                                  f"(a sparse row set would itself leak); use --update-mode dense")
             if self.clipping_norm <= 0:
                 raise ConfigError("--secure-aggregation needs --clipping-norm > 0: SecAgg+ quantizes within a "
                                   "range that the clipping bound sets")
             if not (0 <= self.secagg_shares < 1 or (self.secagg_shares >= 3 and self.secagg_shares.is_integer())):
                 raise ConfigError(f"secagg-shares must be 0 (auto), in (0, 1) or a whole number >= 3 "
                                   f"(got {self.secagg_shares})")
-            if not (0 < self.secagg_threshold <= 1 or (self.secagg_threshold >= 2 and self.secagg_threshold.is_integer())):
-                raise ConfigError(f"secagg-threshold must be in (0, 1] or a whole number >= 2 (got {self.secagg_threshold})")
+            if not (0 < self.secagg_threshold <= 1
+                    or (self.secagg_threshold >= 2 and self.secagg_threshold.is_integer())):
+                raise ConfigError(f"secagg-threshold must be in (0, 1] or a whole number >= 2 "
+                                  f"(got {self.secagg_threshold})")
             if not 0 < self.secagg_min_fraction <= 1:
                 raise ConfigError(f"secagg-min-fraction must be in (0, 1] (got {self.secagg_min_fraction})")
         if self.split.startswith("u") and self.dataset != "ml-100k":
@@ -316,7 +324,8 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
     moot = {"noise_multiplier": ("dp", no_dp), "target_epsilon": ("dp", no_dp), "target_delta": ("dp", no_dp),
             "accountant": ("dp", no_dp), "max_rounds_per_user": ("dp", cfg.dp not in ("local", "distributed")),
             "reproducible_noise": ("dp", no_dp and not pad),  # nothing random left to repeat
-            "pad_ratio": ("update_mode", not pad), "robust_bound": ("robust_aggregation", cfg.robust_aggregation == "none"),
+            "pad_ratio": ("update_mode", not pad),
+            "robust_bound": ("robust_aggregation", cfg.robust_aggregation == "none"),
             "test_fraction": ("split", cfg.split != "random"), "negatives": ("split", not loo),
             "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic")}
     for f in fields(cfg):

@@ -76,11 +76,13 @@ class PrivacyPlan:
             return dp_event.GaussianDpEvent(z / 2)
         if self.sampling == "poisson":
             return dp_event.PoissonSampledDpEvent(self.rate, dp_event.GaussianDpEvent(z))
-        return dp_event.SampledWithoutReplacementDpEvent(self.population, self.sample_size, dp_event.GaussianDpEvent(z / 2))
+        return dp_event.SampledWithoutReplacementDpEvent(self.population, self.sample_size,
+                                                         dp_event.GaussianDpEvent(z / 2))
 
     def _relation(self):
         add_remove = self.mode != "local" and self.sampling == "poisson"
-        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if add_remove else dp_accounting.NeighboringRelation.REPLACE_ONE
+        relation = dp_accounting.NeighboringRelation
+        return relation.ADD_OR_REMOVE_ONE if add_remove else relation.REPLACE_ONE
 
     def fresh_accountant(self):
         if self.accountant == "pld":
@@ -108,7 +110,8 @@ class PrivacyPlan:
             target_epsilon, self.delta, dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
 
 
-def add_central_noise(total: dict[str, np.ndarray], plan: PrivacyPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def add_central_noise(total: dict[str, np.ndarray], plan: PrivacyPlan,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The sum of clipped user updates plus N(0, (zC)^2) on every coordinate, including rows
     nobody uploaded (their absence would otherwise be visible). `rng` must be the private
     "central-noise" stream (fedrec.models.randomness)."""

@@ -109,7 +109,8 @@ class FedRecStrategy(FedAvg):
             self._row["epsilon"] = self.epsilon
 
     # ---------------------------------------------------------------- train
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
         self._check_budget(server_round)
         eligible = None
@@ -137,7 +138,8 @@ class FedRecStrategy(FedAvg):
         self._row["bytes_down"] += record_bytes(arrays) * len(messages)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         n_items, dim = self.items.emb.shape
         accepted: list[tuple[dict, float, Message, float]] = []  # (dense update, users, reply, its norm)
         # Under SecAgg+ the one reply is the sum of every node asked: it answers for all their users.
@@ -261,7 +263,8 @@ class FedRecStrategy(FedAvg):
     def evaluates(self, server_round: int) -> bool:
         return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         if not self.evaluates(server_round):
             return []
         config = ConfigRecord(dict(config))

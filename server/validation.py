@@ -128,7 +128,8 @@ def check_reply_norm(norm: float, users: float, cfg: RunConfig, coords: int = 0,
         return f"update norm {norm} is not finite"
     bound = reply_norm_bound(users, cfg, coords, secure, nodes)
     if norm > bound:
-        return f"update norm {norm:.6g} exceeds {bound:.6g}, the bound for {users:g} user(s) clipped to C={cfg.clipping_norm:g}"
+        return (f"update norm {norm:.6g} exceeds {bound:.6g}, "
+                f"the bound for {users:g} user(s) clipped to C={cfg.clipping_norm:g}")
     return None
 
 
@@ -139,7 +140,8 @@ def check_reply_peak(peak: float, users: float, cfg: RunConfig, coords: int) -> 
     if cfg.dp != "local" or cfg.clipping_norm <= 0:
         return None
     std = cfg.noise_multiplier * cfg.clipping_norm * math.sqrt(users)
-    bound = users * cfg.clipping_norm * (1 + ROUNDING) + std * (math.sqrt(2 * math.log(2 * max(coords, 1))) + NOISE_TAIL)
+    largest_gaussian = math.sqrt(2 * math.log(2 * max(coords, 1))) + NOISE_TAIL
+    bound = users * cfg.clipping_norm * (1 + ROUNDING) + std * largest_gaussian
     if peak > bound:
         return f"update coordinate {peak:.6g} exceeds {bound:.6g}, the most one of {users:g} noised user(s) can move"
     return None

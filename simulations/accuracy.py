@@ -26,7 +26,8 @@ def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
     rows = [r for r in outcome.history if metric in r]
     log(f"federated {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {time.perf_counter() - start:.1f} s")
     return {"metrics": outcome.summary["metrics"], "rounds": cfg.rounds, "wall_seconds": outcome.wall_seconds,
-            "num_nodes": outcome.summary["num_nodes"], "curve": [{"round": r["round"], metric: r[metric]} for r in rows]}
+            "num_nodes": outcome.summary["num_nodes"],
+            "curve": [{"round": r["round"], metric: r[metric]} for r in rows]}
 
 
 def _central(cfg: RunConfig, log) -> dict:

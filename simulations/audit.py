@@ -84,8 +84,8 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
 
     def score(setting: tuple, dense: dict, noise_std: float, uploaded=None, secure: str = "none") -> None:
         observer, mode, dp, eps = setting
-        for attacker, s in (("norm", norm_scores(dense, uploaded)),
-                            ("direction", direction_scores(dense, items, user_vec, h, noise_std, prior, int(truth.sum())))):
+        direction = direction_scores(dense, items, user_vec, h, noise_std, prior, int(truth.sum()))
+        for attacker, s in (("norm", norm_scores(dense, uploaded)), ("direction", direction)):
             scores[(attacker, observer, mode, dp, eps, noise_std, secure)].append(
                 (roc_auc(s, truth), precision_at_k(s, truth, k)))
 
@@ -97,11 +97,13 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
         truth[rows.train_item] = True
         state = users.take(torch.as_tensor([user]))
         user_vec = state.emb[0].numpy().astype(np.float64)
-        scores[("prior", "none", "-", "none", None, 0.0, "none")].append((roc_auc(prior, truth), precision_at_k(prior, truth, k)))
+        scores[("prior", "none", "-", "none", None, 0.0, "none")].append(
+            (roc_auc(prior, truth), precision_at_k(prior, truth, k)))
         step = lambda policy: device_step(items, state, rows, n_items, h, policy, round_)  # noqa: E731
         plain = step(DevicePolicy("dense", clip_norm=clip, reproducible_seed=repro))
         for mode in ("dense", "sparse", "padded"):
-            upload = plain.upload if mode == "dense" else step(DevicePolicy(mode, cfg.pad_ratio, clip, reproducible_seed=repro)).upload
+            upload = (plain.upload if mode == "dense"
+                      else step(DevicePolicy(mode, cfg.pad_ratio, clip, reproducible_seed=repro)).upload)
             score(("upload", mode, "none", None), scatter_upload(upload, n_items, h.dim), 0.0, upload.get(ITEM_INDEX))
         clean = scatter_upload(plain.upload, n_items, h.dim)
         score(("aggregate", "dense", "none", None), clean, 0.0)
@@ -132,7 +134,8 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
     results = []
     for (attacker, observer, mode, dp, eps, std, secure), values in scores.items():
         aucs, precs = np.array(values).T
-        results.append({"attacker": attacker, "observer": observer, "mode": mode, "dp": dp, "secure_aggregation": secure,
+        results.append({"attacker": attacker, "observer": observer, "mode": mode, "dp": dp,
+                        "secure_aggregation": secure,
                         "epsilon": _accountant_epsilon(plans, eps, dp, cfg.rounds), "target_epsilon": eps,
                         "auc": float(aucs.mean()), "auc_std": float(aucs.std()),
                         "precision_at_k": None if np.isnan(precs).all() else float(precs.mean()), "k": k,
@@ -151,9 +154,9 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
     report = {"dataset": cfg.dataset, "split": cfg.split, "results": results + canaries, "delta": cfg.target_delta,
               "clipping_norm": clip, "rounds": cfg.rounds, "sampling_rate": rate,
               "participations_per_user": participations,
-              "noise_multiplier": {str(eps): {"central": c.noise_multiplier, "local": l.noise_multiplier}
-                                   for eps, (c, l) in plans.items()},
-              "local_max_rounds": {str(eps): l.max_rounds for eps, (_, l) in plans.items()},
+              "noise_multiplier": {str(eps): {"central": central.noise_multiplier, "local": local.noise_multiplier}
+                                   for eps, (central, local) in plans.items()},
+              "local_max_rounds": {str(eps): local.max_rounds for eps, (_, local) in plans.items()},
               "reproducible_noise": cfg.reproducible_noise, "config": cfg.to_dict()}
     if write:
         run_dir = make_run_dir(cfg, "audit")

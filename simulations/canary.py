@@ -159,5 +159,6 @@ def canary_audit(dp: str, plan: PrivacyPlan | None, n_items: int, dim: int, roun
     row = {"attacker": "canary", "observer": "upload" if dp == "local" else "aggregate", "dp": dp,
            "secure_aggregation": "secagg+" if dp == "distributed" else "none",
            "epsilon": None if plan is None else plan.guarantee(rounds), "canaries": count,
-           "noise_std": 0.0 if plan is None else plan.noise_std, "relation": "replace-one" if replace_one else "add-remove"}
+           "noise_std": 0.0 if plan is None else plan.noise_std,
+           "relation": "replace-one" if replace_one else "add-remove"}
     return row | epsilon_lower_bound(score, member, delta, confidence, rng)

@@ -166,8 +166,9 @@ def _quiet_engines() -> None:
 
 @contextlib.contextmanager
 def _progress(total: int, label: str):
-    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=False)
     with progress:
         try:
             yield progress
@@ -227,7 +228,8 @@ def run_federated_cli(cfg: RunConfig):
 def central(cfg: RunConfig) -> None:
     """Train the central baseline (all data in one place)."""
     outcome = run_central_cli(cfg)
-    _show(f"central {cfg.dataset} {cfg.split}, {outcome.summary['wall_seconds']:.1f} s", {"central": outcome.summary["metrics"]})
+    _show(f"central {cfg.dataset} {cfg.split}, {outcome.summary['wall_seconds']:.1f} s",
+          {"central": outcome.summary["metrics"]})
     out.print(f"results in {outcome.run_dir}")
 
 
@@ -290,7 +292,8 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
 
 @cli.command()
 @_config_command
-def bench(cfg: RunConfig, one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case")) -> None:
+def bench(cfg: RunConfig,
+          one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case")) -> None:
     """Throughput and memory through Flower's simulation engine; writes OUT/bench.json.
 
     --rounds sets the rounds of each case. Pass --dataset ml-100k --data-dir DIR for the
@@ -308,7 +311,8 @@ def bench(cfg: RunConfig, one_user_rounds: int = typer.Option(3, help="rounds of
         table.add_column(column, justify="right")
     for name, c in report["cases"].items():
         table.add_row(name, f"{c['updates_per_second']:.0f}", f"{c['seconds_per_round']:.3f}",
-                      f"{c['end_to_end_seconds']:.1f}", f"{c['peak_rss_mb']:.0f}", str(c["num_users"]), str(c["num_nodes"]))
+                      f"{c['end_to_end_seconds']:.1f}", f"{c['peak_rss_mb']:.0f}", str(c["num_users"]),
+                      str(c["num_nodes"]))
     out.print(table)
     out.print(f"results in {report['run_dir']}/bench.json")
 
@@ -327,19 +331,23 @@ def _parse_epsilons(text: str) -> list[float]:
 @_config_command
 def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to attack"),
           k: int = typer.Option(10, help="k of precision@k"),
-          epsilons: str = typer.Option("", help="target epsilons to audit, comma-separated (default: --target-epsilon)")) -> None:
-    """Leakage audit: item-inference attackers, canary lower bounds on epsilon, the seed attack. Writes OUT/audit.json."""
+          epsilons: str = typer.Option("", help="target epsilons to audit, comma-separated "
+                                                "(default: --target-epsilon)")) -> None:
+    ("""Leakage audit: item-inference attackers, canary lower bounds on epsilon, the seed attack. """
+     """Writes OUT/audit.json.""")
     _quiet_engines()  # the in-process SecAgg+ rounds would log every stage
     from fedrec.simulations.audit import run_audit
 
     values = _parse_epsilons(epsilons) if epsilons else None
     report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False), epsilons=values)
     table = Table(title=f"leakage audit: {cfg.dataset}, {targets} target users")
-    for column in ("attacker", "observer", "mode", "dp", "secagg", "epsilon", "AUC", f"precision@{k}", "epsilon lower bound"):
+    for column in ("attacker", "observer", "mode", "dp", "secagg", "epsilon", "AUC", f"precision@{k}",
+                   "epsilon lower bound"):
         table.add_column(column, justify="right")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in report["results"]:
-        table.add_row(r["attacker"], r["observer"], r.get("mode", "-"), r["dp"], r["secure_aggregation"], fmt(r["epsilon"], ".2f"),
+        table.add_row(r["attacker"], r["observer"], r.get("mode", "-"), r["dp"], r["secure_aggregation"],
+                      fmt(r["epsilon"], ".2f"),
                       fmt(r.get("auc"), ".3f"), fmt(r.get("precision_at_k"), ".3f"),
                       fmt(r.get("epsilon_lower"), ".2f") + (f" ({r['confidence']:.0%})" if "confidence" in r else ""))
     out.print(table)
@@ -349,7 +357,8 @@ def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to 
 @cli.command("secagg-bench")
 @_config_command
 def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="one-user nodes of the in-process cases"),
-                 deploy_nodes: str = typer.Option("10", help="SuperNodes of the loopback deployment cases ('' to skip)")) -> None:
+                 deploy_nodes: str = typer.Option("10", help="SuperNodes of the loopback deployment cases "
+                                                             "('' to skip)")) -> None:
     """Seconds per round and bytes per device with and without SecAgg+; writes OUT/secagg_bench.json."""
     _quiet_engines()
     from fedrec.simulations.secagg_bench import run_secagg_bench
@@ -361,13 +370,15 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
         raise ConfigError("--nodes and --deploy-nodes take comma-separated whole numbers") from None
     if min(inprocess + deployed, default=3) < 3:
         raise ConfigError("SecAgg+ needs at least 3 nodes per case")
-    report = run_secagg_bench(cfg, inprocess, deployed, cfg.rounds, log=lambda line: console.print(line, highlight=False))
+    report = run_secagg_bench(cfg, inprocess, deployed, cfg.rounds,
+                              log=lambda line: console.print(line, highlight=False))
     out.print(f"results in {report['run_dir']}/secagg_bench.json")
 
 
 @cli.command()
 @_config_command
-def robustness(cfg: RunConfig, dropout_rate: float = typer.Option(0.3, help="share of sampled devices failing each round"),
+def robustness(cfg: RunConfig,
+               dropout_rate: float = typer.Option(0.3, help="share of sampled devices failing each round"),
                poisoning: bool = typer.Option(True, help="also run the poisoning experiment")) -> None:
     """Dropouts, stop-and-resume and poisoning against clean runs of the same settings; writes OUT/robustness.json."""
     _quiet_engines()
@@ -417,7 +428,8 @@ def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", hel
     for column in ("target eps", "eps", "delta", "z", metric, "direction AUC", "prior AUC", "canary eps lower"):
         table.add_column(column, justify="right")
     for r in report["results"]:
-        table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon']:.2f}", f"{r['delta']:g}", f"{r['noise_multiplier']:.3f}",
+        table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon']:.2f}", f"{r['delta']:g}",
+                      f"{r['noise_multiplier']:.3f}",
                       f"{r[metric]:.4f}", f"{r['auc']:.3f}", f"{r['prior_auc']:.3f}", f"{r['epsilon_lower']:.2f}")
     out.print(table)
     out.print(f"results in {report['run_dir']}/sweep.json")
@@ -425,12 +437,17 @@ def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", hel
 
 @cli.command()
 def deploy(nodes: int = typer.Option(3, min=1, help="SuperNodes to start (node I hosts partition I of N)"),
-           dir: Optional[Path] = typer.Option(None, "--dir", help="certs, keys, database, logs, run [default: runs/deploy-<time>]"),
+           dir: Optional[Path] = typer.Option(None, "--dir", help="certs, keys, database, logs, run "
+                                                                  "[default: runs/deploy-<time>]"),
            insecure: bool = typer.Option(False, help="no TLS, no SuperNode authentication: loopback tests only"),
-           run_config: str = typer.Option("rounds=3 eval-every=3", help="flwr run --run-config, e.g. 'rounds=3 synthetic-users=300'"),
-           keep_running: bool = typer.Option(False, help="leave the federation up after the run and print how to stop it"),
-           data_dir: Optional[Path] = typer.Option(None, help="where nodes read data [default: $FEDREC_DATA_DIR or ~/.cache/fedrec]")) -> None:
-    """A SuperLink and N SuperNodes on this machine (TLS, SuperNode authentication, state in a database), one fedrec run."""
+           run_config: str = typer.Option("rounds=3 eval-every=3", help="flwr run --run-config, "
+                                                                       "e.g. 'rounds=3 synthetic-users=300'"),
+           keep_running: bool = typer.Option(False, help="leave the federation up after the run "
+                                                         "and print how to stop it"),
+           data_dir: Optional[Path] = typer.Option(
+               None, help="where nodes read data [default: $FEDREC_DATA_DIR or ~/.cache/fedrec]")) -> None:
+    ("""A SuperLink and N SuperNodes on this machine (TLS, SuperNode authentication, state in a database), """
+     """one fedrec run.""")
     import time
 
     from fedrec.simulations.deploy import deploy as run_deploy

@@ -48,7 +48,8 @@ class HostileClientApp(ClientApp):
             arrays = reply.content[schema.ARRAYS]
             values = {k: arrays[k].numpy() for k in arrays.keys()}
             reply.content[schema.ARRAYS] = ArrayRecord({
-                k: Array(v if k == schema.ITEM_INDEX else (v * self.factor).astype(v.dtype)) for k, v in values.items()})
+                k: Array(v if k == schema.ITEM_INDEX else (v * self.factor).astype(v.dtype))
+                for k, v in values.items()})
             self.tampered += 1
         return reply
 

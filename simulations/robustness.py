@@ -55,7 +55,8 @@ def run_robustness(cfg: RunConfig, dropout: float = 0.3, poisoning: bool = True,
         failed = sum(r.get("users_failed", 0) for r in failing.history)
         sampled = sum(r.get("users_sampled", 0) for r in failing.history)
         report["cases"]["dropout"] = {"dropout": dropout, metric: value, "clean": base,
-                                      "relative_change": value / base - 1, "users_failed_share": failed / max(sampled, 1),
+                                      "relative_change": value / base - 1,
+                                      "users_failed_share": failed / max(sampled, 1),
                                       "rounds_skipped": sum(int(r.get("skipped", 0)) for r in failing.history)}
         log(f"dropout {dropout:.0%}: {metric} {value:.4f} ({value / base - 1:+.2%}; {failed / max(sampled, 1):.1%} "
             f"of sampled updates lost)")

@@ -126,7 +126,8 @@ def run_secagg_bench(cfg: RunConfig, inprocess_nodes: list[int], deploy_nodes: l
     for name, case in (("plain", cfg), ("secagg+", secure)):
         row = _ray(dataclasses.replace(case, out=str(run_dir / f"ray-{name}")), rounds)
         report["ray_cohorts"][name] = row
-        log(f"Ray, {row['nodes']} cohort nodes of {cfg.synthetic_users} users, {name}: {row['seconds_per_round']:.3f} s/round")
+        log(f"Ray, {row['nodes']} cohort nodes of {cfg.synthetic_users} users, {name}: "
+            f"{row['seconds_per_round']:.3f} s/round")
     for nodes in deploy_nodes:
         for name, secured in (("plain", False), ("secagg+", True)):
             row = _deployment(cfg, nodes, rounds, secured)

@@ -47,8 +47,10 @@ def write_movielens(root, name, rows=ROWS):
     lines += [sep.join(str(v) for v in row) for row in rows]
     (folder / fmt.ratings_file).write_text("\n".join(lines) + "\n")
     titles = {"u.item": "100|Toy Story (1995)|x\n200|GoldenEye (1995)|x\n300|Heat (1995)|x\n",
-              "movies.dat": "100::Toy Story (1995)::Animation\n200::GoldenEye (1995)::Action\n300::Heat (1995)::Crime\n",
-              "movies.csv": "movieId,title,genres\n100,Toy Story (1995),Animation\n200,\"GoldenEye, The (1995)\",Action\n"
+              "movies.dat": "100::Toy Story (1995)::Animation\n200::GoldenEye (1995)::Action\n"
+                            "300::Heat (1995)::Crime\n",
+              "movies.csv": "movieId,title,genres\n100,Toy Story (1995),Animation\n"
+                            "200,\"GoldenEye, The (1995)\",Action\n"
                             "300,Heat (1995),Crime\n"}
     (folder / fmt.titles_file).write_text(titles[fmt.titles_file], encoding="latin-1")
     return folder
@@ -57,6 +59,19 @@ def write_movielens(root, name, rows=ROWS):
 @pytest.fixture
 def write_dataset():
     return write_movielens
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache(tmp_path_factory):
+    """Shard sets cut during the tests go to one temporary cache, not ~/.cache (shared by the
+    tests of a session: a set is keyed by its data, split and node count)."""
+    previous = os.environ.get("FEDREC_SHARD_CACHE")
+    os.environ["FEDREC_SHARD_CACHE"] = str(tmp_path_factory.mktemp("shards"))
+    yield Path(os.environ["FEDREC_SHARD_CACHE"])
+    if previous is None:
+        os.environ.pop("FEDREC_SHARD_CACHE", None)
+    else:
+        os.environ["FEDREC_SHARD_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)

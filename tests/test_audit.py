@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.node import NodeData, load_state
+from fedrec.client.node import load_state, node_data
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
@@ -68,7 +68,8 @@ def test_a_server_that_knows_the_config_cannot_regenerate_device_noise(split, re
     seed = SEED if reproducible else None
     aucs = []
     for user in range(split.n_users):  # noise far above the signal: only a regenerated noise can expose the rows
-        result, truth = _device(split, user, DevicePolicy("dense", clip_norm=0.1, noise_std=5.0, reproducible_seed=seed))
+        policy = DevicePolicy("dense", clip_norm=0.1, noise_std=5.0, reproducible_seed=seed)
+        result, truth = _device(split, user, policy)
         aucs.append(seed_attack(result.upload, 5.0, SEED, ROUND, user, truth)[0])
     if reproducible:
         assert min(aucs) == 1.0
@@ -119,7 +120,8 @@ def test_canary_audit_without_dp_proves_a_large_epsilon():
     assert row["epsilon_lower"] > 6 and row["confidence"] == 0.95 and row["epsilon"] is None
 
 
-@pytest.mark.parametrize("mode,sampling,z", [("central", "poisson", 1.2), ("central", "fixed", 3.0), ("local", "poisson", 8.0)])
+@pytest.mark.parametrize("mode,sampling,z",
+                         [("central", "poisson", 1.2), ("central", "fixed", 3.0), ("local", "poisson", 8.0)])
 def test_canary_lower_bound_stays_below_the_accountants_epsilon(mode, sampling, z):
     plan = PrivacyPlan(mode, z, 0.1, sampling, 100, 1000, 1e-5, "rdp", max_rounds=5 if mode == "local" else 0)
     row = canary_audit(mode, plan, n_items=1000, dim=15, rounds=10, rate=0.1, clip=0.1, delta=1e-5)
@@ -134,7 +136,8 @@ def test_canary_audit_catches_a_privacy_bug(monkeypatch, bug):
     if bug == "noise":
         real = server_privacy.add_central_noise
         monkeypatch.setattr(canary_module, "add_central_noise",
-                            lambda total, plan, rng: real(total, dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 10), rng))
+                            lambda total, plan, rng: real(
+                                total, dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 10), rng))
     else:
         monkeypatch.setattr(canary_module, "clip_per_user", lambda u, dq, db, mu, c: (dq, db, mu, None))
     plan = PrivacyPlan("central", 0.0, 0.1, "poisson", 100, 1000, 1e-5, "rdp")
@@ -206,12 +209,14 @@ def test_decoys_imply_ratings_as_plausible_as_real_ones():
 
 
 def test_private_runs_start_each_user_from_a_vector_the_server_cannot_know(small_cfg):
-    split = load_data(small_cfg)
-    node = NodeData(split, np.arange(5), cohort(split, np.arange(5)), hyper(small_cfg))
-    seeded = UserState.init(np.arange(5), split.n_users, hyper(small_cfg)).emb
+    hosting = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 12},
+                      state=RecordDict(), run_config={})
+    node = node_data(small_cfg, hosting)  # users 0..4 of 60
+    seeded = UserState.init(np.arange(5), small_cfg.synthetic_users, hyper(small_cfg)).emb
 
     def start(cfg):
-        return load_state(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), node, cfg, {}, 0).emb
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        return load_state(context, node, cfg, {}, 0).emb
 
     np.testing.assert_array_equal(start(small_cfg), seeded)  # non-private runs repeat exactly
     for private in (dict(update_mode="padded"), dict(dp="central", clipping_norm=0.1, noise_multiplier=1.0)):

@@ -16,8 +16,8 @@ SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-dens
 
 def test_central_writes_summary_and_metrics(tmp_path):
     out = tmp_path / "central"
-    result = CliRunner().invoke(cli, ["central", "--dataset", "synthetic", *SMALL, "--epochs", "12", "--eval-every", "4",
-                                      "--seed", "3", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["central", "--dataset", "synthetic", *SMALL, "--epochs", "12",
+                                      "--eval-every", "4", "--seed", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "central" and summary["dataset"] == "synthetic" and summary["split"] == "random"
@@ -116,14 +116,17 @@ def _one_line_exit_2(args, expected):
     (["simulate", "--checkpoint-every", "-1"], "checkpoint-every must be >= 0"),
     (["simulate", "--target-epsilon", "8"], "--target-epsilon does not apply with --dp none"),
     (["simulate", "--target-delta", "1e-6"], "--target-delta does not apply with --dp none"),
-    (["simulate", "--secagg-min-fraction", "0.9"], "--secagg-min-fraction does not apply with --secure-aggregation none"),
-    (["simulate", "--dataset", "ml-100k", "--synthetic-users", "80"], "--synthetic-users does not apply with --dataset ml-100k"),
+    (["simulate", "--secagg-min-fraction", "0.9"],
+     "--secagg-min-fraction does not apply with --secure-aggregation none"),
+    (["simulate", "--dataset", "ml-100k", "--synthetic-users", "80"],
+     "--synthetic-users does not apply with --dataset ml-100k"),
     (["simulate", "--epochs", "5"], "--epochs does not apply to simulate"),
     (["central", "--dp", "central"], "--dp does not apply to central: central trains one model on pooled data"),
     (["central", "--rounds", "5", "--noise-multiplier", "1"], "--rounds, --noise-multiplier do not apply to central"),
     (["tune", "--dim", "16"], "--dim does not apply to tune"),
     (["central", "--resume", "runs/x"], "--resume does not apply to central"),
-    (["simulate", "--resume", "runs/x", "--dim", "8"], "--resume continues runs/x with its own saved settings; drop --dim"),
+    (["simulate", "--resume", "runs/x", "--dim", "8"],
+     "--resume continues runs/x with its own saved settings; drop --dim"),
     (["simulate", "--resume", "runs/x"], "--resume runs/x: no such run directory"),
     (["central", "--no-such-flag", "3"], "No such option"),
 ])
@@ -145,18 +148,21 @@ def test_bad_out_is_found_before_training(in_tmp, monkeypatch):
     (finished / "summary.json").write_text("{}")
     _one_line_exit_2(["central", "--out", str(finished)], "already holds a run (summary.json)")
     _one_line_exit_2(["simulate", "--out", str(finished)], "or continue it with fedrec simulate --resume")
-    assert sorted(p.name for p in in_tmp.iterdir()) == ["file", "old"] and [p.name for p in finished.iterdir()] == ["summary.json"]
+    assert (sorted(p.name for p in in_tmp.iterdir()) == ["file", "old"]
+            and [p.name for p in finished.iterdir()] == ["summary.json"])
 
 
 def test_a_run_that_fails_leaves_no_directory(in_tmp):
-    _one_line_exit_2(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"], "ml-100k is not at")
+    _one_line_exit_2(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"],
+                     "ml-100k is not at")
     _one_line_exit_2(["simulate", "--users-per-round", "5000", *SMALL], "is larger than the 80 users")
     assert list(in_tmp.iterdir()) == []  # neither the run directories nor the data directory
 
 
 @pytest.mark.parametrize("error,expected", [
     (MemoryError(), "out of memory while running central; lower --dim"),
-    (OSError(28, "No space left on device", "/full/disk/metrics.csv"), "/full/disk/metrics.csv: No space left on device"),
+    (OSError(28, "No space left on device", "/full/disk/metrics.csv"),
+     "/full/disk/metrics.csv: No space left on device"),
 ])
 def test_memory_and_disk_errors_are_one_line(in_tmp, monkeypatch, error, expected):
     def fail(cfg):
@@ -200,5 +206,6 @@ def test_saved_config_repeats_the_run_into_a_new_directory(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     (rerun,) = (elsewhere / "runs").iterdir()
     assert (rerun / "config.toml").read_text() == saved  # the same experiment
-    assert json.loads((rerun / "summary.json").read_text())["metrics"] == json.loads((out / "summary.json").read_text())["metrics"]
+    rerun_metrics = json.loads((rerun / "summary.json").read_text())["metrics"]
+    assert rerun_metrics == json.loads((out / "summary.json").read_text())["metrics"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the first run is untouched

@@ -23,8 +23,8 @@ def task_identity():
 
 
 def _message(content: RecordDict, kind: str) -> Message:
-    meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                    group_id="", created_at=time.time(), ttl=3600, message_type=kind)
+    meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind)
     return Message(content, metadata=meta)
 
 

@@ -61,7 +61,8 @@ def test_ray_simulation_respects_the_privacy_boundary(tmp_path):
     assert "outcome" in seen, "the ServerApp did not finish"
     replies = seen["replies"]
     assert len(replies) == 1 + 4 + 4 * 3 + 4  # discovery (one node, then all), train, evaluate
-    item_shapes = {schema.ITEM_EMB: (split.n_items, cfg.dim), schema.ITEM_BIAS: (split.n_items,), schema.GLOBAL_BIAS: (1,)}
+    item_shapes = {schema.ITEM_EMB: (split.n_items, cfg.dim), schema.ITEM_BIAS: (split.n_items,),
+                   schema.GLOBAL_BIAS: (1,)}
     allowed_metrics = set(schema.TRAIN_METRICS) | set(schema.EVAL_SUMS) | set(schema.HELLO_METRICS)
     private_rows = {split.n_users, 12}  # population, users per node
     for reply in replies:

@@ -52,7 +52,8 @@ def test_run_directory_contents(small_cfg):
     outcome = _run(small_cfg, nodes=2)
     run = outcome.run_dir
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("mode", "dataset", "split", "metrics", "rounds", "wall_seconds", "num_users", "bytes_up", "bytes_down", "config"):
+    for key in ("mode", "dataset", "split", "metrics", "rounds", "wall_seconds", "num_users", "bytes_up", "bytes_down",
+                "config"):
         assert key in summary
     assert summary["mode"] == "federated" and summary["bytes_up"] > 0
     frame = pd.read_csv(run / "metrics.csv")

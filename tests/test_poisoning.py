@@ -36,8 +36,8 @@ def test_a_hostile_node_scales_its_train_upload_and_nothing_else(small_cfg, tmp_
     np.testing.assert_array_equal(bad.content[schema.ARRAYS][schema.ITEM_INDEX].numpy(),
                                   good.content[schema.ARRAYS][schema.ITEM_INDEX].numpy())
     for key in schema.ITEM_ARRAYS:
-        np.testing.assert_allclose(bad.content[schema.ARRAYS][key].numpy(), -1000 * good.content[schema.ARRAYS][key].numpy(),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(bad.content[schema.ARRAYS][key].numpy(),
+                                   -1000 * good.content[schema.ARRAYS][key].numpy(), rtol=1e-6)
     assert dict(bad.content[schema.METRICS]) == dict(good.content[schema.METRICS])
     for node in (1002, 1004):  # the others are untouched
         assert _train_reply(hostile, node).content[schema.ARRAYS][schema.ITEM_EMB].numpy().tolist() == \

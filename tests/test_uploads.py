@@ -75,8 +75,9 @@ def test_local_noise_has_the_configured_std(split):
 def test_federated_run_in_each_mode_trains_and_reports_bytes(small_cfg):
     results = {}
     for mode in ("dense", "sparse", "padded"):
-        outcome = run_server(InProcessGrid(client_app, 60), dataclasses.replace(small_cfg, update_mode=mode, rounds=3,
-                                                                                eval_every=3, out=f"{small_cfg.out}-{mode}"))
+        mode_cfg = dataclasses.replace(small_cfg, update_mode=mode, rounds=3, eval_every=3,
+                                       out=f"{small_cfg.out}-{mode}")
+        outcome = run_server(InProcessGrid(client_app, 60), mode_cfg)
         results[mode] = outcome.summary
     assert results["sparse"]["bytes_up"] < results["padded"]["bytes_up"] < results["dense"]["bytes_up"]
     assert results["sparse"]["metrics"]["rmse"] == pytest.approx(results["dense"]["metrics"]["rmse"], rel=1e-5)

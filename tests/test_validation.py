@@ -67,10 +67,12 @@ def _bad_bytes(stype="numpy.ndarray", size=64) -> Array:
 LOCAL = {"dp": "local", "clipping_norm": C, "noise_multiplier": 1.0}
 WEIGHT_ONLY = {W: 2}
 TRAIN_CASES = [  # (id, settings, reply, part of the reason)
-    ("no metrics record", {}, lambda: RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in _arrays().items()})}), "records"),
+    ("no metrics record", {},
+     lambda: RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in _arrays().items()})}), "records"),
     ("extra record", {}, lambda: _content(extra=ConfigRecord({"x": 1})), "records"),
-    ("arrays under the metrics key", {}, lambda: RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in _arrays().items()}),
-                                                              schema.METRICS: ArrayRecord({W: Array(np.ones(1))})}), "is a ArrayRecord"),
+    ("arrays under the metrics key", {},
+     lambda: RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in _arrays().items()}),
+                         schema.METRICS: ArrayRecord({W: Array(np.ones(1))})}), "is a ArrayRecord"),
     ("missing array", {}, lambda: _replace(**{BIAS: None}), "arrays ["),
     ("index in a dense reply", {}, lambda: _replace(**{INDEX: np.arange(N_ITEMS)}), "arrays ["),
     ("sparse reply without index", {"update_mode": "sparse"}, lambda: _content(), "arrays ["),
@@ -90,9 +92,12 @@ TRAIN_CASES = [  # (id, settings, reply, part of the reason)
     ("float index", {"update_mode": "sparse"}, lambda: _replace("sparse", **{INDEX: np.array([1.0, 4.0])}), "integer"),
     ("2-D index", {"update_mode": "sparse"}, lambda: _replace("sparse", **{INDEX: np.array([[1, 4]])}), "1-D"),
     ("index -1", {"update_mode": "sparse"}, lambda: _replace("sparse", **{INDEX: np.array([-1, 4])}), "outside"),
-    ("index N + 5", {"update_mode": "sparse"}, lambda: _replace("sparse", **{INDEX: np.array([1, N_ITEMS + 5])}), "outside"),
-    ("duplicate index", {"update_mode": "sparse"}, lambda: _replace("sparse", **{INDEX: np.array([4, 4])}), "more than once"),
-    ("rows unlike the index", {"update_mode": "sparse"}, lambda: _replace("sparse", **{INDEX: np.array([1, 2, 4])}), "shape"),
+    ("index N + 5", {"update_mode": "sparse"},
+     lambda: _replace("sparse", **{INDEX: np.array([1, N_ITEMS + 5])}), "outside"),
+    ("duplicate index", {"update_mode": "sparse"},
+     lambda: _replace("sparse", **{INDEX: np.array([4, 4])}), "more than once"),
+    ("rows unlike the index", {"update_mode": "sparse"},
+     lambda: _replace("sparse", **{INDEX: np.array([1, 2, 4])}), "shape"),
     ("more users than asked", {}, lambda: _content(metrics={W: 3, "loss-sum": 1.0, "num-rows": 3}), "exceeds"),
     ("a billion users", {}, lambda: _content(metrics={W: 1e9, "loss-sum": 1.0, "num-rows": 3}), "exceeds"),
     ("negative users", {}, lambda: _content(metrics={W: -1, "loss-sum": 1.0, "num-rows": 3}), "whole number"),
@@ -104,7 +109,8 @@ TRAIN_CASES = [  # (id, settings, reply, part of the reason)
     ("negative loss", {}, lambda: _content(metrics={W: 2, "loss-sum": -1.0, "num-rows": 3}), "loss-sum"),
     ("infinite loss", {}, lambda: _content(metrics={W: 2, "loss-sum": math.inf, "num-rows": 3}), "loss-sum"),
     ("half a row", {}, lambda: _content(metrics={W: 2, "loss-sum": 1.0, "num-rows": 2.5}), "num-rows"),
-    ("more rows than items", {}, lambda: _content(metrics={W: 2, "loss-sum": 1.0, "num-rows": 2 * N_ITEMS * 2 + 1}), "num-rows"),
+    ("more rows than items", {},
+     lambda: _content(metrics={W: 2, "loss-sum": 1.0, "num-rows": 2 * N_ITEMS * 2 + 1}), "num-rows"),
     ("no users, an update", {}, lambda: _content(metrics={W: 0, "loss-sum": 0.0, "num-rows": 0}), "0 users"),
 ]
 
@@ -208,7 +214,8 @@ def test_norm_bound_drops_outliers_only_and_never_under_dp():
     np.testing.assert_array_equal(reply_scales(norms, users, cfg, private=False), [1, 1, 1, 0, 0])
     # the bound grows with the users a reply sums: 20 is within 2 users' bound, not 1 user's
     np.testing.assert_array_equal(reply_scales(np.array([1.0, 1, 1, 20]), np.array([1, 1, 1, 2]), cfg, False), [1] * 4)
-    np.testing.assert_array_equal(reply_scales(np.array([1.0, 1, 1, 20]), np.array([1, 1, 1, 1]), cfg, False), [1, 1, 1, 0])
+    np.testing.assert_array_equal(reply_scales(np.array([1.0, 1, 1, 20]), np.array([1, 1, 1, 1]), cfg, False),
+                                  [1, 1, 1, 0])
     np.testing.assert_array_equal(reply_scales(norms, users, cfg, private=True), np.ones(5))
     np.testing.assert_array_equal(reply_scales(norms, users, RunConfig(robust_aggregation="none"), False), np.ones(5))
 
@@ -251,7 +258,8 @@ def _eval_content(sums: dict, **records) -> RecordDict:
     return RecordDict({schema.METRICS: MetricRecord({k: v for k, v in sums.items() if v is not None}), **records})
 
 
-@pytest.mark.parametrize("settings_, change, records, reason", [c[1:] for c in EVAL_CASES], ids=[c[0] for c in EVAL_CASES])
+@pytest.mark.parametrize("settings_, change, records, reason", [c[1:] for c in EVAL_CASES],
+                         ids=[c[0] for c in EVAL_CASES])
 def test_each_impossible_evaluation_reply_is_rejected_for_its_reason(settings_, change, records, reason):
     cfg = RunConfig(**settings_)
     base = IMPLICIT if cfg.implicit else EXPLICIT
@@ -359,7 +367,8 @@ def malformed_train(draw, mode: str) -> RecordDict:
         metrics[W] = draw(st.sampled_from([-1, 5, 1e9, 2.5, math.nan, math.inf, [1, 2], 10**400]))
     elif defect == "loss":
         key = draw(st.sampled_from(["loss-sum", "num-rows"]))
-        metrics[key] = draw(st.sampled_from([-1.0, math.nan, math.inf, 1e300] if key == "num-rows" else [-1.0, math.nan, math.inf]))
+        bad_values = [-1.0, math.nan, math.inf, 1e300] if key == "num-rows" else [-1.0, math.nan, math.inf]
+        metrics[key] = draw(st.sampled_from(bad_values))
     elif defect == "index":
         if mode == "dense":
             arrays[INDEX] = np.arange(N_ITEMS)
