@@ -12,18 +12,19 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.datasets import cohort
 from fedrec.models import ItemParams, evaluate_rows
 from fedrec.models.device import DeviceResult, device_step
+from fedrec.models.metrics import add_sums
 from fedrec.models.randomness import dropped
 from fedrec.run import schema
 from fedrec.run.build import device_policy
 from fedrec.run.config import RunConfig
 
-from .node import load_state, node_data, partition, save_state
+from .node import load_state, node_data, save_state
 from .secure import is_secure_round, secure_reply, secure_train_mod
 
 app = ClientApp()
+EVAL_CHUNK = 65536  # users scored at once: bounds evaluation memory on a node hosting many
 
 
 class DeviceDropped(RuntimeError):
@@ -47,13 +48,12 @@ def _items(msg: Message) -> ItemParams:
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which users this node hosts and the model's shapes (no data)."""
-    pid, parts = partition(context)
-    node = node_data(_config(msg), context)
-    lo, hi = node.split.rating_scale
+    meta = node_data(_config(msg), context).meta
+    lo, hi = meta.rating_scale
     metrics = MetricRecord({
-        "partition-id": pid, "num-partitions": parts, "first-user": int(node.users[0]) if len(node.users) else -1,
-        "num-users": len(node.users), "population": node.split.n_users, "num-items": node.split.n_items,
-        "rating-min": lo, "rating-max": hi,
+        "partition-id": meta.partition_id, "num-partitions": meta.num_partitions,
+        "first-user": meta.first_user if meta.num_users else -1, "num-users": meta.num_users,
+        "population": meta.population, "num-items": meta.n_items, "rating-min": lo, "rating-max": hi,
     })
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 
@@ -83,8 +83,11 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
         sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
         if not len(sampled):
             raise DeviceDropped(f"every sampled device of this node dropped out in round {round_} (--dropout)")
-    local = torch.as_tensor(np.searchsorted(node.users, sampled))  # positions of the sampled users on this node
-    result = device_step(items, state.take(local), cohort(node.split, sampled), node.split.n_items, node.hyper,
+    positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
+    if len(sampled) and (positions[-1] >= len(node.users) or not np.array_equal(node.users[positions], sampled)):
+        raise ValueError(f"round {round_}: the server sampled users this node does not host")
+    local = torch.as_tensor(positions)
+    result = device_step(items, state.take(local), node.shard.cohort(local.numpy()), node.meta.n_items, node.hyper,
                          device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), round_)
     state.put(local, result.state)
     save_state(context, state, config, round_)
@@ -98,7 +101,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[schema.CONFIG]
     node = node_data(cfg, context)
     state = load_state(context, node, cfg, config, up_to=int(config[schema.ROUND]))
-    sums = evaluate_rows(_items(msg), state, node.rows, cfg.implicit, cfg.top_k, node.split.rating_scale)
+    items, sums = _items(msg), {}
+    for start in range(0, len(node.users), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
+        chunk = np.arange(start, min(start + EVAL_CHUNK, len(node.users)))
+        add_sums(sums, evaluate_rows(items, state.take(torch.as_tensor(chunk)), node.shard.cohort(chunk),
+                                     cfg.implicit, cfg.top_k, node.meta.rating_scale))
     metrics = MetricRecord({schema.WEIGHT: len(node.users), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context
 
-from fedrec.datasets import CohortData, Split, cohort
+from fedrec.datasets import DataError
+from fedrec.datasets.shards import Shard, ShardMeta, node_name, open_shard
 from fedrec.models import Hyper, UserState
 from fedrec.models.randomness import private_rng
-from fedrec.run.build import hyper, load_data, node_users
+from fedrec.run.build import SHARDS_ENV, data_key, ensure_shards, hyper
 from fedrec.run.config import RunConfig
 from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 
@@ -22,33 +25,52 @@ from .storage import discard_after, load_snapshot, rounds_taken, save_snapshot, 
 
 @dataclass(frozen=True)
 class NodeData:
-    split: Split
-    users: np.ndarray  # global ids of the users this node hosts
-    rows: CohortData  # their train and test rows
+    shard: Shard  # this node's users and their rows, memory-mapped
     hyper: Hyper
+
+    @property
+    def users(self) -> np.ndarray:  # global ids of the users this node hosts
+        return self.shard.users
+
+    @property
+    def meta(self) -> ShardMeta:
+        return self.shard.meta
 
 
 def node_data(cfg: RunConfig, context: Context) -> NodeData:
-    """This node's data, read from where the node's own config says (never a path the server
-    sent): node config `data-dir`, else $FEDREC_DATA_DIR, else ~/.cache/fedrec."""
-    data_dir = str(context.node_config.get("data-dir", ""))
-    return _load(dataclasses.replace(cfg, data_dir=data_dir, out="", resume=""), *partition(context))
+    """This node's shard, from where the node's own config says (never a path the server
+    sent): node config `shard` (deployment: `fedrec partition` wrote it), else the set the
+    simulation driver built ($FEDREC_SHARDS), else cut on first use from node config
+    `data-dir` (else $FEDREC_DATA_DIR, else ~/.cache/fedrec) and cached."""
+    if "shard" in context.node_config:
+        path = Path(str(context.node_config["shard"])).expanduser()
+    else:
+        partition_id, num_partitions = partition(context)
+        if os.environ.get(SHARDS_ENV):
+            shard_set = Path(os.environ[SHARDS_ENV])
+        else:
+            data_dir = str(context.node_config.get("data-dir", ""))
+            shard_set = ensure_shards(dataclasses.replace(cfg, data_dir=data_dir, out="", resume=""), num_partitions)
+        path = shard_set / node_name(partition_id)
+    return NodeData(_open(str(path), data_key(cfg)), hyper(cfg))
 
 
 @functools.lru_cache(maxsize=8)
-def _load(cfg: RunConfig, partition_id: int, num_partitions: int) -> NodeData:
-    """Load once per process: simulated nodes share a worker process and its cache."""
-    split = load_data(cfg)
-    users = node_users(split.n_users, partition_id, num_partitions)
-    return NodeData(split, users, cohort(split, users), hyper(cfg))
+def _open(path: str, key: str) -> Shard:
+    """Open once per process: simulated nodes share a worker process and its cache."""
+    shard = open_shard(path)
+    if shard.meta.data_key != key:
+        raise DataError(f"the shard at {path} was cut for other data or another split than this run's; "
+                        "write one for this run with `fedrec partition` (same dataset, split, seed)")
+    return shard
 
 
 def partition(context: Context) -> tuple[int, int]:
     try:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError:
-        raise ValueError("this SuperNode has no partition-id/num-partitions in its node config; start it with "
-                         "--node-config 'partition-id=U num-partitions=N'") from None
+        raise ValueError("this SuperNode has neither a shard nor partition-id/num-partitions in its node config; "
+                         "start it with --node-config 'shard=\"DIR/node-00000\"' (see `fedrec partition`)") from None
 
 
 def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: int) -> UserState:
@@ -70,7 +92,7 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
         else:
             # --reproducible-noise keeps the seeded population matrix, as in non-private runs
             private = (cfg.dp != "none" or cfg.update_mode == "padded") and not cfg.reproducible_noise
-            state = UserState.init(node.users, node.split.n_users, node.hyper,
+            state = UserState.init(node.users, node.meta.population, node.hyper,
                                    private_rng("user-init") if private else None)
         _keep(context, state)
     record = context.state[STATE_KEY]

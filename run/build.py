@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 
 from fedrec.datasets import Split, SyntheticSpec, load_split
+from fedrec.datasets.catalog import synthetic_split
+from fedrec.datasets.download import data_root, dataset_folder
+from fedrec.datasets.movielens import FORMATS
+from fedrec.datasets.partition import cohort
+from fedrec.datasets.shards import SHARD_FORMAT, write_shards
 from fedrec.models import Hyper
 from fedrec.models.device import DevicePolicy
 
@@ -41,14 +52,76 @@ def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
                         reproducible_seed=cfg.seed if cfg.reproducible_noise else None)
 
 
-def node_users(population: int, partition_id: int, num_partitions: int) -> np.ndarray:
-    """Users hosted by node `partition_id` of `num_partitions`: a contiguous share."""
-    bounds = np.linspace(0, population, num_partitions + 1).round().astype(np.int64)
-    return np.arange(bounds[partition_id], bounds[partition_id + 1])
-
-
 def num_nodes(cfg: RunConfig, population: int) -> int:
     """SuperNodes for a simulation: users-per-node users each (auto: 2 nodes, one per core,
     since a node trains its users vectorized and each message costs ~25 ms of engine time)."""
     per_node = cfg.users_per_node or -(-population // 2)
     return max(1, -(-population // per_node))
+
+
+SHARDS_ENV = "FEDREC_SHARDS"
+"""The shard set a simulation driver built for its nodes (set in the engine workers' environment)."""
+
+
+def data_key(cfg: RunConfig) -> str:
+    """What data and split a run trains on: a node checks its shard was cut for the same."""
+    fields = {"dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed}
+    if cfg.split == "random":
+        fields["test_fraction"] = cfg.test_fraction
+    if cfg.split == "loo":
+        fields["negatives"] = cfg.negatives
+    if cfg.dataset == "synthetic":
+        fields["synthetic"] = synthetic_spec(cfg).__dict__
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def population(cfg: RunConfig) -> int:
+    """Number of users, without splitting (synthetic: the setting; MovieLens: its user ids)."""
+    if cfg.dataset == "synthetic":
+        return cfg.synthetic_users
+    return load_data(cfg).n_users
+
+
+def shard_set_dir(cfg: RunConfig, num_partitions: int) -> Path:
+    """Where the shard set for this data, split and node count is cached: $FEDREC_SHARD_CACHE,
+    else <data root>/shards. The name also covers the source files (folder, size, time), so a
+    changed or different copy of a data set never reuses another's shards."""
+    source = ""
+    if cfg.dataset != "synthetic":
+        ratings = dataset_folder(cfg.dataset, cfg.data_dir or None) / FORMATS[cfg.dataset].ratings_file
+        stat = ratings.resolve().stat()
+        source = f"{ratings.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(f"{SHARD_FORMAT}|{data_key(cfg)}|{source}|{num_partitions}".encode()).hexdigest()[:12]
+    root = Path(os.environ["FEDREC_SHARD_CACHE"]) if os.environ.get("FEDREC_SHARD_CACHE") else \
+        data_root(cfg.data_dir or None) / "shards"
+    return root.expanduser() / f"{cfg.dataset}-{cfg.split}-{num_partitions}n-{digest}"
+
+
+def ensure_shards(cfg: RunConfig, num_partitions: int, out: str | Path | None = None,
+                  progress: Callable[[int], None] | None = None) -> Path:
+    """The shard set of `num_partitions` contiguous user shares, written on first use."""
+    root = Path(out) if out else shard_set_dir(cfg, num_partitions)
+    if (root / "items.json").is_file():
+        return root
+    users = population(cfg)
+    if num_partitions < 1 or num_partitions > users:
+        raise ValueError(f"cannot cut {users} users into {num_partitions} shards; use 1..{users}")
+    bounds = np.linspace(0, users, num_partitions + 1).round().astype(np.int64)
+    common = dict(population=users, data_key=data_key(cfg), progress=progress)
+    if cfg.dataset == "synthetic":
+        spec = synthetic_spec(cfg)
+
+        def rows_of(lo: int, hi: int):
+            part = synthetic_split(spec, cfg.split, cfg.seed, cfg.test_fraction, cfg.negatives, lo, hi)
+            return cohort(part, np.arange(lo, hi))
+
+        return write_shards(root, bounds, rows_of, n_items=cfg.synthetic_items, rating_scale=(1.0, 5.0),
+                            implicit=cfg.split == "loo", item_ids=np.arange(cfg.synthetic_items), titles=None,
+                            **common)
+    split = load_data(cfg)
+    try:
+        return write_shards(root, bounds, lambda lo, hi: cohort(split, np.arange(lo, hi)), n_items=split.n_items,
+                            rating_scale=split.rating_scale, implicit=split.implicit, item_ids=split.item_ids,
+                            titles=split.item_titles, **common)
+    finally:
+        load_split.cache_clear()  # a process that partitions does not keep the whole data set

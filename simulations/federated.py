@@ -21,8 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
-from fedrec.datasets import load_split
-from fedrec.run.build import load_data, num_nodes
+from fedrec.run.build import SHARDS_ENV, ensure_shards, num_nodes
+from fedrec.run.build import population as count_users
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import make_run_dir
 from fedrec.server.app import FederatedOutcome, resumed_config, run_server
@@ -32,8 +32,7 @@ from fedrec.server.rounds import stop_on_signals
 
 def check_population(cfg: RunConfig) -> int:
     """Validate what depends on the data before anything starts; returns the user count."""
-    population = load_data(cfg).n_users
-    load_split.cache_clear()  # the driver needs the count only; the nodes load their own copy
+    population = count_users(cfg)
     if cfg.users_per_round > population:
         raise ConfigError(f"users-per-round={cfg.users_per_round} is larger than the {population} users "
                           f"of {cfg.dataset}; use at most {population} (0 = all)")
@@ -48,6 +47,9 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
         cfg = resumed_config(cfg)
     cfg = cfg.resolved().validate()
     nodes = num_nodes(cfg, check_population(cfg))
+    # Cut the data into one shard per node before the engine starts (cached: once per data,
+    # split and node count); each node then opens its own shard and nothing else.
+    shards = ensure_shards(cfg, nodes)
     run_dir = Path(cfg.resume) if cfg.resume else make_run_dir(cfg, "federated")
     cfg = dataclasses.replace(cfg, out=str(run_dir))
     devices = device_dir(run_dir)
@@ -70,9 +72,9 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": logging.ERROR,
                              "log_to_driver": False, "include_dashboard": False}}
-    # What the simulated devices read from the operator, not from the server: their data
+    # What the simulated devices read from the operator, not from the server: their shards
     # and their own disks (engine workers inherit this process's environment).
-    env = {ENV_DIR: str(devices)} | ({"FEDREC_DATA_DIR": str(Path(cfg.data_dir).resolve())} if cfg.data_dir else {})
+    env = {ENV_DIR: str(devices), SHARDS_ENV: str(shards.resolve())}
     devices.mkdir(mode=0o700, exist_ok=True)
     try:
         with _environment(env), stop_on_signals(stop, say):

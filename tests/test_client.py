@@ -88,7 +88,7 @@ def test_evaluate_replies_with_sums_over_the_nodes_users(small_cfg):
 def test_node_without_partition_config_gets_a_clear_error(small_cfg):
     msg, _ = _request(small_cfg.resolved(), [0])
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(ValueError, match="--node-config 'partition-id=U num-partitions=N'"):
+    with pytest.raises(ValueError, match="neither a shard nor partition-id"):
         app(msg, ctx)  # the engines turn this into an error reply carrying the message
 
 

