@@ -103,9 +103,10 @@ def start_supernode(procs: Processes, port: int, index: int, count: int, log: Pa
                     key: Path | None = None, node_config: str = "", extra: tuple[str, ...] = ()) -> subprocess.Popen:
     tls = ["--insecure"] if secure is None else ["--root-certificates", str(secure.certs.ca)]
     auth = ["--auth-supernode-private-key", str(key)] if key else []
+    if not re.search(r"(^|\s)(shard|partition-id)=", node_config):  # a node config may name its own share
+        node_config = f"partition-id={index} num-partitions={count} {node_config}".strip()
     return procs.start("flower-supernode", *tls, *auth, "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                       "--node-config", f"partition-id={index} num-partitions={count} {node_config}".strip(), *extra,
-                       log=log)
+                       "--node-config", node_config, *extra, log=log)
 
 
 def start_federation(procs: Processes, workdir: Path, users: int, secure: Secure | None = None,

@@ -1,0 +1,316 @@
+"""Beyond one machine, on Flower's own engines.
+
+(a) The Ray backend joining a running Ray cluster: `ray_backend()` is the backend config
+    `fedrec simulate --ray-address` hands Flower, `RayHead` a `ray start --head` on
+    127.0.0.1 for tests.
+(b) The Deployment Engine with cohort SuperNodes: `deploy_case()` starts one SuperLink and N
+    `flower-supernode` processes on 127.0.0.1, each hosting a contiguous share of the users,
+    runs fedrec through `flwr run` and reports RMSE, seconds per round and updates/s.
+
+`python -m fedrec.simulations.scaleout --data-dir ../shared/data` measures 1 vs 2 SuperNode
+processes on ML-100K u1 and writes scaleout.json to its run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fedrec.run.config import RunConfig
+from fedrec.run.rundir import make_run_dir, write_json
+
+from .loopback import BIN, Processes, flower_env, flwr_run, free_port, start_superlink, start_supernode
+
+# Ray refuses a loopback node IP on Linux ("127.0.0.1" becomes the address of the default
+# route's interface) unless told it is a single-machine setup; this keeps every Ray
+# socket of a test cluster on 127.0.0.1.
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # ray.init merges this job config's runtime_env into its own
+
+
+# ---------------------------------------------------------------- (a) Ray cluster
+def ray_backend(address: str, cpus: int, env: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """Flower's Ray backend config, and the environment the driver runs it under.
+
+    Without an address Flower starts Ray here with `cpus` CPUs; its workers inherit the
+    driver's environment (`env`: where the devices read data and keep state). With an address
+    Flower's `ray.init(address=…)` joins that cluster: `num_cpus`/`num_gpus` must then not be
+    passed (Ray raises "When connecting to an existing cluster, num_cpus and num_gpus must not
+    be provided"), the actor pool is sized from the cluster (floor(CPUs / 1) per Ray node,
+    `client_resources` below), and the workers, started by each host's raylet, do not see the
+    driver's environment: `env` travels in the job's runtime_env instead (Flower passes its
+    own runtime_env, PYTHONPATH only, which Ray merges per variable with this one).
+    """
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    if not address:
+        return backend | {"init_args": {"num_cpus": cpus, "num_gpus": 0, **quiet}}, dict(env)
+    job = {"runtime_env": {"env_vars": dict(env)}}
+    return backend | {"init_args": {"address": address, **quiet}}, dict(env) | {RAY_JOB_CONFIG: json.dumps(job)}
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 with its own temp dir and ports; stop() ends its
+    process group and every process still naming its temp dir (never `ray stop`, which would
+    stop every Ray instance of this user on the machine)."""
+
+    def __init__(self, cpus: int = 2, log: Path | None = None):
+        self.cpus = cpus
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths must fit 107 bytes
+        self.log = log or self.temp_dir / "ray-start.log"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = dict(os.environ, **RAY_LOOPBACK, RAY_USAGE_STATS_ENABLED="0")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, seconds: float = 90) -> RayHead:
+        ports = {"--port": self.port, "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
+                 "--object-manager-port": free_port(), "--dashboard-port": free_port(),
+                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+                 "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
+        args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                "--num-cpus", str(self.cpus), "--num-gpus", "0", "--temp-dir", str(self.temp_dir),
+                "--include-dashboard", "false", "--disable-usage-stats",
+                *(a for flag, port in ports.items() for a in (flag, str(port)))]
+        self.proc = subprocess.Popen(args, env=self.env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + seconds
+        while "Ray runtime started" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"ray start failed: {self.log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        return self
+
+    def pids(self) -> list[int]:
+        """Live processes whose command line names this cluster's temp dir or address."""
+        marks = (str(self.temp_dir).encode(), self.address.encode())
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and any(m in (entry / "cmdline").read_bytes() for m in marks):
+                    if (entry / "stat").read_text().split(") ")[1][0] != "Z":
+                        found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        deadline = time.monotonic() + 15
+        while (left := [p for p in self.pids() if p != os.getpid()]) and time.monotonic() < deadline:
+            for pid in left:  # workers the raylet started outside its group
+                try:
+                    os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 5 else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> RayHead:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- (b) cohort SuperNodes
+def _shard_set(cfg: RunConfig, supernodes: int, out: Path) -> Path | None:
+    """The per-node shards (`fedrec partition`), cut into `out`; None where the checkout has no
+    shards yet: the nodes then get partition-id/num-partitions and read the data set themselves."""
+    try:
+        from fedrec.run.build import ensure_shards
+    except ImportError:
+        return None
+    return Path(ensure_shards(cfg, supernodes, out=out)).resolve()
+
+
+def node_configs(cfg: RunConfig, supernodes: int, out: Path) -> tuple[list[str], str]:
+    """Each SuperNode's --node-config (TOML values, so paths are quoted), and which kind."""
+    shards = _shard_set(cfg, supernodes, out)
+    if shards is not None:
+        return [f"shard={json.dumps(str(shards / f'node-{i:05d}'))}" for i in range(supernodes)], "shard"
+    data = Path(cfg.data_dir or os.environ.get("FEDREC_DATA_DIR") or Path.home() / ".cache" / "fedrec")
+    return [f"partition-id={i} num-partitions={supernodes} data-dir={json.dumps(str(data.expanduser().resolve()))}"
+            for i in range(supernodes)], "partition-id"
+
+
+def run_config_file(cfg: RunConfig, path: Path) -> Path:
+    """cfg as a flat TOML file for `flwr run --run-config FILE` (no quoting on a command line).
+    The server gets no data path: the nodes read only what their own config names."""
+    values = dataclasses.replace(cfg, data_dir="", ray_address="", resume="").to_dict()
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def round_timing(history: pd.DataFrame) -> tuple[float, float, int]:
+    """Mean seconds and users per training round, leaving out the first (ClientApp processes
+    warm up, discovery) and rounds that also evaluated; and how many rounds that left."""
+    rows = history.iloc[1:]
+    rows = rows[rows["rmse"].isna()] if "rmse" in rows else rows
+    if rows.empty:
+        rows = history
+    return float(rows["seconds"].mean()), float(rows["users_sampled"].mean()), len(rows)
+
+
+def deploy_case(cfg: RunConfig, supernodes: int, workdir: Path | None = None, keep: bool = False) -> dict:
+    """One fedrec run on the Deployment Engine on loopback: a SuperLink (plain text, 127.0.0.1)
+    and `supernodes` cohort SuperNode processes, node I hosting the I-th contiguous share of the
+    users; the ServerApp runs through `flwr run`. Returns RMSE, seconds per training round
+    (excluding start-up and the first round), updates/s and the start-up cost. Everything lives
+    in `workdir` (default: a temporary directory, removed unless `keep` or the run failed)."""
+    cfg = cfg.resolved().validate()
+    own = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix="fedrec-scaleout-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    procs = Processes(flower_env(root / "flwr-home"))
+    started = time.perf_counter()
+    ok = False
+    try:
+        configs, kind = node_configs(cfg, supernodes, root / "shards")  # on N hosts: one shard copied to each
+        prepared = time.perf_counter()
+        port = free_port()
+        start_superlink(procs, root, port)
+        for i, node_config in enumerate(configs):
+            start_supernode(procs, port, i, supernodes, root / f"node{i}.log", node_config=node_config)
+        out = root / "run"
+        run_started = time.perf_counter()
+        run, output = flwr_run(procs.env, "scaleout", port, str(run_config_file(dataclasses.replace(cfg, out=str(out)),
+                                                                                root / "run-config.toml")))
+        finished = time.perf_counter()
+        (root / "flwr-run.log").write_text(output)
+        if run.get("status") != "finished:completed":
+            raise RuntimeError(f"run {run.get('status', 'unknown')}: {run.get('status-details', '')}; logs in {root}"
+                               f"\n{output[-1500:]}")
+        summary = json.loads((out / "summary.json").read_text())
+        history = pd.read_csv(out / "metrics.csv")
+        seconds, users, measured = round_timing(history)
+        ok = True
+        return {"supernodes": supernodes, "num_nodes": summary["num_nodes"], "node_data": kind,
+                "rmse": summary["metrics"].get("rmse"), "metrics": summary["metrics"],
+                "seconds_per_round": seconds, "updates_per_second": users / seconds, "users_per_round": users,
+                "measured_rounds": measured, "rounds": summary["rounds"],
+                "round_seconds": [float(s) for s in history["seconds"]],
+                "prepare_seconds": prepared - started, "run_seconds": finished - run_started,
+                "startup_seconds": finished - run_started - float(history["seconds"].sum()),
+                "end_to_end_seconds": finished - started, "bytes_up": summary.get("bytes_up"),
+                "bytes_down": summary.get("bytes_down"), "workdir": str(root) if keep or not own else None}
+    finally:
+        procs.stop()
+        if own and ok and not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def ray_case(cfg: RunConfig, nodes: int) -> dict:
+    """The same run through Flower's simulation engine with `nodes` cohort nodes (the same
+    contiguous shares as deploy_case's SuperNodes), for comparison."""
+    from .federated import simulate
+
+    start = time.perf_counter()
+    outcome = simulate(dataclasses.replace(cfg, users_per_node=_users_per_node(cfg, nodes)), say=lambda _: None)
+    history = pd.DataFrame(outcome.history)
+    seconds, users, measured = round_timing(history)
+    return {"nodes": outcome.summary["num_nodes"], "rmse": outcome.summary["metrics"].get("rmse"),
+            "seconds_per_round": seconds, "updates_per_second": users / seconds, "measured_rounds": measured,
+            "end_to_end_seconds": time.perf_counter() - start, "run_dir": str(outcome.run_dir)}
+
+
+def _users_per_node(cfg: RunConfig, nodes: int) -> int:
+    """users-per-node that makes the simulation split the population into exactly `nodes` shares."""
+    from .federated import check_population
+
+    population = check_population(cfg)
+    per_node = -(-population // nodes)
+    if -(-population // per_node) != nodes:
+        raise ValueError(f"{population} users cannot be split into {nodes} simulation nodes of equal size")
+    return per_node
+
+
+# ---------------------------------------------------------------- 1 vs 2 SuperNode processes
+def throughput(base: RunConfig, counts: tuple[int, ...] = (1, 2), small_round: int = 94, hosts: int = 10,
+               log=print) -> dict:
+    """deploy_case for each SuperNode count on `base` (its users-per-round, 0 = all), plus one
+    SuperNode with `small_round` users per round to separate the per-message overhead from the
+    per-user cost; from those, an estimate for `hosts` machines. JSON in base's run directory."""
+    run_dir = make_run_dir(base, "scaleout")
+    report: dict = {"settings": dataclasses.replace(base, out="").to_dict(), "cpus": os.cpu_count(), "cases": {}}
+    runs = [(f"{n}-supernodes", n, base.users_per_round) for n in counts]
+    if small_round:
+        runs.append((f"1-supernode-{small_round}-users", 1, small_round))
+    for name, n, users in runs:
+        cfg = dataclasses.replace(base, users_per_round=users, out="")
+        report["cases"][name] = result = deploy_case(cfg, n, workdir=run_dir / name, keep=True)
+        log(f"{name}: {result['seconds_per_round']:.3f} s/round, {result['updates_per_second']:.0f} updates/s, "
+            f"RMSE {result['rmse']:.6f}, start-up {result['startup_seconds']:.1f} s, round times "
+            f"{[round(s, 2) for s in result['round_seconds']]}")
+        write_json(run_dir / "scaleout.json", report)
+    cases = report["cases"]
+    if len(counts) >= 2:
+        a, b = cases[f"{counts[0]}-supernodes"], cases[f"{counts[1]}-supernodes"]
+        report["speedup"] = b["updates_per_second"] / a["updates_per_second"]
+        log(f"{counts[1]} vs {counts[0]} SuperNode processes: x{report['speedup']:.2f} updates/s")
+    if small_round and 1 in counts:
+        full, small = cases["1-supernodes"], cases[f"1-supernode-{small_round}-users"]
+        overhead, per_user = cost_model(small["users_per_round"], small["seconds_per_round"],
+                                        full["users_per_round"], full["seconds_per_round"])
+        population = int(full["users_per_round"])
+        report["model"] = {"overhead_seconds_per_round": overhead, "seconds_per_user": per_user,
+                           "estimate_hosts": hosts, "estimate_users_per_host": -(-population // hosts),
+                           "estimate_seconds_per_round": overhead + -(-population // hosts) * per_user}
+        log(f"model: {overhead:.3f} s per round (message overhead) + {per_user * 1e3:.3f} ms per user; "
+            f"{hosts} hosts: ~{report['model']['estimate_seconds_per_round']:.2f} s/round (estimate)")
+    write_json(run_dir / "scaleout.json", report)
+    report["run_dir"] = str(run_dir)
+    return report
+
+
+def cost_model(users_a: float, seconds_a: float, users_b: float, seconds_b: float) -> tuple[float, float]:
+    """Fit round time = overhead + users x per-user cost to one SuperNode's rounds of two sizes:
+    the overhead (ClientApp process start, messages, polling, server work) does not grow with the
+    users a node trains; the per-user cost does."""
+    per_user = (seconds_b - seconds_a) / (users_b - users_a)
+    return seconds_a - users_a * per_user, per_user
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedrec.simulations.scaleout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="", help="data root holding ml-100k/ (default: $FEDREC_DATA_DIR)")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--split", default="u1")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--users-per-round", type=int, default=0, help="0: all users")
+    parser.add_argument("--supernodes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--small-round", type=int, default=94,
+                        help="users per round of the extra 1-SuperNode run that separates overhead from per-user cost")
+    parser.add_argument("--hosts", type=int, default=10, help="machines of the estimate")
+    parser.add_argument("--out", default="", help="run directory (default runs/scaleout-<time>)")
+    args = parser.parse_args(argv)
+    base = RunConfig(dataset=args.dataset, split=args.split, data_dir=args.data_dir, rounds=args.rounds,
+                     eval_every=args.rounds, users_per_round=args.users_per_round, out=args.out)
+    report = throughput(base.validate(), tuple(args.supernodes), args.small_round, args.hosts)
+    print(f"written: {report['run_dir']}/scaleout.json")
+
+
+if __name__ == "__main__":
+    _main()
