@@ -102,3 +102,19 @@ def test_several_local_epochs_train_stably_with_partial_participation(tmp_path):
 def test_central_baseline_ignores_local_epochs(small_cfg):
     one = run_central(small_cfg, write=False).summary["metrics"]["rmse"]
     assert run_central(dataclasses.replace(small_cfg, local_epochs=3), write=False).summary["metrics"]["rmse"] == one
+
+
+@pytest.mark.parametrize("budget", [6.0, 0.0], ids=["budget-stop", "last-round"])
+def test_an_implicit_run_with_top_k_5_records_each_round_once(small_cfg, budget):
+    """The final evaluation after a budget stop is skipped when the last round evaluated; that
+    check once looked for "hr@10" only, so a --top-k 5 run evaluated again and got a second row."""
+    cfg = dataclasses.replace(small_cfg, split="loo", negatives=20, top_k=5, eval_every=1, rounds=40, dp="central",
+                              clipping_norm=0.3, noise_multiplier=0.9, target_epsilon=budget, users_per_round=30,
+                              sampling="poisson", target_delta=1e-3)
+    if not budget:
+        cfg = dataclasses.replace(cfg, rounds=3)
+    outcome = _run(cfg, nodes=2)
+    rounds = [row["round"] for row in outcome.history]
+    assert ("stopped_early" in outcome.summary) == bool(budget) and 0 < rounds[-1] < 40
+    assert rounds == list(range(1, rounds[-1] + 1)) and all("hr@5" in row for row in outcome.history)
+    assert list(pd.read_csv(outcome.run_dir / "metrics.csv")["round"]) == rounds
