@@ -103,14 +103,34 @@ def _stream(spec: SyntheticSpec, *purpose: int) -> np.random.Generator:
 
 
 @functools.lru_cache(maxsize=4)
-def _items(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Item biases, factors and popularity (one stream: items are few and public)."""
+def _items(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Item biases, factors and popularity as an alias table (one stream: items are few and public)."""
     rng = _stream(spec, 0)
     popularity = 1.0 / np.arange(1, spec.items + 1) ** spec.popularity_exponent
     popularity = rng.permutation(popularity / popularity.sum())  # hits are not item 0, 1, 2...
     bias = rng.normal(0, 0.45, spec.items)
     factors = rng.normal(0, 0.8 / np.sqrt(spec.rank), (spec.items, spec.rank)).astype(np.float32)
-    return bias, factors, np.cumsum(popularity)
+    return bias, factors, _alias_table(popularity)
+
+
+def _alias_table(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table for drawing from `p` in O(1) per draw (Vose's construction)."""
+    n = len(p)
+    prob, alias = p * n, np.arange(n)
+    small, large = [i for i in range(n) if prob[i] < 1], [i for i in range(n) if prob[i] >= 1]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        alias[s] = g
+        prob[g] -= 1 - prob[s]
+        (small if prob[g] < 1 else large).append(g)
+    prob[small + large] = 1.0  # what is left is 1 up to rounding
+    return prob, alias
+
+
+def _draw_items(rng: np.random.Generator, table: tuple[np.ndarray, np.ndarray], size: int) -> np.ndarray:
+    prob, alias = table
+    column = rng.integers(0, len(prob), size)
+    return np.where(rng.random(size) < prob[column], column, alias[column])
 
 
 def _user_params(spec: SyntheticSpec, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,11 +142,11 @@ def _user_params(spec: SyntheticSpec, block: int) -> tuple[np.ndarray, np.ndarra
 def _block(spec: SyntheticSpec, block: int) -> Interactions:
     first = block * BLOCK_USERS
     user_bias, user_factors = _user_params(spec, block)
-    item_bias, item_factors, cdf = _items(spec)
+    item_bias, item_factors, popularity = _items(spec)
     rng = _stream(spec, 2, block)
     per_user = _activity(spec)[first:first + len(user_bias)]
     local = np.repeat(np.arange(len(per_user)), per_user)
-    item = np.minimum(np.searchsorted(cdf, rng.random(len(local)) * cdf[-1], side="right"), spec.items - 1)
+    item = _draw_items(rng, popularity, len(local))
     # Duplicate draws of the same pair collapse to one rating.
     pair = np.sort(local * spec.items + item)  # (sort-based: numpy's hash-based unique is slower here)
     pair = pair[np.concatenate([[True], pair[1:] != pair[:-1]])]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.datasets import Split, SyntheticSpec, load_split
+from fedrec.datasets import DataError, Split, SyntheticSpec, load_split
 from fedrec.datasets.catalog import synthetic_split
 from fedrec.datasets.download import data_root, dataset_folder
 from fedrec.datasets.movielens import FORMATS
 from fedrec.datasets.partition import cohort
-from fedrec.datasets.shards import SHARD_FORMAT, write_shards
+from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_shards
 from fedrec.models import Hyper
 from fedrec.models.device import DevicePolicy
 
@@ -102,6 +102,10 @@ def ensure_shards(cfg: RunConfig, num_partitions: int, out: str | Path | None = 
     """The shard set of `num_partitions` contiguous user shares, written on first use."""
     root = Path(out) if out else shard_set_dir(cfg, num_partitions)
     if (root / "items.json").is_file():
+        first = open_shard(root / node_name(0)).meta
+        if first.data_key != data_key(cfg) or first.num_partitions != num_partitions:
+            raise DataError(f"{root} holds {first.num_partitions} shards of other data or another split; "
+                            "choose another directory")
         return root
     users = population(cfg)
     if num_partitions < 1 or num_partitions > users:

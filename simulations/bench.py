@@ -12,24 +12,30 @@ import multiprocessing as mp
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedrec.run.config import RunConfig
-from fedrec.run.rundir import make_run_dir, write_json
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .memory import PeakRSS
 
-# A ClientApp that does nothing: what is left is the engine's own cost per round.
-empty_client = ClientApp()
+# Flower and Ray are imported inside the cases: the CLI imports this module for its case names.
+CASE_NAMES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k", "synthetic-1m")
+DEFAULT_CASES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k")
 
 
-@empty_client.train()
-def _empty_train(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
-                   reply_to=msg)
+def _empty_client():
+    """A ClientApp that does nothing: what is left is the engine's own cost per round."""
+    from flwr.app import Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def _empty_train(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=msg)
+
+    return app
 
 
 def _backend(cpus: int = 2) -> dict:
@@ -41,6 +47,9 @@ def _backend(cpus: int = 2) -> dict:
 
 
 def engine_floor(rounds: int) -> dict:
+    from flwr.app import Array, ArrayRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
     timing = {}
@@ -54,24 +63,40 @@ def engine_floor(rounds: int) -> dict:
         strategy.start(grid=grid, initial_arrays=ArrayRecord({"x": Array(np.zeros(1, np.float32))}), num_rounds=rounds)
         timing["seconds_per_round"] = (time.perf_counter() - start) / rounds
 
-    run_simulation(server_app=server, client_app=empty_client, num_supernodes=2, backend_config=_backend())
+    run_simulation(server_app=server, client_app=_empty_client(), num_supernodes=2, backend_config=_backend())
     return {"engine_floor_seconds_per_round": timing["seconds_per_round"]}
 
 
 def fedrec_case(cfg: RunConfig) -> dict:
+    from fedrec.run.build import ensure_shards, num_nodes, population
+
     from .federated import simulate
 
+    # Partitioning happens once per data set, split and node count (cached); measured apart
+    # from training so the training peak is what every later run of the case costs.
+    start = time.perf_counter()
+    with PeakRSS() as cut:
+        shards = ensure_shards(cfg, num_nodes(cfg, population(cfg)))
+    partition_seconds = time.perf_counter() - start
     start = time.perf_counter()
     with PeakRSS() as peak:
         outcome = simulate(cfg)
     end_to_end = time.perf_counter() - start
-    train_rounds = [r for r in outcome.history[1:] if not any(k in r for k in ("rmse", "hr@10"))] or outcome.history
+    metric = main_metric(cfg.implicit, cfg.top_k)
+    train_rounds = [r for r in outcome.history[1:] if metric not in r] or outcome.history
     seconds = float(np.mean([r["seconds"] for r in train_rounds]))
     users = float(np.mean([r["users_sampled"] for r in train_rounds]))
-    return {"updates_per_second": users / seconds, "seconds_per_round": seconds, "end_to_end_seconds": end_to_end,
-            "peak_rss_mb": peak.mb, "rounds": cfg.rounds, "users_per_round": users,
+    return {"updates_per_second": users / seconds, "seconds_per_round": seconds,
+            "max_seconds_per_round": float(np.max([r["seconds"] for r in train_rounds])),
+            "end_to_end_seconds": end_to_end, "peak_rss_mb": peak.mb, "rounds": cfg.rounds, "users_per_round": users,
             "num_users": outcome.summary["num_users"], "num_nodes": outcome.summary["num_nodes"],
-            "metrics": outcome.summary["metrics"], "measured_rounds": len(train_rounds)}
+            "metrics": outcome.summary["metrics"], "measured_rounds": len(train_rounds),
+            "partition_seconds": partition_seconds, "partition_peak_rss_mb": cut.mb,
+            "shard_set": str(shards), "shard_set_mb": _size_mb(shards)}
+
+
+def _size_mb(folder) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
 def _in_child(target, *args) -> dict:
@@ -81,33 +106,49 @@ def _in_child(target, *args) -> dict:
         return pool.apply(target, args)
 
 
-def cases(base: RunConfig, rounds: int) -> dict[str, RunConfig]:
+def cases(base: RunConfig, rounds: int, one_user_rounds: int) -> dict[str, RunConfig]:
+    """The named cases of `fedrec bench --cases` (besides `engine-floor`)."""
     common = dict(dim=32, local_epochs=1, rounds=rounds, eval_every=rounds, out="")
     ml = dataclasses.replace(base, **common, split="u1" if base.dataset == "ml-100k" else "random")
-    synthetic = dataclasses.replace(base, **common, dataset="synthetic", split="random", synthetic_users=100_000,
-                                    synthetic_items=5_000, synthetic_density=0.01, users_per_round=10_000)
+    if base.dataset == "synthetic":  # ML-100K's shape, with synthetic ratings
+        ml = dataclasses.replace(ml, synthetic_users=943, synthetic_items=1682, synthetic_density=0.063)
+    synthetic = dataclasses.replace(base, **common, dataset="synthetic", split="random", data_dir="",
+                                    users_per_node=0)
     return {
-        "ml100k-one-user-per-node": dataclasses.replace(ml, users_per_node=1),
+        "ml100k-one-user-per-node": dataclasses.replace(ml, users_per_node=1, rounds=one_user_rounds,
+                                                        eval_every=one_user_rounds),
         "ml100k-cohorts": dataclasses.replace(ml, users_per_node=0),
-        "synthetic-100k": dataclasses.replace(synthetic, users_per_node=0),
+        "synthetic-100k": dataclasses.replace(synthetic, synthetic_users=100_000, synthetic_items=5_000,
+                                              synthetic_density=0.01, users_per_round=10_000),
+        # ~50 ratings per user after duplicate draws collapse; 10% of the users per round
+        "synthetic-1m": dataclasses.replace(synthetic, synthetic_users=1_000_000, synthetic_items=20_000,
+                                            synthetic_density=0.0028, users_per_round=100_000),
     }
 
 
-def run_bench(base: RunConfig, rounds: int, one_user_rounds: int, log=print) -> dict:
+def run_bench(base: RunConfig, rounds: int, one_user_rounds: int, names=DEFAULT_CASES, log=print) -> dict:
     """`base` says where ML-100K is (dataset ml-100k + data-dir), else its shape is synthesized."""
+    unknown = sorted(set(names) - set(CASE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown bench case(s) {', '.join(unknown)}; choose from {', '.join(CASE_NAMES)}")
     run_dir = make_run_dir(base, "bench")
     report: dict = {"cases": {}}
-    report.update(_in_child(engine_floor, rounds))
-    log(f"engine floor: {report['engine_floor_seconds_per_round']:.3f} s/round")
-    for name, cfg in cases(base, rounds).items():
-        if name == "ml100k-one-user-per-node":
-            cfg = dataclasses.replace(cfg, rounds=one_user_rounds, eval_every=one_user_rounds)
+    if "engine-floor" in names:
+        report.update(_in_child(engine_floor, rounds))
+        log(f"engine floor: {report['engine_floor_seconds_per_round']:.3f} s/round")
+    for name, cfg in cases(base, rounds, one_user_rounds).items():
+        if name not in names:
+            continue
         report["cases"][name] = result = _in_child(fedrec_case, cfg)
         log(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})}")
-    one = report["cases"]["ml100k-one-user-per-node"]["updates_per_second"]
-    report["speedup_synthetic_vs_one_user_per_node"] = report["cases"]["synthetic-100k"]["updates_per_second"] / one
-    report["ml100k_cohort_round_minus_floor_seconds"] = (report["cases"]["ml100k-cohorts"]["seconds_per_round"]
-                                                         - report["engine_floor_seconds_per_round"])
+        write_json(run_dir / "bench.json", report)  # what is done so far survives a later case failing
+    found = report["cases"]
+    if "ml100k-one-user-per-node" in found and "synthetic-100k" in found:
+        report["speedup_synthetic_vs_one_user_per_node"] = (found["synthetic-100k"]["updates_per_second"]
+                                                            / found["ml100k-one-user-per-node"]["updates_per_second"])
+    if "ml100k-cohorts" in found and "engine_floor_seconds_per_round" in report:
+        report["ml100k_cohort_round_minus_floor_seconds"] = (found["ml100k-cohorts"]["seconds_per_round"]
+                                                             - report["engine_floor_seconds_per_round"])
     write_json(run_dir / "bench.json", report)
     report["run_dir"] = str(run_dir)
     return report

@@ -23,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedrec.datasets import DataError
-from fedrec.run.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
+from fedrec.run.config import CENTRAL_SETTINGS, DATA_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
 from fedrec.run.rundir import make_run_dir, remove_if_empty
+from fedrec.simulations.bench import CASE_NAMES, DEFAULT_CASES
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -54,6 +55,7 @@ COMMAND_SETTINGS = {
                                                                   "searches dim, reg-user and reg-item itself"),
     "simulate": (ALL_SETTINGS - {"epochs"}, "epochs are the central baseline's; simulate trains for --rounds"),
     "compare": (ALL_SETTINGS - {"resume"}, "compare starts new runs; --resume applies to simulate"),
+    "partition": (DATA_SETTINGS | {"users_per_node", "out"}, "partition only cuts the data into per-node shards"),
 }
 # Commands whose run directory is checked (and created) before any work: command -> runs/<name>-<time>.
 RUN_DIR_NAMES = {"central": "central", "simulate": "federated", "compare": "compare", "tune": "tune",
@@ -293,7 +295,9 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
 @cli.command()
 @_config_command
 def bench(cfg: RunConfig,
-          one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case")) -> None:
+          one_user_rounds: int = typer.Option(3, help="rounds of the slow one-user-per-node case"),
+          cases: str = typer.Option(",".join(DEFAULT_CASES),
+                                    help=f"comma-separated cases of: {', '.join(CASE_NAMES)}")) -> None:
     """Throughput and memory through Flower's simulation engine; writes OUT/bench.json.
 
     --rounds sets the rounds of each case. Pass --dataset ml-100k --data-dir DIR for the
@@ -303,10 +307,15 @@ def bench(cfg: RunConfig,
 
     if cfg.dataset not in ("ml-100k", "synthetic"):
         raise ConfigError("bench runs on ml-100k (if you have it) or synthetic data of its shape")
-    if cfg.dataset == "synthetic":
-        cfg = dataclasses.replace(cfg, synthetic_users=943, synthetic_items=1682, synthetic_density=0.063)
-    report = run_bench(cfg, cfg.rounds, one_user_rounds, log=lambda line: console.print(line, highlight=False))
-    table = Table(title=f"fedrec bench (engine floor {report['engine_floor_seconds_per_round']:.3f} s/round)")
+    names = [name.strip() for name in cases.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(CASE_NAMES))
+    if unknown or not names:
+        raise ConfigError(f"--cases: unknown case(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(CASE_NAMES)}")
+    report = run_bench(cfg, cfg.rounds, one_user_rounds, names,
+                       log=lambda line: console.print(line, highlight=False))
+    floor = report.get("engine_floor_seconds_per_round")
+    table = Table(title="fedrec bench" + (f" (engine floor {floor:.3f} s/round)" if floor else ""))
     for column in ("case", "updates/s", "s/round", "end-to-end s", "peak RSS MB", "users", "nodes"):
         table.add_column(column, justify="right")
     for name, c in report["cases"].items():
@@ -315,6 +324,25 @@ def bench(cfg: RunConfig,
                       str(c["num_nodes"]))
     out.print(table)
     out.print(f"results in {report['run_dir']}/bench.json")
+
+
+@cli.command()
+@_config_command
+def partition(cfg: RunConfig, nodes: int = typer.Option(
+        0, min=0, help="shards to cut (0: as many as simulate would use with --users-per-node)")) -> None:
+    """Cut the data into one shard per node, each holding only its users' own rows.
+
+    Written once (simulate cuts and caches its shards on first use). --out DIR, else the
+    cache under the data directory ($FEDREC_SHARD_CACHE overrides). Point a SuperNode at
+    its shard with --node-config 'shard="DIR/node-00000"'; it reads nothing else."""
+    from fedrec.run.build import ensure_shards, num_nodes, population
+
+    count = nodes or num_nodes(cfg, population(cfg))
+    with _progress(count, "shards") as progress:
+        task = progress.add_task("cut", total=count, info="")
+        root = ensure_shards(cfg, count, out=cfg.out or None,
+                             progress=lambda done: progress.update(task, completed=done))
+    out.print(str(root.resolve()))
 
 
 def _parse_epsilons(text: str) -> list[float]:
