@@ -40,7 +40,7 @@ from .rounds import (
     stop_on_signals,
 )
 from .secagg import SecureGrid, secagg_setup, secure_summary
-from .strategy import BudgetExhausted, FedRecStrategy, array_record
+from .strategy import BudgetExhausted, FedRecStrategy
 
 
 def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPlan | None]:
@@ -180,7 +180,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         run_rounds(grid, strategy, config, state, stop)
     except BudgetExhausted as reason:
         stopped = str(reason)
-        final_eval(grid, strategy, ConfigRecord({**dict(config), schema.SERIES: state.series}), len(strategy.history))
+        strategy.final_evaluation(grid, ConfigRecord({**dict(config), schema.SERIES: state.series}), state.last_round)
     except Interrupted as reason:
         interrupted = str(reason)
     except BaseException as error:
@@ -254,17 +254,6 @@ def resumed_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--resume {cfg.resume}: no config.toml there; pass the directory of an interrupted run")
     saved = RunConfig.from_toml(run_dir / "config.toml")
     return dataclasses.replace(saved, out=str(run_dir), resume=str(run_dir))
-
-
-def final_eval(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, rounds_done: int) -> None:
-    """After a budget stop: evaluate the model as it stands (evaluation spends no budget)."""
-    if rounds_done and any(is_evaluation(k) for k in strategy.history[-1]):
-        return
-    arrays = array_record(strategy.items)
-    strategy._started = time.perf_counter()
-    strategy._row = {"round": rounds_done, "users_sampled": 0, "bytes_up": 0, "bytes_down": 0}
-    replies = grid.send_and_receive(strategy.configure_evaluate(strategy.cfg.rounds, arrays, config, grid))
-    strategy.aggregate_evaluate(rounds_done, replies)
 
 
 app = ServerApp()

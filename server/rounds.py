@@ -113,7 +113,7 @@ def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint, run_dir: Pat
         strategy.rounds_trained += started - saved.round
         if participation is not None:
             np.maximum(strategy.participation, participation, out=strategy.participation)
-        strategy.epsilon = strategy._spent_after(strategy.rounds_trained, int(strategy.participation.max()))
+        strategy.epsilon = strategy.epsilon_after(strategy.rounds_trained, int(strategy.participation.max()))
     strategy.history = list(saved.history)
     strategy.bytes_up, strategy.bytes_down = saved.bytes_up, saved.bytes_down
 
@@ -134,6 +134,7 @@ def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state
             raise Interrupted(f"stopped after round {state.last_round}")
         config[schema.CHECKPOINT_ROUND] = _last_checkpoint(state.last_round, cfg.checkpoint_every)
         log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
+        strategy.begin_round(server_round)
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         if strategy.privacy is not None:  # before anything goes out: a crash from here on is accounted
             checkpoint.save_progress(state.run_dir, server_round,
@@ -144,8 +145,9 @@ def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state
         if updated is not None:
             arrays = updated
         evaluations = strategy.configure_evaluate(server_round, arrays, config, grid)
-        strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout)
-                                    if evaluations else [])
+        if evaluations:
+            strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout))
+        strategy.finish_round()  # its row goes to metrics.csv (on_round) before the checkpoint below
         state.last_round = server_round
         if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0 and server_round < cfg.rounds:
             save_checkpoint(state, strategy)

@@ -1,7 +1,8 @@
 """The fedrec strategy: user-level sampling, summed item updates, server optimizer.
 
-Built on Flower's FedAvg for the round loop (`start`), message construction, reply
-validation and logging. What it changes, and why:
+Built on Flower's FedAvg for message construction, reply validation and logging; the round
+loop is fedrec's own (server/rounds.py), which opens and closes each round's record here
+(begin_round, finish_round). What it changes, and why:
 - sampling is per user, not per node, so results do not depend on how users are grouped
   on nodes (and Poisson sampling is possible, which DP accounting needs);
 - replies carry the *sum* of their users' item changes and the number of users; the
@@ -39,7 +40,7 @@ from fedrec.run.config import ConfigError, RunConfig
 
 from .directory import NodeDirectory
 from .privacy import PrivacyPlan, add_central_noise
-from .releases import released_row
+from .releases import is_evaluation, released_row
 from .robust import reply_scales
 from .sampling import sample_users, sampling_rng
 from .validation import check_eval_reply, check_reply_norm, check_reply_peak, check_train_reply, secure_setup
@@ -74,8 +75,8 @@ class FedRecStrategy(FedAvg):
         self.optimizer = ServerOptimizer(items, cfg.strategy, cfg.server_lr)
         self.on_round = on_round
         self.audit = audit
-        self.history: list[dict] = []
-        self._row: dict = {"bytes_up": 0, "bytes_down": 0}
+        self.history: list[dict] = []  # one released row per round (and one for a final evaluation)
+        self._row: dict = {"bytes_up": 0, "bytes_down": 0}  # the open round's record, see begin_round
         self._started = 0.0
         self._sent: dict[int, int] = {}  # node id -> users asked to train this round
         self.bytes_up = self.bytes_down = 0
@@ -86,7 +87,7 @@ class FedRecStrategy(FedAvg):
         self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
 
     # ---------------------------------------------------------------- privacy
-    def _spent_after(self, releases: int, participation_max: int) -> float:
+    def epsilon_after(self, releases: int, participation_max: int) -> float:
         """Epsilon once `releases` rounds are out (local DP: the most active user's rounds). Every
         round is the same event, so this is one composition of `count` copies. Releases, not the
         round number: after a crash and --resume, the rounds the lost run got through count too."""
@@ -99,19 +100,51 @@ class FedRecStrategy(FedAvg):
         target = self.cfg.target_epsilon
         if not self.privacy or target <= 0:
             return
-        upcoming = self._spent_after(self.rounds_trained + 1, int(self.participation.max()) + 1)
+        upcoming = self.epsilon_after(self.rounds_trained + 1, int(self.participation.max()) + 1)
         if upcoming > target * (1 + 1e-6):
             raise BudgetExhausted(f"round {server_round} would spend epsilon {upcoming:.3f} beyond the target {target}")
 
+    # ---------------------------------------------------------------- round record
+    def begin_round(self, server_round: int) -> None:
+        """Open the record of a round: its row in history and metrics.csv. The train and evaluate
+        steps that follow fill it in; finish_round closes it."""
+        self._started = time.perf_counter()
+        self._row = {"round": server_round, "users_sampled": 0, "bytes_up": 0, "bytes_down": 0}
+
+    def finish_round(self) -> dict:
+        """Close the open record: time the round, add its bytes to the run's totals, and append the
+        part that may be released (released_row: a DP run keeps epsilon and evaluation metrics only)
+        to history and hand it to on_round. Returns that row."""
+        self._row["seconds"] = time.perf_counter() - self._started
+        self.bytes_up += self._row["bytes_up"]
+        self.bytes_down += self._row["bytes_down"]
+        row = released_row(self._row, self.privacy is not None)
+        self.history.append(row)
+        if self.on_round:
+            self.on_round(row)
+        return row
+
+    def final_evaluation(self, grid: Grid, config: ConfigRecord, last_round: int) -> None:
+        """After a budget stop: evaluate the model as it stands (evaluation spends no budget), in a
+        row of its own for `last_round`, the last round trained. Nothing to do when that round's
+        row holds evaluation metrics already (a second row would repeat them)."""
+        if last_round and self.history and any(is_evaluation(k) for k in self.history[-1]):
+            return
+        self.begin_round(last_round)
+        # Asked as round cfg.rounds, which always evaluates, whatever --eval-every says.
+        messages = self.configure_evaluate(self.cfg.rounds, array_record(self.items), config, grid)
+        self.aggregate_evaluate(last_round, grid.send_and_receive(messages))
+        self.finish_round()
+
     def _account(self, server_round: int) -> None:
         if self.privacy:
-            self.epsilon = self._spent_after(self.rounds_trained, int(self.participation.max()))
+            self.epsilon = self.epsilon_after(self.rounds_trained, int(self.participation.max()))
             self._row["epsilon"] = self.epsilon
 
     # ---------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._started = time.perf_counter()
+        """The round's train messages, one per node hosting sampled users (after begin_round)."""
         self._check_budget(server_round)
         eligible = None
         if self.privacy and self.privacy.max_rounds:  # local/distributed: devices refuse past their cap anyway
@@ -119,7 +152,7 @@ class FedRecStrategy(FedAvg):
         users = sample_users(self.directory.population, self.cfg.users_per_round, self.cfg.sampling,
                              sampling_rng(self.cfg, server_round), eligible)
         self.participation[users] += 1
-        self._row = {"round": server_round, "users_sampled": len(users), "bytes_up": 0, "bytes_down": 0}
+        self._row["users_sampled"] = len(users)
         self._sent = {}
         joined = self.directory.refresh(grid, config)
         if joined:
@@ -291,19 +324,8 @@ class FedRecStrategy(FedAvg):
             answered += 1
             for key in schema.EVAL_SUMS:
                 sums[key] = sums.get(key, 0.0) + float(reply.content[schema.METRICS][key])
-        result = None
-        if answered:
-            metrics = finish(sums, self.cfg.top_k)
-            self._row.update(metrics)
-            result = MetricRecord(metrics)
-        self._close_row()
-        return result
-
-    def _close_row(self) -> None:
-        self._row["seconds"] = time.perf_counter() - self._started
-        self.bytes_up += self._row["bytes_up"]
-        self.bytes_down += self._row["bytes_down"]
-        row = released_row(self._row, self.privacy is not None)
-        self.history.append(row)
-        if self.on_round:
-            self.on_round(row)
+        if not answered:
+            return None
+        metrics = finish(sums, self.cfg.top_k)
+        self._row.update(metrics)
+        return MetricRecord(metrics)

@@ -126,9 +126,7 @@ def test_evaluation_only_every_few_rounds_and_at_the_end():
     assert due == [3, 6, 7]
 
 
-def test_evaluation_sums_become_metrics():
-    strategy, _, _ = _strategy()
-    strategy._started = 0.0
+def _eval_replies():
     replies = []
     for node, (sse, n) in {11: (4.0, 4), 22: (12.0, 12)}.items():
         reply = Mock(spec=Message)
@@ -137,5 +135,39 @@ def test_evaluation_sums_become_metrics():
         sums = {k: 0.0 for k in schema.EVAL_SUMS} | {"sse": sse, "sae": sse, "num-ratings": n}
         reply.content = RecordDict({schema.METRICS: MetricRecord({schema.WEIGHT: 1, **sums})})
         replies.append(reply)
-    metrics = strategy.aggregate_evaluate(1, replies)
+    return replies
+
+
+def test_evaluation_sums_become_metrics():
+    strategy, _, _ = _strategy()
+    strategy.begin_round(1)
+    metrics = strategy.aggregate_evaluate(1, _eval_replies())
     assert metrics["rmse"] == pytest.approx(1.0) and metrics["mae"] == pytest.approx(1.0)
+
+
+def test_a_round_record_is_released_when_the_round_finishes():
+    rows = []
+    strategy, items, _ = _strategy(users_per_round=5, seed=4)
+    strategy.on_round = rows.append
+    strategy.begin_round(1)
+    messages = list(strategy.configure_train(1, array_record(items), ConfigRecord({"dim": DIM}), grid=_GRID))
+    strategy.aggregate_train(1, [_reply(int(m.metadata.dst_node_id), 1, 0.1) for m in messages[:1]])
+    assert strategy.history == []  # still open: evaluation may add to it
+    strategy.aggregate_evaluate(1, _eval_replies())
+    row = strategy.finish_round()
+    assert rows == strategy.history == [row]
+    assert row["round"] == 1 and row["users_sampled"] == 5 and row["rmse"] == pytest.approx(1.0)
+    assert strategy.bytes_down == row["bytes_down"] > 0 and strategy.bytes_up == row["bytes_up"] > 0
+
+
+def test_final_evaluation_adds_a_row_only_when_the_last_round_did_not_evaluate():
+    strategy, _, _ = _strategy(rounds=10, eval_every=5)
+    grid = Mock(get_node_ids=Mock(return_value=[11, 22, 33]), send_and_receive=Mock(return_value=_eval_replies()))
+    strategy.history = [{"round": 1, "users_sampled": 4}, {"round": 2, "users_sampled": 4}]
+    strategy.final_evaluation(grid, ConfigRecord(), last_round=2)
+    assert [r["round"] for r in strategy.history] == [1, 2, 2]
+    assert strategy.history[-1]["users_sampled"] == 0 and strategy.history[-1]["rmse"] == pytest.approx(1.0)
+    sent = grid.send_and_receive.call_args[0][0]
+    assert len(sent) == 3 and all(m.content[schema.CONFIG][schema.ROUND] == 10 for m in sent)  # always due
+    strategy.final_evaluation(grid, ConfigRecord(), last_round=2)  # the last row holds metrics now
+    assert len(strategy.history) == 3 and grid.send_and_receive.call_count == 1
