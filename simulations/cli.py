@@ -192,7 +192,7 @@ def _show(title: str, rows: dict[str, dict[str, float]]) -> None:
 
 def _tracker(progress: Progress, task, key: str):
     def update(row: dict) -> None:
-        shown = {k: v for k, v in row.items() if k in ("rmse", "hr@10", "train_loss") and v == v}
+        shown = {k: v for k, v in row.items() if (k in ("rmse", "train_loss") or k.startswith("hr@")) and v == v}
         info = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
         progress.update(task, completed=row[key], info=info)
     return update
