@@ -1,12 +1,22 @@
-"""A run directory: resolved config, per-step metrics CSV, summary.json, plot, audit."""
+"""A run directory: resolved config, per-step metrics CSV, summary.json, plot, audit.
+
+RunWriter writes the files central and federated runs share, under the same names; what
+only one kind writes (a federated run's audit.jsonl and checkpoints) stays with it.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from fedrec.models import ItemParams
+from fedrec.models.metrics import SUM_KEYS, finish
+from fedrec.models.saved import save_model
 
 from .config import ConfigError, RunConfig
 
@@ -102,3 +112,52 @@ def plot_metric(frame: pd.DataFrame, x: str, metric: str, path: Path, title: str
 
 def main_metric(implicit: bool, k: int) -> str:
     return f"hr@{k}" if implicit else "rmse"
+
+
+def metric_columns(implicit: bool, top_k: int) -> list[str]:
+    """The evaluation metrics a run reports, in the order finish() gives them."""
+    names = list(finish({k: 1.0 for k in SUM_KEYS}, top_k))
+    return [n for n in names if (n in ("rmse", "mae")) != implicit]
+
+
+class RunWriter:
+    """The files of a central or a federated run's directory: config.toml, metrics.csv (one row
+    per evaluated epoch or per round), summary.json, model.npz and a plot of the headline metric.
+    It writes what it is given: what a DP run may release is decided before (server/releases.py)."""
+
+    def __init__(self, path: Path, cfg: RunConfig, mode: str):
+        self.path, self.cfg, self.mode = Path(path), cfg, mode
+        self.columns: list[str] = []
+
+    @classmethod
+    def create(cls, cfg: RunConfig, mode: str) -> RunWriter:
+        """A writer for a new directory (make_run_dir: refused if it holds files, proven writable)."""
+        return cls(make_run_dir(cfg, mode), cfg, mode)
+
+    def write_config(self) -> None:
+        write_config(self.path, self.cfg)
+
+    def start_metrics(self, columns: list[str], rows: Iterable[dict] = ()) -> None:
+        """metrics.csv afresh: the header and the rows so far (a resumed run's, from its checkpoint).
+        Keys outside `columns` are left out; a missing value is an empty cell."""
+        self.columns = columns
+        with open(self.path / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def add_metrics(self, row: dict) -> None:
+        """One more row, flushed at once, so that `tail -f metrics.csv` shows a run's progress."""
+        with open(self.path / "metrics.csv", "a", newline="") as handle:
+            csv.DictWriter(handle, self.columns, extrasaction="ignore").writerow(row)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / "summary.json", summary)
+
+    def write_results(self, items: ItemParams, step: str) -> None:
+        """The model, and the headline metric per `step` ("epoch" or "round") plotted from metrics.csv."""
+        save_model(self.path, items)
+        metric = main_metric(self.cfg.implicit, self.cfg.top_k)
+        frame = pd.read_csv(self.path / "metrics.csv")
+        plot_metric(frame, step, metric, self.path / f"{metric.replace('@', '_at_')}.png",
+                    f"{self.mode} {self.cfg.dataset} {self.cfg.split}: {metric} per {step}")

@@ -12,17 +12,15 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 
-import pandas as pd
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.models import ItemParams, initial_global_bias
-from fedrec.models.saved import save_model
 from fedrec.run import schema
 from fedrec.run.build import hyper
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_config
+from fedrec.run.rundir import RunWriter, metric_columns
 
 from . import checkpoint
 from .directory import discover
@@ -31,9 +29,7 @@ from .releases import DP_ROUND_KEYS, WithheldLogLines, is_evaluation, release_le
 from .rounds import (
     ROUND_COLUMNS,
     Interrupted,
-    MetricsLog,
     RunState,
-    metric_columns,
     restore,
     run_rounds,
     save_checkpoint,
@@ -142,7 +138,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         config[schema.NOISE_SHARE] = secure.noise_share_std
         grid = SecureGrid(grid, cfg, secure)
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
-    run_dir = Path(cfg.resume) if saved else make_run_dir(cfg, "federated")
+    out = RunWriter(Path(cfg.resume), cfg, "federated") if saved else RunWriter.create(cfg, "federated")
+    run_dir = out.path
     audit: list[dict] = []
     # A DP run keeps the per-reply log in memory only: its lines count replies and rows.
     if saved and plan is None:  # lines of rounds after the checkpoint are about to be redone
@@ -156,21 +153,21 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             audit_file.flush()
 
     columns = list(ROUND_COLUMNS if plan is None else DP_ROUND_KEYS) + metric_columns(cfg.implicit, cfg.top_k)
-    metrics_log = MetricsLog(run_dir / "metrics.csv", columns, saved.history if saved else [])
+    out.start_metrics(columns, saved.history if saved else [])  # a resumed run: the rows its checkpoint kept
 
     def round_done(row: dict) -> None:
-        metrics_log.append(row)
+        out.add_metrics(row)
         if on_round:
             on_round(row)
 
     strategy = FedRecStrategy(cfg, directory, items, on_round=round_done, audit=record, privacy=plan)
-    state = RunState(run_dir, {"mode": "federated", "dataset": cfg.dataset, "split": cfg.split,
-                               "num_users": directory.population, "config": cfg.to_dict()},
+    state = RunState(out, {"mode": "federated", "dataset": cfg.dataset, "split": cfg.split,
+                           "num_users": directory.population, "config": cfg.to_dict()},
                      series=saved.series if saved else checkpoint.new_series())
     if saved:
         restore(strategy, saved, run_dir)
         state.last_round = state.resumed_from = saved.round
-    write_config(run_dir, cfg)
+    out.write_config()
     state.status("running", rounds=state.last_round)
     stopped = interrupted = None
     withheld = WithheldLogLines()
@@ -203,11 +200,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             raise ConfigError(f"every SecAgg+ round was halted{why}; lower --secagg-min-fraction or "
                               "--secagg-threshold, or start more nodes")
         summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
-        save_model(run_dir, items)
-        metric = main_metric(cfg.implicit, cfg.top_k)
-        frame = pd.read_csv(run_dir / "metrics.csv")
-        plot_metric(frame, "round", metric, run_dir / f"{metric.replace('@', '_at_')}.png",
-                    f"federated {cfg.dataset} {cfg.split}: {metric} per round")
+        out.write_results(items, "round")
     except BaseException as error:
         state.status(f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
                      rounds=state.last_round, resumable=False)

@@ -7,7 +7,6 @@ or save state, so fedrec drives the same configure/aggregate calls itself.
 
 from __future__ import annotations
 
-import csv
 import os
 import secrets
 import signal
@@ -22,9 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedrec.models.metrics import SUM_KEYS, finish
 from fedrec.run import schema
-from fedrec.run.rundir import write_json
+from fedrec.run.rundir import RunWriter
 
 from . import checkpoint
 from .strategy import FedRecStrategy, array_record
@@ -39,38 +37,22 @@ class Interrupted(Exception):
     """The run was asked to stop (Ctrl-C, SIGTERM); its last completed round is checkpointed."""
 
 
-def metric_columns(implicit: bool, top_k: int) -> list[str]:
-    names = list(finish({k: 1.0 for k in SUM_KEYS}, top_k))
-    return [n for n in names if (n in ("rmse", "mae")) != implicit]
-
-
-class MetricsLog:
-    """metrics.csv, one row appended (and flushed) as each round ends, so `tail -f` shows progress."""
-
-    def __init__(self, path: Path, columns: list[str], earlier: list[dict]):
-        self.path, self.columns = path, columns
-        with open(path, "w", newline="") as handle:  # a resumed run rewrites the rows its checkpoint kept
-            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(earlier)
-
-    def append(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.columns, extrasaction="ignore").writerow(row)
-
-
 @dataclass
 class RunState:
     """Where a run is: what the directory says about it while it goes."""
 
-    run_dir: Path
+    out: RunWriter
     summary: dict  # the parts of summary.json known from the start
     series: str
     last_round: int = 0  # last round completed
     resumed_from: int | None = None  # the checkpoint round this session started from
 
+    @property
+    def run_dir(self) -> Path:
+        return self.out.path
+
     def status(self, status: str, **extra) -> None:
-        write_json(self.run_dir / "summary.json", {"status": status, **self.summary, **extra})
+        self.out.write_summary({"status": status, **self.summary, **extra})
 
 
 def save_checkpoint(state: RunState, strategy: FedRecStrategy) -> None:

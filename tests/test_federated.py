@@ -118,3 +118,13 @@ def test_an_implicit_run_with_top_k_5_records_each_round_once(small_cfg, budget)
     assert ("stopped_early" in outcome.summary) == bool(budget) and 0 < rounds[-1] < 40
     assert rounds == list(range(1, rounds[-1] + 1)) and all("hr@5" in row for row in outcome.history)
     assert list(pd.read_csv(outcome.run_dir / "metrics.csv")["round"]) == rounds
+
+
+def test_central_and_federated_runs_write_the_same_files(small_cfg):
+    central = run_central(dataclasses.replace(small_cfg, out=small_cfg.out + "-central")).run_dir
+    federated = _run(small_cfg, nodes=2).run_dir
+    shared = {"config.toml", "metrics.csv", "summary.json", "model.npz", "rmse.png"}
+    assert {p.name for p in central.iterdir()} == shared
+    assert {p.name for p in federated.iterdir()} == shared | {"audit.jsonl"}
+    assert list(pd.read_csv(central / "metrics.csv").columns) == ["epoch", "train_loss", "seconds", "rmse", "mae"]
+    assert "status" not in json.loads((central / "summary.json").read_text())  # written once, when complete
