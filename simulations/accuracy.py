@@ -11,7 +11,7 @@ import numpy as np
 from fedrec.datasets import generate
 from fedrec.run.build import load_data, synthetic_spec
 from fedrec.run.config import RunConfig
-from fedrec.run.rundir import make_run_dir, write_json
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .central import run_central
 from .federated import simulate
@@ -22,7 +22,7 @@ LOO_EPOCHS = 90  # epochs chosen by `fedrec tune --split loo` on a validation sp
 def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
     start = time.perf_counter()
     outcome = simulate(dataclasses.replace(cfg, users_per_node=users_per_node))
-    metric = "hr@10" if cfg.implicit else "rmse"
+    metric = main_metric(cfg.implicit, cfg.top_k)
     rows = [r for r in outcome.history if metric in r]
     log(f"federated {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {time.perf_counter() - start:.1f} s")
     return {"metrics": outcome.summary["metrics"], "rounds": cfg.rounds, "wall_seconds": outcome.wall_seconds,
