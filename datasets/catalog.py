@@ -10,11 +10,12 @@ import numpy as np
 from .download import dataset_folder
 from .interactions import DataError, Interactions, Ratings, Split
 from .movielens import MOVIELENS, load_movielens
-from .splits import CANONICAL, canonical_split, leave_one_out, random_holdout
+from .splits import CANONICAL, TEST_FRACTION, TEST_NEGATIVES, canonical_split, leave_one_out, random_holdout
 from .synthetic import BLOCK_USERS, SyntheticSpec, generate, generate_users, user_blocks
 
-DATASETS = (*MOVIELENS, "synthetic")
-SPLITS = (*CANONICAL, "random", "loo")
+DATASETS = ("synthetic", *MOVIELENS)
+SPLITS = ("random", "loo", *CANONICAL)
+DEFAULT_SPLIT = "random"
 
 
 def load_ratings(dataset: str, data_dir: str | None = None, synthetic: SyntheticSpec | None = None,
@@ -27,9 +28,9 @@ def load_ratings(dataset: str, data_dir: str | None = None, synthetic: Synthetic
 
 
 @functools.lru_cache(maxsize=4)
-def load_split(dataset: str, split: str = "random", data_dir: str | None = None, seed: int = 0,
-               synthetic: SyntheticSpec | None = None, test_fraction: float = 0.2,
-               negatives: int = 99, download: bool = True) -> Split:
+def load_split(dataset: str, split: str = DEFAULT_SPLIT, data_dir: str | None = None, seed: int = 0,
+               synthetic: SyntheticSpec | None = None, test_fraction: float = TEST_FRACTION,
+               negatives: int = TEST_NEGATIVES, download: bool = True) -> Split:
     """Load `dataset` and split it; cached, since every simulated client of a process asks."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")

@@ -17,6 +17,8 @@ from .interactions import DataError, Interactions, Ratings, Split, UserIndex
 from .movielens import FORMATS, map_ids, read_ratings_file
 
 CANONICAL = ("u1", "u2", "u3", "u4", "u5")
+TEST_FRACTION = 0.2  # random holdout: share of each user's ratings held out
+TEST_NEGATIVES = 99  # leave-one-out: sampled negatives ranked against each test positive
 
 
 def _split(ratings: Ratings, name: str, train: Interactions, test: Interactions, **extra) -> Split:
@@ -50,7 +52,7 @@ def _rank_within_user(data: Interactions, key: np.ndarray) -> np.ndarray:
     return rank
 
 
-def random_holdout(ratings: Ratings, test_fraction: float = 0.2, seed: int = 0) -> Split:
+def random_holdout(ratings: Ratings, test_fraction: float = TEST_FRACTION, seed: int = 0) -> Split:
     """Hold out a random `test_fraction` of each user's ratings; keep at least one in train."""
     if not 0 < test_fraction < 1:
         raise ValueError("test_fraction must be between 0 and 1")
@@ -63,7 +65,7 @@ def random_holdout(ratings: Ratings, test_fraction: float = 0.2, seed: int = 0) 
     return _split(ratings, "random", data.take(~is_test), data.take(is_test))
 
 
-def leave_one_out(ratings: Ratings, n_negatives: int = 99, seed: int = 0) -> Split:
+def leave_one_out(ratings: Ratings, n_negatives: int = TEST_NEGATIVES, seed: int = 0) -> Split:
     """Each user's latest interaction is the test positive; sampled negatives are items the
     user never interacted with. Ratings become implicit feedback (every rating = positive).
     Users with a single interaction, or with fewer than `n_negatives` unrated items, stay in

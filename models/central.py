@@ -12,9 +12,9 @@ import torch
 
 from .evaluate import UserRows, evaluate_rows
 from .local import local_train, training_rows
-from .metrics import finish
+from .metrics import DEFAULT_TOP_K, finish
 from .mf import Hyper, ItemParams, UserState
-from .server_opt import ServerOptimizer
+from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, ServerOptimizer
 
 
 @dataclass
@@ -32,8 +32,8 @@ def initial_global_bias(implicit: bool, rating_scale: tuple[float, float]) -> fl
 
 
 def train_central(rows: UserRows, n_users: int, n_items: int, hyper: Hyper, epochs: int,
-                  optimizer: str = "fedadam", server_lr: float = 0.05, k: int = 10,
-                  rating_scale: tuple[float, float] = (1.0, 5.0), eval_every: int = 1,
+                  optimizer: str = DEFAULT_SERVER_OPTIMIZER, server_lr: float = DEFAULT_SERVER_LR,
+                  k: int = DEFAULT_TOP_K, rating_scale: tuple[float, float] = (1.0, 5.0), eval_every: int = 1,
                   on_epoch: Callable[[dict], None] | None = None) -> CentralResult:
     """Full-batch training of biased MF over all users at once."""
     torch.manual_seed(hyper.seed)

@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .metrics import add_sums, error_sums, full_ranking_sums, loo_sums
+from .metrics import DEFAULT_TOP_K, add_sums, error_sums, full_ranking_sums, loo_sums
 from .mf import ItemParams, UserState, predict
 
 FULL_RANKING_CHUNK = 2048  # users scored against the whole catalogue at once
@@ -26,7 +26,7 @@ class UserRows(Protocol):
     test_negatives: np.ndarray | None
 
 
-def evaluate_rows(items: ItemParams, state: UserState, rows: UserRows, implicit: bool, k: int = 10,
+def evaluate_rows(items: ItemParams, state: UserState, rows: UserRows, implicit: bool, k: int = DEFAULT_TOP_K,
                   rating_scale: tuple[float, float] = (1.0, 5.0)) -> dict[str, float]:
     """Metric sums over the batch's test rows: errors (explicit) or ranking (implicit)."""
     seg = torch.as_tensor(rows.test_segment)

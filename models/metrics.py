@@ -11,6 +11,7 @@ import math
 
 import torch
 
+DEFAULT_TOP_K = 10  # K of HR@K, NDCG@K and Recall@K
 SUM_KEYS = ("sse", "sae", "num-ratings", "hits", "ndcg", "num-ranked", "recall-full", "ndcg-full", "num-full")
 
 
@@ -64,7 +65,7 @@ def add_sums(total: dict[str, float], part: dict[str, float]) -> dict[str, float
 METRIC_PREFIXES = ("rmse", "mae", "hr", "ndcg", "recall", "full-ndcg")  # names finish() gives, before "@k"
 
 
-def finish(sums: dict[str, float], k: int = 10) -> dict[str, float]:
+def finish(sums: dict[str, float], k: int = DEFAULT_TOP_K) -> dict[str, float]:
     """Turn summed counts into metrics; metrics without data are left out."""
     out = {}
     if sums.get("num-ratings", 0) > 0:

@@ -17,6 +17,8 @@ import torch
 from .mf import ItemParams
 
 SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
+DEFAULT_SERVER_OPTIMIZER = "fedadam"
+DEFAULT_SERVER_LR = 0.05
 
 
 class ServerOptimizer:

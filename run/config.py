@@ -15,6 +15,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedrec.datasets import DATASETS, SPLITS, SyntheticSpec
+from fedrec.datasets.catalog import DEFAULT_SPLIT
+from fedrec.datasets.splits import TEST_FRACTION, TEST_NEGATIVES
+from fedrec.models.device import UPDATE_MODES, DevicePolicy
+from fedrec.models.metrics import DEFAULT_TOP_K
+from fedrec.models.mf import DEFAULT_REG, Hyper
+from fedrec.models.server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
+
 
 class ConfigError(ValueError):
     """A bad setting; the message says which and what to do."""
@@ -24,69 +32,77 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-DATASET_CHOICES = ("synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest-small", "ml-latest")
-SPLIT_CHOICES = ("random", "loo", "u1", "u2", "u3", "u4", "u5")
-STRATEGY_CHOICES = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
+# Choices and defaults of the data, the model and the device belong to fedrec.datasets and
+# fedrec.models and are read from there; those below are the run's own (the server's).
 SAMPLING_CHOICES = ("fixed", "poisson")
 DP_CHOICES = ("none", "central", "local", "distributed")
 SECURE_AGGREGATION = ("none", "secagg+")
-UPDATE_MODES = ("dense", "sparse", "padded")
 ACCOUNTANTS = ("rdp", "pld")
 ROBUST_CHOICES = ("none", "norm-bound")
+_HYPER, _DEVICE, _SYNTHETIC = Hyper(), DevicePolicy(), SyntheticSpec()
+
+
+def _reg_help(what: str, name: str) -> str:
+    ratings, implicit = DEFAULT_REG[name]
+    return f"L2 on {what}, per rating; -1: {ratings} (ratings) or {implicit} (implicit)."
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # --- data
-    dataset: str = _f("synthetic", "Data set: synthetic (embedded, no download) or a MovieLens name.", DATASET_CHOICES)
+    dataset: str = _f("synthetic", "Data set: synthetic (embedded, no download) or a MovieLens name.", DATASETS)
     data_dir: str = _f("", "Data root holding <name>/ folders; empty: $FEDREC_DATA_DIR, else ~/.cache/fedrec.")
-    split: str = _f("random", "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).",
-                    SPLIT_CHOICES)
-    test_fraction: float = _f(0.2, "Share of each user's ratings held out by the random split.")
-    negatives: int = _f(99, "Sampled negatives per test positive for leave-one-out evaluation.")
-    synthetic_users: int = _f(2000, "Synthetic data: number of users.")
-    synthetic_items: int = _f(500, "Synthetic data: number of items.")
-    synthetic_density: float = _f(0.05, "Synthetic data: expected share of user-item pairs rated.")
-    synthetic_rank: int = _f(8, "Synthetic data: rank of the true preference matrix.")
-    synthetic_noise: float = _f(0.5, "Synthetic data: std of rating noise before rounding to stars.")
+    split: str = _f(DEFAULT_SPLIT, "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).",
+                    SPLITS)
+    test_fraction: float = _f(TEST_FRACTION, "Share of each user's ratings held out by the random split.")
+    negatives: int = _f(TEST_NEGATIVES, "Sampled negatives per test positive for leave-one-out evaluation.")
+    synthetic_users: int = _f(_SYNTHETIC.users, "Synthetic data: number of users.")
+    synthetic_items: int = _f(_SYNTHETIC.items, "Synthetic data: number of items.")
+    synthetic_density: float = _f(_SYNTHETIC.density, "Synthetic data: expected share of user-item pairs rated.")
+    synthetic_rank: int = _f(_SYNTHETIC.rank, "Synthetic data: rank of the true preference matrix.")
+    synthetic_noise: float = _f(_SYNTHETIC.noise, "Synthetic data: std of rating noise before rounding to stars.")
     seed: int = _f(0, "Seed of the data, split, init, negatives and non-DP sampling (DP noise, decoys and DP "
                       "sampling use OS entropy unless --reproducible-noise).")
     # --- model
-    dim: int = _f(32, "Embedding size K of users and items.")
-    reg_user: float = _f(-1.0, "L2 on user embeddings, per rating; -1: 0.1 (ratings) or 0.01 (implicit).")
-    reg_item: float = _f(-1.0, "L2 on item embeddings, per rating; -1: 0.2 (ratings) or 0.001 (implicit).")
-    reg_bias: float = _f(-1.0, "L2 on user and item biases, per rating; -1: 0.01 (ratings) or 0.001 (implicit).")
-    init_std: float = _f(0.1, "Std of the initial embeddings.")
-    train_negatives: int = _f(1, "Implicit feedback: sampled negatives per positive in training.")
+    dim: int = _f(_HYPER.dim, "Embedding size K of users and items.")
+    reg_user: float = _f(-1.0, _reg_help("user embeddings", "reg_user"))
+    reg_item: float = _f(-1.0, _reg_help("item embeddings", "reg_item"))
+    reg_bias: float = _f(-1.0, _reg_help("user and item biases", "reg_bias"))
+    init_std: float = _f(_HYPER.init_std, "Std of the initial embeddings.")
+    train_negatives: int = _f(_HYPER.train_negatives, "Implicit feedback: sampled negatives per positive in training.")
     # --- training
-    lr: float = _f(0.05, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
-    server_lr: float = _f(0.05, "Server learning rate of the strategy's optimizer (1.0 with fedavg is plain FedAvg).")
-    strategy: str = _f("fedadam", "Server optimizer on the averaged item update.", STRATEGY_CHOICES)
+    lr: float = _f(_HYPER.lr, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
+    server_lr: float = _f(DEFAULT_SERVER_LR, "Server learning rate of the strategy's optimizer (1.0 with fedavg is "
+                                             "plain FedAvg).")
+    strategy: str = _f(DEFAULT_SERVER_OPTIMIZER, "Server optimizer on the averaged item update.", SERVER_OPTIMIZERS)
     epochs: int = _f(60, "Central baseline: full-batch epochs.")
     rounds: int = _f(60, "Federated rounds.")
-    local_epochs: int = _f(1, "Full-batch passes each sampled user makes over its own ratings per round.")
+    local_epochs: int = _f(_HYPER.local_epochs, "Full-batch passes each sampled user makes over its own ratings per "
+                                                "round.")
     users_per_round: int = _f(0, "Users sampled per round (expected number under poisson); 0: all users.")
     sampling: str = _f("fixed", "fixed: that many users without replacement; poisson: each user independently.",
                        SAMPLING_CHOICES)
     users_per_node: int = _f(0, "Simulation: users hosted by one SuperNode (1 = deployment shape); 0: auto.")
     eval_every: int = _f(10, "Evaluate every this many rounds (and after the last).")
-    top_k: int = _f(10, "K of HR@K, NDCG@K and Recall@K.")
+    top_k: int = _f(DEFAULT_TOP_K, "K of HR@K, NDCG@K and Recall@K.")
     # --- privacy
     dp: str = _f("none", "none; central (per-user clipping, server noise); local (noise added on the device); "
                          "distributed (each device adds a share of the noise; needs secagg+).", DP_CHOICES)
     noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with "
                                       "--target-epsilon: calibrated.")
-    clipping_norm: float = _f(0.0, "C: each user's item-side update is clipped to this L2 norm (0: no clipping).")
+    clipping_norm: float = _f(_DEVICE.clip_norm, "C: each user's item-side update is clipped to this L2 norm "
+                                                 "(0: no clipping).")
     target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round "
                                     "would exceed it.")
     target_delta: float = _f(1e-5, "delta at which epsilon is reported.")
     accountant: str = _f("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
-    update_mode: str = _f("dense", "What a client uploads: dense (all rows), sparse (rated rows), padded (rated + "
-                                   "decoy rows).", UPDATE_MODES)
-    pad_ratio: float = _f(1.0, "padded mode: decoy rows per rated row.")
-    max_rounds_per_user: int = _f(0, "Local and distributed DP: rounds a user may take part in (its device enforces "
-                                     "it; epsilon against the server is for this many); 0: auto, a cap that about "
-                                     "1 in 100 runs would reach.")
+    update_mode: str = _f(_DEVICE.update_mode, "What a client uploads: dense (all rows), sparse (rated rows), "
+                                               "padded (rated + decoy rows).", UPDATE_MODES)
+    pad_ratio: float = _f(_DEVICE.pad_ratio, "padded mode: decoy rows per rated row.")
+    max_rounds_per_user: int = _f(_DEVICE.max_rounds, "Local and distributed DP: rounds a user may take part in "
+                                                      "(its device enforces it; epsilon against the server is for "
+                                                      "this many); 0: auto, a cap that about 1 in 100 runs would "
+                                                      "reach.")
     secure_aggregation: str = _f("none", "secagg+: the server learns only the sum of the nodes' updates (Flower's "
                                          "SecAgg+); uploads are dense.", SECURE_AGGREGATION)
     secagg_shares: float = _f(0.0, "SecAgg+: neighbours each node shares its keys with; 0: auto, 2 log2(nodes) + 1 "
@@ -130,9 +146,7 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """Fill the loss-dependent defaults (-1) with concrete values."""
-        # Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
-        defaults = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0.01, 0.001)}
-        changes = {k: v[self.implicit] for k, v in defaults.items() if getattr(self, k) < 0}
+        changes = {k: v[self.implicit] for k, v in DEFAULT_REG.items() if getattr(self, k) < 0}
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "RunConfig":
