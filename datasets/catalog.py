@@ -11,7 +11,7 @@ from .download import dataset_folder
 from .interactions import DataError, Interactions, Ratings, Split
 from .movielens import MOVIELENS, load_movielens
 from .splits import CANONICAL, TEST_FRACTION, TEST_NEGATIVES, canonical_split, leave_one_out, random_holdout
-from .synthetic import BLOCK_USERS, SyntheticSpec, generate, generate_users, user_blocks
+from .synthetic import BLOCK_USERS, SyntheticSpec, generate, generate_users, stream_seed, user_blocks
 
 DATASETS = ("synthetic", *MOVIELENS)
 SPLITS = ("random", "loo", *CANONICAL)
@@ -58,7 +58,7 @@ def synthetic_split(spec: SyntheticSpec, split: str, seed: int, test_fraction: f
         data = generate_users(spec, block, end)  # the whole block: its split stream covers all of it
         local = Interactions(data.user - block, data.item, data.rating, data.timestamp)
         ratings = Ratings("synthetic", local, np.arange(end - block), np.arange(spec.items), None, (1.0, 5.0))
-        stream = [seed, 4, block // BLOCK_USERS]  # np.random.default_rng takes a list as a seed
+        stream = stream_seed(seed, "split", block // BLOCK_USERS)  # np.random.default_rng takes a list as a seed
         part = (leave_one_out(ratings, negatives, stream) if split == "loo"
                 else random_holdout(ratings, test_fraction, stream))
         parts.append((_users_between(part, first - block, last - block), block))

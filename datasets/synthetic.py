@@ -53,6 +53,16 @@ class SyntheticTruth:
         return np.clip(raw, 1.0, 5.0)
 
 
+# The data's seeded streams, one tag per purpose: np.random.default_rng(stream_seed(seed, name, ...)).
+# The block-wise synthetic split (fedrec.datasets.catalog) is "split"; MovieLens splits draw from
+# default_rng(seed) itself. (fedrec.models.randomness names the other streams; datasets/ cannot import it.)
+DATA_STREAMS = {"items": 0, "users": 1, "ratings": 2, "activity": 3, "split": 4}
+
+
+def stream_seed(seed: int, stream: str, *key: int) -> list[int]:
+    return [seed, DATA_STREAMS[stream], *key]
+
+
 BLOCK_USERS = 8192
 """Users are generated in blocks of this many, each from its own seeded stream, so any range
 of users comes out the same whether it is generated alone (one node's shard) or with all
@@ -98,14 +108,14 @@ def _check(spec: SyntheticSpec) -> None:
         raise ValueError("synthetic data needs users >= 1, items >= 2, 0 < density <= 1 and rank >= 1")
 
 
-def _stream(spec: SyntheticSpec, *purpose: int) -> np.random.Generator:
-    return np.random.default_rng([spec.seed, *purpose])
+def _stream(spec: SyntheticSpec, stream: str, *key: int) -> np.random.Generator:
+    return np.random.default_rng(stream_seed(spec.seed, stream, *key))
 
 
 @functools.lru_cache(maxsize=4)
 def _items(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Item biases, factors and popularity as an alias table (one stream: items are few and public)."""
-    rng = _stream(spec, 0)
+    rng = _stream(spec, "items")
     popularity = 1.0 / np.arange(1, spec.items + 1) ** spec.popularity_exponent
     popularity = rng.permutation(popularity / popularity.sum())  # hits are not item 0, 1, 2...
     bias = rng.normal(0, 0.45, spec.items)
@@ -135,7 +145,7 @@ def _draw_items(rng: np.random.Generator, table: tuple[np.ndarray, np.ndarray], 
 
 def _user_params(spec: SyntheticSpec, block: int) -> tuple[np.ndarray, np.ndarray]:
     n = min(spec.users, (block + 1) * BLOCK_USERS) - block * BLOCK_USERS
-    rng = _stream(spec, 1, block)
+    rng = _stream(spec, "users", block)
     return rng.normal(0, 0.35, n), rng.normal(0, 0.8 / np.sqrt(spec.rank), (n, spec.rank)).astype(np.float32)
 
 
@@ -143,7 +153,7 @@ def _block(spec: SyntheticSpec, block: int) -> Interactions:
     first = block * BLOCK_USERS
     user_bias, user_factors = _user_params(spec, block)
     item_bias, item_factors, popularity = _items(spec)
-    rng = _stream(spec, 2, block)
+    rng = _stream(spec, "ratings", block)
     per_user = _activity(spec)[first:first + len(user_bias)]
     local = np.repeat(np.arange(len(per_user)), per_user)
     item = _draw_items(rng, popularity, len(local))
@@ -162,7 +172,7 @@ def _block(spec: SyntheticSpec, block: int) -> Interactions:
 @functools.lru_cache(maxsize=4)
 def _activity(spec: SyntheticSpec) -> np.ndarray:
     """Ratings per user: Pareto-tailed, scaled so the total matches the density."""
-    rng = _stream(spec, 3)
+    rng = _stream(spec, "activity")
     target = spec.density * spec.users * spec.items
     raw = rng.pareto(spec.activity_exponent, spec.users) + 1.0
     low = spec.min_user_ratings

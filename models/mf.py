@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .randomness import init_generator
+
 # Names of the shared arrays, on the wire too (fedrec.run.schema re-exports them).
 ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
 
@@ -46,7 +48,7 @@ class ItemParams:
 
     @staticmethod
     def init(n_items: int, hyper: Hyper, global_bias: float) -> "ItemParams":
-        gen = torch.Generator().manual_seed(hyper.seed)
+        gen = init_generator(hyper.seed, "item-init")
         emb = torch.randn(n_items, hyper.dim, generator=gen) * hyper.init_std
         return ItemParams(emb, torch.zeros(n_items), torch.tensor([float(global_bias)]))
 
@@ -81,7 +83,7 @@ class UserState:
         if rng is not None:
             emb = torch.as_tensor(rng.normal(0.0, hyper.init_std, (n, hyper.dim)), dtype=torch.float32)
         else:
-            gen = torch.Generator().manual_seed(hyper.seed + 1)
+            gen = init_generator(hyper.seed, "user-init")
             emb = (torch.randn(n_users, hyper.dim, generator=gen) * hyper.init_std)[torch.as_tensor(users)]
         zeros = torch.zeros(n, hyper.dim + 1)
         return UserState(emb, torch.zeros(n), zeros, zeros.clone(), torch.zeros(n))

@@ -17,11 +17,13 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
+import torch
 
 # One tag per purpose keeps the streams of one seed apart. Private streams have tags too,
-# for the reproducible (non-private) mode only.
+# for the reproducible (non-private) mode only. The data's own streams (synthetic data,
+# splits) are named in fedrec.datasets.synthetic.DATA_STREAMS: datasets/ cannot import this.
 STREAM_TAGS = {
-    "negatives": 0x4E,
+    "negatives": 0x4E,  # not drawn from (negatives are counter-based: `negatives_key`); the seed attack tries it
     "audit-targets": 0xA0D17,
     "sampling": 0x5A,
     "central-noise": 0xD9,
@@ -32,6 +34,13 @@ STREAM_TAGS = {
     "dropout": 0xD0,
 }
 PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries", "user-init"})
+
+# Public initial parameters come from torch generators seeded with the run seed plus an offset
+# (private runs draw their user vectors from private_rng("user-init") instead).
+INIT_SEED_OFFSETS = {"item-init": 0, "user-init": 1}
+
+# Added to the round before hashing, so that the keys of consecutive rounds are far apart.
+NEGATIVES_ROUND_SALT = 0x9E3779B9
 
 _MASK64 = (1 << 64) - 1
 
@@ -58,6 +67,16 @@ def private_key(stream: str, reproducible_seed: int | None = None, *key: int) ->
             raise ValueError(f"{stream!r} is not a private stream")
         return secrets.randbits(64)
     return int(private_rng(stream, reproducible_seed, *key).integers(0, 1 << 63)) << 1 | 1
+
+
+def init_generator(seed: int, stream: str) -> torch.Generator:
+    """The seeded torch generator of one kind of initial parameters."""
+    return torch.Generator().manual_seed(seed + INIT_SEED_OFFSETS[stream])
+
+
+def negatives_key(seed: int, round_: int) -> np.ndarray:
+    """[1] uint64 key of a round's training negatives, drawn counter-based per (key, user, counter)."""
+    return mix64(np.array([seed], np.uint64)) ^ mix64(np.array([round_ + NEGATIVES_ROUND_SALT], np.uint64))
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
