@@ -90,7 +90,7 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     result = device_step(items, state.take(local), node.shard.cohort(local.numpy()), node.meta.n_items, node.hyper,
                          device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), round_)
     state.put(local, result.state)
-    save_state(context, state, config, round_)
+    save_state(context, state, config, round_, positions)
     return result, cfg
 
 

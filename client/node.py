@@ -20,7 +20,7 @@ from fedrec.run.build import SHARDS_ENV, data_key, ensure_shards, hyper
 from fedrec.run.config import RunConfig
 from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 
-from .storage import discard_after, load_snapshot, rounds_taken, save_snapshot, state_root
+from .storage import discard_after, load, rounds_taken, save_base, save_delta, series_dir, start_steps, state_root
 
 
 @dataclass(frozen=True)
@@ -73,38 +73,66 @@ def partition(context: Context) -> tuple[int, int]:
                          "start it with --node-config 'shard=\"DIR/node-00000\"' (see `fedrec partition`)") from None
 
 
+_HELD: dict[str, tuple[int, str, dict]] = {}
+"""Per device directory, the state this process last loaded or saved (round, journal entry,
+arrays): a simulated node that trains again in the same worker reads only the new deltas."""
+_HOLD_AT_MOST = 4
+
+
 def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: int) -> UserState:
-    """The node's users' private state as of round `up_to`: in context.state during a run,
-    else the device's own saved snapshot (after a restart or a resumed run), else new.
-    Where privacy is on, a user's starting vector is drawn from OS entropy: seeded, the
-    server would know it and could fit each uploaded row against it."""
-    if STATE_KEY not in context.state:
-        root, series = state_root(context), str(config.get(SERIES, ""))
-        if root and series and RESUMED_FROM in config:
-            discard_after(root, series, str(config[RESUMED_FROM]))
-        saved = load_snapshot(root, series, up_to) if root and series else None
-        if saved is not None:
-            state = UserState.from_arrays(saved)
-            steps = rounds_taken(root, series)
-            if cfg.dp in ("local", "distributed") and steps is not None and len(steps) == len(state.step):
-                # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
-                state.step = torch.maximum(state.step, torch.as_tensor(steps, dtype=state.step.dtype))
-        else:
-            # --reproducible-noise keeps the seeded population matrix, as in non-private runs
-            private = (cfg.dp != "none" or cfg.update_mode == "padded") and not cfg.reproducible_noise
-            state = UserState.init(node.users, node.meta.population, node.hyper,
-                                   private_rng("user-init") if private else None)
-        _keep(context, state)
-    record = context.state[STATE_KEY]
-    return UserState.from_arrays({k: record[k].numpy() for k in record.keys()})
-
-
-def save_state(context: Context, state: UserState, config, round_: int) -> None:
-    """Keep the state for the rest of the run, and on the device's disk if it has one."""
-    _keep(context, state)
+    """The node's users' private state as of round `up_to`: from the device's own disk (base
+    and journal, see storage.py) if it has one, else from context.state, else new. Where
+    privacy is on, a user's starting vector is drawn from OS entropy: seeded, the server
+    would know it and could fit each uploaded row against it."""
     root, series = state_root(context), str(config.get(SERIES, ""))
-    if root and series:
-        save_snapshot(root, series, round_, state.arrays(), int(config.get(CHECKPOINT_ROUND, 0)))
+    if not (root and series):
+        if STATE_KEY not in context.state:
+            _keep(context, _new_state(node, cfg))
+        record = context.state[STATE_KEY]
+        return UserState.from_arrays({k: record[k].numpy() for k in record.keys()})
+    directory = series_dir(root, series)
+    if RESUMED_FROM in config:
+        discard_after(root, series, str(config[RESUMED_FROM]))
+    held = _HELD.pop(str(directory), None)
+    loaded = load(directory, up_to, held)
+    if loaded is None:  # a device's first round in this series
+        state = _new_state(node, cfg)
+        arrays = state.arrays()
+        loaded = (0, save_base(directory, 0, arrays), arrays)
+        start_steps(directory, arrays["step"])
+    elif held is None or loaded[2] is not held[2]:  # read from disk, not what this process held
+        steps = rounds_taken(directory)
+        if cfg.dp in ("local", "distributed") and steps is not None and len(steps) == len(loaded[2]["step"]):
+            # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
+            np.maximum(loaded[2]["step"], steps.astype(loaded[2]["step"].dtype), out=loaded[2]["step"])
+    _hold(directory, loaded)
+    return UserState.from_arrays(loaded[2])  # shares memory with what is held: save_state records changes
+
+
+def save_state(context: Context, state: UserState, config, round_: int, positions: np.ndarray) -> None:
+    """Record the state after `round_`, in which the users at `positions` trained: on the
+    device's disk (their rows only) if it has one, else in context.state for the run."""
+    root, series = state_root(context), str(config.get(SERIES, ""))
+    if not (root and series):
+        _keep(context, state)
+        return
+    directory = series_dir(root, series)
+    held = _HELD.pop(str(directory), None)  # dropped if the write fails: the disk is the truth
+    rows = state.take(torch.as_tensor(positions)).arrays()
+    name = save_delta(directory, round_, positions, rows, int(config.get(CHECKPOINT_ROUND, 0)))
+    _hold(directory, (round_, name, state.arrays() if held is None else held[2]))
+
+
+def _hold(directory: Path, entry: tuple[int, str, dict]) -> None:
+    _HELD[str(directory)] = entry
+    while len(_HELD) > _HOLD_AT_MOST:
+        _HELD.pop(next(iter(_HELD)))
+
+
+def _new_state(node: NodeData, cfg: RunConfig) -> UserState:
+    # --reproducible-noise keeps the seeded population matrix, as in non-private runs
+    private = (cfg.dp != "none" or cfg.update_mode == "padded") and not cfg.reproducible_noise
+    return UserState.init(node.users, node.meta.population, node.hyper, private_rng("user-init") if private else None)
 
 
 def _keep(context: Context, state: UserState) -> None:

@@ -1,29 +1,35 @@
-"""What a device keeps on its own disk: its users' private state, one snapshot per round it trained.
+"""What a device keeps on its own disk: its users' private state, as a base and a journal.
 
-Flower's context.state lasts one run, in one process. A device that should survive its
-own restart, or carry on when the server resumes a run from a checkpoint (a new run to
-Flower), keeps its state in `state-dir` from its node config (deployment) or in the
-directory the simulation driver gave it ($FEDREC_DEVICE_STATE_DIR: the simulated
-devices' disks). The server never chooses that path; it sends only the run series id,
-checked to be 16 hex digits, which names the subdirectory.
+Flower's context.state lasts one run, in one process, and in simulation it travels with
+every message: too heavy for a node hosting 500,000 users. A device with a disk keeps its
+state in `state-dir` from its node config (deployment) or in the directory the simulation
+driver gave it ($FEDREC_DEVICE_STATE_DIR: the simulated devices' disks). The server never
+chooses that path; it sends only the run series id, checked to be 16 hex digits, which
+names the subdirectory.
 
-Snapshots are tagged with the round after which they were taken. A device asked to train
-round r starts from its newest snapshot before r, to evaluate round r from the newest at
-or before r: after a resume from round R's checkpoint, the snapshots of the rounds after R
-that the interrupted run got to are ignored, then overwritten.
+Layout of `<root>/<series>/`: `base-rNNNNNN-<id>/` holds every hosted user's state after
+round N (N = 0: the starting state); `delta-rNNNNNN-<id>.npz` holds the rows of the users
+that trained in round N. The state after round r is the newest base at or before r plus
+the deltas after it up to r, so a round writes what it changed, not the whole population.
+A delta that the server's last checkpoint has passed is folded into a new base. After a
+resume from round R, bases and deltas of later rounds (the cut-off timeline) are deleted.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Context
 
 ENV_DIR = "FEDREC_DEVICE_STATE_DIR"
-_SNAPSHOT = re.compile(r"state-r(\d{6,})\.npz")
+FIELDS = ("emb", "bias", "m", "v", "step")
+_BASE = re.compile(r"base-r(\d{6,})-([0-9a-f]{8})")
+_DELTA = re.compile(r"delta-r(\d{6,})-([0-9a-f]{8})\.npz")
 
 
 def state_root(context: Context) -> Path | None:
@@ -35,74 +41,136 @@ def state_root(context: Context) -> Path | None:
     return None
 
 
-def _series_dir(root: Path, series: str) -> Path:
+def series_dir(root: Path, series: str) -> Path:
     if not re.fullmatch(r"[0-9a-f]{16}", series):
         raise ValueError(f"run series id {series!r} is not 16 hex digits")  # never a path the server picked
     return root / series
 
 
-def save_snapshot(root: Path, series: str, round_: int, arrays: dict[str, np.ndarray], keep_from: int) -> None:
-    """Write the state after `round_`; drop snapshots no resume can need (older than the newest
-    one at or before `keep_from`, the server's last checkpoint round)."""
-    directory = _series_dir(root, series)
+def save_base(directory: Path, round_: int, arrays: dict[str, np.ndarray]) -> str:
+    """Write every hosted user's state after `round_`; returns the entry's name."""
     if round_ < 0:
         raise ValueError(f"round {round_} is negative")
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"state-r{round_:06d}.npz"
-    tmp = directory / f".{path.name}.tmp"
+    name = f"base-r{round_:06d}-{secrets.token_hex(4)}"
+    tmp = directory / f".{name}.tmp"
+    tmp.mkdir()
+    for key in FIELDS:
+        np.save(tmp / f"{key}.npy", arrays[key], allow_pickle=False)
+    os.replace(tmp, directory / name)
+    for old in _entries(directory, _BASE):  # one base per round
+        if old[0] == round_ and old[2] != name:
+            shutil.rmtree(directory / old[2], ignore_errors=True)
+    return name
+
+
+def save_delta(directory: Path, round_: int, positions: np.ndarray, rows: dict[str, np.ndarray],
+               keep_from: int) -> str:
+    """Write the rows of the users at `positions` after `round_`; returns the entry's name.
+    Folds deltas the server's last checkpoint (`keep_from`) has passed into a new base."""
+    if round_ < 1:
+        raise ValueError(f"round {round_} is not a training round")
+    name = f"delta-r{round_:06d}-{secrets.token_hex(4)}.npz"
+    tmp = directory / f".{name}.tmp"
     with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
-    steps = rounds_taken(root, series)
-    if "step" in arrays:
-        steps = (arrays["step"] if steps is None or len(steps) != len(arrays["step"])
-                 else np.maximum(steps, arrays["step"]))
-        np.save(directory / ".steps.tmp.npy", steps)
-        os.replace(directory / ".steps.tmp.npy", directory / "steps.npy")
-    rounds = _rounds(directory)
-    floor = max((r for r in rounds if r <= keep_from), default=None)
-    for r in rounds:
-        if floor is not None and r < floor:
-            (directory / f"state-r{r:06d}.npz").unlink(missing_ok=True)
+        np.savez(handle, positions=positions, **{k: rows[k] for k in FIELDS})
+    os.replace(tmp, directory / name)
+    for old_round, _, old in _entries(directory, _DELTA):  # a round trained again replaces its delta
+        if old_round == round_ and old != name:
+            (directory / old).unlink(missing_ok=True)
+    _update_steps(directory, positions, rows["step"])
+    _compact(directory, keep_from)
+    return name
+
+
+def load(directory: Path, up_to: int, have: tuple[int, str, dict] | None = None):
+    """The state after round `up_to` as (round, entry name, arrays), or None without a base.
+    `have` = (round, entry, arrays) a process already holds: reused (deltas applied on top,
+    in place) if its entry is still on disk and not after `up_to`."""
+    bases = [b for b in _entries(directory, _BASE) if b[0] <= up_to]
+    if not bases:
+        return None
+    deltas = [d for d in _entries(directory, _DELTA) if d[0] <= up_to]
+    current = have if have and have[0] <= up_to and (directory / have[1]).exists() else None
+    if current is None:
+        round_, _, name = max(bases)
+        current = (round_, name, {k: np.load(directory / name / f"{k}.npy", allow_pickle=False) for k in FIELDS})
+    round_, name, arrays = current
+    for delta_round, _, delta in sorted(deltas):
+        if delta_round > round_:
+            with np.load(directory / delta, allow_pickle=False) as data:
+                for key in FIELDS:
+                    arrays[key][data["positions"]] = data[key]
+            round_, name = delta_round, delta
+    return round_, name, arrays
 
 
 def discard_after(root: Path, series: str, resumed: str) -> None:
-    """A resumed run ("<round>-<session>") restarts after <round>: snapshots of later rounds
+    """A resumed run ("<round>-<session>") restarts after <round>: entries of later rounds
     belong to the timeline the crash cut off and must not be loaded (under DP its sampling is
     not redone identically). Once per resumed session, so a device restarting later in the
     same session keeps what it has saved since."""
     match = re.fullmatch(r"(\d+)-([0-9a-f]{8})", resumed)
     if not match:
         raise ValueError(f"resumed-from {resumed!r} is not <round>-<8 hex digits>")
-    directory = _series_dir(root, series)
+    directory = series_dir(root, series)
     marker = directory / f"resumed-{match.group(2)}"
     if marker.exists():
         return
-    for r in _rounds(directory):
-        if r > int(match.group(1)):
-            (directory / f"state-r{r:06d}.npz").unlink(missing_ok=True)
+    for pattern in (_BASE, _DELTA):
+        for round_, _, name in _entries(directory, pattern):
+            if round_ > int(match.group(1)):
+                shutil.rmtree(directory / name, ignore_errors=True) if pattern is _BASE else \
+                    (directory / name).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
 
-def rounds_taken(root: Path, series: str) -> np.ndarray | None:
+def rounds_taken(directory: Path) -> np.ndarray | None:
     """Per user, the most local steps the device ever saved: never goes back on a resume, so the
     participation cap holds across crashes."""
-    path = _series_dir(root, series) / "steps.npy"
+    path = directory / "steps.npy"
     return np.load(path, allow_pickle=False) if path.is_file() else None
 
 
-def load_snapshot(root: Path, series: str, up_to: int) -> dict[str, np.ndarray] | None:
-    """The newest state saved after a round <= up_to, or None."""
-    directory = _series_dir(root, series)
-    candidates = [r for r in _rounds(directory) if r <= up_to]
-    if not candidates:
-        return None
-    with np.load(directory / f"state-r{max(candidates):06d}.npz", allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+def _update_steps(directory: Path, positions: np.ndarray, steps: np.ndarray) -> None:
+    path = directory / "steps.npy"
+    if not path.is_file():
+        return  # written with the first base
+    counts = np.load(path, allow_pickle=False)
+    counts[positions] = np.maximum(counts[positions], steps)
+    np.save(directory / ".steps.tmp.npy", counts)
+    os.replace(directory / ".steps.tmp.npy", path)
 
 
-def _rounds(directory: Path) -> list[int]:
+def start_steps(directory: Path, steps: np.ndarray) -> None:
+    """The cap's counts begin with the first base (kept across resumes: never lowered)."""
+    path = directory / "steps.npy"
+    counts = steps if not path.is_file() else np.maximum(np.load(path, allow_pickle=False), steps)
+    np.save(directory / ".steps.tmp.npy", counts)
+    os.replace(directory / ".steps.tmp.npy", path)
+
+
+def _compact(directory: Path, keep_from: int) -> None:
+    """Fold the deltas up to the newest one at or before `keep_from` into a new base: no resume
+    can go back further than the server's last checkpoint."""
+    base_round = max((b[0] for b in _entries(directory, _BASE)), default=None)
+    floor = max((d[0] for d in _entries(directory, _DELTA) if d[0] <= keep_from), default=None)
+    if base_round is None or floor is None or floor <= base_round:
+        return
+    round_, _, arrays = load(directory, floor)
+    save_base(directory, round_, arrays)
+    for b_round, _, name in _entries(directory, _BASE):
+        if b_round < round_:
+            shutil.rmtree(directory / name, ignore_errors=True)
+    for d_round, _, name in _entries(directory, _DELTA):
+        if d_round <= round_:
+            (directory / name).unlink(missing_ok=True)
+
+
+def _entries(directory: Path, pattern: re.Pattern) -> list[tuple[int, str, str]]:
+    """(round, id, name) of the bases or deltas in `directory`."""
     if not directory.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _SNAPSHOT.fullmatch(p.name)))
+    return sorted((int(m.group(1)), m.group(2), p.name) for p in directory.iterdir()
+                  if (m := pattern.fullmatch(p.name)))

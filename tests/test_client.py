@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedrec.client import storage
 from fedrec.client.app import app
 from fedrec.models import ItemParams
 from fedrec.run import schema
@@ -104,15 +105,33 @@ def test_a_node_reads_data_where_its_own_config_says_never_where_the_server_says
     assert not server_pick.exists()  # nothing created or downloaded where the server pointed
 
 
-def test_a_device_keeps_its_state_on_its_own_disk_under_a_checked_series_name(tmp_path):
-    from fedrec.client.storage import load_snapshot, save_snapshot
+def _state(n: int, value: float) -> dict[str, np.ndarray]:
+    return {k: np.full((n, 3) if k in ("emb", "m", "v") else n, value, np.float32) for k in storage.FIELDS}
 
-    state = {"emb": np.ones((2, 3), np.float32)}
-    for round_ in (1, 2, 3):
-        save_snapshot(tmp_path, "0123456789abcdef", round_, {"emb": state["emb"] * round_}, keep_from=2)
-    assert sorted(p.name for p in (tmp_path / "0123456789abcdef").iterdir()) == ["state-r000002.npz",
-                                                                                  "state-r000003.npz"]
-    np.testing.assert_array_equal(load_snapshot(tmp_path, "0123456789abcdef", 2)["emb"], state["emb"] * 2)
-    assert load_snapshot(tmp_path, "0123456789abcdef", 1) is None
+
+def test_a_device_keeps_its_state_on_its_own_disk_as_a_base_and_a_journal(tmp_path):
+    directory = storage.series_dir(tmp_path, "0123456789abcdef")
+    storage.save_base(directory, 0, _state(4, 0.0))
+    storage.start_steps(directory, np.zeros(4, np.float32))
+    for round_ in (1, 2, 3):  # user `round_` trains in round `round_`; the server checkpointed round 2
+        storage.save_delta(directory, round_, np.array([round_]), _state(1, float(round_)), keep_from=2)
+    names = sorted(p.name[:12] for p in directory.iterdir())
+    assert names == ["base-r000002", "delta-r00000", "steps.npy"]  # rounds 1-2 folded into a base
+    for up_to, expected in ((2, [0, 1, 2, 0]), (3, [0, 1, 2, 3])):
+        np.testing.assert_array_equal(storage.load(directory, up_to)[2]["bias"], expected)
+    assert storage.load(directory, 1) is None  # nothing older than the last checkpoint survives
+    np.testing.assert_array_equal(storage.rounds_taken(directory), [0, 1, 2, 3])
     with pytest.raises(ValueError, match="16 hex digits"):  # the server names no path
-        save_snapshot(tmp_path, "../../etc", 1, state, keep_from=0)
+        storage.series_dir(tmp_path, "../../etc")
+
+
+def test_a_process_reuses_the_state_it_holds_only_while_its_journal_entry_exists(tmp_path):
+    directory = storage.series_dir(tmp_path, "0123456789abcdef")
+    base = storage.save_base(directory, 0, _state(2, 0.0))
+    held = (0, base, _state(2, 7.0))  # what this process holds (differs from disk on purpose)
+    storage.save_delta(directory, 1, np.array([1]), _state(1, 1.0), keep_from=0)
+    assert storage.load(directory, 1, held)[2]["bias"].tolist() == [7.0, 1.0]  # held + the new delta
+    storage.save_base(directory, 0, _state(2, 0.0))  # another process rewrote the base: held is stale
+    assert storage.load(directory, 1, held)[2]["bias"].tolist() == [0.0, 1.0]  # read again from disk
+
+

@@ -228,14 +228,20 @@ def test_central_dp_never_skips_a_round(small_cfg):
 
 
 def test_a_resumed_device_never_loads_the_timeline_a_crash_cut_off(tmp_path):
-    from fedrec.client.storage import discard_after, load_snapshot, rounds_taken, save_snapshot
+    from fedrec.client import storage
 
     series = "00112233445566aa"
+    directory = storage.series_dir(tmp_path, series)
+    step = {k: np.zeros(1, np.float32) for k in ("emb", "bias", "m", "v", "step")}
+    storage.save_base(directory, 0, step)
+    storage.start_steps(directory, step["step"])
     for round_ in (2, 3, 4):  # checkpoint at 2; the crashed session got to 4
-        save_snapshot(tmp_path, series, round_, {"step": np.array([float(round_)])}, keep_from=2)
-    discard_after(tmp_path, series, "2-0a0b0c0d")
-    assert load_snapshot(tmp_path, series, 10)["step"][0] == 2.0
-    assert rounds_taken(tmp_path, series)[0] == 4.0  # the cap still counts the cut-off rounds
-    save_snapshot(tmp_path, series, 3, {"step": np.array([3.5])}, keep_from=2)
-    discard_after(tmp_path, series, "2-0a0b0c0d")  # the same session again (a device restart): keeps it
-    assert load_snapshot(tmp_path, series, 10)["step"][0] == 3.5
+        storage.save_delta(directory, round_, np.array([0]), step | {"step": np.array([float(round_)])}, keep_from=2)
+    storage.discard_after(tmp_path, series, "2-0a0b0c0d")
+    assert storage.load(directory, 10)[2]["step"][0] == 2.0
+    assert storage.rounds_taken(directory)[0] == 4.0  # the cap still counts the cut-off rounds
+    storage.save_delta(directory, 3, np.array([0]), step | {"step": np.array([3.5])}, keep_from=2)
+    storage.discard_after(tmp_path, series, "2-0a0b0c0d")  # the same session again (a device restart): keeps it
+    assert storage.load(directory, 10)[2]["step"][0] == 3.5
+
+
