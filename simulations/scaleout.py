@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fedrec.run.config import RunConfig
@@ -247,6 +248,54 @@ def _users_per_node(cfg: RunConfig, nodes: int) -> int:
 
 
 # ---------------------------------------------------------------- 1 vs 2 SuperNode processes
+def clientapp_seconds(cfg: RunConfig, users: int, repeats: int = 5) -> float:
+    """Seconds fedrec's ClientApp takes for one train message of `users` users of a one-node
+    shard, called in this (warm) process: the per-message work of a node apart from Flower's
+    process start and polling. The median of `repeats` calls after a warm-up call."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client.app import app
+    from fedrec.models import ItemParams, initial_global_bias
+    from fedrec.run import schema
+    from fedrec.run.build import ensure_shards, hyper, load_data
+
+    cfg = cfg.resolved()
+    shards = ensure_shards(cfg, 1, out=Path(tempfile.mkdtemp(prefix="fedrec-shard-")) / "set")
+    split = load_data(cfg)
+    items = ItemParams.init(split.n_items, hyper(cfg), initial_global_bias(cfg.implicit, split.rating_scale))
+    arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1  # as a flwr-clientapp process has
+    context = Context(run_id=1, node_id=7, node_config={"shard": str(shards / "node-00000")}, state=RecordDict(),
+                      run_config={})
+    chosen = np.sort(np.random.default_rng(cfg.seed).choice(split.n_users, size=users, replace=False))
+    times = []
+    try:
+        for rnd in range(1, repeats + 2):
+            config = ConfigRecord(cfg.to_dict())
+            config[schema.ROUND], config[schema.USERS] = rnd, [int(u) for u in chosen]
+            meta = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                            group_id="", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
+            start = time.perf_counter()
+            app(Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), metadata=meta), context)
+            times.append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(shards.parent, ignore_errors=True)
+    return float(np.median(times[1:]))
+
+
+def process_start_seconds(repeats: int = 3) -> float:
+    """Wall seconds for a fresh Python to import what a flwr-clientapp process imports to run
+    fedrec's ClientApp (Flower starts one such process per message); the median of `repeats`."""
+    code = "import flwr.supernode.runtime.run_clientapp, fedrec.client.app"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([str(BIN / "python"), "-c", code], check=True, timeout=300)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def throughput(base: RunConfig, counts: tuple[int, ...] = (1, 2), small_round: int = 94, hosts: int = 10,
                log=print) -> dict:
     """deploy_case for each SuperNode count on `base` (its users-per-round, 0 = all), plus one
@@ -270,24 +319,33 @@ def throughput(base: RunConfig, counts: tuple[int, ...] = (1, 2), small_round: i
         report["speedup"] = b["updates_per_second"] / a["updates_per_second"]
         log(f"{counts[1]} vs {counts[0]} SuperNode processes: x{report['speedup']:.2f} updates/s")
     if small_round and 1 in counts:
+        # Per-user cost: the ClientApp's own work, timed in a warm process for both round sizes
+        # (in deployment rounds it drowns in seconds of polling); per-round overhead: the rest
+        # of a one-SuperNode round of the small size.
         full, small = cases["1-supernodes"], cases[f"1-supernode-{small_round}-users"]
-        overhead, per_user = cost_model(small["users_per_round"], small["seconds_per_round"],
-                                        full["users_per_round"], full["seconds_per_round"])
         population = int(full["users_per_round"])
-        report["model"] = {"overhead_seconds_per_round": overhead, "seconds_per_user": per_user,
-                           "estimate_hosts": hosts, "estimate_users_per_host": -(-population // hosts),
-                           "estimate_seconds_per_round": overhead + -(-population // hosts) * per_user}
-        log(f"model: {overhead:.3f} s per round (message overhead) + {per_user * 1e3:.3f} ms per user; "
-            f"{hosts} hosts: ~{report['model']['estimate_seconds_per_round']:.2f} s/round (estimate)")
+        work = {n: clientapp_seconds(base, n) for n in (small_round, population)}
+        fixed, per_user = cost_model(small_round, work[small_round], population, work[population])
+        overhead = small["seconds_per_round"] - small_round * per_user
+        per_host = -(-population // hosts)
+        report["model"] = {"clientapp_seconds": {str(k): v for k, v in work.items()}, "clientapp_fixed_seconds": fixed,
+                           "seconds_per_user": per_user, "process_start_seconds": process_start_seconds(),
+                           "overhead_seconds_per_round": overhead, "estimate_hosts": hosts,
+                           "estimate_users_per_host": per_host,
+                           "estimate_seconds_per_round": overhead + per_host * per_user}
+        log(f"model: ClientApp work {work[small_round]:.3f} s ({small_round} users), {work[population]:.3f} s "
+            f"({population}) -> {per_user * 1e3:.3f} ms per user; a process start "
+            f"{report['model']['process_start_seconds']:.2f} s; "
+            f"overhead {overhead:.2f} s per round; {hosts} hosts x {per_host} users: "
+            f"~{report['model']['estimate_seconds_per_round']:.2f} s/round (estimate)")
     write_json(run_dir / "scaleout.json", report)
     report["run_dir"] = str(run_dir)
     return report
 
 
 def cost_model(users_a: float, seconds_a: float, users_b: float, seconds_b: float) -> tuple[float, float]:
-    """Fit round time = overhead + users x per-user cost to one SuperNode's rounds of two sizes:
-    the overhead (ClientApp process start, messages, polling, server work) does not grow with the
-    users a node trains; the per-user cost does."""
+    """Fit seconds = fixed + users x per-user cost to two round sizes of one node (what does not
+    grow with the users a node trains, and what does)."""
     per_user = (seconds_b - seconds_a) / (users_b - users_a)
     return seconds_a - users_a * per_user, per_user
 

@@ -82,7 +82,7 @@ def test_cohort_supernodes_match_the_ray_simulation_on_ml100k_u1(tmp_path, share
     from fedrec.simulations.scaleout import ray_case
 
     monkeypatch.setenv("FEDREC_SHARD_CACHE", str(tmp_path / "shard-cache"))  # never beside the shared data
-    cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(shared_data), rounds=2, eval_every=2, seed=7)
+    cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(shared_data), rounds=3, eval_every=3, seed=7)
     deployed = deploy_case(cfg, supernodes=4, workdir=tmp_path / "deploy")
     simulated = ray_case(dataclasses.replace(cfg, out=str(tmp_path / "ray")), nodes=4)
     print(f"deployment: RMSE {deployed['rmse']:.7f}, {deployed['seconds_per_round']:.2f} s/round; "
