@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .mf import Hyper, ItemParams, UserState
-from .randomness import mix64
+from .randomness import mix64, negatives_key
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -36,12 +36,11 @@ class LocalUpdate:
 
 
 def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, n_neg: np.ndarray,
-                     n_items: int, seed: int, round_: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     n_items: int, seed: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
     """n_neg[j] items for user j, uniform over items the user did not rate (with replacement)."""
     neg_segment = np.repeat(np.arange(len(users)), n_neg)
     counter = np.arange(len(neg_segment)) - np.repeat(np.cumsum(n_neg) - n_neg, n_neg)
-    key = mix64(np.array([seed], np.uint64)) ^ mix64(np.array([round_ + 0x9E3779B9 + (stream << 32)], np.uint64))
-    base = mix64(users[neg_segment].astype(np.uint64) ^ key)
+    base = mix64(users[neg_segment].astype(np.uint64) ^ negatives_key(seed, round_))
     rated = np.sort(users[segment] * n_items + positives)
     items = np.empty(len(neg_segment), np.int64)
     todo = np.arange(len(neg_segment))
@@ -54,6 +53,11 @@ def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarr
         todo = todo[rated[pos] == pair]
         attempt += 1
     return neg_segment, items
+
+
+USERS_PER_CHUNK = 4096
+"""Users trained at once. Users are independent, so a cohort is trained a chunk at a time:
+the per-row tensors of 100,000 users would be gigabytes and slow for the memory they touch."""
 
 
 def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
@@ -71,6 +75,29 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
     tell them apart by the shape of the update or by the rating it implies; they never
     touch the user's own vector, its bias, the global bias or the loss.
     """
+    n = state.emb.shape[0]
+    if n <= USERS_PER_CHUNK:
+        return _train_chunk(items, state, segment, item, target, hyper, clip_norm, decoy)
+    states, updates = [], []
+    for lo in range(0, n, USERS_PER_CHUNK):
+        hi = min(n, lo + USERS_PER_CHUNK)
+        rows = (segment >= lo) & (segment < hi)  # the chunk's rows, in their order
+        chunk_state, update = _train_chunk(items, state.take(torch.arange(lo, hi)), segment[rows] - lo, item[rows],
+                                           target[rows], hyper, clip_norm, None if decoy is None else decoy[rows])
+        update.pair_user += lo
+        states.append(chunk_state)
+        updates.append(update)
+    return UserState(*(torch.cat([getattr(s, f) for s in states]) for f in ("emb", "bias", "m", "v", "step"))), \
+        LocalUpdate(emb_delta=sum(u.emb_delta for u in updates), bias_delta=sum(u.bias_delta for u in updates),
+                    global_bias_delta=sum(u.global_bias_delta for u in updates), num_users=n,
+                    loss_sum=sum(u.loss_sum for u in updates), num_rows=sum(u.num_rows for u in updates),
+                    norms=torch.cat([u.norms for u in updates]), pair_item=torch.cat([u.pair_item for u in updates]),
+                    pair_user=torch.cat([u.pair_user for u in updates]))
+
+
+def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
+                 target: torch.Tensor, hyper: Hyper, clip_norm: float,
+                 decoy: torch.Tensor | None) -> tuple[UserState, LocalUpdate]:
     n = state.emb.shape[0]
     q0 = items.emb[item]  # each user's own copy of the rows it touches
     b0 = items.bias[item]

@@ -97,3 +97,28 @@ def test_fedavg_server_step_adds_the_mean_change():
         torch.testing.assert_close(v, before[k] + 0.5)
     with pytest.raises(ValueError, match="unknown strategy"):
         ServerOptimizer(items, "fedsgdx", lr=1.0)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_training_a_cohort_in_chunks_of_users_changes_no_users_result(monkeypatch, implicit):
+    """Users are independent: a node that trains its users a chunk at a time (memory) gets
+    each user's state, norm and touched items as in one batch, and the same sum."""
+    from fedrec.models import local
+
+    split = random_holdout(generate(SyntheticSpec(users=40, items=30, density=0.3, seed=5))[0], 0.2, 5)
+    rows = cohort(split, np.arange(40))
+    hyper = Hyper(dim=4, implicit=implicit, train_negatives=2 if implicit else 0, local_epochs=2)
+    items = ItemParams.init(split.n_items, hyper, 3.0)
+    state = UserState.init(np.arange(40), 40, hyper)
+    seg, item, target = local.training_rows(rows, split.n_items, hyper, 1)
+    whole_state, whole = local.local_train(items, state, seg, item, target, hyper, clip_norm=0.05)
+    monkeypatch.setattr(local, "USERS_PER_CHUNK", 7)
+    chunked_state, chunked = local.local_train(items, state, seg, item, target, hyper, clip_norm=0.05)
+    for name in ("emb", "bias", "m", "v", "step"):  # float kernels may round differently by batch size
+        torch.testing.assert_close(getattr(chunked_state, name), getattr(whole_state, name), rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked.norms, whole.norms, rtol=1e-6, atol=0)
+    for name in ("pair_item", "pair_user"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name))
+    torch.testing.assert_close(chunked.emb_delta, whole.emb_delta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked.bias_delta, whole.bias_delta, rtol=0, atol=1e-6)
+    assert chunked.num_rows == whole.num_rows and chunked.loss_sum == pytest.approx(whole.loss_sum, rel=1e-6)
