@@ -121,10 +121,3 @@ class Split:
         if "test" not in self._index:
             self._index["test"] = UserIndex.build(self.test, self.n_users)
         return self._index["test"]
-
-    def describe(self) -> dict:
-        return {
-            "dataset": self.dataset, "split": self.split, "users": self.n_users,
-            "items": self.n_items, "train": len(self.train), "test": len(self.test),
-            "implicit": self.implicit,
-        }

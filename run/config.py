@@ -361,8 +361,3 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
 
 def with_defaults(cfg: RunConfig, names: list[str]) -> RunConfig:
     return dataclasses.replace(cfg, **{n: getattr(RunConfig(), n) for n in names})
-
-
-def field_help() -> list[tuple[str, Any, str]]:
-    """(kebab-name, default, help) of every setting, for the CLI and README."""
-    return [(_kebab(f.name), f.default, f.metadata["help"]) for f in fields(RunConfig)]

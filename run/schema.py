@@ -6,7 +6,7 @@ User embeddings, user biases, ratings and user ids never appear in a reply.
 
 from fedrec.models.metrics import METRIC_PREFIXES, SUM_KEYS
 from fedrec.models.mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
-from fedrec.models.upload import ITEM_INDEX
+from fedrec.models.upload import ITEM_INDEX as ITEM_INDEX  # part of the schema: the index of sparse uploads
 
 ARRAYS = "arrays"  # ArrayRecord key, Flower's convention
 CONFIG = "config"  # ConfigRecord key
@@ -15,7 +15,6 @@ METRICS = "metrics"  # MetricRecord key
 # The shared model; a train reply carries the sum of its users' changes under these names,
 # plus ITEM_INDEX (which item rows they hold) in the sparse and padded upload modes.
 ITEM_ARRAYS = (ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS)
-ARRAY_NAMES = (ITEM_INDEX, *ITEM_ARRAYS)
 
 WEIGHT = "num-users"  # weight of a reply: users whose updates it sums
 TRAIN_METRICS = (WEIGHT, "loss-sum", "num-rows")  # under local DP only WEIGHT: the rest is not noised

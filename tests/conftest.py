@@ -1,11 +1,10 @@
-"""Shared fixtures: a seeded rng, the shared MovieLens copy, small synthetic configs."""
+"""Shared fixtures: the shared MovieLens copy, small synthetic configs, tiny MovieLens files."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fedrec.datasets.movielens import FORMATS
@@ -13,11 +12,6 @@ from fedrec.run.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FEDREC_TEST_DATA", REPO.parent / "shared" / "data"))
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(1234)
 
 
 @pytest.fixture
