@@ -210,13 +210,13 @@ def run_central_cli(cfg: RunConfig):
 def run_federated_cli(cfg: RunConfig):
     _quiet_engines()
     from fedrec.server.app import resumed_config
-    from fedrec.simulations.federated import simulate
+    from fedrec.simulations.federated import simulate as simulate_federated
 
     if cfg.resume:
         cfg = resumed_config(cfg)  # its own settings: the progress bar needs its rounds
     with _progress(cfg.rounds, "federated") as progress:
         task = progress.add_task("federated", total=cfg.rounds, info="starting engine")
-        outcome = simulate(cfg, on_round=_tracker(progress, task, "round"),
+        outcome = simulate_federated(cfg, on_round=_tracker(progress, task, "round"),
                            say=lambda line: progress.console.print(line, highlight=False))
     if outcome.status == "interrupted":  # checkpointed: one line, the conventional exit code of Ctrl-C
         console.print(f"interrupted after round {outcome.history[-1]['round'] if outcome.history else 0}; "
