@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedrec.datasets.shards import node_name
+from fedrec.run.build import ensure_shards
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
 
@@ -136,24 +138,11 @@ class RayHead:
 
 
 # ---------------------------------------------------------------- (b) cohort SuperNodes
-def _shard_set(cfg: RunConfig, supernodes: int, out: Path) -> Path | None:
-    """The per-node shards (`fedrec partition`), cut into `out`; None where the checkout has no
-    shards yet: the nodes then get partition-id/num-partitions and read the data set themselves."""
-    try:
-        from fedrec.run.build import ensure_shards
-    except ImportError:
-        return None
-    return Path(ensure_shards(cfg, supernodes, out=out)).resolve()
-
-
-def node_configs(cfg: RunConfig, supernodes: int, out: Path) -> tuple[list[str], str]:
-    """Each SuperNode's --node-config (TOML values, so paths are quoted), and which kind."""
-    shards = _shard_set(cfg, supernodes, out)
-    if shards is not None:
-        return [f"shard={json.dumps(str(shards / f'node-{i:05d}'))}" for i in range(supernodes)], "shard"
-    data = Path(cfg.data_dir or os.environ.get("FEDREC_DATA_DIR") or Path.home() / ".cache" / "fedrec")
-    return [f"partition-id={i} num-partitions={supernodes} data-dir={json.dumps(str(data.expanduser().resolve()))}"
-            for i in range(supernodes)], "partition-id"
+def node_configs(cfg: RunConfig, supernodes: int, out: Path) -> list[str]:
+    """Each SuperNode's --node-config: its own shard of a set cut into `out` (what `fedrec
+    partition` writes; on N hosts, shard I is copied to host I). TOML values: paths quoted."""
+    shards = Path(ensure_shards(cfg, supernodes, out=out)).resolve()
+    return [f"shard={json.dumps(str(shards / node_name(i)))}" for i in range(supernodes)]
 
 
 def run_config_file(cfg: RunConfig, path: Path) -> Path:
@@ -188,7 +177,7 @@ def deploy_case(cfg: RunConfig, supernodes: int, workdir: Path | None = None, ke
     started = time.perf_counter()
     ok = False
     try:
-        configs, kind = node_configs(cfg, supernodes, root / "shards")  # on N hosts: one shard copied to each
+        configs = node_configs(cfg, supernodes, root / "shards")
         prepared = time.perf_counter()
         port = free_port()
         start_superlink(procs, root, port)
@@ -207,7 +196,7 @@ def deploy_case(cfg: RunConfig, supernodes: int, workdir: Path | None = None, ke
         history = pd.read_csv(out / "metrics.csv")
         seconds, users, measured = round_timing(history)
         ok = True
-        return {"supernodes": supernodes, "num_nodes": summary["num_nodes"], "node_data": kind,
+        return {"supernodes": supernodes, "num_nodes": summary["num_nodes"], "node_data": "shard",
                 "rmse": summary["metrics"].get("rmse"), "metrics": summary["metrics"],
                 "seconds_per_round": seconds, "updates_per_second": users / seconds, "users_per_round": users,
                 "measured_rounds": measured, "rounds": summary["rounds"],
@@ -258,7 +247,7 @@ def clientapp_seconds(cfg: RunConfig, users: int, repeats: int = 5) -> float:
     from fedrec.client.app import app
     from fedrec.models import ItemParams, initial_global_bias
     from fedrec.run import schema
-    from fedrec.run.build import ensure_shards, hyper, load_data
+    from fedrec.run.build import hyper, load_data
 
     cfg = cfg.resolved()
     shards = ensure_shards(cfg, 1, out=Path(tempfile.mkdtemp(prefix="fedrec-shard-")) / "set")
@@ -266,7 +255,7 @@ def clientapp_seconds(cfg: RunConfig, users: int, repeats: int = 5) -> float:
     items = ItemParams.init(split.n_items, hyper(cfg), initial_global_bias(cfg.implicit, split.rating_scale))
     arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1  # as a flwr-clientapp process has
-    context = Context(run_id=1, node_id=7, node_config={"shard": str(shards / "node-00000")}, state=RecordDict(),
+    context = Context(run_id=1, node_id=7, node_config={"shard": str(shards / node_name(0))}, state=RecordDict(),
                       run_config={})
     chosen = np.sort(np.random.default_rng(cfg.seed).choice(split.n_users, size=users, replace=False))
     times = []
