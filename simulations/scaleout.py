@@ -43,24 +43,25 @@ RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # ray.init merges this job confi
 
 
 # ---------------------------------------------------------------- (a) Ray cluster
-def ray_backend(address: str, cpus: int, env: dict[str, str]) -> tuple[dict, dict[str, str]]:
-    """Flower's Ray backend config, and the environment the driver runs it under.
-
-    Without an address Flower starts Ray here with `cpus` CPUs; its workers inherit the
-    driver's environment (`env`: where the devices read data and keep state). With an address
-    Flower's `ray.init(address=…)` joins that cluster: `num_cpus`/`num_gpus` must then not be
-    passed (Ray raises "When connecting to an existing cluster, num_cpus and num_gpus must not
-    be provided"), the actor pool is sized from the cluster (floor(CPUs / 1) per Ray node,
-    `client_resources` below), and the workers, started by each host's raylet, do not see the
-    driver's environment: `env` travels in the job's runtime_env instead (Flower passes its
-    own runtime_env, PYTHONPATH only, which Ray merges per variable with this one).
-    """
+def ray_backend(address: str, cpus: int) -> dict:
+    """Flower's Ray backend config: a Ray started here with `cpus` CPUs, or with an address,
+    that running cluster. Flower's `ray.init(address=…)` must then get no `num_cpus`/`num_gpus`
+    (Ray raises "When connecting to an existing cluster, num_cpus and num_gpus must not be
+    provided"); the actor pool is sized from the cluster, floor(CPUs / 1) per Ray node
+    (`client_resources`)."""
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    joining = {"address": address} if address else {"num_cpus": cpus, "num_gpus": 0}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": joining | quiet}
+
+
+def ray_worker_env(address: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment to run the simulation driver under so that the ClientApp workers see
+    `env`. A Ray started here: its workers inherit the driver's environment. A joined cluster:
+    workers are started by each host's raylet and do not, so `env` also travels in the job's
+    runtime_env (Flower passes its own, PYTHONPATH only; ray.init merges the two per variable)."""
     if not address:
-        return backend | {"init_args": {"num_cpus": cpus, "num_gpus": 0, **quiet}}, dict(env)
-    job = {"runtime_env": {"env_vars": dict(env)}}
-    return backend | {"init_args": {"address": address, **quiet}}, dict(env) | {RAY_JOB_CONFIG: json.dumps(job)}
+        return dict(env)
+    return dict(env) | {RAY_JOB_CONFIG: json.dumps({"runtime_env": {"env_vars": dict(env)}})}
 
 
 class RayHead:

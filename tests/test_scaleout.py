@@ -14,20 +14,28 @@ import pytest
 
 from fedrec.run.config import RunConfig
 from fedrec.simulations.loopback import BIN
-from fedrec.simulations.scaleout import RAY_JOB_CONFIG, RAY_LOOPBACK, RayHead, cost_model, deploy_case, ray_backend
+from fedrec.simulations.scaleout import (
+    RAY_JOB_CONFIG,
+    RAY_LOOPBACK,
+    RayHead,
+    cost_model,
+    deploy_case,
+    ray_backend,
+    ray_worker_env,
+)
 
 
 def test_ray_backend_joins_a_cluster_without_cpu_counts_and_carries_the_environment():
-    env = {"FEDREC_SHARDS": "/data/shards"}
-    private, private_env = ray_backend("", 2, env)
+    env = {"FEDREC_SHARDS": "/data/shards", "OMP_NUM_THREADS": "1"}
+    private = ray_backend("", 2)
     assert private["init_args"]["num_cpus"] == 2 and "address" not in private["init_args"]
-    assert private_env == env  # a Ray started here: its workers inherit the driver's environment
-    joined, joined_env = ray_backend("10.0.0.5:6379", 2, env)
+    assert ray_worker_env("", env) == env  # a Ray started here: its workers inherit the driver's environment
+    joined = ray_backend("10.0.0.5:6379", 2)
     # ray.init(address=…) raises when num_cpus or num_gpus are given
     assert joined["init_args"]["address"] == "10.0.0.5:6379"
     assert not {"num_cpus", "num_gpus", "object_store_memory"} & set(joined["init_args"])
-    assert joined["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}  # one actor per cluster CPU
-    assert json.loads(joined_env[RAY_JOB_CONFIG]) == {"runtime_env": {"env_vars": env}}
+    assert joined["client_resources"] == private["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert json.loads(ray_worker_env("10.0.0.5:6379", env)[RAY_JOB_CONFIG]) == {"runtime_env": {"env_vars": env}}
 
 
 def test_cost_model_splits_round_time_into_message_overhead_and_per_user_cost():
