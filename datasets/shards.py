@@ -99,11 +99,6 @@ def open_shard(path: str | Path) -> Shard:
                  test_negatives=np.load(negatives, mmap_mode="r", allow_pickle=False) if negatives.is_file() else None)
 
 
-def read_items(shard_set: str | Path) -> dict:
-    """Public item metadata of a shard set: {"item_ids": [...], "titles": [...] or None}."""
-    return json.loads((Path(shard_set) / "items.json").read_text())
-
-
 def write_shards(root: str | Path, bounds: np.ndarray, rows_of: Callable[[int, int], CohortData], *,
                  population: int, n_items: int, rating_scale: tuple[float, float], implicit: bool, data_key: str,
                  item_ids: np.ndarray, titles: np.ndarray | None,

@@ -15,8 +15,6 @@ from fedrec.models import ItemParams
 from fedrec.run import schema
 from fedrec.run.build import hyper, load_data
 
-PRIVATE_NAMES = {"emb", "bias", "m", "v", "step", "user", "user-emb", "user-bias"}
-
 
 @pytest.fixture(autouse=True)
 def task_identity():
