@@ -8,7 +8,6 @@ config travels by closure) and returns the outcome object the server produced.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 import threading
@@ -28,6 +27,8 @@ from fedrec.run.rundir import make_run_dir
 from fedrec.server.app import FederatedOutcome, resumed_config, run_server
 from fedrec.server.checkpoint import CHECKPOINT
 from fedrec.server.rounds import stop_on_signals
+
+from .scaleout import ray_backend, ray_worker_env
 
 
 def check_population(cfg: RunConfig) -> int:
@@ -68,16 +69,16 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
 
     from flwr.simulation import run_simulation  # imports Ray: keep it off the CLI's start-up path
 
-    cpus = num_cpus or os.cpu_count() or 2
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": logging.ERROR,
-                             "log_to_driver": False, "include_dashboard": False}}
+    # Ray started here with this machine's CPUs, or the running cluster of --ray-address
+    backend = ray_backend(cfg.ray_address, num_cpus or os.cpu_count() or 2)
     # What the simulated devices read from the operator, not from the server: their shards
-    # and their own disks (engine workers inherit this process's environment).
+    # and their own disks (workers of a Ray started here inherit this process's environment;
+    # ray_worker_env hands it to a joined cluster's workers too).
     env = {ENV_DIR: str(devices), SHARDS_ENV: str(shards.resolve()),
            # one CPU per ClientApp actor (client_resources): torch's own intra-op threads on top
            # of one actor per core oversubscribe the cores (local steps measured 2-10x slower)
            "OMP_NUM_THREADS": str(backend["client_resources"]["num_cpus"])}
+    env = ray_worker_env(cfg.ray_address, env)
     devices.mkdir(mode=0o700, exist_ok=True)
     try:
         with _environment(env), stop_on_signals(stop, say):
