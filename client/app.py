@@ -84,7 +84,7 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
         if not len(sampled):
             raise DeviceDropped(f"every sampled device of this node dropped out in round {round_} (--dropout)")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
-    if len(sampled) and (positions[-1] >= len(node.users) or not np.array_equal(node.users[positions], sampled)):
+    if len(sampled) and (positions.max() >= len(node.users) or not np.array_equal(node.users[positions], sampled)):
         raise ValueError(f"round {round_}: the server sampled users this node does not host")
     local = torch.as_tensor(positions)
     result = device_step(items, state.take(local), node.shard.cohort(local.numpy()), node.meta.n_items, node.hyper,
