@@ -79,17 +79,21 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
     n = state.emb.shape[0]
     if n <= USERS_PER_CHUNK:
         return _train_chunk(items, state, segment, item, target, hyper, clip_norm, decoy)
+    # Rows grouped by user once (stable: a user's rows keep their order), so a chunk is a slice.
+    order = torch.argsort(segment, stable=True)
+    bounds = torch.searchsorted(segment[order], torch.arange(0, n + USERS_PER_CHUNK, USERS_PER_CHUNK).clamp(max=n))
+    total = (torch.zeros_like(items.emb), torch.zeros_like(items.bias))  # the chunks add into these
     states, updates = [], []
-    for lo in range(0, n, USERS_PER_CHUNK):
-        hi = min(n, lo + USERS_PER_CHUNK)
-        rows = (segment >= lo) & (segment < hi)  # the chunk's rows, in their order
-        chunk_state, update = _train_chunk(items, state.take(torch.arange(lo, hi)), segment[rows] - lo, item[rows],
-                                           target[rows], hyper, clip_norm, None if decoy is None else decoy[rows])
+    for k, lo in enumerate(range(0, n, USERS_PER_CHUNK)):
+        rows = order[bounds[k]:bounds[k + 1]]
+        chunk_state, update = _train_chunk(items, state.take(torch.arange(lo, min(n, lo + USERS_PER_CHUNK))),
+                                           segment[rows] - lo, item[rows], target[rows], hyper, clip_norm,
+                                           None if decoy is None else decoy[rows], total)
         update.pair_user += lo
         states.append(chunk_state)
         updates.append(update)
     return UserState(*(torch.cat([getattr(s, f) for s in states]) for f in ("emb", "bias", "m", "v", "step"))), \
-        LocalUpdate(emb_delta=sum(u.emb_delta for u in updates), bias_delta=sum(u.bias_delta for u in updates),
+        LocalUpdate(emb_delta=total[0], bias_delta=total[1],
                     global_bias_delta=sum(u.global_bias_delta for u in updates), num_users=n,
                     loss_sum=sum(u.loss_sum for u in updates), num_rows=sum(u.num_rows for u in updates),
                     norms=torch.cat([u.norms for u in updates]), pair_item=torch.cat([u.pair_item for u in updates]),
@@ -97,8 +101,9 @@ def local_train(items: ItemParams, state: UserState, segment: torch.Tensor, item
 
 
 def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, item: torch.Tensor,
-                 target: torch.Tensor, hyper: Hyper, clip_norm: float,
-                 decoy: torch.Tensor | None) -> tuple[UserState, LocalUpdate]:
+                 target: torch.Tensor, hyper: Hyper, clip_norm: float, decoy: torch.Tensor | None,
+                 total: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[UserState, LocalUpdate]:
+    """local_train for one batch of users; `total`: item-side sums to add this batch into."""
     n = state.emb.shape[0]
     q0 = items.emb[item]  # each user's own copy of the rows it touches
     b0 = items.bias[item]
@@ -145,8 +150,8 @@ def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, ite
     pair_db = torch.zeros(len(pair_key)).index_add_(0, pair_of_row, db)
     pair_dq, pair_db, dmu, norms = clip_per_user(pair_user, pair_dq, pair_db, dmu, clip_norm)
     update = LocalUpdate(
-        emb_delta=torch.zeros_like(items.emb).index_add_(0, pair_item, pair_dq),
-        bias_delta=torch.zeros_like(items.bias).index_add_(0, pair_item, pair_db),
+        emb_delta=(torch.zeros_like(items.emb) if total is None else total[0]).index_add_(0, pair_item, pair_dq),
+        bias_delta=(torch.zeros_like(items.bias) if total is None else total[1]).index_add_(0, pair_item, pair_db),
         global_bias_delta=dmu.sum().reshape(1),
         num_users=n, loss_sum=loss_sum, num_rows=len(item) if real is None else int(real.sum()), norms=norms,
         pair_item=pair_item, pair_user=pair_user,
