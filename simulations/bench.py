@@ -52,11 +52,14 @@ def engine_floor(rounds: int) -> dict:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    from .federated import pull_often
+
     timing = {}
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
+        pull_often(grid)  # the same engine settings as fedrec's own runs
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
         strategy.start(grid=grid, initial_arrays=ArrayRecord({"x": Array(np.zeros(1, np.float32))}), num_rounds=1)
         start = time.perf_counter()  # after one warm-up round (actors started)
