@@ -24,7 +24,7 @@ from .node import load_state, node_data, save_state
 from .secure import is_secure_round, secure_reply, secure_train_mod
 
 app = ClientApp()
-EVAL_CHUNK = 65536  # users scored at once: bounds evaluation memory on a node hosting many
+EVAL_CHUNK = 8192  # users scored at once: bounds evaluation memory on a node hosting many (65,536: +90 MB)
 
 
 class DeviceDropped(RuntimeError):

@@ -94,7 +94,10 @@ def load(directory: Path, up_to: int, have: tuple[int, str, dict] | None = None)
     current = have if have and have[0] <= up_to and (directory / have[1]).exists() else None
     if current is None:
         round_, _, name = max(bases)
-        current = (round_, name, {k: np.load(directory / name / f"{k}.npy", allow_pickle=False) for k in FIELDS})
+        # copy-on-write map: a process reads (and privately changes) only the users it touches,
+        # so a node's state is not read whole each time another engine worker takes the node over
+        current = (round_, name, {k: np.load(directory / name / f"{k}.npy", mmap_mode="c", allow_pickle=False)
+                                  for k in FIELDS})
     round_, name, arrays = current
     for delta_round, _, delta in sorted(deltas):
         if delta_round > round_:
