@@ -19,7 +19,8 @@ from fedrec.run.rundir import main_metric, make_run_dir, write_json
 from .memory import PeakRSS
 
 # Flower and Ray are imported inside the cases: the CLI imports this module for its case names.
-CASE_NAMES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k", "synthetic-1m")
+CASE_NAMES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k", "synthetic-1m",
+              "ml100k-deploy-4-supernodes")
 DEFAULT_CASES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k")
 
 
@@ -99,6 +100,18 @@ def fedrec_case(cfg: RunConfig) -> dict:
             "shard_set": str(shards), "shard_set_mb": _size_mb(shards)}
 
 
+def deploy_vs_ray(cfg: RunConfig, supernodes: int = 4) -> dict:
+    """The same seeded run on the Deployment Engine (loopback SuperLink and `supernodes`
+    cohort SuperNode processes, each on its shard) and on the Ray engine with the same shares."""
+    from .scaleout import deploy_case, ray_case
+
+    ray, deployed = ray_case(cfg, supernodes), deploy_case(cfg, supernodes)
+    return {"supernodes": supernodes, "rmse_deployment": deployed["rmse"], "rmse_ray": ray["rmse"],
+            "rmse_difference": abs(deployed["rmse"] - ray["rmse"]),
+            "seconds_per_round_deployment": deployed["seconds_per_round"],
+            "seconds_per_round_ray": ray["seconds_per_round"], "deployment": deployed, "ray": ray}
+
+
 def _size_mb(folder) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
@@ -127,6 +140,9 @@ def cases(base: RunConfig, rounds: int, one_user_rounds: int) -> dict[str, RunCo
         # ~50 ratings per user after duplicate draws collapse; 10% of the users per round
         "synthetic-1m": dataclasses.replace(synthetic, synthetic_users=1_000_000, synthetic_items=20_000,
                                             synthetic_density=0.0028, users_per_round=100_000),
+        # Flower's Deployment Engine starts a ClientApp process per message: seconds per round
+        "ml100k-deploy-4-supernodes": dataclasses.replace(ml, rounds=min(rounds, 4), eval_every=min(rounds, 4),
+                                                          seed=7),
     }
 
 
@@ -143,7 +159,8 @@ def run_bench(base: RunConfig, rounds: int, one_user_rounds: int, names=DEFAULT_
     for name, cfg in cases(base, rounds, one_user_rounds).items():
         if name not in names:
             continue
-        report["cases"][name] = result = _in_child(fedrec_case, cfg)
+        runner = deploy_vs_ray if name == "ml100k-deploy-4-supernodes" else fedrec_case
+        report["cases"][name] = result = _in_child(runner, cfg)
         log(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})}")
         write_json(run_dir / "bench.json", report)  # what is done so far survives a later case failing
     found = report["cases"]

@@ -319,10 +319,18 @@ def bench(cfg: RunConfig,
     for column in ("case", "updates/s", "s/round", "end-to-end s", "peak RSS MB", "users", "nodes"):
         table.add_column(column, justify="right")
     for name, c in report["cases"].items():
+        if "rmse_deployment" in c:  # the Deployment Engine against Ray: a line of its own
+            continue
         table.add_row(name, f"{c['updates_per_second']:.0f}", f"{c['seconds_per_round']:.3f}",
                       f"{c['end_to_end_seconds']:.1f}", f"{c['peak_rss_mb']:.0f}", str(c["num_users"]),
                       str(c["num_nodes"]))
-    out.print(table)
+    if table.row_count:
+        out.print(table)
+    for name, c in report["cases"].items():
+        if "rmse_deployment" in c:
+            out.print(f"{name}: RMSE {c['rmse_deployment']:.6f} (Deployment Engine, {c['supernodes']} SuperNodes) vs "
+                      f"{c['rmse_ray']:.6f} (Ray), difference {c['rmse_difference']:.1e}; s/round "
+                      f"{c['seconds_per_round_deployment']:.2f} vs {c['seconds_per_round_ray']:.3f}")
     out.print(f"results in {report['run_dir']}/bench.json")
 
 
