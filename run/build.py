@@ -19,7 +19,7 @@ from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_sh
 from fedrec.models import Hyper
 from fedrec.models.device import DevicePolicy
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 
 def synthetic_spec(cfg: RunConfig) -> SyntheticSpec:
@@ -109,7 +109,7 @@ def ensure_shards(cfg: RunConfig, num_partitions: int, out: str | Path | None = 
         return root
     users = population(cfg)
     if num_partitions < 1 or num_partitions > users:
-        raise ValueError(f"cannot cut {users} users into {num_partitions} shards; use 1..{users}")
+        raise ConfigError(f"cannot cut {users} users into {num_partitions} shards; use 1..{users}")
     bounds = np.linspace(0, users, num_partitions + 1).round().astype(np.int64)
     common = dict(population=users, data_key=data_key(cfg), progress=progress)
     if cfg.dataset == "synthetic":

@@ -28,6 +28,16 @@ def test_central_writes_summary_and_metrics(tmp_path):
     assert "rmse" in result.output
 
 
+def test_partition_cuts_one_shard_per_node_and_prints_where(tmp_path):
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(cli, ["partition", *SMALL[:-2], "--nodes", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert str(out.resolve()) in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["items.json", "node-00000", "node-00001", "node-00002"]
+    metas = [json.loads((out / f"node-0000{i}" / "meta.json").read_text()) for i in range(3)]
+    assert [m["num_users"] for m in metas] == [27, 26, 27] and sum(m["num_users"] for m in metas) == 80
+
+
 def test_config_file_then_flags(tmp_path):
     (tmp_path / "c.toml").write_text("[tool.flwr.app.config]\nepochs = 3\ndim = 4\neval-every = 3\n")
     out = tmp_path / "o"
@@ -129,6 +139,9 @@ def _one_line_exit_2(args, expected):
      "--resume continues runs/x with its own saved settings; drop --dim"),
     (["simulate", "--resume", "runs/x"], "--resume runs/x: no such run directory"),
     (["central", "--no-such-flag", "3"], "No such option"),
+    (["bench", "--cases", "synthetic-1m,nope"], "--cases: unknown case(s) nope"),
+    (["partition", "--epochs", "5"], "--epochs does not apply to partition"),
+    (["partition", "--nodes", "500", *SMALL[:-2]], "cannot cut 80 users into 500 shards"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(in_tmp, args, expected):
     _one_line_exit_2(args, expected)
