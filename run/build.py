@@ -12,7 +12,7 @@ import numpy as np
 
 from fedrec.datasets import DataError, Split, SyntheticSpec, load_split
 from fedrec.datasets.catalog import synthetic_split
-from fedrec.datasets.download import data_root, dataset_folder
+from fedrec.datasets.download import dataset_folder
 from fedrec.datasets.movielens import FORMATS
 from fedrec.datasets.partition import cohort
 from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_shards
@@ -84,7 +84,8 @@ def population(cfg: RunConfig) -> int:
 
 def shard_set_dir(cfg: RunConfig, num_partitions: int) -> Path:
     """Where the shard set for this data, split and node count is cached: $FEDREC_SHARD_CACHE,
-    else <data root>/shards. The name also covers the source files (folder, size, time), so a
+    else ~/.cache/fedrec/shards (never inside a data directory, which may be read-only or
+    shared). The name also covers the source files (folder, size, time), so a
     changed or different copy of a data set never reuses another's shards."""
     source = ""
     if cfg.dataset != "synthetic":
@@ -92,8 +93,7 @@ def shard_set_dir(cfg: RunConfig, num_partitions: int) -> Path:
         stat = ratings.resolve().stat()
         source = f"{ratings.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     digest = hashlib.sha256(f"{SHARD_FORMAT}|{data_key(cfg)}|{source}|{num_partitions}".encode()).hexdigest()[:12]
-    root = Path(os.environ["FEDREC_SHARD_CACHE"]) if os.environ.get("FEDREC_SHARD_CACHE") else \
-        data_root(cfg.data_dir or None) / "shards"
+    root = Path(os.environ.get("FEDREC_SHARD_CACHE") or Path.home() / ".cache" / "fedrec" / "shards")
     return root.expanduser() / f"{cfg.dataset}-{cfg.split}-{num_partitions}n-{digest}"
 
 

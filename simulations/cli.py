@@ -341,7 +341,7 @@ def partition(cfg: RunConfig, nodes: int = typer.Option(
     """Cut the data into one shard per node, each holding only its users' own rows.
 
     Written once (simulate cuts and caches its shards on first use). --out DIR, else the
-    cache under the data directory ($FEDREC_SHARD_CACHE overrides). Point a SuperNode at
+    cache, ~/.cache/fedrec/shards ($FEDREC_SHARD_CACHE overrides). Point a SuperNode at
     its shard with --node-config 'shard="DIR/node-00000"'; it reads nothing else."""
     from fedrec.run.build import ensure_shards, num_nodes, population
 
