@@ -83,6 +83,8 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
         sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
         if not len(sampled):
             raise DeviceDropped(f"every sampled device of this node dropped out in round {round_} (--dropout)")
+    if len(np.unique(sampled)) != len(sampled):  # a user trained twice would upload twice its clipped update
+        raise ValueError(f"round {round_}: the server sent a user more than once")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
     if len(sampled) and (positions.max() >= len(node.users) or not np.array_equal(node.users[positions], sampled)):
         raise ValueError(f"round {round_}: the server sampled users this node does not host")

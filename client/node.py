@@ -20,7 +20,17 @@ from fedrec.run.build import SHARDS_ENV, data_key, ensure_shards, hyper
 from fedrec.run.config import RunConfig
 from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 
-from .storage import discard_after, load, rounds_taken, save_base, save_delta, series_dir, start_steps, state_root
+from .storage import (
+    claim,
+    discard_after,
+    load,
+    rounds_taken,
+    save_base,
+    save_delta,
+    series_dir,
+    start_steps,
+    state_root,
+)
 
 
 @dataclass(frozen=True)
@@ -91,20 +101,21 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
         record = context.state[STATE_KEY]
         return UserState.from_arrays({k: record[k].numpy() for k in record.keys()})
     directory = series_dir(root, series)
+    claim(directory, {"first_user": node.meta.first_user, "num_users": node.meta.num_users})
     if RESUMED_FROM in config:
         discard_after(root, series, str(config[RESUMED_FROM]))
     held = _HELD.pop(str(directory), None)
     loaded = load(directory, up_to, held)
     if loaded is None:  # a device's first round in this series
-        state = _new_state(node, cfg)
-        arrays = state.arrays()
+        arrays = _new_state(node, cfg).arrays()
+        start_steps(directory, arrays["step"])  # before the base: a crash in between cannot lose the cap
         loaded = (0, save_base(directory, 0, arrays), arrays)
-        start_steps(directory, arrays["step"])
-    elif held is None or loaded[2] is not held[2]:  # read from disk, not what this process held
-        steps = rounds_taken(directory)
-        if cfg.dp in ("local", "distributed") and steps is not None and len(steps) == len(loaded[2]["step"]):
-            # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
-            np.maximum(loaded[2]["step"], steps.astype(loaded[2]["step"].dtype), out=loaded[2]["step"])
+    steps = rounds_taken(directory)
+    if steps is None:
+        start_steps(directory, loaded[2]["step"])
+    elif cfg.dp in ("local", "distributed") and len(steps) == len(loaded[2]["step"]):
+        # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
+        np.maximum(loaded[2]["step"], steps.astype(loaded[2]["step"].dtype), out=loaded[2]["step"])
     _hold(directory, loaded)
     return UserState.from_arrays(loaded[2])  # shares memory with what is held: save_state records changes
 

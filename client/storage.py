@@ -17,6 +17,7 @@ resume from round R, bases and deltas of later rounds (the cut-off timeline) are
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -47,11 +48,26 @@ def series_dir(root: Path, series: str) -> Path:
     return root / series
 
 
+def claim(directory: Path, owner: dict) -> None:
+    """Tie a series directory to the users whose state it holds (first user, count): two
+    SuperNodes sharing a state-dir, or a node given another shard, must not load each
+    other's vectors. The directory and its parent are the device's own: mode 0700."""
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / "owner.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != owner:
+            raise ValueError(f"the device state in {directory} belongs to other users ({path.read_text()}); "
+                             "give each SuperNode its own state-dir")
+        return
+    path.write_text(json.dumps(owner))
+
+
 def save_base(directory: Path, round_: int, arrays: dict[str, np.ndarray]) -> str:
     """Write every hosted user's state after `round_`; returns the entry's name."""
     if round_ < 0:
         raise ValueError(f"round {round_} is negative")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = f"base-r{round_:06d}-{secrets.token_hex(4)}"
     tmp = directory / f".{name}.tmp"
     tmp.mkdir()
@@ -60,7 +76,7 @@ def save_base(directory: Path, round_: int, arrays: dict[str, np.ndarray]) -> st
     os.replace(tmp, directory / name)
     for old in _entries(directory, _BASE):  # one base per round
         if old[0] == round_ and old[2] != name:
-            shutil.rmtree(directory / old[2], ignore_errors=True)
+            _remove(directory / old[2])
     return name
 
 
@@ -77,7 +93,7 @@ def save_delta(directory: Path, round_: int, positions: np.ndarray, rows: dict[s
     os.replace(tmp, directory / name)
     for old_round, _, old in _entries(directory, _DELTA):  # a round trained again replaces its delta
         if old_round == round_ and old != name:
-            (directory / old).unlink(missing_ok=True)
+            _remove(directory / old)
     _update_steps(directory, positions, rows["step"])
     _compact(directory, keep_from)
     return name
@@ -123,9 +139,8 @@ def discard_after(root: Path, series: str, resumed: str) -> None:
     for pattern in (_BASE, _DELTA):
         for round_, _, name in _entries(directory, pattern):
             if round_ > int(match.group(1)):
-                shutil.rmtree(directory / name, ignore_errors=True) if pattern is _BASE else \
-                    (directory / name).unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
+                _remove(directory / name)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     marker.touch()
 
 
@@ -165,10 +180,21 @@ def _compact(directory: Path, keep_from: int) -> None:
     save_base(directory, round_, arrays)
     for b_round, _, name in _entries(directory, _BASE):
         if b_round < round_:
-            shutil.rmtree(directory / name, ignore_errors=True)
+            _remove(directory / name)
     for d_round, _, name in _entries(directory, _DELTA):
         if d_round <= round_:
-            (directory / name).unlink(missing_ok=True)
+            _remove(directory / name)
+
+
+def _remove(path: Path) -> None:
+    """Renamed out of the journal first (a name the loader ignores), then deleted: what a
+    failed or partial delete leaves behind is never taken for a base or a delta."""
+    hidden = path.with_name(f".removed-{secrets.token_hex(4)}-{path.name}")
+    try:
+        os.replace(path, hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True) if hidden.is_dir() else hidden.unlink(missing_ok=True)
 
 
 def _entries(directory: Path, pattern: re.Pattern) -> list[tuple[int, str, str]]:

@@ -177,7 +177,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         run_rounds(grid, strategy, config, state, stop)
     except BudgetExhausted as reason:
         stopped = str(reason)
-        strategy.final_evaluation(grid, ConfigRecord({**dict(config), schema.SERIES: state.series}), state.last_round)
+        strategy.final_evaluation(grid, state.device_config(config), state.last_round)
     except Interrupted as reason:
         interrupted = str(reason)
     except BaseException as error:

@@ -12,7 +12,7 @@ import secrets
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 
@@ -46,10 +46,21 @@ class RunState:
     series: str
     last_round: int = 0  # last round completed
     resumed_from: int | None = None  # the checkpoint round this session started from
+    session: str = field(default_factory=lambda: secrets.token_hex(4))  # this process's run of the series
 
     @property
     def run_dir(self) -> Path:
         return self.out.path
+
+    def device_config(self, config: ConfigRecord) -> ConfigRecord:
+        """`config` plus what every message of this session tells the devices about their saved
+        state: the series, and after a resume the checkpoint round with this session's token
+        (devices drop the cut-off timeline once per session, before any train or evaluation)."""
+        config = ConfigRecord(dict(config))
+        config[schema.SERIES] = self.series
+        if self.resumed_from is not None:
+            config[schema.RESUMED_FROM] = f"{self.resumed_from}-{self.session}"
+        return config
 
     def status(self, status: str, **extra) -> None:
         self.out.write_summary({"status": status, **self.summary, **extra})
@@ -106,10 +117,7 @@ def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state
     Raises Interrupted between rounds once `stop` is set."""
     cfg = strategy.cfg
     timeout = cfg.round_timeout or WAIT_FOREVER
-    config = ConfigRecord(dict(config))
-    config[schema.SERIES] = state.series
-    if state.resumed_from is not None:  # with a session token: devices drop the cut-off timeline once
-        config[schema.RESUMED_FROM] = f"{state.resumed_from}-{secrets.token_hex(4)}"
+    config = state.device_config(config)
     arrays: ArrayRecord = array_record(strategy.items)
     for server_round in range(state.last_round + 1, cfg.rounds + 1):
         if stop is not None and stop.is_set():

@@ -72,3 +72,18 @@ def test_repeated_items_of_one_user_are_clipped_together():
     ratios = [_norm(_dense(_step([u], hyper, policy, 3), hyper)) / clip for u in heavy]
     assert max(ratios) <= 1 + 1e-5
     assert np.median(ratios) > 0.99  # C binds for most users, so the bound is really exercised
+
+
+def test_an_update_too_large_for_float32_scaling_contributes_nothing():
+    """Red-team finding: for a finite but huge update, C/norm is a float32 subnormal and its
+    rounding let the clipped norm pass C; a non-finite row came out as NaN. Both now fail closed."""
+    import torch
+
+    from fedrec.models.local import clip_per_user
+
+    for row in ([3.0e38] * 4, [float("inf"), 1.0, 0.0, 0.0]):
+        dq, db, mu, _ = clip_per_user(torch.tensor([0, 1]), torch.tensor([row, [0.3, 0.4, 0.0, 0.0]]),
+                                      torch.zeros(2), torch.zeros(2), 0.05)
+        assert torch.all(dq[0] == 0) and float(db[0]) == 0 and float(mu[0]) == 0
+        assert float(torch.linalg.vector_norm(dq[1].double())) <= 0.05  # the ordinary user is clipped as before
+        assert float(torch.linalg.vector_norm(dq[1].double())) > 0.049

@@ -17,6 +17,7 @@ from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
 from fedrec.models.randomness import dropped
 from fedrec.models.saved import load_model
+from fedrec.run.config import RunConfig
 from fedrec.server import checkpoint
 from fedrec.server.app import run_server
 from fedrec.simulations.inprocess import InProcessGrid
@@ -245,3 +246,60 @@ def test_a_resumed_device_never_loads_the_timeline_a_crash_cut_off(tmp_path):
     assert storage.load(directory, 10)[2]["step"][0] == 3.5
 
 
+
+
+def test_a_resumed_run_that_stops_on_its_budget_evaluates_the_checkpoints_timeline(tmp_path, monkeypatch):
+    """Red-team finding: the final evaluation after a budget stop carried no resumed-from, so the
+    devices evaluated with the state of the round the crash cut off."""
+    import fedrec.client.node as node_mod
+    from fedrec.server.app import privacy_plan
+
+    monkeypatch.setenv("FEDREC_DEVICE_STATE_DIR", str(tmp_path / "devices"))
+    monkeypatch.delenv("FEDREC_SHARDS", raising=False)
+    base = RunConfig(dataset="synthetic", synthetic_users=60, synthetic_items=40, synthetic_density=0.2, dim=8,
+                     rounds=20, eval_every=20, out=str(tmp_path / "run"), checkpoint_every=2, users_per_round=60,
+                     dp="central", clipping_norm=0.5, noise_multiplier=1.0, sampling="poisson")
+    cfg = dataclasses.replace(base, target_epsilon=privacy_plan(base, 60)[1].epsilon(5))  # 5 releases fit
+    loads = []
+    real_load = node_mod.load
+
+    def spy(directory, up_to, have=None):
+        out = real_load(directory, up_to, have)
+        loads.append(None if out is None else out[0])
+        return out
+
+    def crash(row):
+        if row["round"] == 5:
+            raise RuntimeError("power cut after round 5 (checkpoint at 4)")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_server(InProcessGrid(client_app, 2), cfg, crash)
+    node_mod._HELD.clear()  # a new process for the resumed session
+    monkeypatch.setattr(node_mod, "load", spy)
+    run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, resume=cfg.out))
+    assert loads and set(loads) == {4}  # the state of round 4, never of the cut-off round 5
+
+
+def test_the_cap_survives_a_crash_between_a_devices_first_state_and_its_counts(tmp_path, monkeypatch, small_cfg):
+    from flwr.app import Context, RecordDict
+
+    import fedrec.client.node as node_mod
+    from fedrec.client import storage
+
+    monkeypatch.setenv("FEDREC_DEVICE_STATE_DIR", str(tmp_path / "devices"))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                      run_config={})
+    node = node_mod.node_data(small_cfg, context)
+    config = {"run-series": "00112233445566aa"}
+    node_mod.load_state(context, node, small_cfg, config, 0)
+    directory = storage.series_dir(tmp_path / "devices" / "node-0", "00112233445566aa")
+    (directory / "steps.npy").unlink()  # as if the process died right after writing the base
+    node_mod._HELD.clear()
+    node_mod.load_state(context, node, small_cfg, config, 0)
+    assert (directory / "steps.npy").is_file()
+    other = Context(run_id=1, node_id=2, node_config={"state-dir": str(tmp_path / "devices" / "node-0"),
+                                                      "partition-id": 1, "num-partitions": 2},
+                    state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="belongs to other users"):  # two nodes sharing one state-dir
+        node_mod.load_state(other, node_mod.node_data(small_cfg, other), small_cfg, config, 0)
+    assert oct(directory.stat().st_mode & 0o777) == "0o700"

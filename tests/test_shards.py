@@ -87,3 +87,6 @@ def test_the_server_can_only_ask_a_node_for_its_own_users(small_cfg, tmp_path, m
     msg, _ = _request(cfg, [59])  # user 59 lives on node 1
     with pytest.raises(ValueError, match="does not host"):  # the engine turns it into an error reply
         app(msg, _context({"partition-id": 0, "num-partitions": 2}))
+    twice, _ = _request(cfg, [3, 3])  # a user sent twice would upload twice its clipped update
+    with pytest.raises(ValueError, match="more than once"):
+        app(twice, _context({"partition-id": 0, "num-partitions": 2}))
