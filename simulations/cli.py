@@ -498,6 +498,30 @@ def deploy(nodes: int = typer.Option(3, min=1, help="SuperNodes to start (node I
     raise typer.Exit(code)
 
 
+@cli.command()
+def recommend(run: Path = typer.Option(..., "--run", help="a finished central or federated run directory"),
+              user: str = typer.Option(..., help="the user's id in the data set"),
+              n: int = typer.Option(10, min=1, help="how many items"),
+              as_json: bool = typer.Option(False, "--json", help="print a JSON list of {item, title, score}"),
+              data_dir: Optional[Path] = typer.Option(
+                  None, help="where this device reads the user's ratings [default: the run's]")) -> None:
+    """A user's top-N unrated items from a run's global model, one line each: score and title.
+
+    The user's vector is re-fitted here, as on the user's device, from the user's own
+    training ratings against the saved item model (model.npz holds no user vectors)."""
+    from fedrec.simulations.recommend import recommend as top_items
+
+    try:
+        picks = top_items(run, user, n, str(data_dir) if data_dir else None)
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+    if as_json:
+        out.print_json(data=picks)
+        return
+    for pick in picks:
+        out.print(f"{pick['score']:.2f}  {pick['title']}", highlight=False, markup=False)
+
+
 def main() -> None:
     try:
         cli()

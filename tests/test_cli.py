@@ -222,3 +222,36 @@ def test_saved_config_repeats_the_run_into_a_new_directory(tmp_path, monkeypatch
     rerun_metrics = json.loads((rerun / "summary.json").read_text())["metrics"]
     assert rerun_metrics == json.loads((out / "summary.json").read_text())["metrics"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the first run is untouched
+
+
+def test_recommend_prints_a_users_top_n_unrated_items_refitted_on_the_device(tmp_path):
+    from fedrec.datasets import cohort
+    from fedrec.run.build import load_data
+    from fedrec.run.config import RunConfig
+
+    run = tmp_path / "central"
+    trained = CliRunner().invoke(cli, ["central", *SMALL, "--epochs", "6", "--eval-every", "6", "--out", str(run)])
+    assert trained.exit_code == 0, trained.output
+    result = CliRunner().invoke(cli, ["recommend", "--run", str(run), "--user", "7", "--n", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    picks = json.loads(result.output)
+    assert [sorted(p) for p in picks] == [["item", "score", "title"]] * 5
+    assert [p["score"] for p in picks] == sorted((p["score"] for p in picks), reverse=True)
+    cfg = RunConfig.from_toml(run / "config.toml")
+    rated = set(cohort(load_data(cfg), [7]).train_item.tolist())
+    assert rated and not rated & {p["item"] for p in picks}  # nothing the user already rated
+    lines = CliRunner().invoke(cli, ["recommend", "--run", str(run), "--user", "7", "--n", "5"]).output.splitlines()
+    assert len(lines) == 5 and lines[0].split()[0] == f"{picks[0]['score']:.2f}"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--user", "100000"], "unknown user '100000'"),
+    (["--user", "1", "--run", "nowhere"], "has no model.npz"),
+])
+def test_recommend_bad_input_is_one_line_exit_2(tmp_path, args, expected):
+    run = tmp_path / "central"
+    assert CliRunner().invoke(cli, ["central", *SMALL, "--epochs", "2", "--eval-every", "2",
+                                    "--out", str(run)]).exit_code == 0
+    full = ["recommend", "--run", str(run), *args] if "--run" not in args else ["recommend", *args]
+    code, output = _error(full)
+    assert code == 2 and expected in output and "Traceback" not in output and len(output.splitlines()) <= 2

@@ -1,0 +1,47 @@
+"""`fedrec recommend`: a user's top-N from a finished run, computed as the user's device would.
+
+The run's `model.npz` holds only the item side. The user's vector and bias are re-fitted here
+from the user's own training ratings against it (fedrec.models.personal.fit_user), whether
+the run was central or federated: a federated run never had the vector outside the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.datasets import cohort
+from fedrec.models.personal import fit_user, top_n
+from fedrec.models.saved import MODEL_FILE, load_model
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import ConfigError, RunConfig
+
+
+def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None) -> list[dict]:
+    """[{"item": original id, "title": ..., "score": predicted rating}] for `user` (original id)."""
+    run = Path(run)
+    for needed in (MODEL_FILE, "config.toml"):
+        if not (run / needed).is_file():
+            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central or federated run")
+    cfg = RunConfig.from_toml(run / "config.toml")
+    cfg = dataclasses.replace(cfg, data_dir=str(data_dir)) if data_dir else cfg
+    if cfg.resolved().implicit:
+        raise ConfigError("recommend ranks by predicted rating; this run trained on implicit feedback "
+                          f"(--split {cfg.split}); use a rating run")
+    items, split = load_model(run), load_data(cfg)
+    if items.emb.shape[0] != split.n_items:
+        raise ConfigError(f"the model has {items.emb.shape[0]} items but {cfg.dataset} has {split.n_items}; "
+                          "pass the --data-dir the run used")
+    ids = split.user_ids if split.user_ids is not None else np.arange(split.n_users)
+    match = np.flatnonzero(ids.astype(str) == str(user).strip())
+    if not len(match):
+        raise ConfigError(f"unknown user {user!r}: {cfg.dataset} has users {ids[0]}..{ids[-1]} ({len(ids)} of them)")
+    rows = cohort(split, match[:1])
+    best, scores = top_n(items, fit_user(items, rows.train_item, rows.train_rating, hyper(cfg)), rows.train_item, n,
+                         split.rating_scale)
+    item_ids = split.item_ids if split.item_ids is not None else np.arange(split.n_items)
+    titles = split.item_titles
+    return [{"item": item_ids[i].item(), "title": str(titles[i]) if titles is not None else f"item {item_ids[i]}",
+             "score": round(float(s), 4)} for i, s in zip(best, scores)]
