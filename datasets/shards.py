@@ -99,6 +99,12 @@ def open_shard(path: str | Path) -> Shard:
                  test_negatives=np.load(negatives, mmap_mode="r", allow_pickle=False) if negatives.is_file() else None)
 
 
+def read_items(shard_set: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The public item catalogue of a shard set: original item ids and titles (None if unknown)."""
+    items = json.loads((Path(shard_set) / "items.json").read_text())
+    return np.asarray(items["item_ids"]), None if items["titles"] is None else np.asarray(items["titles"])
+
+
 def write_shards(root: str | Path, bounds: np.ndarray, rows_of: Callable[[int, int], CohortData], *,
                  population: int, n_items: int, rating_scale: tuple[float, float], implicit: bool, data_key: str,
                  item_ids: np.ndarray, titles: np.ndarray | None,

@@ -154,9 +154,10 @@ class RunWriter:
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)
 
-    def write_results(self, items: ItemParams, step: str) -> None:
-        """The model, and the headline metric per `step` ("epoch" or "round") plotted from metrics.csv."""
-        save_model(self.path, items)
+    def write_results(self, items: ItemParams, step: str, catalogue: tuple | None = None) -> None:
+        """The model (with the public item `catalogue`, (ids, titles), where known), and the
+        headline metric per `step` ("epoch" or "round") plotted from metrics.csv."""
+        save_model(self.path, items, *(catalogue or (None, None)))
         metric = main_metric(self.cfg.implicit, self.cfg.top_k)
         frame = pd.read_csv(self.path / "metrics.csv")
         plot_metric(frame, step, metric, self.path / f"{metric.replace('@', '_at_')}.png",

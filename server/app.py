@@ -107,9 +107,10 @@ class FederatedOutcome:
 
 
 def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
-               stop: threading.Event | None = None) -> FederatedOutcome:
+               stop: threading.Event | None = None, catalogue: tuple | None = None) -> FederatedOutcome:
     """Run (or, with cfg.resume, continue) a federation. `stop`: when set, the run ends after
-    the current round with a checkpoint and status "interrupted"."""
+    the current round with a checkpoint and status "interrupted". `catalogue`: the public item
+    ids and titles, saved with the model, where the operator has them (the server reads no data)."""
     start = time.perf_counter()
     saved = None
     if cfg.resume:
@@ -200,7 +201,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             raise ConfigError(f"every SecAgg+ round was halted{why}; lower --secagg-min-fraction or "
                               "--secagg-threshold, or start more nodes")
         summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
-        out.write_results(items, "round")
+        out.write_results(items, "round", catalogue)
     except BaseException as error:
         state.status(f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
                      rounds=state.last_round, resumable=False)

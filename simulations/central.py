@@ -46,6 +46,6 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
     # Written at the end only: a central run that fails leaves its directory empty (the CLI removes it).
     out.start_metrics(list(dict.fromkeys(k for row in result.history for k in row)), result.history)
     out.write_config()
-    out.write_results(result.items, "epoch")
+    out.write_results(result.items, "epoch", (split.item_ids, split.item_titles))
     out.write_summary(summary)  # last: a summary means the run is complete
     return CentralOutcome(summary, result, out.path)

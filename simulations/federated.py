@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
+from fedrec.datasets.shards import read_items
 from fedrec.run.build import SHARDS_ENV, ensure_shards, num_nodes
 from fedrec.run.build import population as count_users
 from fedrec.run.config import ConfigError, RunConfig
@@ -63,7 +64,7 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     def _main(grid: Grid, context: Context) -> None:
         pull_often(grid)
         try:
-            outcome["result"] = run_server(grid, cfg, on_round, stop=stop)
+            outcome["result"] = run_server(grid, cfg, on_round, stop=stop, catalogue=read_items(shards))
         except BaseException as error:  # run_simulation only logs; hand it to the caller
             outcome["error"] = error
             raise

@@ -49,3 +49,30 @@ def test_recommendations_exclude_what_the_user_rated_and_follow_the_fitted_taste
 def test_a_user_without_ratings_cannot_be_fitted():
     with pytest.raises(ValueError, match="no ratings"):
         fit_user(_items(), np.array([], dtype=np.int64), np.array([]), Hyper(dim=4))
+
+
+def test_the_saved_model_carries_the_public_item_catalogue_where_the_writer_has_it(tmp_path, write_dataset, small_cfg):
+    import dataclasses
+
+    from fedrec.client.app import app as client_app
+    from fedrec.models.saved import load_catalogue, load_model
+    from fedrec.run.config import RunConfig
+    from fedrec.server.app import run_server
+    from fedrec.simulations.central import run_central
+    from fedrec.simulations.inprocess import InProcessGrid
+
+    write_dataset(tmp_path / "data", "ml-1m")
+    cfg = RunConfig(dataset="ml-1m", data_dir=str(tmp_path / "data"), epochs=2, eval_every=2, dim=4,
+                    out=str(tmp_path / "central"))
+    run_central(cfg)
+    ids, titles = load_catalogue(tmp_path / "central")
+    assert ids.tolist() == [100, 200, 300]
+    assert titles.tolist() == ["Toy Story (1995)", "GoldenEye (1995)", "Heat (1995)"]
+    assert load_model(tmp_path / "central").emb.shape == (3, 4)  # the catalogue is not part of the parameters
+
+    federated = dataclasses.replace(small_cfg, rounds=1, eval_every=1)
+    run_server(InProcessGrid(client_app, 2), federated, catalogue=(np.arange(40) + 1000, None))
+    ids, titles = load_catalogue(federated.out)
+    assert ids.tolist() == list(range(1000, 1040)) and titles is None
+    run_server(InProcessGrid(client_app, 2), dataclasses.replace(federated, out=str(tmp_path / "plain")))
+    assert load_catalogue(tmp_path / "plain") == (None, None)  # a server alone reads no data: no catalogue
