@@ -59,7 +59,8 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
         "rounds trained, stopped_early": (COVERED, "the budget stop depends on epsilon only"),
         "config.toml and summary.json settings": (COVERED, "public settings, chosen before any data is seen"),
         "item catalogue in model.npz (item ids, titles)": (
-            COVERED, "public item metadata of the data set, the same for every user; no rating enters it"),
+            NOT_COVERED, "treated as public, like num_users: the data set's item list (which items have ratings), "
+                         "the same for every user; the model has one row per item anyway"),
         "evaluation metrics (RMSE/MAE or HR/NDCG/Recall; metrics.csv, summary.json, plot, Flower log)": (
             NOT_COVERED, "evaluation metric, for the researcher: computed from every user's held-out ratings and "
                          "private vectors without noise"),
