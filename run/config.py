@@ -130,6 +130,10 @@ class RunConfig:
     robust_bound: float = _f(10.0, "norm-bound: allowed multiple of the round's median per-user update norm.")
     checkpoint_every: int = _f(10, "Write a checkpoint to the run directory every this many rounds (and on "
                                    "Ctrl-C/SIGTERM); 0: only on an interrupt.")
+    keep_checkpoints: bool = _f(False, "Keep the server's checkpoint of round 0, of every --checkpoint-every round "
+                                       "and of the last round in RUN_DIR.checkpoints/, and the devices' state at "
+                                       "those rounds in RUN_DIR.devices/ (both beside the run directory, never "
+                                       "released): what `fedrec forget` replays from.")
     resume: str = _f("", "Run directory of an interrupted run to continue from its last checkpoint, with the run's "
                          "own saved settings (so nothing else may be passed with it).")
     # --- engine
