@@ -411,6 +411,40 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
     out.print(f"results in {report['run_dir']}/secagg_bench.json")
 
 
+@cli.command("serve-bench")
+def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central or federated run directory"),
+                starts: int = typer.Option(5, min=1, help="fresh `fedrec serve` processes to time"),
+                repeats: int = typer.Option(200, min=1, help="in-process cold-start fits per number of ratings"),
+                http_repeats: int = typer.Option(30, min=1, help="POST /new per number of ratings"),
+                out_dir: str = typer.Option("", "--out", help="where serve_bench.json goes [default: "
+                                                              "runs/serve-bench-<time>]")) -> None:
+    """The demo page's speed: `fedrec serve` start to first page, and a cold-start fit + top-10
+    (in process and through POST /new) for 5, 10 and 20 ratings; writes OUT/serve_bench.json."""
+    from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, check_run, run_serve_bench
+
+    try:
+        check_run(run)  # before making OUT: a wrong --run leaves nothing behind
+        run_dir = make_run_dir(RunConfig(out=out_dir), "serve-bench")
+        report = run_serve_bench(run, run_dir, starts, repeats, http_repeats,
+                                 log=lambda line: console.print(line, highlight=False))
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+    table = Table(title="fedrec serve-bench (seconds)")
+    for column in ("measure", "median", "p95", "max", "n", "target"):
+        table.add_column(column, justify="right")
+    rows = [("serve start -> GET / 200", report["start_up"]["first_page_seconds"], FIRST_PAGE_TARGET),
+            ("serve start -> device page 200", report["start_up"]["device_page_seconds"], None),
+            ("fit + top-10, in process", report["fit_top10_in_process"]["all"], FIT_TARGET),
+            *((f"  {k} ratings", s, None) for k, s in report["fit_top10_in_process"]["by_ratings"].items()),
+            ("POST /new (fit + top-10 + page)", report["fit_top10_http"]["all"], FIT_TARGET),
+            *((f"  {k} ratings", s, None) for k, s in report["fit_top10_http"]["by_ratings"].items())]
+    for name, s, target in rows:
+        table.add_row(name, f"{s['median']:.4f}", f"{s['p95']:.4f}", f"{s['max']:.4f}", str(s["n"]),
+                      f"<= {target}" if target else "")
+    out.print(table)
+    out.print(f"results in {report['out']}/serve_bench.json")
+
+
 @cli.command()
 @_config_command
 def robustness(cfg: RunConfig,
