@@ -556,6 +556,23 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central or
         out.print(f"{pick['score']:.2f}  {pick['title']}", highlight=False, markup=False)
 
 
+@cli.command()
+def serve(run: Path = typer.Option(..., "--run", help="a finished central, federated or compare run directory"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (loopback: only this machine)"),
+          port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
+          data_dir: Optional[Path] = typer.Option(
+              None, help="where the devices read their ratings [default: the run's]")) -> None:
+    """A local web page showing one device's side of the run: what it stores, recommends and
+    sends, a new device's cold start, consent and forgetting. Ctrl-C stops it."""
+    from fedrec.simulations.serve.server import serve as serve_page
+
+    try:
+        serve_page(run, host, port, str(data_dir) if data_dir else None,
+                   say=lambda line: out.print(line, highlight=False, markup=False, soft_wrap=True))
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+
+
 def main() -> None:
     try:
         cli()

@@ -1,0 +1,190 @@
+"""The Flask app: server-rendered pages and plain HTML forms (they work with JavaScript off).
+
+Each visitor gets a random id in an HttpOnly, SameSite=Lax cookie; a visitor's cold-start
+device is kept server-side under that id, so concurrent visitors never see each other's.
+Every POST form carries a token derived from the visitor id with a per-process secret: a
+page on another site cannot post to this one on the visitor's behalf.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+from collections import OrderedDict
+from urllib.parse import quote
+
+from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from fedrec.run.config import ConfigError
+
+from .demo import Demo, UnknownUser
+from .device import MIN_RATINGS, TOP, BadInput, cold_start, device_side, own_ratings, parse_ratings, recommend, view_of
+from .plot import plot_png
+
+COOKIE = "fedrec_visitor"
+COLD_START_ITEMS = 15
+MAX_VISITORS = 1000  # cold-start devices kept; the oldest go first
+
+
+class ColdStarts:
+    """Visitor id -> that visitor's cold-start device, bounded, safe across the server's threads."""
+
+    def __init__(self, limit: int = MAX_VISITORS):
+        self._devices: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def get(self, visitor: str):
+        with self._lock:
+            return self._devices.get(visitor)
+
+    def put(self, visitor: str, device) -> None:
+        with self._lock:
+            self._devices[visitor] = device
+            self._devices.move_to_end(visitor)
+            while len(self._devices) > self._limit:
+                self._devices.popitem(last=False)
+
+    def drop(self, visitor: str) -> None:
+        with self._lock:
+            self._devices.pop(visitor, None)
+
+
+def create_app(demo: Demo) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a rating form is a few hundred bytes
+    secret = secrets.token_bytes(32)
+    devices = ColdStarts()
+    device_lock = threading.Lock()  # consent and erasure write the device's state: one at a time
+    plots: dict[str, bytes] = {}
+
+    @app.before_request
+    def identify_visitor():
+        visitor = request.cookies.get(COOKIE, "")
+        g.new_visitor = not (16 <= len(visitor) <= 64 and visitor.replace("-", "").replace("_", "").isalnum())
+        g.visitor = secrets.token_urlsafe(32) if g.new_visitor else visitor
+        g.csrf = hmac.new(secret, g.visitor.encode(), hashlib.sha256).hexdigest()
+        if request.method == "POST" and (g.new_visitor or not hmac.compare_digest(
+                request.form.get("csrf", ""), g.csrf)):
+            abort(400, "this form is out of date or came from another page; reload the page and try again")
+
+    @app.after_request
+    def remember_visitor(response: Response) -> Response:
+        if g.get("new_visitor"):
+            response.set_cookie(COOKIE, g.visitor, httponly=True, samesite="Lax")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = "default-src 'self'; form-action 'self'; frame-ancestors 'none'"
+        return response
+
+    def page(template: str, status: int = 200, **context):
+        return render_template(template, demo=demo, csrf=g.get("csrf", ""), **context), status
+
+    def index_page(error: str | None = None, status: int = 200, user: str = ""):
+        return page("index.html", status, error=error, user=user, examples=demo.example_users())
+
+    @app.errorhandler(UnknownUser)
+    def unknown_user(error):
+        return index_page(str(error), 404, user=request.view_args.get("user", "") if request.view_args else "")
+
+    @app.errorhandler(ConfigError)
+    def refused(error):
+        return page("error.html", 400, error=str(error))
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        return page("error.html", error.code or 500, error=f"{error.code} {error.name}: {error.description}")
+
+    @app.errorhandler(Exception)
+    def unexpected(error):
+        app.logger.exception("unexpected error")  # the traceback goes to the server's log, not the page
+        first = (str(error).splitlines() or [""])[0]
+        return page("error.html", 500, error=f"internal error: {type(error).__name__}: {first}")
+
+    @app.get("/")
+    def index():
+        return index_page()
+
+    @app.get("/device")
+    def pick_user():
+        user = request.args.get("user", "").strip()
+        if not user:
+            return index_page("type a user id, or pick one of the examples", 400)
+        demo.row_of(user)
+        return redirect(url_for("device", user=user))
+
+    @app.get("/device/<user>")
+    def device(user: str):
+        view = view_of(demo, user)
+        rated, _ = own_ratings(demo, user)
+        picks = [] if view.erased else recommend(demo, view.vector, view.bias, rated, TOP)
+        return page("device.html", view=view, recommended=picks, forget_command=demo.forget_command(user),
+                    plot=url_for("plot", user=user))
+
+    def change_device(user: str, change, anchor: str):
+        demo.row_of(user)
+        side = device_side()
+        if side is None:
+            raise BadInput("this fedrec has no device-side state to change (fedrec.simulations.device_view is "
+                           "missing)")
+        with device_lock:
+            change(side)
+        return redirect(url_for("device", user=user) + anchor, code=303)
+
+    @app.post("/device/<user>/consent")
+    def consent(user: str):
+        train = request.form.get("train") == "1"
+        return change_device(user, lambda side: side.set_consent(demo.paths.run, user, train), "#consent")
+
+    @app.post("/device/<user>/forget")
+    def forget(user: str):
+        return change_device(user, lambda side: side.erase_device(demo.paths.run, user), "#forget")
+
+    @app.get("/plot.png")
+    def plot():
+        user = request.args.get("user", "").strip()
+        if not user:
+            if "" not in plots:
+                plots[""] = plot_png(demo)
+            png = plots[""]
+        else:
+            view = view_of(demo, user)
+            png = plot_png(demo, [(u.round, u.epsilon) for u in view.uploads if u.epsilon is not None], user)
+        return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
+
+    def new_page(status: int = 200, error: str | None = None, result=None):
+        rows = demo.well_known(COLD_START_ITEMS)
+        chosen = {k: v for k, v in request.form.items() if k.startswith("rating-")}  # kept across a refusal
+        return page("new.html", status, error=error, result=result, min_ratings=MIN_RATINGS, chosen=chosen,
+                    movies=[(str(demo.item_ids[r]), demo.titles[r]) for r in rows],
+                    choices=_choices(demo.scale), opt_in=request.form.get("opt-in") == "1")
+
+    @app.get("/new")
+    def new_device():
+        return new_page(result=devices.get(g.visitor))
+
+    @app.post("/new")
+    def fit_new_device():
+        try:
+            ratings = parse_ratings(demo, request.form)
+        except BadInput as error:
+            return new_page(400, str(error))
+        result = cold_start(demo, ratings, request.form.get("opt-in") == "1")
+        devices.put(g.visitor, result)
+        return new_page(result=result)
+
+    @app.post("/new/forget")
+    def forget_new_device():
+        devices.drop(g.visitor)
+        return redirect(url_for("new_device"), code=303)
+
+    app.jinja_env.filters["quote"] = lambda s: quote(str(s), safe="")
+    return app
+
+
+def _choices(scale: tuple[float, float]) -> list[str]:
+    """The select's options: each whole step of the rating scale (1..5 on MovieLens)."""
+    low, high = scale
+    return [f"{v:g}" for v in range(int(low), int(high) + 1)] if high > low else [f"{high:g}"]

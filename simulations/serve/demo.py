@@ -1,0 +1,117 @@
+"""The finished run the page serves, loaded once at start-up (no training, nothing written).
+
+`fedrec serve --run R` takes a central or federated run directory, or a `fedrec compare`
+directory (its federated/ run is served; its central/ numbers are the plot's reference).
+The data set is read here because this process stands in for every device: a device reads
+its own user's rows from it, nothing else does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.models.saved import MODEL_FILE, load_catalogue, load_model
+from fedrec.run.config import ConfigError, RunConfig
+
+EXAMPLE_USERS = 5
+
+
+class UnknownUser(ConfigError):
+    """A user id the data set does not have (the page answers 404)."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    given: Path  # what the visitor passed to --run
+    run: Path  # the run whose model is served
+    central: Path | None  # the central baseline beside it (a compare directory's central/)
+
+
+def locate(run: Path) -> RunPaths:
+    """The model run inside `run`, or a one-line ConfigError saying what to pass instead."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a directory; pass a finished run (the --out of fedrec central, simulate "
+                          "or compare)")
+    if (run / "federated" / MODEL_FILE).is_file() and (run / "central").is_dir():
+        return RunPaths(run, run / "federated", run / "central")
+    for needed in (MODEL_FILE, "config.toml"):
+        if not (run / needed).is_file():
+            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central, federated or "
+                              "compare run")
+    return RunPaths(run, run, None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class Demo:
+    """Everything the page reads, loaded once; shared read-only by the server's threads."""
+
+    def __init__(self, run: Path, data_dir: str | None = None):
+        from fedrec.run.build import hyper, load_data  # torch and pandas: only once a run was found
+
+        self.paths = locate(run)
+        cfg = RunConfig.from_toml(self.paths.run / "config.toml")
+        self.cfg = dataclasses.replace(cfg, data_dir=str(data_dir)) if data_dir else cfg
+        self.implicit = self.cfg.resolved().implicit
+        self.summary = _read_json(self.paths.run / "summary.json")
+        self.federated = self.summary.get("mode", "federated") != "central"
+        self.items = load_model(self.paths.run)
+        self.split = load_data(self.cfg)
+        if self.items.emb.shape[0] != self.split.n_items:
+            raise ConfigError(f"the model has {self.items.emb.shape[0]} items but {self.cfg.dataset} has "
+                              f"{self.split.n_items}; pass the --data-dir the run used")
+        self.hyper = hyper(self.cfg)
+        saved_ids, saved_titles = load_catalogue(self.paths.run)
+        ids = self.split.item_ids if self.split.item_ids is not None else saved_ids
+        self.item_ids = np.asarray(ids) if ids is not None else np.arange(self.split.n_items)
+        titles = self.split.item_titles if self.split.item_titles is not None else saved_titles
+        self.titles = ([str(t) for t in titles] if titles is not None
+                       else [f"item {i}" for i in self.item_ids.tolist()])
+        self.item_row = {str(item): row for row, item in enumerate(self.item_ids.tolist())}
+        users = self.split.user_ids if self.split.user_ids is not None else np.arange(self.split.n_users)
+        self.user_ids = [str(u) for u in np.asarray(users).tolist()]
+        self.user_row = {user: row for row, user in enumerate(self.user_ids)}
+        self.scale = tuple(float(v) for v in self.split.rating_scale)
+        self.popular = np.argsort(-np.bincount(self.split.train.item, minlength=self.split.n_items),
+                                  kind="stable")
+
+    @property
+    def metric(self) -> str:
+        return f"hr@{self.cfg.top_k}" if self.implicit else "rmse"
+
+    def central_value(self) -> float | None:
+        """The central baseline's final metric, where the run has one beside it."""
+        if self.paths.central is None:
+            return None
+        return _read_json(self.paths.central / "summary.json").get("metrics", {}).get(self.metric)
+
+    def row_of(self, user: str) -> int:
+        user = str(user).strip()
+        if user not in self.user_row:
+            raise UnknownUser(f"unknown user {user!r}: this data set has users {self.user_ids[0]} to "
+                              f"{self.user_ids[-1]} ({len(self.user_ids)} of them)")
+        return self.user_row[user]
+
+    def example_users(self) -> list[str]:
+        """A few users spread over the population (the first, the last and some between)."""
+        picks = np.linspace(0, len(self.user_ids) - 1, EXAMPLE_USERS).round().astype(int)
+        return [self.user_ids[i] for i in dict.fromkeys(picks.tolist())]
+
+    def well_known(self, n: int) -> list[int]:
+        """Model rows of the n most-rated items of the training data: movies a visitor can rate."""
+        return self.popular[:n].tolist()
+
+    def forget_command(self, user: str) -> str:
+        return f"fedrec forget --run {shlex.quote(str(self.paths.run))} --user {shlex.quote(user)}"

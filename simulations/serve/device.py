@@ -1,0 +1,187 @@
+"""What a device computes for the page: its view, its top-10, and a new device's cold start.
+
+The server process stands in for the phone: recommendations come from the global item
+model and the device's own vector (fedrec.models.personal), never from anything the server
+knows about the user.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.run.config import ConfigError
+
+from .demo import Demo
+
+TOP = 10
+MIN_RATINGS = 3
+NOISE = {"none": "none", "central": "central (added by the server to the sum)",
+         "local": "local (added on this device)", "distributed": "distributed (a share added on this device)"}
+
+
+class BadInput(ConfigError):
+    """Input the page refuses (answered with 400 and the message)."""
+
+
+@dataclass
+class Recommendation:
+    item: str
+    title: str
+    score: float
+
+
+@dataclass
+class RefittedView:
+    """The fields of fedrec.simulations.device_view.DeviceView, for runs it cannot describe."""
+
+    user: str
+    ratings: list[tuple[str, float]]
+    vector: np.ndarray
+    bias: float
+    vector_source: str = "re-fitted on the device (the run kept no device state)"
+    bytes_stored: int = 0
+    uploads: list = field(default_factory=list)
+    epsilon: float | None = None
+    never_uploaded: list[str] = field(default_factory=lambda: ["user vector", "user bias"])
+    audit_evidence: str = ""
+    opted_out: bool = False
+    erased: bool = False
+
+
+def device_side():
+    """fedrec.simulations.device_view where it is installed (the device's real state), else None."""
+    try:
+        from fedrec.simulations import device_view
+    except ImportError:
+        return None
+    return device_view
+
+
+def own_ratings(demo: Demo, user: str) -> tuple[np.ndarray, np.ndarray]:
+    """(model rows, ratings) of the user's training ratings: what the device holds."""
+    from fedrec.datasets import cohort
+
+    rows = cohort(demo.split, [demo.row_of(user)])
+    return rows.train_item, rows.train_rating
+
+
+def view_of(demo: Demo, user: str):
+    """The device's own account of itself (DeviceView), or a re-fit where the run kept no state."""
+    demo.row_of(user)  # unknown users are refused the same way whichever side answers
+    side = device_side()
+    if side is not None:
+        return side.device_view(demo.paths.run, user)
+    from fedrec.models.personal import fit_user
+
+    item, rating = own_ratings(demo, user)
+    fit = fit_user(demo.items, item, rating, demo.hyper)
+    held = item.astype(np.int32).nbytes + rating.astype(np.float32).nbytes + fit.emb.nbytes + 4
+    return RefittedView(user, [(demo.titles[i], float(r)) for i, r in zip(item.tolist(), rating.tolist())],
+                        fit.emb, fit.bias, bytes_stored=held, audit_evidence=_audit_evidence(demo.paths.run))
+
+
+def _audit_evidence(run: Path) -> str:
+    """What the run's audit trail says left the devices (fallback wording when device_view is absent)."""
+    import json
+
+    names: set[str] = set()
+    try:
+        with open(run / "audit.jsonl") as audit:
+            for line in audit:
+                names.update(json.loads(line).get("arrays", {}))
+    except (OSError, ValueError):
+        return "This run kept no audit trail (a central run, or a DP run, which writes none)."
+    return (f"The run's audit.jsonl lists every array each device sent: only {', '.join(sorted(names)) or 'none'}, "
+            "no user vector or bias.")
+
+
+def recommend(demo: Demo, vector: np.ndarray, bias: float, rated_rows, n: int = TOP) -> list[Recommendation]:
+    """The n best unrated items for a device's own (vector, bias) under the global model."""
+    from fedrec.models.personal import UserFit, top_n
+
+    best, scores = top_n(demo.items, UserFit(np.asarray(vector, dtype=np.float32), float(bias)),
+                         np.asarray(rated_rows, dtype=np.int64), n, None if demo.implicit else demo.scale)
+    return [Recommendation(str(demo.item_ids[i]), demo.titles[i], float(s)) for i, s in zip(best, scores)]
+
+
+def parse_ratings(demo: Demo, form) -> dict[int, float]:
+    """{model row: rating} from a cold-start form's `rating-<item id>` fields; BadInput otherwise."""
+    ratings: dict[int, float] = {}
+    low, high = demo.scale
+    for name, value in form.items():
+        if not name.startswith("rating-") or not value.strip():
+            continue
+        item = name.removeprefix("rating-")
+        if item not in demo.item_row:
+            raise BadInput(f"unknown movie {item!r} in the form; reload the page and rate again")
+        try:
+            rating = float(value)
+        except ValueError:
+            raise BadInput(f"rating {value!r} for {demo.titles[demo.item_row[item]]!r} is not a number; "
+                           f"pick {low:g} to {high:g}") from None
+        if not math.isfinite(rating) or not low <= rating <= high:
+            raise BadInput(f"rating {value} for {demo.titles[demo.item_row[item]]!r} is outside the scale "
+                           f"{low:g} to {high:g}")
+        ratings[demo.item_row[item]] = rating
+    if not ratings:
+        raise BadInput(f"the form is empty: rate at least {MIN_RATINGS} movies")
+    if len(ratings) < MIN_RATINGS:
+        raise BadInput(f"{len(ratings)} rating(s) is too few to fit a taste: rate at least {MIN_RATINGS} movies")
+    return ratings
+
+
+@dataclass
+class ColdStart:
+    """A new device: its ratings, its private fit and its recommendations; nothing of it is sent."""
+
+    rated: list[tuple[str, float]]
+    vector: np.ndarray
+    bias: float
+    recommended: list[Recommendation]
+    seconds: float  # fit + top-10, measured here (on the "device")
+    opted_in: bool
+    upload: dict | None  # what it would send in the next round, if it opted in
+
+
+def cold_start(demo: Demo, ratings: dict[int, float], opt_in: bool) -> ColdStart:
+    from fedrec.models.personal import fit_user
+
+    rows = np.fromiter(ratings, dtype=np.int64)
+    values = np.array([ratings[r] for r in rows.tolist()], dtype=np.float32)
+    start = time.perf_counter()
+    fit = fit_user(demo.items, rows, values, demo.hyper)
+    picks = recommend(demo, fit.emb, fit.bias, rows)
+    seconds = time.perf_counter() - start
+    return ColdStart([(demo.titles[r], float(v)) for r, v in zip(rows.tolist(), values.tolist())], fit.emb,
+                     fit.bias, picks, seconds, opt_in, next_upload(demo, rows, values, fit) if opt_in else None)
+
+
+def next_upload(demo: Demo, rows: np.ndarray, values: np.ndarray, fit) -> dict:
+    """The upload this device would send if the federation ran one more round: the run's own
+    device step on its ratings (clipping, noise and upload shape as the run's settings say)."""
+    import torch
+
+    from fedrec.datasets.partition import CohortData
+    from fedrec.models.device import device_step
+    from fedrec.models.mf import UserState
+    from fedrec.run.build import device_policy
+
+    empty = np.zeros(0, dtype=np.int64)
+    cohort = CohortData(np.zeros(1, dtype=np.int64), np.zeros(len(rows), dtype=np.int64), rows, values,
+                        empty, empty, np.zeros(0, dtype=np.float32), None)
+    dim = demo.hyper.dim
+    state = UserState(torch.as_tensor(fit.emb).reshape(1, dim), torch.tensor([fit.bias]), torch.zeros(1, dim + 1),
+                      torch.zeros(1, dim + 1), torch.zeros(1))
+    policy = device_policy(demo.cfg)
+    result = device_step(demo.items, state, cohort, demo.split.n_items, demo.hyper, policy,
+                         int(demo.summary.get("rounds", 0)) + 1)
+    norm = float(result.update.norms[0])
+    return {"arrays": [(name, tuple(a.shape), int(a.nbytes)) for name, a in result.upload.items()],
+            "norm": norm, "clipped_norm": min(norm, policy.clip_norm) if policy.clip_norm > 0 else norm,
+            "noise": NOISE.get(demo.cfg.dp, demo.cfg.dp),
+            "secure_aggregation": demo.cfg.secure_aggregation != "none"}
