@@ -2,7 +2,9 @@
 
 A node hosts one user (deployment) or a cohort of users (simulation). Each sampled user
 trains on its own ratings against the received item parameters; the reply carries only
-the summed item-side change, a weight and loss sums. User vectors stay in context.state.
+the summed item-side change, a weight and loss sums. User vectors stay in context.state
+(or on the device's disk). A user who opted out or was erased on its device
+(client/controls.py) is left out like a device that dropped out: the server is not told.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from fedrec.run import schema
 from fedrec.run.build import device_policy
 from fedrec.run.config import RunConfig
 
+from . import controls, uploads
 from .node import load_state, node_data, save_state
 from .secure import is_secure_round, secure_reply, secure_train_mod
+from .storage import series_dir, state_root
 
 app = ClientApp()
 EVAL_CHUNK = 8192  # users scored at once: bounds evaluation memory on a node hosting many (65,536: +90 MB)
 
 
 class DeviceDropped(RuntimeError):
-    """A simulated failure (--dropout): Flower turns it into an error reply, as for a dead device."""
+    """No sampled user of the node trains (simulated failures, --dropout, or users who opted out
+    or were erased: one message for all, so the server cannot tell): Flower turns it into an
+    error reply, as for a dead device."""
 
 
 def _run_config(record) -> RunConfig:
@@ -81,8 +87,9 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     sampled = np.asarray(config[schema.USERS], dtype=np.int64)
     if cfg.dropout > 0:  # simulated failures: these devices go silent this round
         sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
-        if not len(sampled):
-            raise DeviceDropped(f"every sampled device of this node dropped out in round {round_} (--dropout)")
+    sampled = sampled[~controls.withheld(state_root(context), sampled)]  # opted out or erased: silent too
+    if not len(sampled):
+        raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
     if len(np.unique(sampled)) != len(sampled):  # a user trained twice would upload twice its clipped update
         raise ValueError(f"round {round_}: the server sent a user more than once")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
@@ -92,8 +99,18 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     result = device_step(items, state.take(local), node.shard.cohort(local.numpy()), node.meta.n_items, node.hyper,
                          device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), round_)
     state.put(local, result.state)
-    save_state(context, state, config, round_, positions)
+    save_state(context, state, config, round_, positions, keep_bases=cfg.keep_checkpoints)
+    if cfg.keep_checkpoints and state_root(context) and config.get(schema.SERIES):
+        _log_uploads(context, config, round_, sampled[result.took_part], result, cfg.clipping_norm)
     return result, cfg
+
+
+def _log_uploads(context: Context, config, round_: int, users: np.ndarray, result: DeviceResult,
+                 clip_norm: float) -> None:
+    """The device's own record of this round's uploads (uploads.py): kept with the run's device state."""
+    rows = np.bincount(result.update.pair_user.numpy(), minlength=len(users))
+    directory = series_dir(state_root(context), str(config[schema.SERIES]))
+    uploads.record(directory, round_, users, result.update.norms.numpy(), clip_norm, rows)
 
 
 @app.evaluate()
@@ -104,10 +121,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = node_data(cfg, context)
     state = load_state(context, node, cfg, config, up_to=int(config[schema.ROUND]))
     items, sums = _items(msg), {}
-    for start in range(0, len(node.users), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
-        chunk = np.arange(start, min(start + EVAL_CHUNK, len(node.users)))
+    scored = np.flatnonzero(~controls.withheld(state_root(context), node.users, training=False))  # not erased
+    for start in range(0, len(scored), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
+        chunk = scored[start:start + EVAL_CHUNK]
         add_sums(sums, evaluate_rows(items, state.take(torch.as_tensor(chunk)), node.shard.cohort(chunk),
                                      cfg.implicit, cfg.top_k, node.meta.rating_scale))
-    metrics = MetricRecord({schema.WEIGHT: len(node.users), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
+    metrics = MetricRecord({schema.WEIGHT: len(scored), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

@@ -120,9 +120,11 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
     return UserState.from_arrays(loaded[2])  # shares memory with what is held: save_state records changes
 
 
-def save_state(context: Context, state: UserState, config, round_: int, positions: np.ndarray) -> None:
+def save_state(context: Context, state: UserState, config, round_: int, positions: np.ndarray,
+               keep_bases: bool = False) -> None:
     """Record the state after `round_`, in which the users at `positions` trained: on the
-    device's disk (their rows only) if it has one, else in context.state for the run."""
+    device's disk (their rows only) if it has one, else in context.state for the run.
+    keep_bases: the run keeps its checkpoints, so the device keeps its state at each one."""
     root, series = state_root(context), str(config.get(SERIES, ""))
     if not (root and series):
         _keep(context, state)
@@ -130,7 +132,7 @@ def save_state(context: Context, state: UserState, config, round_: int, position
     directory = series_dir(root, series)
     held = _HELD.pop(str(directory), None)  # dropped if the write fails: the disk is the truth
     rows = state.take(torch.as_tensor(positions)).arrays()
-    name = save_delta(directory, round_, positions, rows, int(config.get(CHECKPOINT_ROUND, 0)))
+    name = save_delta(directory, round_, positions, rows, int(config.get(CHECKPOINT_ROUND, 0)), keep_bases)
     _hold(directory, (round_, name, state.arrays() if held is None else held[2]))
 
 

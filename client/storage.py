@@ -11,8 +11,11 @@ Layout of `<root>/<series>/`: `base-rNNNNNN-<id>/` holds every hosted user's sta
 round N (N = 0: the starting state); `delta-rNNNNNN-<id>.npz` holds the rows of the users
 that trained in round N. The state after round r is the newest base at or before r plus
 the deltas after it up to r, so a round writes what it changed, not the whole population.
-A delta that the server's last checkpoint has passed is folded into a new base. After a
-resume from round R, bases and deltas of later rounds (the cut-off timeline) are deleted.
+A delta that the server's last checkpoint has passed is folded into a new base; a run that
+keeps its checkpoints (--keep-checkpoints) keeps the older bases too, so the state at each
+checkpoint round stays (what `fedrec forget` replays from). After a resume from round R,
+bases, deltas and upload-log entries (uploads.py) of later rounds (the cut-off timeline)
+are deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Context
+
+from .uploads import UPLOADS
 
 ENV_DIR = "FEDREC_DEVICE_STATE_DIR"
 FIELDS = ("emb", "bias", "m", "v", "step")
@@ -81,9 +86,10 @@ def save_base(directory: Path, round_: int, arrays: dict[str, np.ndarray]) -> st
 
 
 def save_delta(directory: Path, round_: int, positions: np.ndarray, rows: dict[str, np.ndarray],
-               keep_from: int) -> str:
+               keep_from: int, keep_bases: bool = False) -> str:
     """Write the rows of the users at `positions` after `round_`; returns the entry's name.
-    Folds deltas the server's last checkpoint (`keep_from`) has passed into a new base."""
+    Folds deltas the server's last checkpoint (`keep_from`) has passed into a new base (and
+    deletes older bases unless `keep_bases`: each is the state at a checkpoint round)."""
     if round_ < 1:
         raise ValueError(f"round {round_} is not a training round")
     name = f"delta-r{round_:06d}-{secrets.token_hex(4)}.npz"
@@ -95,7 +101,7 @@ def save_delta(directory: Path, round_: int, positions: np.ndarray, rows: dict[s
         if old_round == round_ and old != name:
             _remove(directory / old)
     _update_steps(directory, positions, rows["step"])
-    _compact(directory, keep_from)
+    _compact(directory, keep_from, keep_bases)
     return name
 
 
@@ -136,7 +142,7 @@ def discard_after(root: Path, series: str, resumed: str) -> None:
     marker = directory / f"resumed-{match.group(2)}"
     if marker.exists():
         return
-    for pattern in (_BASE, _DELTA):
+    for pattern in (_BASE, _DELTA, UPLOADS):
         for round_, _, name in _entries(directory, pattern):
             if round_ > int(match.group(1)):
                 _remove(directory / name)
@@ -169,9 +175,11 @@ def start_steps(directory: Path, steps: np.ndarray) -> None:
     os.replace(directory / ".steps.tmp.npy", path)
 
 
-def _compact(directory: Path, keep_from: int) -> None:
+def _compact(directory: Path, keep_from: int, keep_bases: bool = False) -> None:
     """Fold the deltas up to the newest one at or before `keep_from` into a new base: no resume
-    can go back further than the server's last checkpoint."""
+    can go back further than the server's last checkpoint (unless it keeps them all: then the
+    older bases stay, one per checkpoint passed, and the state at any kept checkpoint round is
+    its newest base at or before that round plus the deltas after it)."""
     base_round = max((b[0] for b in _entries(directory, _BASE)), default=None)
     floor = max((d[0] for d in _entries(directory, _DELTA) if d[0] <= keep_from), default=None)
     if base_round is None or floor is None or floor <= base_round:
@@ -179,11 +187,36 @@ def _compact(directory: Path, keep_from: int) -> None:
     round_, _, arrays = load(directory, floor)
     save_base(directory, round_, arrays)
     for b_round, _, name in _entries(directory, _BASE):
-        if b_round < round_:
+        if b_round < round_ and not keep_bases:
             _remove(directory / name)
     for d_round, _, name in _entries(directory, _DELTA):
         if d_round <= round_:
             _remove(directory / name)
+
+
+def erase_position(directory: Path, position: int) -> None:
+    """Zero the state rows of the user at `position` in every base, drop them from every
+    delta, and zero its step count: nothing of its private state is left in the journal."""
+    for _, _, name in _entries(directory, _BASE):
+        for key in FIELDS:
+            array = np.load(directory / name / f"{key}.npy", mmap_mode="r+", allow_pickle=False)
+            array[position] = 0
+            array.flush()
+            del array
+    for _, _, name in _entries(directory, _DELTA):
+        with np.load(directory / name, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        keep = arrays["positions"] != position
+        if not keep.all():
+            tmp = directory / f".{name}.tmp"
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **{k: v[keep] for k, v in arrays.items()})
+            os.replace(tmp, directory / name)
+    steps = rounds_taken(directory)
+    if steps is not None and position < len(steps):
+        steps[position] = 0
+        np.save(directory / ".steps.tmp.npy", steps)
+        os.replace(directory / ".steps.tmp.npy", directory / "steps.npy")
 
 
 def _remove(path: Path) -> None:
@@ -198,8 +231,8 @@ def _remove(path: Path) -> None:
 
 
 def _entries(directory: Path, pattern: re.Pattern) -> list[tuple[int, str, str]]:
-    """(round, id, name) of the bases or deltas in `directory`."""
+    """(round, id, name) of the bases or deltas (or upload-log entries: no id) in `directory`."""
     if not directory.is_dir():
         return []
-    return sorted((int(m.group(1)), m.group(2), p.name) for p in directory.iterdir()
+    return sorted((int(m.group(1)), m.group(2) if pattern.groups > 1 else "", p.name) for p in directory.iterdir()
                   if (m := pattern.fullmatch(p.name)))

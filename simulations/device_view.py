@@ -1,0 +1,248 @@
+"""One device's side of a finished simulated run: what it stores, what it uploaded, its controls.
+
+What a phone would show its user, read from where the simulation keeps each device's disk
+(RUN_DIR.devices/node-P/, see fedrec.client.storage): its ratings (the run's data), its
+private vector and bias (the device state a run with --keep-checkpoints keeps, else
+re-fitted on the device from its ratings and the global model), its own upload log and
+consent flags. `set_consent` and `erase_device` act on that device only; the server is
+never told (fedrec.client.controls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedrec.client import controls, storage, uploads
+from fedrec.datasets import cohort
+from fedrec.models.personal import fit_user
+from fedrec.models.saved import MODEL_FILE, load_model
+from fedrec.run import schema
+from fedrec.run.build import hyper, load_data, num_nodes
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.server.validation import train_array_names
+
+from .federated import device_dir
+
+FROM_STATE = "device state of the run"
+REFITTED = "re-fitted on the device (the run kept no device state)"
+NEVER_TRAINED = "re-fitted on the device (this user never trained in the run)"
+ERASED = "erased on the device"
+NOISE = {"none": "none", "central": "central (added by the server to the sum)",
+         "local": "local (added on this device)", "distributed": "distributed (a share added on this device)"}
+NEVER_UPLOADED = ["ratings", "user vector", "user bias", "optimizer moments (m, v)", "optimizer step count"]
+
+
+@dataclass
+class Upload:
+    round: int
+    arrays: list[tuple[str, tuple[int, ...], int]]  # (name, shape, bytes) of what this user's update carried
+    norm: float  # L2 norm of the user's update before clipping
+    clipped_norm: float  # after clipping (== norm when no clipping)
+    noise: str
+    secure_aggregation: bool
+    epsilon: float | None  # privacy budget spent by this user after this round (None: no DP)
+
+
+@dataclass
+class DeviceView:
+    user: str
+    ratings: list[tuple[str, float]]
+    vector: np.ndarray
+    bias: float
+    vector_source: str
+    bytes_stored: int
+    uploads: list[Upload]
+    epsilon: float | None
+    never_uploaded: list[str]
+    audit_evidence: str
+    opted_out: bool
+    erased: bool
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a user of a run lives: the run's settings and data, its global id, its device's disk."""
+
+    run_dir: Path
+    cfg: RunConfig
+    index: int  # the user's global id (row of the data set)
+    root: Path  # the simulated device's disk: RUN_DIR.devices/node-P
+
+    @property
+    def split(self):
+        return load_data(self.cfg)
+
+
+def locate(run_dir: Path, user: str) -> Device:
+    """The device of `user` (the data set's own id) in the run at `run_dir`; ConfigError if none."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    for needed in (MODEL_FILE, "config.toml"):
+        if not (run_dir / needed).is_file():
+            raise ConfigError(f"{run_dir} has no {needed}; pass the directory of a finished federated run")
+    cfg = RunConfig.from_toml(run_dir / "config.toml")
+    split = load_data(cfg)
+    ids = split.user_ids if split.user_ids is not None else np.arange(split.n_users)
+    match = np.flatnonzero(ids.astype(str) == str(user).strip())
+    if not len(match):
+        raise ConfigError(f"unknown user {user!r}: {cfg.dataset} has users {ids[0]}..{ids[-1]} ({len(ids)} of them)")
+    index = int(match[0])
+    # the simulation's shards: contiguous shares of the users (fedrec.run.build.ensure_shards)
+    bounds = np.linspace(0, split.n_users, num_nodes(cfg, split.n_users) + 1).round().astype(np.int64)
+    node = int(np.searchsorted(bounds, index, side="right") - 1)
+    return Device(run_dir, cfg, index, device_dir(run_dir) / f"node-{node}")
+
+
+def _own_dir(device: Device) -> Path:
+    device.root.parent.mkdir(mode=0o700, exist_ok=True)  # the devices' disks are private (0700)
+    return device.root
+
+
+def set_consent(run_dir: Path, user: str, train: bool) -> None:
+    """Record on the user's device whether it may train. Opted out, the device leaves the user
+    out of every later round's training like a device that dropped out (it still evaluates and
+    gets recommendations); the server learns nothing beyond the reply weight it sees anyway."""
+    device = locate(run_dir, user)
+    try:
+        controls.set_training(_own_dir(device), device.index, train)
+    except ValueError as error:
+        raise ConfigError(f"user {user}: {error}") from None
+
+
+def erase_device(run_dir: Path, user: str) -> None:
+    """Erase the user on its device: its rows of private state (vector, bias, optimizer moments,
+    steps) in every kept base and delta, its upload-log entries and its consent flag; the device
+    then marks the user erased and never trains or evaluates it again. What is not erased here:
+    the user's ratings, which a simulated device reads from the public data set's shard cache
+    (shared by other runs, so left intact; a real device deletes its own copy), and the user's
+    influence on the global model, which `fedrec forget` removes by replay."""
+    device = locate(run_dir, user)
+    controls.erase(_own_dir(device), device.index)
+
+
+def device_view(run_dir: Path, user: str) -> DeviceView:
+    device = locate(run_dir, user)
+    cfg, split = device.cfg, device.split
+    flags = controls.read(device.root)
+    erased = device.index in flags["erased"]
+    items = load_model(device.run_dir)
+    rows = cohort(split, [device.index])
+    titles = split.item_titles
+    ratings = [] if erased else [
+        (str(titles[i]) if titles is not None else f"item {i}", float(r)) for i, r in zip(rows.train_item,
+                                                                                           rows.train_rating)]
+    state = None if erased else _kept_state(device)
+    log = [] if erased else [e for d in controls.series_dirs(device.root) for e in uploads.of_user(d, device.index)]
+    if erased:
+        vector, bias, source = np.zeros(cfg.dim, np.float32), 0.0, ERASED
+    elif state is not None and state["step"] > 0:
+        vector, bias, source = np.asarray(state["emb"], np.float32), float(state["bias"]), FROM_STATE
+    else:
+        fit = fit_user(items, rows.train_item, rows.train_rating, hyper(cfg))
+        vector, bias, source = fit.emb, fit.bias, NEVER_TRAINED if state is not None else REFITTED
+    ratings_bytes = 0 if erased else sum(a.nbytes for a in (rows.train_item, rows.train_rating, rows.test_item,
+                                                            rows.test_rating))
+    state_bytes = 0 if erased else (sum(np.asarray(v).nbytes for v in state.values()) if state is not None
+                                    else (3 * cfg.dim + 4) * 4)
+    shown = _uploads(device, log, split.n_items)
+    return DeviceView(user=str(user).strip(), ratings=ratings, vector=vector, bias=bias, vector_source=source,
+                      bytes_stored=ratings_bytes + state_bytes + len(log) * 4 * 8, uploads=shown,
+                      epsilon=_epsilon_so_far(device, shown), never_uploaded=list(NEVER_UPLOADED),
+                      audit_evidence=audit_evidence(device.run_dir, cfg),
+                      opted_out=device.index in flags["opted-out"], erased=erased)
+
+
+def _kept_state(device: Device) -> dict[str, np.ndarray] | None:
+    """The user's rows of the newest state its device kept (None: the run kept none)."""
+    for directory in controls.series_dirs(device.root):
+        owner = json.loads((directory / "owner.json").read_text())
+        position = device.index - int(owner["first_user"])
+        loaded = storage.load(directory, 2**31) if 0 <= position < int(owner["num_users"]) else None
+        if loaded is not None:
+            return {k: np.array(v[position]) for k, v in loaded[2].items()}
+    return None
+
+
+def upload_arrays(cfg: RunConfig, n_items: int, rows: int) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape, bytes) of one user's upload (fedrec.models.upload.build_upload): every item
+    row when dense (and always under SecAgg+), else the touched rows and their indices."""
+    dense = cfg.update_mode == "dense" or cfg.secure_aggregation != "none"
+    n = n_items if dense else rows
+    out = [] if dense else [(schema.ITEM_INDEX, (n,), 8 * n)]
+    out += [(schema.ITEM_EMB, (n, cfg.dim), 4 * n * cfg.dim), (schema.ITEM_BIAS, (n,), 4 * n),
+            (schema.GLOBAL_BIAS, (1,), 4)]
+    return out
+
+
+def _uploads(device: Device, log: list[uploads.Entry], n_items: int) -> list[Upload]:
+    cfg = device.cfg
+    plan = _plan(device) if cfg.dp == "local" else None
+    run_epsilon = _run_epsilons(device.run_dir) if cfg.dp in ("central", "distributed") else {}
+    shown = []
+    for count, entry in enumerate(log, start=1):
+        epsilon = None
+        if plan is not None:  # composed over this user's own participations (capped by its device)
+            epsilon = plan.epsilon(min(count, plan.max_rounds or count))
+        elif cfg.dp != "none":
+            epsilon = run_epsilon.get(entry.round)
+        shown.append(Upload(entry.round, upload_arrays(cfg, n_items, entry.rows), entry.norm, entry.clipped,
+                            NOISE[cfg.dp], cfg.secure_aggregation != "none", epsilon))
+    return shown
+
+
+def _plan(device: Device):
+    from fedrec.server.app import privacy_plan  # the run's own plan: z and the cap are in its config.toml
+
+    return privacy_plan(device.cfg, device.split.n_users)[1]
+
+
+def _run_epsilons(run_dir: Path) -> dict[int, float]:
+    """The run's epsilon after each round, as its strategy reported it (metrics.csv)."""
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    if "epsilon" not in frame:
+        return {}
+    frame = frame.dropna(subset=["epsilon"])
+    return {int(r): float(e) for r, e in zip(frame["round"], frame["epsilon"])}
+
+
+def _epsilon_so_far(device: Device, shown: list[Upload]) -> float | None:
+    if device.cfg.dp == "none":
+        return None
+    if device.cfg.dp == "local" and shown:
+        return shown[-1].epsilon
+    summary = json.loads((device.run_dir / "summary.json").read_text())
+    return float((summary.get("privacy") or {}).get("epsilon", 0.0))  # local DP: the most active user's, a bound
+
+
+def audit_evidence(run_dir: Path, cfg: RunConfig) -> str:
+    """One sentence: how the run's audit trail backs "never uploaded"."""
+    allowed = sorted(train_array_names(cfg))
+    path = run_dir / "audit.jsonl"
+    if cfg.dp == "none" and path.is_file():
+        replies, names = 0, set()
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            if "arrays" in entry:
+                replies += 1
+                names |= set(entry["arrays"])
+        other = sorted(names - set(allowed))
+        if other:
+            return f"audit.jsonl shows train replies carrying {', '.join(other)}: not only item-side arrays"
+        return (f"audit.jsonl lists the arrays of all {replies} train replies the server accepted: only "
+                f"{', '.join(sorted(names)) or 'none'}, never a user vector, bias or rating")
+    why = "a DP run keeps no per-reply audit file (it would count replies)" if cfg.dp != "none" else \
+        "this run has no audit.jsonl"
+    return (f"{why}; the server's schema check (fedrec.server.validation.check_train_reply) rejects any train "
+            f"reply holding an array other than {', '.join(allowed)}, so no user vector, bias or rating is accepted")
+
+
+def as_dict(view: DeviceView) -> dict:
+    """A JSON-ready form (the vector as a list)."""
+    out = dataclasses.asdict(view)
+    out["vector"] = [float(x) for x in view.vector]
+    return out
