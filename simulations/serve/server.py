@@ -34,8 +34,9 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {host}: anyone who can reach this address can use the page")
     try:
-        server.serve_forever()
+        server.serve_forever()  # werkzeug's returns on Ctrl-C (it catches KeyboardInterrupt)
     except KeyboardInterrupt:
-        say("stopped")
+        pass
     finally:
         server.server_close()
+    say("stopped")

@@ -1,0 +1,248 @@
+"""`fedrec serve`: the demo page through Flask's test client (no Ray, no browser), on a tiny central run."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from html import unescape
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedrec.simulations.cli import cli
+
+SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "central"
+    result = CliRunner().invoke(cli, ["central", *SMALL, "--epochs", "6", "--eval-every", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(run):
+    from fedrec.simulations.serve.demo import Demo
+
+    return Demo(run)
+
+
+@pytest.fixture
+def app(demo):
+    from fedrec.simulations.serve.app import create_app
+
+    return create_app(demo)
+
+
+def text_of(page: str, element_id: str) -> str:
+    """The text inside the element with this id (markup stripped), or '' if there is none."""
+    match = re.search(rf'<(\w+)[^>]*\bid="{element_id}"[^>]*>(.*?)</\1>', page, re.S)
+    return "" if match is None else " ".join(unescape(re.sub(r"<[^>]+>", " ", match.group(2))).split())
+
+
+def recommended(page: str) -> list[str]:
+    return re.findall(r'<li class="rec" data-item="([^"]+)">', page)
+
+
+def csrf(page: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def cold_start_form(client) -> tuple[str, list[str]]:
+    page = client.get("/new").get_data(as_text=True)
+    return csrf(page), re.findall(r'<select class="rating" id="[^"]+" name="(rating-[^"]+)"', page)
+
+
+def test_index_shows_the_user_form_the_cold_start_link_and_the_plot(app):
+    client = app.test_client()
+    page = client.get("/").get_data(as_text=True)
+    for element in ('<form id="pick-user"', 'id="user-input" name="user"', 'id="pick-button"', 'id="new-device"',
+                    '<img id="plot" src="/plot.png"'):
+        assert element in page
+    assert 'id="error"' not in page and "http" not in page.split("<body>")[0].replace("http-equiv", "")
+    plot = client.get("/plot.png")
+    assert plot.status_code == 200 and plot.mimetype == "image/png" and plot.data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get("/static/style.css").status_code == 200
+
+
+def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app, demo):
+    from fedrec.datasets import cohort
+
+    client = app.test_client()
+    picked = client.get("/device?user=7")
+    assert picked.status_code == 302 and picked.headers["Location"].endswith("/device/7")
+    page = client.get("/device/7").get_data(as_text=True)
+    rated = cohort(demo.split, [demo.row_of("7")]).train_item
+    assert "never uploaded" in text_of(page, "on-device")
+    assert all(f"<td>item {demo.item_ids[i]}</td>" in page for i in rated)  # synthetic titles: "item N"
+    assert len(text_of(page, "vector").split()) == 8 and text_of(page, "bias")
+    assert re.fullmatch(r"[\d,]+ bytes", text_of(page, "bytes-stored"))
+    picks = recommended(page)
+    assert len(picks) == 10 and not {str(demo.item_ids[i]) for i in rated} & set(picks)
+    scores = [float(s) for s in re.findall(r'<span class="score">([\d.]+)</span>', page)]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= 1 and max(scores) <= 5
+    for section in ("uploads", "epsilon", "consent", "forget", "opt-out", "forget-button"):
+        assert f'id="{section}"' in page
+    assert "fedrec forget --run" in text_of(page, "forget-status")
+
+
+def test_cold_start_recommends_ten_unrated_items_from_five_ratings(app):
+    client = app.test_client()
+    token, selects = cold_start_form(client)
+    assert len(selects) >= 12 and 'id="opt-in" name="opt-in" value="1">' in client.get("/new").get_data(as_text=True)
+    rated = selects[:5]
+    reply = client.post("/new", data={"csrf": token, **{name: "5" for name in rated}})
+    page = reply.get_data(as_text=True)
+    assert reply.status_code == 200 and 'id="error"' not in page
+    picks = recommended(page)
+    assert len(picks) == 10 and not {name.removeprefix("rating-") for name in rated} & set(picks)
+    assert float(text_of(page, "fit-seconds")) < 0.5
+    assert "You did not opt in: this device sends nothing" in page and 'id="join"' not in page
+
+
+def test_opting_in_shows_what_would_be_sent_and_that_nothing_was(app, demo):
+    client = app.test_client()
+    token, selects = cold_start_form(client)
+    page = client.post("/new", data={"csrf": token, "opt-in": "1", **{n: "4" for n in selects[:4]}}).get_data(
+        as_text=True)
+    join = text_of(page, "join")
+    assert f"item-emb {demo.split.n_items}×8" in join and "Nothing was sent" in join
+
+
+@pytest.mark.parametrize("form, status, message", [
+    ({}, 400, "the form is empty"),
+    ({"rating-X": "9"}, 400, "outside the scale 1 to 5"),
+    ({"rating-X": "four"}, 400, "is not a number"),
+    ({"rating-X": "nan"}, 400, "outside the scale"),
+    ({"rating-X": "3"}, 400, "too few"),
+    ({"rating-nosuchitem": "3"}, 400, "unknown movie"),
+])
+def test_bad_cold_start_input_is_a_clear_message_on_the_page(app, form, status, message):
+    client = app.test_client()
+    token, selects = cold_start_form(client)
+    form = {k.replace("rating-X", selects[0]): v for k, v in form.items()}
+    reply = client.post("/new", data={"csrf": token, **form})
+    page = reply.get_data(as_text=True)
+    assert reply.status_code == status and message in text_of(page, "error") and "Traceback" not in page
+    assert '<form id="cold-start-form"' in page  # the visitor can correct it right there
+
+
+def test_unknown_user_is_404_with_a_message_and_the_form_to_try_again(app):
+    client = app.test_client()
+    for path in ("/device/100000", "/device?user=100000", "/plot.png?user=100000"):
+        reply = client.get(path)
+        page = reply.get_data(as_text=True)
+        assert reply.status_code == 404 and "unknown user '100000'" in text_of(page, "error"), path
+        assert '<form id="pick-user"' in page and "Traceback" not in page
+    assert "type a user id" in text_of(client.get("/device?user=").get_data(as_text=True), "error")
+    assert client.get("/no/such/page").status_code == 404
+
+
+def test_concurrent_visitors_do_not_see_each_others_cold_start_devices(app):
+    alice, bob = app.test_client(), app.test_client()
+    token_a, selects = cold_start_form(alice)
+    token_b, _ = cold_start_form(bob)
+    assert token_a != token_b
+    mine = alice.post("/new", data={"csrf": token_a, **{n: "5" for n in selects[:5]}}).get_data(as_text=True)
+    assert recommended(mine)
+    assert not recommended(bob.get("/new").get_data(as_text=True))  # Bob sees no device of his own yet
+    theirs = bob.post("/new", data={"csrf": token_b, **{n: "1" for n in selects[-5:]}}).get_data(as_text=True)
+    assert recommended(alice.get("/new").get_data(as_text=True)) == recommended(mine)
+    assert recommended(bob.get("/new").get_data(as_text=True)) == recommended(theirs)
+    # one visitor's form token does not work for another, nor does a form without one
+    assert bob.post("/new", data={"csrf": token_a, selects[0]: "3"}).status_code == 400
+    assert app.test_client().post("/new", data={selects[0]: "3"}).status_code == 400
+    cookie = alice.get_cookie("fedrec_visitor")
+    assert cookie.http_only and cookie.same_site == "Lax" and len(cookie.value) >= 32
+    alice.post("/new/forget", data={"csrf": token_a})
+    assert not recommended(alice.get("/new").get_data(as_text=True))
+
+
+def test_consent_and_forget_buttons_act_on_the_device_side(app, monkeypatch):
+    import fedrec.simulations.serve.app as serve_app
+
+    calls = []
+
+    class DeviceSide:  # records what the page asks of the device
+        @staticmethod
+        def set_consent(run_dir, user, train):
+            calls.append(("consent", user, train))
+
+        @staticmethod
+        def erase_device(run_dir, user):
+            calls.append(("erase", user))
+
+    monkeypatch.setattr(serve_app, "device_side", lambda: DeviceSide)
+    client = app.test_client()
+    token, _ = cold_start_form(client)
+    reply = client.post("/device/7/consent", data={"csrf": token, "train": "0"})
+    assert reply.status_code == 303 and reply.headers["Location"].endswith("/device/7#consent")
+    assert client.post("/device/7/forget", data={"csrf": token}).status_code == 303
+    assert client.post("/device/7/forget", data={}).status_code == 400  # no form token: refused
+    assert client.post("/device/100000/forget", data={"csrf": token}).status_code == 404
+    assert calls == [("consent", "7", False), ("erase", "7")]
+
+
+def test_an_unexpected_error_is_one_line_on_the_page_not_a_traceback(app, monkeypatch):
+    import fedrec.simulations.serve.app as serve_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(serve_app, "recommend", broken)
+    reply = app.test_client().get("/device/7")
+    page = reply.get_data(as_text=True)
+    assert reply.status_code == 500 and text_of(page, "error") == "internal error: RuntimeError: disk on fire"
+    assert "Traceback" not in page and "second line" not in page
+
+
+def test_a_compare_directory_serves_its_federated_run_with_the_central_reference(run, tmp_path):
+    import shutil
+
+    from fedrec.simulations.serve.demo import Demo
+
+    shutil.copytree(run, tmp_path / "cmp" / "central")
+    shutil.copytree(run, tmp_path / "cmp" / "federated")
+    demo = Demo(tmp_path / "cmp")
+    assert demo.paths.run == tmp_path / "cmp" / "federated" and demo.central_value() > 0
+    assert demo.forget_command("7") == f"fedrec forget --run {tmp_path / 'cmp' / 'federated'} --user 7"
+    assert demo.example_users()[0] == "0" and len(demo.well_known(15)) == 15
+    counts = np.bincount(demo.split.train.item, minlength=demo.split.n_items)
+    assert counts[demo.well_known(1)[0]] == counts.max()  # the most-rated movie comes first
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--run", "nowhere"], "nowhere is not a directory"),
+    (["--run", "."], "has no model.npz"),
+    (["--port", "70000"], "70000 is not in the range"),
+])
+def test_serve_bad_input_is_one_line_exit_2(run, tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    full = ["serve", "--run", str(run), *args] if "--run" not in args else ["serve", *args]
+    result = CliRunner().invoke(cli, full)
+    assert result.exit_code == 2 and expected in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_serve_prints_its_url_once_listening_and_stops_on_ctrl_c(run):
+    command = [sys.executable, "-c", "from fedrec.simulations.cli import main; main()", "serve", "--run", str(run),
+               "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert url, line
+        with urllib.request.urlopen(url.group(0), timeout=10) as reply:
+            assert reply.status == 200 and 'id="pick-user"' in reply.read().decode()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0 and "stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
