@@ -26,6 +26,7 @@ def metric_history(demo: Demo) -> tuple[str, pd.DataFrame]:
 
 def plot_png(demo: Demo, device_epsilon: list[tuple[int, float]] | None = None, device: str | None = None) -> bytes:
     from matplotlib.figure import Figure  # not pyplot: its global state is not safe across the server's threads
+    from matplotlib.ticker import MaxNLocator
 
     x, frame = metric_history(demo)
     metric = demo.metric
@@ -55,12 +56,14 @@ def plot_png(demo: Demo, device_epsilon: list[tuple[int, float]] | None = None, 
             ax.plot(points[x], points["epsilon"], color="#7d3c98", label="the run's (any user)")
         if device_epsilon:
             rounds, eps = zip(*device_epsilon)
-            ax.step(rounds, eps, where="post", marker="o", color="#d35400", label=f"device {device}")
+            ax.plot(rounds, eps, marker="o", linestyle="--", color="#d35400", label=f"device {device}'s rounds")
         ax.set_xlabel(x)
         ax.set_ylabel("epsilon")
         ax.set_title("privacy budget spent (epsilon)")
         ax.grid(alpha=0.3)
         ax.legend()
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and epochs are whole
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
