@@ -7,11 +7,12 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
@@ -107,10 +108,13 @@ class FederatedOutcome:
 
 
 def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
-               stop: threading.Event | None = None, catalogue: tuple | None = None) -> FederatedOutcome:
+               stop: threading.Event | None = None, catalogue: tuple | None = None,
+               exclude: Iterable[int] = ()) -> FederatedOutcome:
     """Run (or, with cfg.resume, continue) a federation. `stop`: when set, the run ends after
     the current round with a checkpoint and status "interrupted". `catalogue`: the public item
-    ids and titles, saved with the model, where the operator has them (the server reads no data)."""
+    ids and titles, saved with the model, where the operator has them (the server reads no data).
+    `exclude`: users (global ids) drawn and then dropped in every round, as `fedrec forget`'s
+    exclusion list (kept in RUN_DIR.checkpoints/) does for a resumed run."""
     start = time.perf_counter()
     saved = None
     if cfg.resume:
@@ -168,6 +172,12 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if saved:
         restore(strategy, saved, run_dir)
         state.last_round = state.resumed_from = saved.round
+    elif cfg.keep_checkpoints:
+        checkpoint.forget_kept(run_dir)
+    strategy.excluded = excluded_users(set(exclude) | set(checkpoint.excluded(run_dir) if saved else ()),
+                                       directory.population)
+    if cfg.keep_checkpoints and not saved:  # round 0: a replay may start before anyone trained
+        save_checkpoint(state, strategy, keep=True, write=False)
     out.write_config()
     state.status("running", rounds=state.last_round)
     stopped = interrupted = None
@@ -202,6 +212,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
                               "--secagg-threshold, or start more nodes")
         summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
         out.write_results(items, "round", catalogue)
+        if cfg.keep_checkpoints:  # the last round's too: its participation counts tell forget who ever took part
+            save_checkpoint(state, strategy, keep=True, write=False)
     except BaseException as error:
         state.status(f"failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
                      rounds=state.last_round, resumable=False)
@@ -209,6 +221,18 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     state.status("completed", **summary)
     checkpoint.remove(run_dir)  # the server's memory; the run is over
     return FederatedOutcome(summary, strategy.history, items, run_dir, audit, time.perf_counter() - start)
+
+
+def excluded_users(users: set[int], population: int) -> np.ndarray | None:
+    """The users to leave out, as a mask over the population (None: nobody)."""
+    if not users:
+        return None
+    if max(users) >= population or min(users) < 0:
+        raise ConfigError(f"the exclusion list names users outside the federation's {population}; "
+                          "replay against the same data set and nodes")
+    mask = np.zeros(population, bool)
+    mask[sorted(users)] = True
+    return mask
 
 
 def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start) -> dict:

@@ -8,7 +8,10 @@ generator states. Every seeded stream is keyed by (seed, round), so the round nu
 never written anywhere, a checkpoint included.
 
 The checkpoint is the server's memory, not a release: it is written beside the run's
-outputs while the run is going, and deleted once the run completes.
+outputs while the run is going, and deleted once the run completes. A run that keeps its
+checkpoints (--keep-checkpoints) also copies the one of round 0, of every checkpoint round
+and of its last round into RUN_DIR.checkpoints/ (beside the run directory, 0700, never
+released), with the list of users `fedrec forget` excluded: what a replay starts from.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +75,17 @@ def load_optimizer(opt: ServerOptimizer, arrays: dict[str, np.ndarray]) -> None:
 
 
 def save(run_dir: Path, ck: Checkpoint) -> Path:
+    return _write(Path(run_dir) / CHECKPOINT, ck)
+
+
+def _write(path: Path, ck: Checkpoint) -> Path:
     meta = {"format": FORMAT, "round": ck.round, "series": ck.series, "rounds_trained": ck.rounds_trained,
             "epsilon": ck.epsilon, "history": ck.history, "bytes_up": ck.bytes_up, "bytes_down": ck.bytes_down}
     arrays = {f"items.{k}": v for k, v in ck.items.items()}
     arrays |= {f"opt.{k}": v for k, v in ck.optimizer.items()}
     arrays["participation"] = ck.participation
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)
-    path = run_dir / CHECKPOINT
-    tmp = run_dir / (CHECKPOINT + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
         handle.flush()
@@ -92,6 +99,10 @@ def load(run_dir: Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {CHECKPOINT}: the run completed (checkpoints are removed then) "
                               "or never reached one; start a new run")
+    return _read(path)
+
+
+def _read(path: Path) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -139,3 +150,59 @@ def load_progress(run_dir: Path) -> tuple[int, np.ndarray | None]:
     with np.load(path, allow_pickle=False) as data:
         return int(data["round"]), (data["participation"] if "participation" in data.files else None)
 
+
+
+# ---------------------------------------------------------------- kept checkpoints (--keep-checkpoints)
+def kept_dir(run_dir: Path) -> Path:
+    """The server's kept memory of a run: beside its directory, not in it (not a release)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + ".checkpoints")
+
+
+def _kept_path(run_dir: Path, round_: int) -> Path:
+    return kept_dir(run_dir) / f"checkpoint-r{round_:06d}.npz"
+
+
+def keep(run_dir: Path, ck: Checkpoint) -> Path:
+    kept_dir(run_dir).mkdir(mode=0o700, exist_ok=True)
+    return _write(_kept_path(run_dir, ck.round), ck)
+
+
+def kept_rounds(run_dir: Path) -> list[int]:
+    folder = kept_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem.split("-r")[1]) for p in folder.glob("checkpoint-r*.npz"))
+
+
+def load_kept(run_dir: Path, round_: int) -> Checkpoint:
+    return _read(_kept_path(run_dir, round_))
+
+
+def restore_kept(run_dir: Path, round_: int) -> None:
+    """Make the kept checkpoint of `round_` the run's checkpoint: `--resume` then continues from it."""
+    tmp = Path(run_dir) / (CHECKPOINT + ".tmp")
+    shutil.copyfile(_kept_path(run_dir, round_), tmp)
+    os.replace(tmp, Path(run_dir) / CHECKPOINT)
+
+
+EXCLUDED = "excluded.json"
+
+
+def excluded(run_dir: Path) -> list[int]:
+    """Users (global ids) the server leaves out of every round it samples: drawn, then dropped."""
+    path = kept_dir(run_dir) / EXCLUDED
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def exclude(run_dir: Path, user: int) -> None:
+    users = sorted(set(excluded(run_dir)) | {int(user)})
+    kept_dir(run_dir).mkdir(mode=0o700, exist_ok=True)
+    tmp = kept_dir(run_dir) / (EXCLUDED + ".tmp")
+    tmp.write_text(json.dumps(users))
+    os.replace(tmp, kept_dir(run_dir) / EXCLUDED)
+
+
+def forget_kept(run_dir: Path) -> None:
+    """A new run's kept memory starts empty (a leftover of an earlier run of that name is not its)."""
+    shutil.rmtree(kept_dir(run_dir), ignore_errors=True)

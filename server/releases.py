@@ -78,6 +78,11 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
                             "an interrupted run (or one failed after a checkpoint) keeps them to resume: then they "
                             "reveal who was sampled (local/distributed DP participation counts; snapshot names) and "
                             "the devices' private vectors, so such a directory is not to be shared"),
+        "kept checkpoints and forget's exclusion list (RUN_DIR.checkpoints/), kept device state (RUN_DIR.devices/)": (
+            "not released", "with --keep-checkpoints the server keeps its checkpoints (round 0, every checkpoint "
+                            "round, the last) and the devices their state and upload logs after the run, beside the "
+                            "run directory (0700), for `fedrec forget` to replay from; they hold participation "
+                            "counts, the users forgotten and the devices' private vectors: never to be shared"),
         "Flower log lines counting replies or sampled nodes, run timings, train metrics": (
             "not released", "filtered out of the flwr logger for the run (WithheldLogLines)"),
         "run seed's use for noise, decoys and sampling": (

@@ -66,15 +66,20 @@ class RunState:
         self.out.write_summary({"status": status, **self.summary, **extra})
 
 
-def save_checkpoint(state: RunState, strategy: FedRecStrategy) -> None:
+def save_checkpoint(state: RunState, strategy: FedRecStrategy, keep: bool = False, write: bool = True) -> None:
+    """The run's checkpoint (`write`) and, with `keep`, a kept copy (RUN_DIR.checkpoints/)."""
     from .checkpoint import optimizer_arrays
 
     private = strategy.privacy is not None
-    checkpoint.save(state.run_dir, checkpoint.Checkpoint(
+    ck = checkpoint.Checkpoint(
         round=state.last_round, series=state.series, items=strategy.items.numpy(),
         optimizer=optimizer_arrays(strategy.optimizer), participation=_participation(strategy),
         rounds_trained=strategy.rounds_trained, epsilon=strategy.epsilon, history=strategy.history,
-        bytes_up=0 if private else strategy.bytes_up, bytes_down=0 if private else strategy.bytes_down))
+        bytes_up=0 if private else strategy.bytes_up, bytes_down=0 if private else strategy.bytes_down)
+    if write:
+        checkpoint.save(state.run_dir, ck)
+    if keep:
+        checkpoint.keep(state.run_dir, ck)
 
 
 def _participation(strategy: FedRecStrategy) -> np.ndarray:
@@ -140,7 +145,7 @@ def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state
         strategy.finish_round()  # its row goes to metrics.csv (on_round) before the checkpoint below
         state.last_round = server_round
         if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0 and server_round < cfg.rounds:
-            save_checkpoint(state, strategy)
+            save_checkpoint(state, strategy, keep=cfg.keep_checkpoints)
 
 
 def _last_checkpoint(last_round: int, every: int) -> int:

@@ -84,6 +84,8 @@ class FedRecStrategy(FedAvg):
         self.epsilon = 0.0
         self.rounds_trained = 0
         self.participation = np.zeros(directory.population, np.int64)  # rounds each user took part in
+        # users `fedrec forget` removed: drawn like everyone, then dropped, so the others' draws do not change
+        self.excluded: np.ndarray | None = None
         self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
 
     # ---------------------------------------------------------------- privacy
@@ -149,6 +151,8 @@ class FedRecStrategy(FedAvg):
         eligible = None
         if self.privacy and self.privacy.max_rounds:  # local/distributed: devices refuse past their cap anyway
             eligible = self.participation < self.privacy.max_rounds
+        if self.excluded is not None:
+            eligible = ~self.excluded if eligible is None else eligible & ~self.excluded
         users = sample_users(self.directory.population, self.cfg.users_per_round, self.cfg.sampling,
                              sampling_rng(self.cfg, server_round), eligible)
         self.participation[users] += 1

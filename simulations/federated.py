@@ -11,7 +11,7 @@ import dataclasses
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,9 +42,11 @@ def check_population(cfg: RunConfig) -> int:
 
 
 def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
-             num_cpus: int | None = None, say: Callable[[str], None] = print) -> FederatedOutcome:
+             num_cpus: int | None = None, say: Callable[[str], None] = print,
+             exclude: Iterable[int] = ()) -> FederatedOutcome:
     """Run (or with cfg.resume continue) a simulation. Ctrl-C/SIGTERM: the run stops after
-    the current round with a checkpoint and the outcome's status is "interrupted"."""
+    the current round with a checkpoint and the outcome's status is "interrupted".
+    `exclude`: users (global ids) the server draws and then drops in every round."""
     if cfg.resume:
         cfg = resumed_config(cfg)
     cfg = cfg.resolved().validate()
@@ -64,7 +66,8 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     def _main(grid: Grid, context: Context) -> None:
         pull_often(grid)
         try:
-            outcome["result"] = run_server(grid, cfg, on_round, stop=stop, catalogue=read_items(shards))
+            outcome["result"] = run_server(grid, cfg, on_round, stop=stop, catalogue=read_items(shards),
+                                           exclude=exclude)
         except BaseException as error:  # run_simulation only logs; hand it to the caller
             outcome["error"] = error
             raise
@@ -95,9 +98,10 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
             raise RuntimeError("the simulation ended without a result; see the Flower log above")
     finally:
         # The devices' private state is no output: it stays only while the run can be resumed
-        # (interrupted, or failed after a checkpoint).
+        # (interrupted, or failed after a checkpoint), or, with --keep-checkpoints, beside the run.
         result = outcome.get("result")
-        if (result.status != "interrupted") if result else not (run_dir / CHECKPOINT).is_file():
+        resumable = (result.status == "interrupted") if result else (run_dir / CHECKPOINT).is_file()
+        if not (resumable or cfg.keep_checkpoints):
             shutil.rmtree(devices, ignore_errors=True)
     return outcome["result"]
 

@@ -1,0 +1,135 @@
+"""`fedrec forget`: erase a user on its device and remove its influence from the model by exact replay.
+
+The run must keep its checkpoints (--keep-checkpoints). The user's device erases its state
+(device_view.erase_device); the server adds the user to its exclusion list (server memory,
+RUN_DIR.checkpoints/, never sent to a device) and replays the federation, through the same
+engine and resume machinery as `fedrec simulate --resume`, from the last kept checkpoint
+before the user first took part (its participation count there is 0; round 0 always
+qualifies) to the run's last round. The excluded user is drawn like everyone and then
+dropped, so every other user's randomness (sampling, negatives, initial vectors) is what it
+was, and a seeded run ends exactly where a run that never had the user ends. A run whose
+noise, sampling or decoys come from OS entropy replays with fresh draws: not the same numbers
+as a run without the user, only the same distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.models.saved import load_model
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.rundir import write_json
+from fedrec.server import checkpoint
+
+from .device_view import erase_device, locate
+
+
+def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], None] = print) -> dict:
+    """Erase `user` (the data set's own id) on its device and replay the run without it; returns
+    {"rounds_replayed", "seconds", "from_round", "last_round", "exact", "note"} (+ "verify")."""
+    device = locate(run_dir, user)
+    run_dir, cfg = device.run_dir, device.cfg
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("status") != "completed":
+        raise ConfigError(f"{run_dir} is not a completed run (status {summary.get('status')!r}); "
+                          "finish it first (fedrec simulate --resume)")
+    rounds = checkpoint.kept_rounds(run_dir)
+    if not cfg.keep_checkpoints or 0 not in rounds:
+        raise ConfigError(no_replay(summary, run_dir))
+    erase_device(run_dir, user)
+    last, start = max(rounds), replay_start(run_dir, rounds, device.index)
+    checkpoint.exclude(run_dir, device.index)  # before the replay: a crashed replay resumes without the user too
+    began = time.perf_counter()
+    if start < last:
+        replay(run_dir, start, say)
+    seconds = time.perf_counter() - began
+    exact = reproducible(cfg)
+    report = {"rounds_replayed": last - start, "seconds": round(seconds, 3), "from_round": start,
+              "last_round": last, "exact": exact,
+              "note": "seeded run: the replay equals a run that never had the user" if exact else
+              "noise, sampling or decoys come from OS entropy: the replay drew them afresh, so it is a run without "
+              "the user, not equal to any other; the model released before still holds the user's influence"
+              + (f", bounded by epsilon {summary['privacy']['epsilon']:.4g}" if summary.get("privacy") else "")}
+    _record(run_dir, report, summary.get("replays", []), private=cfg.dp != "none")
+    say(f"erased on its device; replayed rounds {start + 1}..{last} ({report['rounds_replayed']} rounds) in "
+        f"{seconds:.1f} s from the checkpoint of round {start}")
+    if verify:
+        report["verify"] = never_had(run_dir, cfg, device.index, say)
+        worst = max(report["verify"]["max_abs_diff"].values())
+        say(f"against a run that never had the user: max |difference| {worst:.3g} over every model array"
+            + ("" if exact else " (not expected to be 0: fresh noise)"))
+    return report
+
+
+def no_replay(summary: dict, run_dir: Path) -> str:
+    """Why replay is impossible and what bounds the user's remaining influence."""
+    privacy = summary.get("privacy")
+    bound = (f"the model bounds the user's influence only by its DP guarantee, epsilon {privacy['epsilon']:.4g} at "
+             f"delta {privacy['delta']:g} (summary.json)" if privacy else
+             "without DP nothing bounds the user's influence on the model: retrain without the user")
+    return (f"cannot replay {run_dir.name} without the user: it kept no checkpoints (run with --keep-checkpoints); "
+            f"{bound}")
+
+
+def reproducible(cfg: RunConfig) -> bool:
+    """Does every random draw of the run come from its seed (so a replay repeats the others' draws)?"""
+    return cfg.reproducible_noise or (cfg.dp == "none" and cfg.update_mode != "padded")
+
+
+def replay_start(run_dir: Path, rounds: list[int], user: int) -> int:
+    """The last kept checkpoint before `user` first took part (round 0 if the counts were not kept)."""
+    start = 0
+    for round_ in rounds:
+        counts = checkpoint.load_kept(run_dir, round_).participation
+        if round_ > 0 and (not len(counts) or counts[user] > 0):
+            break
+        start = round_
+    return start
+
+
+def replay(run_dir: Path, from_round: int, say: Callable[[str], None] = print):
+    """Continue the run from its kept checkpoint of `from_round` to its last round, replacing
+    model.npz, metrics.csv, summary.json and the later kept checkpoints (the server applies its
+    exclusion list; devices drop their state after `from_round`, as on any resume)."""
+    from .federated import simulate
+
+    for later in checkpoint.kept_rounds(run_dir):
+        if later > from_round:  # replaced as the replay passes them; none of the old timeline stays
+            (checkpoint.kept_dir(run_dir) / f"checkpoint-r{later:06d}.npz").unlink()
+    checkpoint.restore_kept(run_dir, from_round)
+    outcome = simulate(RunConfig(resume=str(run_dir)), say=say)
+    if outcome.status != "completed":
+        raise ConfigError(f"the replay stopped ({outcome.status}); run fedrec forget again to finish it")
+    return outcome
+
+
+def never_had(run_dir: Path, cfg: RunConfig, user: int, say: Callable[[str], None] = print) -> dict:
+    """The run from scratch with `user` excluded from round 1 (same settings and seed, in a temp
+    dir): per model array, the max absolute difference from the run's model."""
+    from .federated import simulate
+
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedrec-forget-verify-") as tmp:
+        fresh = dataclasses.replace(cfg, out=str(Path(tmp) / "run"), resume="", keep_checkpoints=False)
+        outcome = simulate(fresh, exclude=[user], say=say)
+    replayed, reference = load_model(run_dir).numpy(), outcome.items.numpy()
+    diffs = {name: float(np.max(np.abs(replayed[name].astype(np.float64) - reference[name])))
+             for name in reference}
+    return {"max_abs_diff": diffs, "seconds": round(time.perf_counter() - began, 3)}
+
+
+def _record(run_dir: Path, report: dict, earlier: list, private: bool) -> None:
+    """summary.json says only that a replay happened: its rounds (and seconds, which a DP run does
+    not release), after the `earlier` ones. Never who was forgotten."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())  # the replay wrote it afresh
+    entry = {"rounds": report["rounds_replayed"]} | ({} if private else {"seconds": report["seconds"]})
+    summary["replays"] = [*earlier, entry]
+    write_json(path, summary)
