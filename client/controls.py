@@ -54,7 +54,7 @@ def set_training(root: Path, user: int, train: bool) -> None:
     """The user's consent to train (False: opted out), recorded on its device."""
     controls = read(root)
     if user in controls["erased"]:
-        raise ValueError(f"user {user} was erased on this device; it takes no part any more")
+        raise ValueError("erased on its device, it takes no part any more")
     (controls["opted-out"].discard if train else controls["opted-out"].add)(user)
     _write(root, controls)
 

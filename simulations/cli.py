@@ -557,6 +557,47 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central or
 
 
 @cli.command()
+def consent(run: Path = typer.Option(..., "--run", help="a finished federated run directory"),
+            user: str = typer.Option(..., help="the user's id in the data set"),
+            opt_out: bool = typer.Option(False, "--opt-out", help="the device stops training this user"),
+            opt_in: bool = typer.Option(False, "--opt-in", help="the device trains this user again")) -> None:
+    """Record a user's consent to train on its own device (the server is not told).
+
+    Opted out, the device leaves the user out of training in every later round, like a
+    device that dropped out; it still evaluates and gets recommendations."""
+    from fedrec.simulations.device_view import set_consent
+
+    if opt_out == opt_in:
+        _fail("pass one of --opt-out and --opt-in")
+    try:
+        set_consent(run, user, train=opt_in)
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+    out.print(f"user {user}: {'opted in to' if opt_in else 'opted out of'} training, recorded on its device",
+              highlight=False, markup=False)
+
+
+@cli.command()
+def forget(run: Path = typer.Option(..., "--run", help="a finished federated run that kept its checkpoints"),
+           user: str = typer.Option(..., help="the user's id in the data set"),
+           verify: bool = typer.Option(False, "--verify", help="also run the never-had-the-user run from "
+                                                               "scratch and compare the models")) -> None:
+    """Erase a user on its device and remove its influence from the model by exact replay.
+
+    Replays the federation without the user from the last checkpoint kept before the user
+    first took part (needs a run made with --keep-checkpoints); reports what it cost."""
+    _quiet_engines()
+    from fedrec.simulations.forget import forget as run_forget
+
+    try:
+        report = run_forget(run, user, verify, say=lambda line: out.print(line, highlight=False, markup=False))
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+    out.print(f"rounds replayed: {report['rounds_replayed']} (from round {report['from_round']} to "
+              f"{report['last_round']}), {report['seconds']:.1f} s; {report['note']}", highlight=False, markup=False)
+
+
+@cli.command()
 def serve(run: Path = typer.Option(..., "--run", help="a finished central, federated or compare run directory"),
           host: str = typer.Option("127.0.0.1", help="address to listen on (loopback: only this machine)"),
           port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
