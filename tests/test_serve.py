@@ -246,3 +246,21 @@ def test_serve_prints_its_url_once_listening_and_stops_on_ctrl_c(run):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedrec.models import Hyper, ItemParams
+    from fedrec.simulations.serve.device import fit_implicit
+
+    gen = torch.Generator().manual_seed(0)
+    items = ItemParams(torch.randn(60, 4, generator=gen), torch.zeros(60), torch.tensor([0.0]))
+    demo = SimpleNamespace(items=items, split=SimpleNamespace(n_items=60),
+                           hyper=Hyper(dim=4, implicit=True, reg_user=0.001, reg_bias=0.001, train_negatives=4))
+    watched = np.argsort(-items.emb[:, 0].numpy())[:8]  # the items highest on factor 0
+    fit = fit_implicit(demo, watched)
+    logits = items.emb.numpy() @ fit.emb + fit.bias
+    assert fit.emb[0] > 0 and logits[watched].mean() > np.delete(logits, watched).mean() + 1

@@ -154,11 +154,39 @@ def cold_start(demo: Demo, ratings: dict[int, float], opt_in: bool) -> ColdStart
     rows = np.fromiter(ratings, dtype=np.int64)
     values = np.array([ratings[r] for r in rows.tolist()], dtype=np.float32)
     start = time.perf_counter()
-    fit = fit_user(demo.items, rows, values, demo.hyper)
+    fit = fit_implicit(demo, rows) if demo.implicit else fit_user(demo.items, rows, values, demo.hyper)
     picks = recommend(demo, fit.emb, fit.bias, rows)
     seconds = time.perf_counter() - start
     return ColdStart([(demo.titles[r], float(v)) for r, v in zip(rows.tolist(), values.tolist())], fit.emb,
                      fit.bias, picks, seconds, opt_in, next_upload(demo, rows, values, fit) if opt_in else None)
+
+
+def fit_implicit(demo: Demo, positives: np.ndarray):
+    """A new device's (p_u, b_u) on implicit feedback: every rated movie is a positive, with
+    train-negatives x as many unrated movies drawn from OS entropy as negatives, and local
+    training's loss (BCE on the logits plus reg per row) minimized with the items fixed. The
+    loss is convex in (p_u, b_u): Newton's method reaches its minimum in a few steps."""
+    import torch
+
+    from fedrec.models.personal import UserFit
+
+    unrated = np.setdiff1d(np.arange(demo.split.n_items), positives)
+    negatives = np.random.default_rng().choice(unrated, len(positives) * max(1, demo.hyper.train_negatives))
+    item = torch.as_tensor(np.concatenate([positives, negatives]))
+    target = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).double()
+    features = torch.cat([demo.items.emb.detach().double()[item], torch.ones(len(item), 1, dtype=torch.float64)], 1)
+    offset = demo.items.global_bias.double() + demo.items.bias.detach().double()[item]
+    penalty = 2 * len(item) * torch.tensor([demo.hyper.reg_user] * demo.hyper.dim + [demo.hyper.reg_bias]).double()
+    weights = torch.zeros(features.shape[1], dtype=torch.float64)
+    for _ in range(50):
+        prob = torch.sigmoid(features @ weights + offset)
+        gradient = features.T @ (prob - target) + penalty * weights
+        hessian = features.T @ (features * (prob * (1 - prob))[:, None]) + torch.diag(penalty)
+        step = torch.linalg.solve(hessian, gradient)
+        weights -= step
+        if float(step.abs().max()) < 1e-9:
+            break
+    return UserFit(weights[:-1].float().numpy(), float(weights[-1]))
 
 
 def next_upload(demo: Demo, rows: np.ndarray, values: np.ndarray, fit) -> dict:
