@@ -264,3 +264,18 @@ def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
     fit = fit_implicit(demo, watched)
     logits = items.emb.numpy() @ fit.emb + fit.bias
     assert fit.emb[0] > 0 and logits[watched].mean() > np.delete(logits, watched).mean() + 1
+
+
+def test_opting_out_and_forgetting_show_on_the_device_page(app):
+    client = app.test_client()
+    token, _ = cold_start_form(client)
+    before = client.get("/device/12").get_data(as_text=True)
+    assert "opted out" not in text_of(before, "consent-status") and "erased" not in text_of(before, "forget-status")
+    client.post("/device/12/consent", data={"csrf": token, "train": "0"})
+    page = client.get("/device/12").get_data(as_text=True)
+    assert "opted out" in text_of(page, "consent-status") and len(recommended(page)) == 10  # still recommended to
+    assert 'id="opt-back-in"' in page and 'id="opt-out"' not in page
+    page = client.get(client.post("/device/12/forget", data={"csrf": token}).headers["Location"]).get_data(
+        as_text=True)
+    assert "erased" in text_of(page, "forget-status") and "fedrec forget --run" in text_of(page, "forget-status")
+    assert text_of(page, "vector") == "erased" and text_of(page, "bytes-stored") == "0 bytes" and not recommended(page)

@@ -125,12 +125,8 @@ def create_app(demo: Demo) -> Flask:
 
     def change_device(user: str, change, anchor: str):
         demo.row_of(user)
-        side = device_side()
-        if side is None:
-            raise BadInput("this fedrec has no device-side state to change (fedrec.simulations.device_view is "
-                           "missing)")
         with device_lock:
-            change(side)
+            change(device_side())
         return redirect(url_for("device", user=user) + anchor, code=303)
 
     @app.post("/device/<user>/consent")

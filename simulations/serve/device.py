@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,8 +19,6 @@ from .demo import Demo
 
 TOP = 10
 MIN_RATINGS = 3
-NOISE = {"none": "none", "central": "central (added by the server to the sum)",
-         "local": "local (added on this device)", "distributed": "distributed (a share added on this device)"}
 
 
 class BadInput(ConfigError):
@@ -35,30 +32,11 @@ class Recommendation:
     score: float
 
 
-@dataclass
-class RefittedView:
-    """The fields of fedrec.simulations.device_view.DeviceView, for runs it cannot describe."""
-
-    user: str
-    ratings: list[tuple[str, float]]
-    vector: np.ndarray
-    bias: float
-    vector_source: str = "re-fitted on the device (the run kept no device state)"
-    bytes_stored: int = 0
-    uploads: list = field(default_factory=list)
-    epsilon: float | None = None
-    never_uploaded: list[str] = field(default_factory=lambda: ["user vector", "user bias"])
-    audit_evidence: str = ""
-    opted_out: bool = False
-    erased: bool = False
-
-
 def device_side():
-    """fedrec.simulations.device_view where it is installed (the device's real state), else None."""
-    try:
-        from fedrec.simulations import device_view
-    except ImportError:
-        return None
+    """fedrec.simulations.device_view, the device's own account and controls; imported on first
+    use (it pulls in the server's reply validation and Flower: seconds the first page need not wait)."""
+    from fedrec.simulations import device_view
+
     return device_view
 
 
@@ -71,33 +49,9 @@ def own_ratings(demo: Demo, user: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def view_of(demo: Demo, user: str):
-    """The device's own account of itself (DeviceView), or a re-fit where the run kept no state."""
-    demo.row_of(user)  # unknown users are refused the same way whichever side answers
-    side = device_side()
-    if side is not None:
-        return side.device_view(demo.paths.run, user)
-    from fedrec.models.personal import fit_user
-
-    item, rating = own_ratings(demo, user)
-    fit = fit_user(demo.items, item, rating, demo.hyper)
-    held = item.astype(np.int32).nbytes + rating.astype(np.float32).nbytes + fit.emb.nbytes + 4
-    return RefittedView(user, [(demo.titles[i], float(r)) for i, r in zip(item.tolist(), rating.tolist())],
-                        fit.emb, fit.bias, bytes_stored=held, audit_evidence=_audit_evidence(demo.paths.run))
-
-
-def _audit_evidence(run: Path) -> str:
-    """What the run's audit trail says left the devices (fallback wording when device_view is absent)."""
-    import json
-
-    names: set[str] = set()
-    try:
-        with open(run / "audit.jsonl") as audit:
-            for line in audit:
-                names.update(json.loads(line).get("arrays", {}))
-    except (OSError, ValueError):
-        return "This run kept no audit trail (a central run, or a DP run, which writes none)."
-    return (f"The run's audit.jsonl lists every array each device sent: only {', '.join(sorted(names)) or 'none'}, "
-            "no user vector or bias.")
+    """The device's own account of itself (fedrec.simulations.device_view.DeviceView)."""
+    demo.row_of(user)  # an unknown user is a 404 of the page, whichever side would notice
+    return device_side().device_view(demo.paths.run, user)
 
 
 def recommend(demo: Demo, vector: np.ndarray, bias: float, rated_rows, n: int = TOP) -> list[Recommendation]:
@@ -211,5 +165,5 @@ def next_upload(demo: Demo, rows: np.ndarray, values: np.ndarray, fit) -> dict:
     norm = float(result.update.norms[0])
     return {"arrays": [(name, tuple(a.shape), int(a.nbytes)) for name, a in result.upload.items()],
             "norm": norm, "clipped_norm": min(norm, policy.clip_norm) if policy.clip_norm > 0 else norm,
-            "noise": NOISE.get(demo.cfg.dp, demo.cfg.dp),
+            "noise": device_side().NOISE[demo.cfg.dp],
             "secure_aggregation": demo.cfg.secure_aggregation != "none"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from fedrec.run.config import ConfigError
@@ -31,6 +32,9 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
     server = make_page_server(run, host, port, data_dir)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request would drown the URL
     say(f"fedrec serve: {url(host, server.port)} (Ctrl-C stops)")
+    from .device import device_side
+
+    threading.Thread(target=device_side, daemon=True).start()  # the device pages' imports, while the index shows
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {host}: anyone who can reach this address can use the page")
     try:
