@@ -419,7 +419,7 @@ def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central 
                 out_dir: str = typer.Option("", "--out", help="where serve_bench.json goes [default: "
                                                               "runs/serve-bench-<time>]")) -> None:
     """The demo page's speed: `fedrec serve` start to first page, and a cold-start fit + top-10
-    (in process and through POST /new) for 5, 10 and 20 ratings; writes OUT/serve_bench.json."""
+    (in process and through POST /new) for 5, 10, 15 and 20 ratings; writes OUT/serve_bench.json."""
     from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, check_run, run_serve_bench
 
     try:

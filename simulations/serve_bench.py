@@ -217,7 +217,7 @@ def check_run(run: Path) -> Path:
 
 
 def run_serve_bench(run: Path, out: Path, starts: int = 5, repeats: int = 200, http_repeats: int = 30,
-                    counts: tuple[int, ...] = (5, 10, 20), log=print) -> dict:
+                    counts: tuple[int, ...] = (5, 10, 15, 20), log=print) -> dict:
     run = check_run(run)
     cfg = RunConfig.from_toml(run / "config.toml")
     split = load_data(cfg)
