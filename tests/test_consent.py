@@ -1,0 +1,164 @@
+"""Consent on the device: an opted-out user is left out of training exactly like a device that
+was not sampled, keeps evaluating, and the federation respects it in every later round."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.client import controls, storage, uploads
+from fedrec.client.app import app as client_app
+from fedrec.client.storage import ENV_DIR
+from fedrec.models import ItemParams
+from fedrec.run import schema
+from fedrec.run.build import hyper, load_data
+from fedrec.run.config import ConfigError
+from fedrec.server import checkpoint
+from fedrec.server.app import run_server
+from fedrec.server.sampling import sample_users, sampling_rng
+from fedrec.simulations.device_view import device_view, erase_device, set_consent
+from fedrec.simulations.federated import device_dir
+from fedrec.simulations.inprocess import InProcessGrid
+
+
+def _message(cfg, users, kind=MessageType.TRAIN) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    items = ItemParams.init(load_data(cfg).n_items, hyper(cfg), 3.0)
+    config = ConfigRecord(cfg.to_dict())
+    config[schema.ROUND] = 1
+    config[schema.USERS] = list(users)
+    meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind)
+    arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
+    return Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), metadata=meta)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                   run_config={})
+
+
+def _reply(cfg, users, kind=MessageType.TRAIN):
+    content = client_app(_message(cfg, users, kind), _context()).content
+    arrays = {k: v.numpy() for k, v in content[schema.ARRAYS].items()} if schema.ARRAYS in content else {}
+    return arrays, dict(content[schema.METRICS])
+
+
+def test_a_reply_with_a_user_opted_out_is_the_reply_without_that_user(small_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
+    cfg = small_cfg.resolved()
+    controls.set_training(tmp_path / "devices" / "node-0", 4, train=False)
+    opted_out, metrics = _reply(cfg, [3, 4, 5])
+    not_sampled, expected = _reply(cfg, [3, 5])
+    assert metrics == expected and metrics[schema.WEIGHT] == 2
+    assert opted_out.keys() == not_sampled.keys()
+    for name, array in not_sampled.items():
+        np.testing.assert_array_equal(opted_out[name], array)
+    controls.set_training(tmp_path / "devices" / "node-0", 4, train=True)  # opted back in: it trains again
+    assert _reply(cfg, [3, 4, 5])[1][schema.WEIGHT] == 3
+
+
+def test_an_opted_out_user_still_evaluates_and_an_erased_one_does_not(small_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
+    cfg = small_cfg.resolved()
+    root = tmp_path / "devices" / "node-0"
+    everyone = _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT]
+    controls.set_training(root, 4, train=False)
+    assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone
+    controls.erase(root, 4)
+    assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone - 1
+    assert controls.read(root) == {"opted-out": set(), "erased": {4}}
+    with pytest.raises(ValueError, match="erased"):
+        controls.set_training(root, 4, train=True)
+
+
+def test_a_node_whose_every_sampled_user_opted_out_replies_like_a_dropped_device(small_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
+    cfg = small_cfg.resolved()
+    controls.set_training(tmp_path / "devices" / "node-0", 4, train=False)
+    with pytest.raises(Exception, match="dropped out in round 1$"):  # the same words as --dropout: nothing told
+        client_app(_message(cfg, [4]), _context())
+
+
+def _kept_run(small_cfg, tmp_path, monkeypatch, **changes):
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(small_cfg, rounds=4, eval_every=2, users_per_round=20, checkpoint_every=1,
+                              keep_checkpoints=True, out=str(run), **changes)
+    monkeypatch.setenv(ENV_DIR, str(device_dir(run)))
+    run_server(InProcessGrid(client_app, 2), cfg)
+    return cfg, run
+
+
+def _trained_rounds(run: Path, user: int) -> list[int]:
+    """The rounds `user`'s device logged an upload for (its own upload log)."""
+    return [e.round for root in device_dir(run).iterdir() for d in controls.series_dirs(root)
+            for e in uploads.of_user(d, user)]
+
+
+def test_the_federation_respects_an_opt_out_in_the_rounds_that_follow(small_cfg, tmp_path, monkeypatch):
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    sampled = {r: set(sample_users(60, 20, "fixed", sampling_rng(cfg, r)).tolist()) for r in (1, 2, 3, 4)}
+    user = min(sampled[1] & sampled[3])  # trained in round 1, sampled again later
+    assert 1 in _trained_rounds(run, user) and 3 in _trained_rounds(run, user)
+    set_consent(run, str(user), train=False)
+    assert device_view(run, str(user)).opted_out
+    checkpoint.restore_kept(run, 1)  # continue from round 1 with the run's own resume path
+    run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, resume=str(run)))
+    assert _trained_rounds(run, user) == [1]  # sampled in round 3 again, but its device stayed silent
+    others = sampled[3] - {user}
+    assert all(3 in _trained_rounds(run, u) for u in others)
+    view = device_view(run, str(user))
+    assert view.opted_out and [u.round for u in view.uploads] == [1] and view.ratings  # keeps its data
+
+
+def test_consent_of_an_unknown_user_or_a_run_without_a_model_is_a_config_error(small_cfg, tmp_path, monkeypatch):
+    _, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match="unknown user '60'"):
+        set_consent(run, "60", train=False)
+    with pytest.raises(ConfigError, match="has no model.npz"):
+        set_consent(tmp_path, "1", train=False)
+    erase_device(run, "5")
+    with pytest.raises(ConfigError, match="user 5: erased"):
+        set_consent(run, "5", train=True)
+
+
+@pytest.mark.engine
+def test_through_the_engine_an_opted_out_device_trains_in_no_later_round(tmp_path):
+    from fedrec.simulations.federated import simulate
+    from fedrec.simulations.forget import replay
+
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(_engine_cfg(), out=str(run))
+    simulate(cfg)
+    sampled = {r: set(sample_users(80, 30, "fixed", sampling_rng(cfg, r)).tolist()) for r in (1, 2, 3, 4)}
+    user = min(sampled[1] & (sampled[3] | sampled[4]))
+    set_consent(run, str(user), train=False)
+    steps_before = _steps(run, user, 1)
+    replay(run, 1)  # the kept checkpoint of round 1, resumed through Ray to the last round
+    assert _trained_rounds(run, user) == [1]
+    assert _steps(run, user, 4) == steps_before  # its private state did not move after round 1
+    assert all(max(_trained_rounds(run, u)) >= 3 for u in (sampled[3] | sampled[4]) - {user})
+
+
+def _engine_cfg():
+    from fedrec.run.config import RunConfig
+
+    return RunConfig(dataset="synthetic", synthetic_users=80, synthetic_items=40, synthetic_density=0.2, dim=8,
+                     rounds=4, eval_every=4, users_per_round=30, checkpoint_every=1, keep_checkpoints=True)
+
+
+def _steps(run: Path, user: int, round_: int) -> float:
+    for root in device_dir(run).iterdir():
+        for directory in controls.series_dirs(root):
+            owner = json.loads((directory / "owner.json").read_text())
+            position = user - owner["first_user"]
+            if 0 <= position < owner["num_users"]:
+                return float(storage.load(directory, round_)[2]["step"][position])
+    raise AssertionError(f"no device holds user {user}")
