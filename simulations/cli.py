@@ -412,7 +412,8 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
 
 
 @cli.command("serve-bench")
-def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central or federated run directory"),
+def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central, federated or compare run "
+                                                             "directory"),
                 starts: int = typer.Option(5, min=1, help="fresh `fedrec serve` processes to time"),
                 repeats: int = typer.Option(200, min=1, help="in-process cold-start fits per number of ratings"),
                 http_repeats: int = typer.Option(30, min=1, help="POST /new per number of ratings"),
@@ -420,10 +421,10 @@ def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central 
                                                               "runs/serve-bench-<time>]")) -> None:
     """The demo page's speed: `fedrec serve` start to first page, and a cold-start fit + top-10
     (in process and through POST /new) for 5, 10, 15 and 20 ratings; writes OUT/serve_bench.json."""
-    from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, check_run, run_serve_bench
+    from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, model_dir, run_serve_bench
 
     try:
-        check_run(run)  # before making OUT: a wrong --run leaves nothing behind
+        model_dir(run)  # before making OUT: a wrong --run leaves nothing behind
         run_dir = make_run_dir(RunConfig(out=out_dir), "serve-bench")
         report = run_serve_bench(run, run_dir, starts, repeats, http_repeats,
                                  log=lambda line: console.print(line, highlight=False))

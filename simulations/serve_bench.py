@@ -208,24 +208,28 @@ def fit_over_http(run: Path, counts: list[int], repeats: int, top: int = 5, seed
     return report
 
 
-def check_run(run: Path) -> Path:
+def model_dir(run: Path) -> Path:
+    """Where the served model is: the run itself, or a `fedrec compare` directory's federated/ run
+    (what `fedrec serve` shows for it)."""
     run = Path(run)
+    model = run / "federated" if (run / "federated" / MODEL_FILE).is_file() else run
     for needed in (MODEL_FILE, "config.toml"):
-        if not (run / needed).is_file():
-            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central or federated run")
-    return run
+        if not (model / needed).is_file():
+            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central, federated or "
+                              "compare run")
+    return model
 
 
 def run_serve_bench(run: Path, out: Path, starts: int = 5, repeats: int = 200, http_repeats: int = 30,
                     counts: tuple[int, ...] = (5, 10, 15, 20), log=print) -> dict:
-    run = check_run(run)
-    cfg = RunConfig.from_toml(run / "config.toml")
+    run, model = Path(run), model_dir(run)
+    cfg = RunConfig.from_toml(model / "config.toml")
     split = load_data(cfg)
     user = str(split.user_ids[0]) if split.user_ids is not None else "0"
     report = {"run": str(run.resolve()), "dataset": cfg.dataset, "targets": {"first_page_seconds": FIRST_PAGE_TARGET,
                                                                              "fit_top10_seconds": FIT_TARGET}}
     report["start_up"] = start_up(run, user, starts, log)
-    report["fit_top10_in_process"] = fit_in_process(run, cfg, list(counts), repeats)
+    report["fit_top10_in_process"] = fit_in_process(model, cfg, list(counts), repeats)
     log(f"fit + top-10 in process: median {report['fit_top10_in_process']['all']['median'] * 1000:.1f} ms")
     report["fit_top10_http"] = fit_over_http(run, list(counts), http_repeats, int(split.rating_scale[1]), log=log)
     out.mkdir(parents=True, exist_ok=True)
