@@ -1,0 +1,166 @@
+"""Forgetting a user: the exclusion leaves everyone else's draws alone, the device erases what it
+holds, the upload log, and exact replay through the real engine equals a run that never had the user."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedrec.client import controls, storage, uploads
+from fedrec.client.app import app as client_app
+from fedrec.client.storage import ENV_DIR
+from fedrec.models.saved import load_model
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.server import checkpoint
+from fedrec.server.app import run_server
+from fedrec.server.sampling import sample_users, sampling_rng
+from fedrec.simulations.cli import cli
+from fedrec.simulations.device_view import erase_device
+from fedrec.simulations.federated import device_dir
+from fedrec.simulations.forget import forget, replay_start
+from fedrec.simulations.inprocess import InProcessGrid
+
+
+@pytest.mark.parametrize("method", ["fixed", "poisson"])
+def test_an_excluded_user_is_drawn_and_dropped_so_the_others_draws_do_not_change(method):
+    cfg = RunConfig(seed=3)
+    for round_ in range(1, 6):
+        everyone = sample_users(500, 50, method, sampling_rng(cfg, round_))
+        gone = everyone[:2]  # users this round would have drawn
+        mask = np.ones(500, bool)
+        mask[gone] = False
+        np.testing.assert_array_equal(sample_users(500, 50, method, sampling_rng(cfg, round_), mask),
+                                      np.setdiff1d(everyone, gone))
+
+
+def _kept_run(small_cfg, tmp_path, monkeypatch, name="run", exclude=(), **changes):
+    run = tmp_path / name
+    cfg = dataclasses.replace(small_cfg, rounds=4, eval_every=2, users_per_round=20, checkpoint_every=1,
+                              keep_checkpoints=True, out=str(run), **changes)
+    monkeypatch.setenv(ENV_DIR, str(device_dir(run)))
+    run_server(InProcessGrid(client_app, 2), cfg, exclude=exclude)
+    return cfg, run
+
+
+def _first_rounds(cfg, population=60) -> dict[int, int]:
+    first: dict[int, int] = {}
+    for round_ in range(1, cfg.rounds + 1):
+        for user in sample_users(population, cfg.users_per_round, cfg.sampling, sampling_rng(cfg, round_)):
+            first.setdefault(int(user), round_)
+    return first
+
+
+def test_kept_checkpoints_count_participation_and_the_excluded_user_never_takes_part(small_cfg, tmp_path,
+                                                                                    monkeypatch):
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    assert checkpoint.kept_rounds(run) == [0, 1, 2, 3, 4] and not (run / checkpoint.CHECKPOINT).exists()
+    assert oct(checkpoint.kept_dir(run).stat().st_mode & 0o777) == "0o700" and device_dir(run).is_dir()
+    first = _first_rounds(cfg)
+    late = next(u for u, r in first.items() if r == 3)
+    assert replay_start(run, checkpoint.kept_rounds(run), late) == 2
+    never = next(u for u in range(60) if u not in first)
+    assert replay_start(run, checkpoint.kept_rounds(run), never) == 4  # nothing to replay
+
+    _, without = _kept_run(small_cfg, tmp_path, monkeypatch, "without", exclude=[late])
+    counts, counts_without = (checkpoint.load_kept(r, 4).participation for r in (run, without))
+    assert counts[late] > 0 and counts_without[late] == 0
+    counts[late] = 0
+    np.testing.assert_array_equal(counts, counts_without)  # everyone else was drawn exactly as before
+
+
+def test_a_run_without_the_counts_replays_from_round_0(small_cfg, tmp_path, monkeypatch):
+    _, run = _kept_run(small_cfg, tmp_path, monkeypatch, dp="central", clipping_norm=0.5, noise_multiplier=1.0)
+    assert len(checkpoint.load_kept(run, 2).participation) == 0  # central DP keeps no participation counts
+    assert replay_start(run, checkpoint.kept_rounds(run), 7) == 0
+
+
+def test_the_device_logs_each_round_its_users_uploaded_with_norms_before_and_after_clipping(small_cfg, tmp_path,
+                                                                                          monkeypatch):
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch, clipping_norm=0.05)
+    (series,) = controls.series_dirs(device_dir(run) / "node-0")
+    logged = {r: np.load(p)["users"].tolist() for r, p in uploads.entries(series)}
+    hosted = range(30)  # node 0 of 2 hosts users 0..29
+    assert logged == {r: [u for u in sample_users(60, 20, "fixed", sampling_rng(cfg, r)) if u in hosted]
+                      for r in range(1, 5)}
+    entries = [e for u in hosted for e in uploads.of_user(series, u)]
+    assert entries and all(e.clipped <= 0.05 and e.clipped == pytest.approx(min(e.norm, 0.05), rel=1e-5)
+                           for e in entries)
+    assert any(e.norm > 0.05 for e in entries) and all(e.rows > 0 for e in entries)
+    storage.discard_after(device_dir(run) / "node-0", series.name, "2-0badcafe")  # a resume from round 2
+    assert [r for r, _ in uploads.entries(series)] == [1, 2]
+
+
+def _digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        sha.update(path.name.encode() + path.read_bytes())
+    return sha.hexdigest()
+
+
+def test_erase_removes_the_users_state_and_log_on_its_device_and_leaves_the_shared_data_alone(
+        small_cfg, tmp_path, monkeypatch):
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    user = next(u for u, r in _first_rounds(cfg).items() if r == 1 and u < 30)
+    (series,) = controls.series_dirs(device_dir(run) / "node-0")
+    before = storage.load(series, 4)[2]
+    before = {k: np.array(v) for k, v in before.items()}
+    shards = _digest(Path(os.environ["FEDREC_SHARD_CACHE"]))
+    erase_device(run, str(user))
+    after = {k: np.array(v) for k, v in storage.load(series, 4)[2].items()}
+    for key in storage.FIELDS:
+        assert not after[key][user].any()
+        others = np.arange(30) != user
+        np.testing.assert_array_equal(after[key][others], before[key][others])
+    for base in series.glob("base-r*"):
+        assert not np.load(base / "emb.npy")[user].any()
+    for delta in series.glob("delta-r*.npz"):
+        assert user not in np.load(delta)["positions"]
+    assert uploads.of_user(series, user) == [] and controls.read(series.parent)["erased"] == {user}
+    assert _digest(Path(os.environ["FEDREC_SHARD_CACHE"])) == shards
+
+
+def test_forget_without_kept_checkpoints_says_replay_is_impossible_and_what_bounds_the_user(small_cfg, tmp_path,
+                                                                                           monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv(ENV_DIR, str(device_dir(run)))
+    run_server(InProcessGrid(client_app, 2), dataclasses.replace(small_cfg, rounds=2, out=str(run)))
+    with pytest.raises(ConfigError, match="kept no checkpoints.*retrain without the user"):
+        forget(run, "3")
+    result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", "3"])
+    assert result.exit_code == 2 and "replay" in result.output and "Traceback" not in result.output
+    summary = json.loads((run / "summary.json").read_text())
+    summary["privacy"] = {"epsilon": 2.5, "delta": 1e-5}  # what a DP run's summary holds
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match="epsilon 2.5 at delta 1e-05"):
+        forget(run, "3")
+    assert not controls.read(device_dir(run) / "node-0")["erased"]  # nothing done when nothing can be replayed
+
+
+@pytest.mark.engine
+def test_forget_equals_the_run_that_never_had_the_user(shared_data, tmp_path):
+    from fedrec.simulations.federated import simulate
+
+    run = tmp_path / "run"
+    cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(shared_data), rounds=4, eval_every=4,
+                    users_per_round=100, checkpoint_every=1, keep_checkpoints=True, out=str(run))
+    first = _first_rounds(cfg, 943)
+    index = next(u for u, r in sorted(first.items()) if r == 3)  # first takes part in round 3
+    simulate(cfg)
+    before = load_model(run).numpy()
+    user = str(index + 1)  # ML-100K's own user ids are 1..943
+    report = forget(run, user, verify=True)
+    assert report["from_round"] == 2 and report["rounds_replayed"] == 4 - 2 and report["exact"]
+    assert max(report["verify"]["max_abs_diff"].values()) <= 1e-6
+    after = load_model(run).numpy()
+    assert max(float(np.abs(before[k] - after[k]).max()) for k in before) > 1e-4  # the user's influence was there
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and [set(r) for r in summary["replays"]] == [{"rounds", "seconds"}]
+    assert checkpoint.excluded(run) == [index] and not list(run.glob("excluded*"))
+    assert checkpoint.kept_rounds(run) == [0, 1, 2, 3, 4]
