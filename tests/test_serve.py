@@ -89,7 +89,7 @@ def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app
     assert scores == sorted(scores, reverse=True) and min(scores) >= 1 and max(scores) <= 5
     for section in ("uploads", "epsilon", "consent", "forget", "opt-out", "forget-button"):
         assert f'id="{section}"' in page
-    assert "fedrec forget --run" in text_of(page, "forget-status")
+    assert "No replay here: a central run trained on everyone's pooled ratings" in text_of(page, "forget-replay")
 
 
 def test_cold_start_recommends_ten_unrated_items_from_five_ratings(app):
@@ -277,5 +277,36 @@ def test_opting_out_and_forgetting_show_on_the_device_page(app):
     assert 'id="opt-back-in"' in page and 'id="opt-out"' not in page
     page = client.get(client.post("/device/12/forget", data={"csrf": token}).headers["Location"]).get_data(
         as_text=True)
-    assert "erased" in text_of(page, "forget-status") and "fedrec forget --run" in text_of(page, "forget-status")
+    assert "erased" in text_of(page, "forget-status")
     assert text_of(page, "vector") == "erased" and text_of(page, "bytes-stored") == "0 bytes" and not recommended(page)
+
+
+@pytest.mark.parametrize("exit_code, shown", [
+    (0, "The user's influence was removed from the global model: rounds replayed: 3 (from round 2 to 5)"),
+    (2, "The replay failed: error: cannot replay"),
+])
+def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, monkeypatch, exit_code, shown):
+    import time
+
+    from fedrec.simulations.serve.app import create_app
+    from fedrec.simulations.serve.demo import Demo
+
+    monkeypatch.setattr(Demo, "can_replay", True)
+    report = "rounds replayed: 3 (from round 2 to 5)" if exit_code == 0 else "error: cannot replay"
+    fake = (f"import sys, time; time.sleep(0.5); assert sys.argv[1:] == ['forget', '--run', {str(demo.paths.run)!r}, "
+            f"'--user', '9']; print('erased on its device'); print({report!r}); sys.exit({exit_code})")
+    client = create_app(demo, replay_command=[sys.executable, "-c", fake]).test_client()
+    token, _ = cold_start_form(client)
+    assert 'id="forget-replay-button"' in client.get("/device/9").get_data(as_text=True)
+    assert client.post("/device/9/forget/replay", data={"csrf": token}).status_code == 303
+    page = client.get("/device/9").get_data(as_text=True)
+    assert "Replaying the federation without this user" in text_of(page, "forget-replay")
+    assert '<meta http-equiv="refresh"' in page  # the page follows the replay without JavaScript
+    assert "another replay is running" in text_of(
+        client.post("/device/10/forget/replay", data={"csrf": token}).get_data(as_text=True), "error")
+    for _ in range(100):
+        page = client.get("/device/9").get_data(as_text=True)
+        if "refresh" not in page:
+            break
+        time.sleep(0.1)
+    assert shown in text_of(page, "forget-replay")

@@ -23,6 +23,7 @@ from fedrec.run.config import ConfigError
 from .demo import Demo, UnknownUser
 from .device import MIN_RATINGS, TOP, BadInput, cold_start, device_side, own_ratings, parse_ratings, recommend, view_of
 from .plot import plot_png
+from .replay import Replays
 
 COOKIE = "fedrec_visitor"
 COLD_START_ITEMS = 15
@@ -53,13 +54,20 @@ class ColdStarts:
             self._devices.pop(visitor, None)
 
 
-def create_app(demo: Demo) -> Flask:
+def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
+    """The page for `demo`; `replay_command` runs `fedrec` for the forget replay (default: the installed one)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a rating form is a few hundred bytes
     secret = secrets.token_bytes(32)
     devices = ColdStarts()
     device_lock = threading.Lock()  # consent and erasure write the device's state: one at a time
     plots: dict[str, bytes] = {}
+
+    def replayed():  # the replay rewrote the model and the metrics: serve the new ones
+        demo.reload_model()
+        plots.clear()
+
+    replays = app.extensions["fedrec-replays"] = Replays(demo.paths.run, replayed, replay_command)
 
     @app.before_request
     def identify_visitor():
@@ -121,7 +129,8 @@ def create_app(demo: Demo) -> Flask:
         rated, _ = own_ratings(demo, user)
         picks = [] if view.erased else recommend(demo, view.vector, view.bias, rated, TOP)
         return page("device.html", view=view, recommended=picks, forget_command=demo.forget_command(user),
-                    plot=url_for("plot", user=user))
+                    plot=url_for("plot", user=user), replay=replays.status(view.user), can_replay=demo.can_replay,
+                    no_replay=demo.no_replay())
 
     def change_device(user: str, change, anchor: str):
         demo.row_of(user)
@@ -137,6 +146,14 @@ def create_app(demo: Demo) -> Flask:
     @app.post("/device/<user>/forget")
     def forget(user: str):
         return change_device(user, lambda side: side.erase_device(demo.paths.run, user), "#forget")
+
+    @app.post("/device/<user>/forget/replay")
+    def forget_replay(user: str):
+        demo.row_of(user)
+        if not demo.can_replay:
+            raise BadInput(demo.no_replay())
+        replays.start(user.strip())
+        return redirect(url_for("device", user=user) + "#forget", code=303)
 
     @app.get("/plot.png")
     def plot():

@@ -87,6 +87,25 @@ class Demo:
         self.popular = np.argsort(-np.bincount(self.split.train.item, minlength=self.split.n_items),
                                   kind="stable")
 
+    def reload_model(self) -> None:
+        """Read model.npz and summary.json again (after a forget replay rewrote them)."""
+        self.items = load_model(self.paths.run)
+        self.summary = _read_json(self.paths.run / "summary.json")
+
+    @property
+    def can_replay(self) -> bool:
+        """Can `fedrec forget` replay this run without a user (a completed federated run that kept checkpoints)?"""
+        return self.federated and self.cfg.keep_checkpoints and self.summary.get("status") == "completed"
+
+    def no_replay(self) -> str:
+        """Why forgetting cannot replay this run, and what bounds the user's influence instead."""
+        if not self.federated:
+            return ("a central run trained on everyone's pooled ratings: removing a user's influence means training "
+                    "again without the user")
+        from fedrec.simulations.forget import no_replay
+
+        return no_replay(self.summary, self.paths.run)
+
     @property
     def metric(self) -> str:
         return f"hr@{self.cfg.top_k}" if self.implicit else "rmse"

@@ -43,4 +43,5 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
         pass
     finally:
         server.server_close()
+        server.app.extensions["fedrec-replays"].stop()  # a replay cut short resumes on the next fedrec forget
     say("stopped")
