@@ -53,7 +53,8 @@ def plot_png(demo: Demo, device_epsilon: list[tuple[int, float]] | None = None, 
         ax = axes[0][1]
         if "epsilon" in frame and frame["epsilon"].notna().any():
             points = frame[[x, "epsilon"]].dropna()
-            ax.plot(points[x], points["epsilon"], color="#7d3c98", label="the run's (any user)")
+            ax.plot(points[x], points["epsilon"], color="#7d3c98", linewidth=4, alpha=0.35,  # shows under the device
+                    label="the run's (any user)")
         if device_epsilon:
             rounds, eps = zip(*device_epsilon)
             ax.plot(rounds, eps, marker="o", linestyle="--", color="#d35400", label=f"device {device}'s rounds")
