@@ -65,16 +65,17 @@ def _get(opener, url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 
 class Server:
-    """`fedrec serve --run R` on a free loopback port, in its own session, stopped by its PID."""
+    """`fedrec serve --run R` on a free loopback port, in its own session, stopped by its PID (R relative to
+    `cwd` when given: the page then shows the short path a user would have typed)."""
 
-    def __init__(self, run: Path, timeout: float = 60.0):
+    def __init__(self, run: Path, timeout: float = 60.0, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="fedrec-serve-", suffix=".log", delete=False)
         self.started = time.perf_counter()
         self.process = subprocess.Popen([*fedrec_command(), "serve", "--run", str(run), "--host", "127.0.0.1",
                                          "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
         self.timeout = timeout
 
     def wait_for(self, path: str, opener=None) -> float:

@@ -22,7 +22,7 @@ import pytest
 from fedrec.models.saved import load_catalogue
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
-from fedrec.simulations.serve_bench import Server, fedrec_command
+from fedrec.simulations.serve_bench import Server, fedrec_command, model_dir
 
 pytestmark = pytest.mark.engine  # a federated ML-100K run through Flower's engine, then the browser: ~1 min
 
@@ -51,20 +51,22 @@ def _require_browser():
 
 @pytest.fixture
 def finished_run(tmp_path, shared_data) -> Path:
-    """A small federated ML-100K run under central DP that keeps checkpoints; every user takes part in every
-    round, so the device page has an upload row per round, an epsilon and curves to plot (the README's picture)."""
-    run = tmp_path / "run"
-    done = subprocess.run([*fedrec_command(), "simulate", "--dataset", "ml-100k", "--data-dir", str(shared_data),
-                           "--rounds", str(ROUNDS), "--eval-every", "1", "--checkpoint-every", "1",
+    """The README's demo run, smaller: `fedrec compare` on ML-100K, the federation under central DP keeping
+    checkpoints; every user takes part in every round, so the device page has an upload row per round, an
+    epsilon, and curves against the central run to plot (the README's picture)."""
+    run = tmp_path / "runs" / "demo"
+    done = subprocess.run([*fedrec_command(), "compare", "--dataset", "ml-100k", "--data-dir", str(shared_data),
+                           "--rounds", str(ROUNDS), "--epochs", "10", "--eval-every", "1", "--checkpoint-every", "1",
                            "--keep-checkpoints", "--dp", "central", "--noise-multiplier", "1.5",
                            "--clipping-norm", "0.5", "--out", str(run)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"fedrec simulate failed: {done.stderr[-2000:]}"
+    assert done.returncode == 0, f"fedrec compare failed: {done.stderr[-2000:]}"
     return run
 
 
 @pytest.fixture
 def served(finished_run):
-    with Server(finished_run) as server:
+    with Server(finished_run.relative_to(finished_run.parent.parent), cwd=finished_run.parent.parent) as server:
+        # started where runs/ is, so the page (and the screenshot) shows `runs/demo`, as after the README's commands
         server.wait_for("/")
         yield server
 
@@ -133,11 +135,12 @@ def test_pick_user_cold_start_opt_out_forget(browser, served, finished_run, tmp_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    item_ids, titles = load_catalogue(finished_run)
+    federated = model_dir(finished_run)  # compare/federated: the run the page serves
+    item_ids, titles = load_catalogue(federated)
     assert titles is not None, "model.npz has no titles"
     title_of = {str(i): str(t) for i, t in zip(item_ids, titles)}
     catalogue = set(title_of.values())
-    split = load_data(RunConfig.from_toml(finished_run / "config.toml"))
+    split = load_data(RunConfig.from_toml(federated / "config.toml"))
     user = str(split.user_ids[0])
     own = {title_of[str(split.item_ids[i])] for i in split.train.item[split.train.user == 0]}
     try:
