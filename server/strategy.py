@@ -151,12 +151,16 @@ class FedRecStrategy(FedAvg):
         eligible = None
         if self.privacy and self.privacy.max_rounds:  # local/distributed: devices refuse past their cap anyway
             eligible = self.participation < self.privacy.max_rounds
-        if self.excluded is not None:
-            eligible = ~self.excluded if eligible is None else eligible & ~self.excluded
         users = sample_users(self.directory.population, self.cfg.users_per_round, self.cfg.sampling,
                              sampling_rng(self.cfg, server_round), eligible)
+        left_out = 0
+        if self.excluded is not None:  # forgotten users: drawn like everyone (the others' draws stay), then dropped
+            kept = ~self.excluded[users]
+            users, left_out = users[kept], int((~kept).sum())
         self.participation[users] += 1
-        self._row["users_sampled"] = len(users)
+        # The released count is of the users drawn: with the public seed, a dip in it would tell who was forgotten.
+        self._row["users_sampled"] = len(users) + left_out
+        self._row["_left_out"] = left_out
         self._sent = {}
         joined = self.directory.refresh(grid, config)
         if joined:
@@ -211,7 +215,7 @@ class FedRecStrategy(FedAvg):
             accepted.append((dense, users, reply, norm))
         self._row["nodes_replied"] = len(accepted)
         users = float(sum(a[1] for a in accepted))
-        self._row["users_failed"] = max(self._row.get("users_sampled", 0) - users, 0)
+        self._row["users_failed"] = max(self._asked() - users, 0)
         central = self.privacy is not None and self.privacy.mode == "central"
         rejected = self._row.get("nodes_rejected", 0)
         if not accepted and rejected and self._row.get("_non_finite", 0) == rejected:
@@ -263,9 +267,13 @@ class FedRecStrategy(FedAvg):
             return array_record(self.items), None
         return array_record(self.items), MetricRecord({"train-loss": self._row["train_loss"], "users": users})
 
+    def _asked(self) -> int:
+        """Users of the round asked to train: those drawn, less the forgotten ones dropped."""
+        return self._row.get("users_sampled", 0) - self._row.get("_left_out", 0)
+
     def _enough(self, users: float) -> bool:
         """Did enough of the round's sampled users' updates arrive (and pass the checks)?"""
-        sampled = self._row.get("users_sampled", 0)
+        sampled = self._asked()
         if self.cfg.secure_aggregation != "none" or sampled == 0:
             return True  # SecAgg+ enforces its own least share (--secagg-min-fraction) before unmasking
         if self.privacy is not None and self.privacy.mode == "central":

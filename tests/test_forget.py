@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -73,6 +74,10 @@ def test_kept_checkpoints_count_participation_and_the_excluded_user_never_takes_
     assert counts[late] > 0 and counts_without[late] == 0
     counts[late] = 0
     np.testing.assert_array_equal(counts, counts_without)  # everyone else was drawn exactly as before
+    # what the released metrics count does not dip where the forgotten user was dropped (with the public
+    # seed, a dip would tell who it was)
+    columns = ["users_sampled", "users_failed"]
+    assert pd.read_csv(run / "metrics.csv")[columns].equals(pd.read_csv(without / "metrics.csv")[columns])
 
 
 def test_a_run_without_the_counts_replays_from_round_0(small_cfg, tmp_path, monkeypatch):
