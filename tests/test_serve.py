@@ -230,6 +230,18 @@ def test_serve_bad_input_is_one_line_exit_2(run, tmp_path, monkeypatch, args, ex
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_serve_on_a_port_in_use_is_one_line_exit_2(run):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--run", str(run), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_serve_prints_its_url_once_listening_and_stops_on_ctrl_c(run):
     command = [sys.executable, "-c", "from fedrec.simulations.cli import main; main()", "serve", "--run", str(run),
                "--port", "0"]

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from fedrec.datasets import DataError
 from fedrec.run.config import ConfigError
 
 from .demo import Demo, UnknownUser
@@ -98,6 +99,7 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
         return index_page(str(error), 404, user=request.view_args.get("user", "") if request.view_args else "")
 
     @app.errorhandler(ConfigError)
+    @app.errorhandler(DataError)  # e.g. the device's data moved since the run: say so, not "internal error"
     def refused(error):
         return page("error.html", 400, error=str(error))
 

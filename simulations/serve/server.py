@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -13,19 +14,40 @@ def url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line ConfigError (werkzeug would print and exit 1 on its own)."""
+    from werkzeug.serving import get_sockaddr, select_address_family
+
+    try:
+        family = select_address_family(host, port)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error}; pick another --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug does: restart without waiting
+        sock.bind(get_sockaddr(host, port, family))
+        sock.listen(128)
+    except (OSError, OverflowError) as error:  # address in use, unknown host, no permission
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}; "
+                          "pick another --port or --host") from None
+    return sock
+
+
 def make_page_server(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | None = None):
-    """The listening server for `run` (port 0: a free one); ConfigError for a bad run or address."""
+    """The listening server for `run` (port 0: a free one); ConfigError for a bad run or address.
+    The address is taken first: a busy port fails before seconds of loading."""
     from werkzeug.serving import make_server
 
     from .app import create_app
     from .demo import Demo
 
-    app = create_app(Demo(run, data_dir))
+    sock = listen(host, port)
     try:
-        return make_server(host, port, app, threaded=True)
-    except (OSError, OverflowError) as error:  # address in use, unknown host, no permission
-        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}; "
-                          "pick another --port or --host") from None
+        app = create_app(Demo(run, data_dir))
+        return make_server(host, sock.getsockname()[1], app, threaded=True, fd=sock.fileno())
+    finally:
+        sock.close()  # the server holds its own duplicate of the socket
 
 
 def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | None = None, say=print) -> None:
