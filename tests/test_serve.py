@@ -242,7 +242,7 @@ def test_serve_on_a_port_in_use_is_one_line_exit_2(run):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_serve_prints_its_url_once_listening_and_stops_on_ctrl_c(run):
+def test_serve_prints_its_url_once_listening_and_stops_cleanly(run):
     command = [sys.executable, "-c", "from fedrec.simulations.cli import main; main()", "serve", "--run", str(run),
                "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -252,7 +252,7 @@ def test_serve_prints_its_url_once_listening_and_stops_on_ctrl_c(run):
         assert url, line
         with urllib.request.urlopen(url.group(0), timeout=10) as reply:
             assert reply.status == 200 and 'id="pick-user"' in reply.read().decode()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # as `kill` does; Ctrl-C's SIGINT takes the same path
         assert process.wait(timeout=10) == 0 and "stopped" in process.stdout.read()
     finally:
         if process.poll() is None:

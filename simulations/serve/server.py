@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -59,11 +60,17 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
     threading.Thread(target=device_side, daemon=True).start()  # the device pages' imports, while the index shows
     if host not in ("127.0.0.1", "localhost", "::1"):
         say(f"note: listening on {host}: anyone who can reach this address can use the page")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl-C: replays stopped too
     try:
         server.serve_forever()  # werkzeug's returns on Ctrl-C (it catches KeyboardInterrupt)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.server_close()
         server.app.extensions["fedrec-replays"].stop()  # a replay cut short resumes on the next fedrec forget
     say("stopped")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
