@@ -591,11 +591,13 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
     from fedrec.simulations.forget import forget as run_forget
 
     try:
-        report = run_forget(run, user, verify, say=lambda line: out.print(line, highlight=False, markup=False))
+        report = run_forget(run, user, verify,
+                            say=lambda line: out.print(line, highlight=False, markup=False, soft_wrap=True))
     except (ConfigError, DataError) as error:
         _fail(str(error))
     out.print(f"rounds replayed: {report['rounds_replayed']} (from round {report['from_round']} to "
-              f"{report['last_round']}), {report['seconds']:.1f} s; {report['note']}", highlight=False, markup=False)
+              f"{report['last_round']}), {report['seconds']:.1f} s; {report['note']}", highlight=False, markup=False,
+              soft_wrap=True)
 
 
 @cli.command()

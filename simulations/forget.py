@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrec.client import controls
 from fedrec.models.saved import load_model
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import write_json
 from fedrec.server import checkpoint
 
 from .device_view import erase_device, locate
+from .federated import device_dir, simulate
 
 
 def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], None] = print) -> dict:
@@ -59,12 +61,16 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
               + (f", bounded by epsilon {summary['privacy']['epsilon']:.4g}" if summary.get("privacy") else "")}
     _record(run_dir, report, summary.get("replays", []), private=cfg.dp != "none")
     say(f"erased on its device; replayed rounds {start + 1}..{last} ({report['rounds_replayed']} rounds) in "
-        f"{seconds:.1f} s from the checkpoint of round {start}")
+        f"{seconds:.1f} s from the checkpoint of round {start}" if start < last else
+        "erased on its device; it never took part in training: nothing to replay")
     if verify:
-        report["verify"] = never_had(run_dir, cfg, device.index, say)
+        report["verify"] = never_had(run_dir, cfg, checkpoint.excluded(run_dir), say)
         worst = max(report["verify"]["max_abs_diff"].values())
+        why = [] if exact else ["fresh noise"]
+        if any(controls.read(root)["opted-out"] for root in device_dir(run_dir).glob("node-*")):
+            why.append("devices that opted out since sat out the replayed rounds only")
         say(f"against a run that never had the user: max |difference| {worst:.3g} over every model array"
-            + ("" if exact else " (not expected to be 0: fresh noise)"))
+            + (f" (not expected to be 0: {'; '.join(why)})" if why else ""))
     return report
 
 
@@ -98,8 +104,6 @@ def replay(run_dir: Path, from_round: int, say: Callable[[str], None] = print):
     """Continue the run from its kept checkpoint of `from_round` to its last round, replacing
     model.npz, metrics.csv, summary.json and the later kept checkpoints (the server applies its
     exclusion list; devices drop their state after `from_round`, as on any resume)."""
-    from .federated import simulate
-
     for later in checkpoint.kept_rounds(run_dir):
         if later > from_round:  # replaced as the replay passes them; none of the old timeline stays
             (checkpoint.kept_dir(run_dir) / f"checkpoint-r{later:06d}.npz").unlink()
@@ -110,15 +114,13 @@ def replay(run_dir: Path, from_round: int, say: Callable[[str], None] = print):
     return outcome
 
 
-def never_had(run_dir: Path, cfg: RunConfig, user: int, say: Callable[[str], None] = print) -> dict:
-    """The run from scratch with `user` excluded from round 1 (same settings and seed, in a temp
-    dir): per model array, the max absolute difference from the run's model."""
-    from .federated import simulate
-
+def never_had(run_dir: Path, cfg: RunConfig, users: list[int], say: Callable[[str], None] = print) -> dict:
+    """The run from scratch with `users` (every one forgotten so far) excluded from round 1 (same
+    settings and seed, in a temp dir): per model array, the max absolute difference from the run's model."""
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedrec-forget-verify-") as tmp:
         fresh = dataclasses.replace(cfg, out=str(Path(tmp) / "run"), resume="", keep_checkpoints=False)
-        outcome = simulate(fresh, exclude=[user], say=say)
+        outcome = simulate(fresh, exclude=users, say=say)
     replayed, reference = load_model(run_dir).numpy(), outcome.items.numpy()
     diffs = {name: float(np.max(np.abs(replayed[name].astype(np.float64) - reference[name])))
              for name in reference}
