@@ -210,7 +210,7 @@ def test_a_compare_directory_serves_its_federated_run_with_the_central_reference
     shutil.copytree(run, tmp_path / "cmp" / "central")
     shutil.copytree(run, tmp_path / "cmp" / "federated")
     demo = Demo(tmp_path / "cmp")
-    assert demo.paths.run == tmp_path / "cmp" / "federated" and demo.central_value() > 0
+    assert demo.paths.run == tmp_path / "cmp" / "federated" and demo.central_value > 0
     assert demo.forget_command("7") == f"fedrec forget --run {tmp_path / 'cmp' / 'federated'} --user 7"
     assert demo.example_users()[0] == "0" and len(demo.well_known(15)) == 15
     counts = np.bincount(demo.split.train.item, minlength=demo.split.n_items)

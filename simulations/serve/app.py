@@ -130,9 +130,9 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
         view = view_of(demo, user)
         rated, _ = own_ratings(demo, user)
         picks = [] if view.erased else recommend(demo, view.vector, view.bias, rated, TOP)
-        return page("device.html", view=view, recommended=picks, forget_command=demo.forget_command(user),
-                    plot=url_for("plot", user=user), replay=replays.status(view.user), can_replay=demo.can_replay,
-                    no_replay=demo.no_replay())
+        return page("device.html", view=view, recommended=picks, forget_command=demo.forget_command(view.user),
+                    plot=url_for("plot", user=view.user), replay=replays.status(view.user),
+                    can_replay=demo.can_replay, no_replay=None if demo.can_replay else demo.no_replay())
 
     def change_device(user: str, change, anchor: str):
         demo.row_of(user)

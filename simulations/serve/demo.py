@@ -9,6 +9,7 @@ its own user's rows from it, nothing else does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 from dataclasses import dataclass
@@ -110,8 +111,9 @@ class Demo:
     def metric(self) -> str:
         return f"hr@{self.cfg.top_k}" if self.implicit else "rmse"
 
+    @functools.cached_property
     def central_value(self) -> float | None:
-        """The central baseline's final metric, where the run has one beside it."""
+        """The central baseline's final metric, where the run has one beside it (a compare directory)."""
         if self.paths.central is None:
             return None
         return _read_json(self.paths.central / "summary.json").get("metrics", {}).get(self.metric)

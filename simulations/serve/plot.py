@@ -40,7 +40,7 @@ def plot_png(demo: Demo, device_epsilon: list[tuple[int, float]] | None = None, 
         ax.plot(points[x], points[metric], marker="o", color="#1f6f8b", label=label)
     else:
         ax.text(0.5, 0.5, f"no {metric} in this run's metrics.csv", ha="center", va="center", transform=ax.transAxes)
-    central = demo.central_value()
+    central = demo.central_value
     if central is not None:
         ax.axhline(central, color="#c0392b", linestyle="--", label=f"central ({central:.4f})")
     ax.set_xlabel(x)
