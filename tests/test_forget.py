@@ -43,8 +43,8 @@ def test_an_excluded_user_is_drawn_and_dropped_so_the_others_draws_do_not_change
 
 def _kept_run(small_cfg, tmp_path, monkeypatch, name="run", exclude=(), **changes):
     run = tmp_path / name
-    cfg = dataclasses.replace(small_cfg, rounds=4, eval_every=2, users_per_round=20, checkpoint_every=1,
-                              keep_checkpoints=True, out=str(run), **changes)
+    settings = dict(rounds=4, eval_every=2, users_per_round=20, checkpoint_every=1) | changes
+    cfg = dataclasses.replace(small_cfg, keep_checkpoints=True, out=str(run), **settings)
     monkeypatch.setenv(ENV_DIR, str(device_dir(run)))
     run_server(InProcessGrid(client_app, 2), cfg, exclude=exclude)
     return cfg, run
@@ -169,3 +169,16 @@ def test_forget_equals_the_run_that_never_had_the_user(shared_data, tmp_path):
     assert summary["status"] == "completed" and [set(r) for r in summary["replays"]] == [{"rounds", "seconds"}]
     assert checkpoint.excluded(run) == [index] and not list(run.glob("excluded*"))
     assert checkpoint.kept_rounds(run) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("start", [0, 2, 4])
+def test_a_replay_from_any_kept_checkpoint_without_changes_ends_where_the_run_ended(small_cfg, tmp_path, monkeypatch,
+                                                                                   start):
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch, rounds=6, checkpoint_every=2)
+    assert checkpoint.kept_rounds(run) == [0, 2, 4, 6]  # the devices kept their state at those rounds too
+    before = load_model(run).numpy()
+    checkpoint.restore_kept(run, start)
+    run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, resume=str(run)))
+    after = load_model(run).numpy()
+    for name, array in before.items():
+        np.testing.assert_array_equal(after[name], array)
