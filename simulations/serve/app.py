@@ -13,7 +13,6 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
-from urllib.parse import quote
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
@@ -195,7 +194,6 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
         devices.drop(g.visitor)
         return redirect(url_for("new_device"), code=303)
 
-    app.jinja_env.filters["quote"] = lambda s: quote(str(s), safe="")
     return app
 
 
