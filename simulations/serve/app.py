@@ -198,6 +198,7 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
 
 
 def _choices(scale: tuple[float, float]) -> list[str]:
-    """The select's options: each whole step of the rating scale (1..5 on MovieLens)."""
+    """The select's options: each step of the rating scale (1..5 on ML-100K; half stars from 0.5 on ml-latest)."""
     low, high = scale
-    return [f"{v:g}" for v in range(int(low), int(high) + 1)] if high > low else [f"{high:g}"]
+    step = 1.0 if float(low).is_integer() else 0.5
+    return [f"{low + i * step:g}" for i in range(int(round((high - low) / step)) + 1)]
