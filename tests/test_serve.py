@@ -323,3 +323,10 @@ def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, mon
         time.sleep(0.1)
     assert shown in text_of(page, "forget-replay")
     assert ('id="forget-replay-button"' in page) == (exit_code != 0)  # a failed replay can be tried again
+
+
+def test_rating_choices_follow_the_data_sets_scale():
+    from fedrec.simulations.serve.app import _choices
+
+    assert _choices((1.0, 5.0)) == ["1", "2", "3", "4", "5"]
+    assert _choices((0.5, 5.0))[:3] == ["0.5", "1", "1.5"] and _choices((0.5, 5.0))[-1] == "5"
