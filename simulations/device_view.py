@@ -221,6 +221,9 @@ def _epsilon_so_far(device: Device, shown: list[Upload]) -> float | None:
 
 def audit_evidence(run_dir: Path, cfg: RunConfig) -> str:
     """One sentence: how the run's audit trail backs "never uploaded"."""
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("mode") == "central":
+        return "a central run: every rating was pooled on one server; no device uploaded anything, so there is no trail"
     allowed = sorted(train_array_names(cfg))
     path = run_dir / "audit.jsonl"
     if cfg.dp == "none" and path.is_file():

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedrec.client import controls, storage
+from fedrec.client import controls, storage, uploads
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
 from fedrec.datasets import cohort
@@ -37,6 +37,12 @@ def _kept_run(small_cfg, tmp_path, monkeypatch, **changes):
         for user in sample_users(60, 20, "fixed", sampling_rng(cfg, round_)):
             rounds.setdefault(int(user), []).append(round_)
     return cfg, run, rounds
+
+
+def _uploaded(run, times: int) -> int:
+    """A user of node 0 whose device logged at least `times` uploads."""
+    (series,) = controls.series_dirs(device_dir(run) / "node-0")
+    return next(u for u in range(30) if len(uploads.of_user(series, u)) >= times)
 
 
 def test_a_user_sees_its_ratings_its_kept_vector_and_each_upload(small_cfg, tmp_path, monkeypatch):
@@ -83,8 +89,9 @@ def test_a_sparse_upload_lists_the_rows_it_carried(small_cfg, tmp_path, monkeypa
 def test_local_dp_epsilon_composes_over_the_users_own_rounds(small_cfg, tmp_path, monkeypatch):
     cfg, run, rounds = _kept_run(small_cfg, tmp_path, monkeypatch, dp="local", clipping_norm=0.5,
                                  noise_multiplier=2.0, max_rounds_per_user=4)
-    user = next(u for u in range(60) if len(rounds.get(u, [])) >= 2)
+    user = _uploaded(run, 2)  # DP sampling draws from OS entropy: ask the devices who took part
     view = dv.device_view(run, str(user))
+    assert len(view.uploads) >= 2
     plan = privacy_plan(dataclasses.replace(cfg, max_rounds_per_user=4), 60)[1]
     assert [u.epsilon for u in view.uploads] == [plan.epsilon(k) for k in range(1, len(view.uploads) + 1)]
     assert view.epsilon == view.uploads[-1].epsilon and view.uploads[0].noise.startswith("local")
@@ -95,7 +102,7 @@ def test_central_dp_uploads_carry_the_runs_epsilon_after_their_round(small_cfg, 
     _, run, rounds = _kept_run(small_cfg, tmp_path, monkeypatch, dp="central", clipping_norm=0.5,
                                noise_multiplier=1.0)
     epsilon = dict(pd.read_csv(run / "metrics.csv")[["round", "epsilon"]].values)
-    view = dv.device_view(run, str(min(rounds)))
+    view = dv.device_view(run, str(_uploaded(run, 1)))
     assert view.uploads and all(u.epsilon == epsilon[u.round] and u.noise.startswith("central")
                                 for u in view.uploads)
     assert view.epsilon == json.loads((run / "summary.json").read_text())["privacy"]["epsilon"]
@@ -138,3 +145,12 @@ def test_movielens_ratings_show_their_titles(shared_data, tmp_path, monkeypatch)
     view = dv.device_view(run, "1")  # ML-100K's own id of its first user
     assert ("Toy Story (1995)", 5.0) in view.ratings and len(view.ratings) == len(
         cohort(load_data(cfg), [0]).train_item)
+
+
+def test_a_central_run_has_no_device_trail_and_a_refitted_vector(small_cfg):
+    from fedrec.simulations.central import run_central
+
+    run = run_central(dataclasses.replace(small_cfg, epochs=2)).run_dir
+    view = dv.device_view(run, "3")
+    assert view.vector_source == dv.REFITTED and view.uploads == [] and view.epsilon is None
+    assert view.audit_evidence.startswith("a central run")
