@@ -39,19 +39,24 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
     device = locate(run_dir, user)
     run_dir, cfg = device.run_dir, device.cfg
     summary = json.loads((run_dir / "summary.json").read_text())
-    if summary.get("status") != "completed":
+    pending = pending_path(run_dir)  # a replay cut short (Ctrl-C, a crash): what the run said before it
+    if summary.get("status") != "completed" and not pending.is_file():
         raise ConfigError(f"{run_dir} is not a completed run (status {summary.get('status')!r}); "
                           "finish it first (fedrec simulate --resume)")
     rounds = checkpoint.kept_rounds(run_dir)
     if not cfg.keep_checkpoints or 0 not in rounds:
         raise ConfigError(no_replay(summary, run_dir))
+    before = json.loads(pending.read_text()) if pending.is_file() else {
+        "last": max(rounds), "replays": summary.get("replays", []), "privacy": summary.get("privacy")}
     erase_device(run_dir, user)
-    last, start = max(rounds), replay_start(run_dir, rounds, device.index)
+    last, start = before["last"], replay_start(run_dir, rounds, device.index)
     checkpoint.exclude(run_dir, device.index)  # before the replay: a crashed replay resumes without the user too
+    write_json(pending, before)
     began = time.perf_counter()
     if start < last:
         replay(run_dir, start, say)
     seconds = time.perf_counter() - began
+    summary["privacy"] = before["privacy"]
     exact = reproducible(cfg)
     report = {"rounds_replayed": last - start, "seconds": round(seconds, 3), "from_round": start,
               "last_round": last, "exact": exact,
@@ -59,7 +64,8 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
               "noise, sampling or decoys come from OS entropy: the replay drew them afresh, so it is a run without "
               "the user, not equal to any other; the model released before still holds the user's influence"
               + (f", bounded by epsilon {summary['privacy']['epsilon']:.4g}" if summary.get("privacy") else "")}
-    _record(run_dir, report, summary.get("replays", []), private=cfg.dp != "none")
+    _record(run_dir, report, before["replays"], private=cfg.dp != "none")
+    pending.unlink()
     say(f"erased on its device; replayed rounds {start + 1}..{last} ({report['rounds_replayed']} rounds) in "
         f"{seconds:.1f} s from the checkpoint of round {start}" if start < last else
         "erased on its device; it never took part in training: nothing to replay")
@@ -72,6 +78,11 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
         say(f"against a run that never had the user: max |difference| {worst:.3g} over every model array"
             + (f" (not expected to be 0: {'; '.join(why)})" if why else ""))
     return report
+
+
+def pending_path(run_dir: Path) -> Path:
+    """Written while a replay runs: the run's last round, earlier replays and privacy before it."""
+    return checkpoint.kept_dir(run_dir) / "replay.json"
 
 
 def no_replay(summary: dict, run_dir: Path) -> str:

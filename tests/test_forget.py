@@ -182,3 +182,36 @@ def test_a_replay_from_any_kept_checkpoint_without_changes_ends_where_the_run_en
     after = load_model(run).numpy()
     for name, array in before.items():
         np.testing.assert_array_equal(after[name], array)
+
+
+def _inprocess(monkeypatch, stop_after: int | None = None):
+    """forget's engine, in this process: the same run_server and resume path, on an InProcessGrid."""
+    import threading
+
+    from fedrec.server.app import resumed_config
+
+    def simulate(cfg, say=print, exclude=()):
+        cfg = resumed_config(cfg) if cfg.resume else cfg
+        monkeypatch.setenv(ENV_DIR, str(device_dir(Path(cfg.out))))
+        stop = threading.Event()
+        on_round = (lambda row: stop.set() if row["round"] == stop_after else None) if stop_after else None
+        return run_server(InProcessGrid(client_app, 2), cfg, on_round, stop=stop, exclude=exclude)
+
+    monkeypatch.setattr("fedrec.simulations.forget.simulate", simulate)
+
+
+def test_a_replay_cut_short_is_finished_by_the_next_forget_and_equals_the_never_had_run(small_cfg, tmp_path,
+                                                                                        monkeypatch):
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    late = next(u for u, r in _first_rounds(cfg).items() if r == 3)
+    _inprocess(monkeypatch, stop_after=3)
+    with pytest.raises(ConfigError, match="replay stopped"):
+        forget(run, str(late))
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    _inprocess(monkeypatch)
+    report = forget(run, str(late), verify=True)
+    assert (report["from_round"], report["rounds_replayed"], report["last_round"]) == (3, 1, 4)
+    assert max(report["verify"]["max_abs_diff"].values()) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and [r["rounds"] for r in summary["replays"]] == [1]
+    assert not (checkpoint.kept_dir(run) / "replay.json").exists()
