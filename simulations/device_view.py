@@ -25,6 +25,7 @@ from fedrec.models.saved import MODEL_FILE, load_model
 from fedrec.run import schema
 from fedrec.run.build import hyper, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.secagg import COUNT
 from fedrec.server.validation import train_array_names
 
 from .federated import device_dir
@@ -170,8 +171,13 @@ def _kept_state(device: Device) -> dict[str, np.ndarray] | None:
 
 def upload_arrays(cfg: RunConfig, n_items: int, rows: int) -> list[tuple[str, tuple[int, ...], int]]:
     """(name, shape, bytes) of one user's upload (fedrec.models.upload.build_upload): every item
-    row when dense (and always under SecAgg+), else the touched rows and their indices."""
-    dense = cfg.update_mode == "dense" or cfg.secure_aggregation != "none"
+    row when dense, else the touched rows and their indices; under SecAgg+ the dense update and
+    the user count (fedrec.run.secagg), quantized and masked by Flower into 64-bit integers."""
+    if cfg.secure_aggregation != "none":
+        shapes = ((schema.ITEM_EMB, (n_items, cfg.dim)), (schema.ITEM_BIAS, (n_items,)), (schema.GLOBAL_BIAS, (1,)),
+                  (COUNT, (1,)))
+        return [(name, shape, 8 * int(np.prod(shape))) for name, shape in shapes]
+    dense = cfg.update_mode == "dense"
     n = n_items if dense else rows
     out = [] if dense else [(schema.ITEM_INDEX, (n,), 8 * n)]
     out += [(schema.ITEM_EMB, (n, cfg.dim), 4 * n * cfg.dim), (schema.ITEM_BIAS, (n,), 4 * n),

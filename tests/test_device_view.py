@@ -154,3 +154,11 @@ def test_a_central_run_has_no_device_trail_and_a_refitted_vector(small_cfg):
     view = dv.device_view(run, "3")
     assert view.vector_source == dv.REFITTED and view.uploads == [] and view.epsilon is None
     assert view.audit_evidence.startswith("a central run")
+
+
+def test_under_secure_aggregation_an_upload_is_the_masked_dense_update_and_the_user_count():
+    from fedrec.run.config import RunConfig
+    from fedrec.run.secagg import SECURE_ORDER
+
+    arrays = dv.upload_arrays(RunConfig(secure_aggregation="secagg+", update_mode="dense", dim=4), 10, 3)
+    assert [a[0] for a in arrays] == list(SECURE_ORDER) and arrays[0][1:] == ((10, 4), 8 * 40)
