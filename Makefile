@@ -17,9 +17,15 @@ install: $(BIN)/fedrec
 
 # Federated (a quarter of the users per round, two local epochs) vs central on the embedded
 # synthetic data set (no download): prints a table, writes runs/demo/{comparison.md,...}.
+# --keep-checkpoints keeps the devices' own state (runs/demo/federated.devices/, private: do
+# not share it) and the server's checkpoints, for the demo page and for `fedrec forget`.
 demo: install
 	$(BIN)/fedrec compare --dataset synthetic --users-per-round 500 --local-epochs 2 --rounds 60 --epochs 60 \
-		--eval-every 5 --out runs/demo
+		--eval-every 5 --keep-checkpoints --out runs/demo
+
+# The demo page of one device's side of that run: http://127.0.0.1:8000/ (Ctrl-C stops it).
+serve: install
+	$(BIN)/fedrec serve --run runs/demo
 
 test: install
 	$(BIN)/python -m pytest
@@ -28,4 +34,4 @@ test: install
 flwr-run: install
 	FLWR_HOME=$(CURDIR)/.flwr PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/flwr-run.sh
 
-.PHONY: install demo test flwr-run
+.PHONY: install demo serve test flwr-run
