@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 from fedrec.models import ItemParams, evaluate_rows
 from fedrec.models.device import DeviceResult, device_step
 from fedrec.models.metrics import add_sums
-from fedrec.models.randomness import dropped
+from fedrec.models.randomness import dropped, private_rng
+from fedrec.models.upload import add_device_noise
 from fedrec.run import schema
 from fedrec.run.build import device_policy
 from fedrec.run.config import RunConfig
@@ -84,12 +85,17 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     node = node_data(cfg, context)
     round_ = int(config[schema.ROUND])
     state = load_state(context, node, cfg, config, up_to=round_ - 1)
-    sampled = np.asarray(config[schema.USERS], dtype=np.int64)
+    sent = sampled = np.asarray(config[schema.USERS], dtype=np.int64)
     if cfg.dropout > 0:  # simulated failures: these devices go silent this round
         sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
-    sampled = sampled[~controls.withheld(state_root(context), sampled)]  # opted out or erased: silent too
     if not len(sampled):
         raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
+    sampled = sampled[~controls.withheld(state_root(context), sampled)]  # opted out or erased: silent too
+    policy = device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0)))
+    if not len(sampled):
+        if cfg.dp != "distributed":
+            raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
+        return _noise_only(items, node.meta.n_items, len(sent), policy, round_, int(sent[0])), cfg
     if len(np.unique(sampled)) != len(sampled):  # a user trained twice would upload twice its clipped update
         raise ValueError(f"round {round_}: the server sent a user more than once")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
@@ -97,12 +103,30 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
         raise ValueError(f"round {round_}: the server sampled users this node does not host")
     local = torch.as_tensor(positions)
     result = device_step(items, state.take(local), node.shard.cohort(local.numpy()), node.meta.n_items, node.hyper,
-                         device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0))), round_)
+                         policy, round_)
+    if cfg.dp == "distributed":  # users held back (dropout, consent, erasure, cap) still add their shares
+        _add_shares(result.upload, len(sent) - int(result.took_part.sum()), policy, round_, int(sent[0]))
     state.put(local, result.state)
     save_state(context, state, config, round_, positions, keep_bases=cfg.keep_checkpoints)
     if cfg.keep_checkpoints and state_root(context) and config.get(schema.SERIES):
         _log_uploads(context, config, round_, sampled[result.took_part], result, cfg.clipping_norm)
     return result, cfg
+
+
+def _add_shares(upload: dict, users: int, policy, round_: int, first_user: int) -> None:
+    """Distributed DP: the noise shares of `users` held-back users (zero update each), added to a
+    dense upload. The server counts every user it sent to a surviving node towards the noise the
+    unmasked sum must carry, so each adds its share whether it trained or not."""
+    if users > 0 and policy.noise_std > 0:
+        rng = private_rng("device-noise", policy.reproducible_seed, round_, first_user, 1)  # not the trained stream
+        add_device_noise(upload, policy.noise_std, np.full(len(upload[schema.ITEM_ARRAYS[1]]), users), users, rng)
+
+
+def _noise_only(items: ItemParams, n_items: int, users: int, policy, round_: int, first_user: int) -> DeviceResult:
+    """Distributed DP, no sampled user of the node trains: a zero update carrying their noise shares."""
+    upload = {k: np.zeros_like(v.numpy()) for k, v in items.tensors().items()}
+    _add_shares(upload, users, policy, round_, first_user)
+    return DeviceResult(None, upload, None, np.zeros(0, bool))
 
 
 def _log_uploads(context: Context, config, round_: int, users: np.ndarray, result: DeviceResult,

@@ -162,3 +162,41 @@ def _steps(run: Path, user: int, round_: int) -> float:
             if 0 <= position < owner["num_users"]:
                 return float(storage.load(directory, round_)[2]["step"][position])
     raise AssertionError(f"no device holds user {user}")
+
+
+def test_under_distributed_dp_every_user_sent_adds_its_noise_share(small_cfg, tmp_path, monkeypatch):
+    """Users held back on their device (here: opted out; a whole node of them too) add a zero
+    update plus their share, so the unmasked sum carries the noise of every user the server
+    counts: two rounds' sums differ by noise of std sqrt(2 x users sent) x share (chi-square)."""
+    from scipy import stats
+
+    from fedrec.server.secagg import SecureGrid, secagg_setup
+    from fedrec.server.strategy import array_record
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
+    cfg = dataclasses.replace(small_cfg, strategy="fedavg", server_lr=1.0, clipping_norm=0.5, users_per_round=20,
+                              rounds=1, eval_every=1, secure_aggregation="secagg+", dp="distributed",
+                              noise_multiplier=1.0, reproducible_noise=True)
+    share, nodes, sums = 0.3, 10, []
+    bounds = np.linspace(0, 60, nodes + 1).round().astype(int)
+    for partition in range(nodes):  # the first half of the nodes: both users opted out; the rest: one
+        for user in (bounds[partition], bounds[partition] + 1)[:2 if partition < nodes // 2 else 1]:
+            controls.set_training(tmp_path / "devices" / f"node-{partition}", int(user), train=False)
+    items = ItemParams.init(cfg.synthetic_items, hyper(cfg), 3.0)
+    for round_ in (1, 2):  # reproducible mode: the round keys the noise, everything else repeats
+        grid = InProcessGrid(client_app, nodes)
+        users = {node: list(range(bounds[i], bounds[i] + 2)) for i, node in enumerate(sorted(grid.contexts))}
+        setup = secagg_setup(cfg, nodes, 6, cfg.synthetic_items, cfg.dim, share, 20, 60)
+        messages = []
+        for node, sent in users.items():
+            config = ConfigRecord(cfg.to_dict())
+            config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, sent, share
+            messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
+                                    dst_node_id=node, message_type=MessageType.TRAIN))
+        (reply,) = SecureGrid(grid, cfg, setup).send_and_receive(messages)
+        assert reply.content[schema.METRICS][schema.WEIGHT] == nodes // 2  # the trained count stays masked
+        sums.append(np.concatenate([reply.content[schema.ARRAYS][k].numpy().ravel() for k in schema.ITEM_ARRAYS]))
+    diff = (sums[0] - sums[1]).astype(np.float64)
+    statistic = (diff**2).sum() / (2 * 2 * nodes * share**2)
+    assert stats.chi2.ppf(0.5e-6, len(diff)) < statistic < stats.chi2.ppf(1 - 0.5e-6, len(diff))
