@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
 from html import unescape
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -54,6 +56,13 @@ def csrf(page: str) -> str:
     return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
 
 
+def act_as(client, user: str) -> str:
+    """Pick `user` with the index form, as a visitor does (it claims the device if no one holds it); the token."""
+    token = csrf(client.get("/").get_data(as_text=True))
+    assert client.get(f"/device?user={user}&csrf={token}").status_code == 302
+    return token
+
+
 def cold_start_form(client) -> tuple[str, list[str]]:
     page = client.get("/new").get_data(as_text=True)
     return csrf(page), re.findall(r'<select class="rating" id="[^"]+" name="(rating-[^"]+)"', page)
@@ -75,11 +84,14 @@ def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app
     from fedrec.datasets import cohort
 
     client = app.test_client()
-    picked = client.get("/device?user=7")
+    token = csrf(client.get("/").get_data(as_text=True))
+    picked = client.get(f"/device?user=7&csrf={token}")
     assert picked.status_code == 302 and picked.headers["Location"].endswith("/device/7")
     page = client.get("/device/7").get_data(as_text=True)
     rated = cohort(demo.split, [demo.row_of("7")]).train_item
-    assert "never uploaded" in text_of(page, "on-device")
+    assert "you now act as this device" in text_of(page, "claim-status")
+    on_device = text_of(page, "on-device")  # a central baseline: nothing "never uploaded" about pooled ratings
+    assert "never uploaded" not in on_device and "ratings were pooled on one server" in on_device
     assert all(f"<td>item {demo.item_ids[i]}</td>" in page for i in rated)  # synthetic titles: "item N"
     assert len(text_of(page, "vector").split()) == 8 and text_of(page, "bias")
     assert re.fullmatch(r"[\d,]+ bytes", text_of(page, "bytes-stored"))
@@ -90,6 +102,21 @@ def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app
     for section in ("uploads", "epsilon", "consent", "forget", "opt-out", "forget-button"):
         assert f'id="{section}"' in page
     assert "No replay here: a central run trained on everyone's pooled ratings" in text_of(page, "forget-replay")
+
+
+def test_a_federated_run_says_never_uploaded_and_lists_what_else_was_sent(app, demo, monkeypatch):
+    import fedrec.simulations.serve.app as serve_app
+
+    monkeypatch.setattr(demo, "federated", True)
+    monkeypatch.setattr(demo, "cfg", dataclasses.replace(demo.cfg, dp="central"))
+    view = vars(dataclasses.replace(serve_app.view_of(demo, "7"), epsilon=1.5, audit_evidence="audit.jsonl says so"))
+    says = {"7": [], "8": ["the server sees it un-noised"]}  # F's DeviceView.also_sent, where it has one
+    monkeypatch.setattr(serve_app, "view_of", lambda demo_, user: SimpleNamespace(**view, also_sent=says[user]))
+    page = app.test_client().get("/device/7").get_data(as_text=True)
+    assert "never uploaded" in text_of(page, "on-device") and "central baseline" not in text_of(page, "on-device")
+    assert "against readers of the run, not the server" in text_of(page, "epsilon")
+    page = app.test_client().get("/device/8").get_data(as_text=True)  # the device view says it: said once
+    assert "the server sees it un-noised" in text_of(page, "also-sent") and "readers" not in text_of(page, "epsilon")
 
 
 def test_cold_start_recommends_ten_unrated_items_from_five_ratings(app):
@@ -180,7 +207,7 @@ def test_consent_and_forget_buttons_act_on_the_device_side(app, monkeypatch):
 
     monkeypatch.setattr(serve_app, "device_side", lambda: DeviceSide)
     client = app.test_client()
-    token, _ = cold_start_form(client)
+    token = act_as(client, "7")
     reply = client.post("/device/7/consent", data={"csrf": token, "train": "0"})
     assert reply.status_code == 303 and reply.headers["Location"].endswith("/device/7#consent")
     assert client.post("/device/7/forget", data={"csrf": token}).status_code == 303
@@ -261,8 +288,6 @@ def test_serve_prints_its_url_once_listening_and_stops_cleanly(run):
 
 
 def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
-    from types import SimpleNamespace
-
     import torch
 
     from fedrec.models import Hyper, ItemParams
@@ -280,12 +305,14 @@ def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
 
 def test_opting_out_and_forgetting_show_on_the_device_page(app):
     client = app.test_client()
-    token, _ = cold_start_form(client)
+    token = act_as(client, "12")
     before = client.get("/device/12").get_data(as_text=True)
     assert "opted out" not in text_of(before, "consent-status") and "erased" not in text_of(before, "forget-status")
     client.post("/device/12/consent", data={"csrf": token, "train": "0"})
     page = client.get("/device/12").get_data(as_text=True)
-    assert "opted out" in text_of(page, "consent-status") and len(recommended(page)) == 10  # still recommended to
+    status = text_of(page, "consent-status")
+    assert "opted out" in status and "no update, no evaluation sums" in status and "uploads nothing" not in status
+    assert len(recommended(page)) == 10  # still recommended to
     assert 'id="opt-back-in"' in page and 'id="opt-out"' not in page
     page = client.get(client.post("/device/12/forget", data={"csrf": token}).headers["Location"]).get_data(
         as_text=True)
@@ -294,7 +321,7 @@ def test_opting_out_and_forgetting_show_on_the_device_page(app):
 
 
 @pytest.mark.parametrize("exit_code, shown", [
-    (0, "The user's influence was removed from the global model: rounds replayed: 3 (from round 2 to 5)"),
+    (0, "fedrec forget finished: rounds replayed: 3 (from round 2 to 5)"),
     (2, "The replay failed: error: cannot replay"),
 ])
 def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, monkeypatch, exit_code, shown):
@@ -308,7 +335,8 @@ def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, mon
     fake = (f"import sys, time; time.sleep(0.5); assert sys.argv[1:] == ['forget', '--run', {str(demo.paths.run)!r}, "
             f"'--user', '9']; print('erased on its device'); print({report!r}); sys.exit({exit_code})")
     client = create_app(demo, replay_command=[sys.executable, "-c", fake]).test_client()
-    token, _ = cold_start_form(client)
+    token = act_as(client, "9")
+    act_as(client, "10")
     assert 'id="forget-replay-button"' in client.get("/device/9").get_data(as_text=True)
     assert client.post("/device/9/forget/replay", data={"csrf": token}).status_code == 303
     page = client.get("/device/9").get_data(as_text=True)
@@ -330,3 +358,68 @@ def test_rating_choices_follow_the_data_sets_scale():
 
     assert _choices((1.0, 5.0)) == ["1", "2", "3", "4", "5"]
     assert _choices((0.5, 5.0))[:3] == ["0.5", "1", "1.5"] and _choices((0.5, 5.0))[-1] == "5"
+
+
+def test_only_the_visitor_who_claimed_a_device_acts_on_it_or_sees_its_status(app):
+    alice, bob = app.test_client(), app.test_client()
+    token_a = act_as(alice, "20")
+    token_b = act_as(bob, "20")  # taken: Bob's pick does not claim it
+    for path, form in (("/device/20/consent", {"train": "0"}), ("/device/20/forget", {}),
+                       ("/device/20/forget/replay", {}), ("/device/20/claim", {})):
+        assert bob.post(path, data={"csrf": token_b, **form}).status_code == 403, path
+    alice.post("/device/20/consent", data={"csrf": token_a, "train": "0"})
+    alice.post("/device/20/forget", data={"csrf": token_a})
+    assert "erased" in text_of(alice.get("/device/20").get_data(as_text=True), "forget-status")
+    seen = bob.get("/device/20")
+    page = seen.get_data(as_text=True)
+    assert seen.status_code == 403 and "held by another visitor" in text_of(page, "held")
+    for hidden in ("erased", "opted out", "replay"):
+        assert hidden not in page.split("<main>")[1].lower().replace("replayed", ""), hidden
+    assert not recommended(page) and 'id="consent"' not in page and 'id="vector"' not in page
+    assert bob.get("/plot.png?user=20").status_code == 403
+    # an unclaimed device: its population panels and a claim button, no controls or status
+    page = bob.get("/device/21").get_data(as_text=True)
+    assert len(recommended(page)) == 10 and 'id="uploads"' in page and 'id="claim-button"' in page
+    assert 'id="consent"' not in page and 'id="forget"' not in page
+    assert bob.post("/device/21/consent", data={"csrf": token_b, "train": "0"}).status_code == 403
+    assert bob.post("/device/21/claim", data={"csrf": token_b}).status_code == 303
+    assert 'id="opt-out"' in bob.get("/device/21").get_data(as_text=True)
+    assert alice.get("/device/21").status_code == 403
+
+
+def test_a_device_changed_before_anyone_claimed_it_shows_nothing_and_cannot_be_claimed(app, demo):
+    from fedrec.simulations import device_view
+
+    device_view.set_consent(demo.paths.run, "22", False)  # e.g. fedrec consent, or an earlier server
+    client = app.test_client()
+    token = act_as(client, "22")
+    page = client.get("/device/22").get_data(as_text=True)
+    assert "held by another visitor" in text_of(page, "held") and "opted out" not in page
+    assert client.post("/device/22/claim", data={"csrf": token}).status_code == 403
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                          ("127.0.0.2", False), ("0.0.0.0", True), ("192.168.1.5", True),
+                                          ("example.org", True)])
+def test_serving_beyond_loopback_warns_in_one_line(host, warned):
+    from fedrec.simulations.serve.server import host_warning
+
+    line = host_warning(host)
+    assert (line is not None) == warned
+    assert line is None or ("stands in for every device" in line and "\n" not in line)
+
+
+def test_a_dp_run_offers_no_replay_and_shows_the_bound(app, demo, monkeypatch):
+    monkeypatch.setattr(demo, "federated", True)
+    monkeypatch.setattr(demo, "cfg", dataclasses.replace(demo.cfg, dp="central", keep_checkpoints=True))
+    monkeypatch.setattr(demo, "summary", {**demo.summary, "status": "completed",
+                                          "privacy": {"epsilon": 2.5, "delta": 1e-5}})
+    assert not demo.can_replay
+    client = app.test_client()
+    token = act_as(client, "23")
+    page = client.get("/device/23").get_data(as_text=True)
+    shown = text_of(page, "forget-replay")
+    assert "does not replay" in shown and "epsilon 2.5 at delta 1e-05" in shown
+    assert 'id="forget-replay-button"' not in page and "until" not in text_of(page, "forget-status")
+    assert "epsilon 2.5" in text_of(client.post("/device/23/forget/replay", data={"csrf": token}).get_data(
+        as_text=True), "error")

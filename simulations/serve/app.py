@@ -3,7 +3,8 @@
 Each visitor gets a random id in an HttpOnly, SameSite=Lax cookie; a visitor's cold-start
 device is kept server-side under that id, so concurrent visitors never see each other's.
 Every POST form carries a token derived from the visitor id with a per-process secret: a
-page on another site cannot post to this one on the visitor's behalf.
+page on another site cannot post to this one on the visitor's behalf. A device's controls and
+private status belong to the visitor who claimed it (claims.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,21 @@ from werkzeug.exceptions import HTTPException
 from fedrec.datasets import DataError
 from fedrec.run.config import ConfigError
 
+from .claims import CLOSED_MESSAGE, Access, Claims
 from .demo import Demo, UnknownUser
-from .device import MIN_RATINGS, TOP, BadInput, cold_start, device_side, own_ratings, parse_ratings, recommend, view_of
+from .device import (
+    MIN_RATINGS,
+    TOP,
+    BadInput,
+    also_sent,
+    cold_start,
+    device_side,
+    epsilon_caveat,
+    own_ratings,
+    parse_ratings,
+    recommend,
+    view_of,
+)
 from .plot import plot_png
 from .replay import Replays
 
@@ -60,6 +74,7 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a rating form is a few hundred bytes
     secret = secrets.token_bytes(32)
     devices = ColdStarts()
+    claims = Claims()
     device_lock = threading.Lock()  # consent and erasure write the device's state: one at a time
     plots: dict[str, bytes] = {}
 
@@ -116,44 +131,74 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
     def index():
         return index_page()
 
+    def withdrawn(user: str):
+        def opted_out_or_erased() -> bool:  # read only if the device is unclaimed: a device view takes a moment
+            view = view_of(demo, user)
+            return view.opted_out or view.erased
+        return opted_out_or_erased
+
     @app.get("/device")
     def pick_user():
         user = request.args.get("user", "").strip()
         if not user:
             return index_page("type a user id, or pick one of the examples", 400)
         demo.row_of(user)
+        if not g.new_visitor and hmac.compare_digest(request.args.get("csrf", ""), g.csrf):
+            claims.claim(user, g.visitor, withdrawn(user))  # the index form picks a device to act as
         return redirect(url_for("device", user=user))
 
     @app.get("/device/<user>")
     def device(user: str):
         view = view_of(demo, user)
+        access = claims.access(view.user, g.visitor, lambda: view.opted_out or view.erased)
+        if access is Access.CLOSED:
+            return page("device.html", 403, view=view, access=access.value, closed=CLOSED_MESSAGE)
         rated, _ = own_ratings(demo, user)
         picks = [] if view.erased else recommend(demo, view.vector, view.bias, rated, TOP)
-        return page("device.html", view=view, recommended=picks, forget_command=demo.forget_command(view.user),
-                    plot=url_for("plot", user=view.user), replay=replays.status(view.user),
-                    can_replay=demo.can_replay, no_replay=None if demo.can_replay else demo.no_replay())
+        mine = access is Access.MINE
+        return page("device.html", view=view, access=access.value, recommended=picks,
+                    forget_command=demo.forget_command(view.user), plot=url_for("plot", user=view.user),
+                    replay=replays.status(view.user) if mine else None, can_replay=demo.can_replay,
+                    no_replay=None if demo.can_replay or not mine else demo.no_replay(),
+                    also_sent=also_sent(view), epsilon_caveat=epsilon_caveat(demo, view))
+
+    def own(user: str) -> str:
+        """The device's id if this visitor holds it; 403 otherwise (nothing is said about its state)."""
+        demo.row_of(user)
+        user = user.strip()
+        if not claims.holds(user, g.visitor):
+            abort(403, "only the visitor who claimed this device can act on it: open its page and press "
+                       "'This is my device' (if no one holds it yet)")
+        return user
+
+    @app.post("/device/<user>/claim")
+    def claim(user: str):
+        demo.row_of(user)
+        if not claims.claim(user.strip(), g.visitor, withdrawn(user)):
+            abort(403, CLOSED_MESSAGE)
+        return redirect(url_for("device", user=user.strip()), code=303)
 
     def change_device(user: str, change, anchor: str):
-        demo.row_of(user)
+        user = own(user)
         with device_lock:
-            change(device_side())
+            change(device_side(), user)
         return redirect(url_for("device", user=user) + anchor, code=303)
 
     @app.post("/device/<user>/consent")
     def consent(user: str):
         train = request.form.get("train") == "1"
-        return change_device(user, lambda side: side.set_consent(demo.paths.run, user, train), "#consent")
+        return change_device(user, lambda side, u: side.set_consent(demo.paths.run, u, train), "#consent")
 
     @app.post("/device/<user>/forget")
     def forget(user: str):
-        return change_device(user, lambda side: side.erase_device(demo.paths.run, user), "#forget")
+        return change_device(user, lambda side, u: side.erase_device(demo.paths.run, u), "#forget")
 
     @app.post("/device/<user>/forget/replay")
     def forget_replay(user: str):
-        demo.row_of(user)
+        user = own(user)
         if not demo.can_replay:
             raise BadInput(demo.no_replay())
-        replays.start(user.strip())
+        replays.start(user)
         return redirect(url_for("device", user=user) + "#forget", code=303)
 
     @app.get("/plot.png")
@@ -165,6 +210,8 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
             png = plots[""]
         else:
             view = view_of(demo, user)
+            if claims.access(view.user, g.visitor, lambda: view.opted_out or view.erased) is Access.CLOSED:
+                abort(403, CLOSED_MESSAGE)
             png = plot_png(demo, [(u.round, u.epsilon) for u in view.uploads if u.epsilon is not None], user)
         return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 

@@ -96,13 +96,21 @@ class Demo:
     @property
     def can_replay(self) -> bool:
         """Can `fedrec forget` replay this run without a user (a completed federated run that kept checkpoints)?"""
-        return self.federated and self.cfg.keep_checkpoints and self.summary.get("status") == "completed"
+        return (self.federated and self.cfg.keep_checkpoints and self.summary.get("status") == "completed"
+                and self.cfg.dp == "none")  # under DP fedrec forget erases but does not replay
 
     def no_replay(self) -> str:
         """Why forgetting cannot replay this run, and what bounds the user's influence instead."""
         if not self.federated:
             return ("a central run trained on everyone's pooled ratings: removing a user's influence means training "
                     "again without the user")
+        if self.cfg.dp != "none":
+            privacy = self.summary.get("privacy") or {}
+            bound = (f"epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:g}" if "epsilon" in privacy
+                     else "its guarantee (this run's summary.json records no epsilon)")
+            return (f"under {self.cfg.dp} differential privacy, fedrec forget erases the device and does not replay "
+                    "the federation (a replay would release another noised model from the others' data); what "
+                    f"bounds this user's remaining influence on the model is the run's DP guarantee, {bound}")
         from fedrec.simulations.forget import no_replay
 
         return no_replay(self.summary, self.paths.run)

@@ -54,6 +54,20 @@ def view_of(demo: Demo, user: str):
     return device_side().device_view(demo.paths.run, user)
 
 
+def also_sent(view) -> list[str]:
+    """Sentences on what else left the device besides the uploads table (the device view's, where it has them)."""
+    return [str(s) for s in getattr(view, "also_sent", None) or []]
+
+
+def epsilon_caveat(demo: Demo, view) -> str | None:
+    """Under central DP the server adds the noise: the device's epsilon holds against readers of the run only."""
+    if demo.cfg.dp != "central" or view.epsilon is None:
+        return None
+    if any("un-noised" in s or "not the server" in s for s in also_sent(view)):
+        return None  # the device view says it already
+    return "against readers of the run, not the server (it receives this device's update un-noised)"
+
+
 def recommend(demo: Demo, vector: np.ndarray, bias: float, rated_rows, n: int = TOP) -> list[Recommendation]:
     """The n best unrated items for a device's own (vector, bias) under the global model."""
     from fedrec.models.personal import UserFit, top_n

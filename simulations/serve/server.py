@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket
@@ -58,8 +59,8 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
     from .device import device_side
 
     threading.Thread(target=device_side, daemon=True).start()  # the device pages' imports, while the index shows
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        say(f"note: listening on {host}: anyone who can reach this address can use the page")
+    if host_warning(host):
+        say(host_warning(host))
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl-C: replays stopped too
     try:
         server.serve_forever()  # werkzeug's returns on Ctrl-C (it catches KeyboardInterrupt)
@@ -70,6 +71,18 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
         server.server_close()
         server.app.extensions["fedrec-replays"].stop()  # a replay cut short resumes on the next fedrec forget
     say("stopped")
+
+
+def host_warning(host: str) -> str | None:
+    """One line for an address other machines may reach: the demo is every device, and claims are first come."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if loopback:
+        return None
+    return (f"warning: listening on {host}: this demo stands in for every device, and anyone who can reach it "
+            "can act as any device no visitor has claimed yet (opt it out, erase it, replay without it)")
 
 
 def _interrupt(signum, frame):
