@@ -588,7 +588,9 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
     """Erase a user on its device and remove its influence from the model by exact replay.
 
     Replays the federation without the user from the last checkpoint kept before the user
-    first took part (needs a run made with --keep-checkpoints); reports what it cost."""
+    first took part (needs a run made with --keep-checkpoints); reports what it cost. Under DP it
+    erases the device only and says what bounds the user's influence: a replay would release a
+    second model from the other users' data that no accounting covers."""
     _quiet_engines()
     from fedrec.simulations.forget import forget as run_forget
 
@@ -597,6 +599,8 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
                             say=lambda line: out.print(line, highlight=False, markup=False, soft_wrap=True))
     except (ConfigError, DataError) as error:
         _fail(str(error))
+    if report.get("replayed") is False:
+        return  # a DP run: forget said what it did and what bounds the user (its note); the device part succeeded
     out.print(f"rounds replayed: {report['rounds_replayed']} (from round {report['from_round']} to "
               f"{report['last_round']}), {report['seconds']:.1f} s; {report['note']}", highlight=False, markup=False,
               soft_wrap=True)

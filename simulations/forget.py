@@ -10,6 +10,10 @@ dropped, so every other user's randomness (sampling, negatives, initial vectors)
 was, and a seeded run ends exactly where a run that never had the user ends. A run whose
 noise, sampling or decoys come from OS entropy replays with fresh draws: not the same numbers
 as a run without the user, only the same distribution.
+
+Under differential privacy (central, local or distributed) forget erases the device and does
+not replay: a replay would release a second model from every other user's data, which no
+accounting covers; the run's guarantee is what bounds the user's remaining influence.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
     device = locate(run_dir, user)
     run_dir, cfg = device.run_dir, device.cfg
     summary = json.loads((run_dir / "summary.json").read_text())
+    if cfg.dp != "none":
+        return erase_only(run_dir, user, cfg, summary, say)
     pending = pending_path(run_dir)  # a replay cut short (Ctrl-C, a crash): what the run said before it
     if summary.get("status") != "completed" and not pending.is_file():
         raise ConfigError(f"{run_dir} is not a completed run (status {summary.get('status')!r}); "
@@ -78,6 +84,30 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
         say(f"against a run that never had the user: max |difference| {worst:.3g} over every model array"
             + (f" (not expected to be 0: {'; '.join(why)})" if why else ""))
     return report
+
+
+def erase_only(run_dir: Path, user: str, cfg: RunConfig, summary: dict, say: Callable[[str], None]) -> dict:
+    """A DP run: erase the device, replay nothing, and say what bounds the user's remaining influence."""
+    erase_device(run_dir, user)
+    note = (f"erased on its device; the model was not replayed: under {cfg.dp} differential privacy a replay would "
+            "release a second model from every other user's data, which no privacy accounting covers; "
+            + dp_bound(cfg, summary.get("privacy") or {}))
+    say(note)
+    return {"rounds_replayed": 0, "seconds": 0.0, "from_round": None, "last_round": summary.get("rounds"),
+            "exact": False, "replayed": False, "note": note}
+
+
+def dp_bound(cfg: RunConfig, privacy: dict) -> str:
+    """What bounds a user's remaining influence on a DP run's model, from its summary.json privacy."""
+    if "epsilon" not in privacy:
+        return "the run's DP guarantee bounds the user's remaining influence (its summary.json records no epsilon)"
+    eps = f"epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:g} (summary.json)"
+    if cfg.dp == "local":
+        return (f"each of the user's uploads was noised on its device: {eps}, per user over its own uploads, bounds "
+                "what the model and the server learned from this user")
+    against = ("; the server saw the user's un-noised uploads" if cfg.dp == "central" else
+               "; against the server see epsilon_against_server")
+    return f"the run's user-level guarantee, {eps}, bounds the user's remaining influence on the model{against}"
 
 
 def pending_path(run_dir: Path) -> Path:

@@ -23,7 +23,7 @@ from fedrec.server import checkpoint
 from fedrec.server.app import run_server
 from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.simulations.cli import cli
-from fedrec.simulations.device_view import erase_device
+from fedrec.simulations.device_view import erase_device, locate
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.forget import forget, replay_start
 from fedrec.simulations.inprocess import InProcessGrid
@@ -215,3 +215,19 @@ def test_a_replay_cut_short_is_finished_by_the_next_forget_and_equals_the_never_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and [r["rounds"] for r in summary["replays"]] == [1]
     assert not (checkpoint.kept_dir(run) / "replay.json").exists()
+
+
+@pytest.mark.parametrize("dp", ["central", "local"])
+def test_under_dp_forget_erases_the_device_and_does_not_replay(small_cfg, tmp_path, monkeypatch, dp):
+    """A replay would release a second model from the other users' data that no accounting covers."""
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch, dp=dp, clipping_norm=0.5, noise_multiplier=1.0)
+    model, summary = (run / "model.npz").read_bytes(), (run / "summary.json").read_text()
+    epsilon = json.loads(summary)["privacy"]["epsilon"]
+    result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", "3"])
+    assert result.exit_code == 0, result.output
+    assert "not replayed" in result.output and f"epsilon {epsilon:.4g}" in result.output
+    assert ("per user over its own uploads" in result.output) == (dp == "local")
+    assert (run / "model.npz").read_bytes() == model and (run / "summary.json").read_text() == summary
+    device = locate(run, "3")
+    assert controls.read(device.root)["erased"] == {device.index}
+    assert checkpoint.excluded(run) == []
