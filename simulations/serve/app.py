@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from fedrec.datasets import DataError
 from fedrec.run.config import ConfigError
 
-from .claims import CLOSED_MESSAGE, Access, Claims
+from .claims import HELD_MESSAGE, Access, Claims
 from .demo import Demo, UnknownUser
 from .device import (
     MIN_RATINGS,
@@ -131,12 +131,6 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
     def index():
         return index_page()
 
-    def withdrawn(user: str):
-        def opted_out_or_erased() -> bool:  # read only if the device is unclaimed: a device view takes a moment
-            view = view_of(demo, user)
-            return view.opted_out or view.erased
-        return opted_out_or_erased
-
     @app.get("/device")
     def pick_user():
         user = request.args.get("user", "").strip()
@@ -144,38 +138,39 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
             return index_page("type a user id, or pick one of the examples", 400)
         demo.row_of(user)
         if not g.new_visitor and hmac.compare_digest(request.args.get("csrf", ""), g.csrf):
-            claims.claim(user, g.visitor, withdrawn(user))  # the index form picks a device to act as
+            claims.claim(user, g.visitor)  # the index form picks the device to act as
         return redirect(url_for("device", user=user))
 
     @app.get("/device/<user>")
     def device(user: str):
+        demo.row_of(user)
+        user = user.strip()
+        access = claims.access(user, g.visitor)
+        if access is not Access.MINE:  # nothing that depends on the device's state
+            return page("claim.html", 403 if access is Access.HELD else 200, user=user,
+                        held=HELD_MESSAGE if access is Access.HELD else None)
         view = view_of(demo, user)
-        access = claims.access(view.user, g.visitor, lambda: view.opted_out or view.erased)
-        if access is Access.CLOSED:
-            return page("device.html", 403, view=view, access=access.value, closed=CLOSED_MESSAGE)
         rated, _ = own_ratings(demo, user)
         picks = [] if view.erased else recommend(demo, view.vector, view.bias, rated, TOP)
-        mine = access is Access.MINE
-        return page("device.html", view=view, access=access.value, recommended=picks,
-                    forget_command=demo.forget_command(view.user), plot=url_for("plot", user=view.user),
-                    replay=replays.status(view.user) if mine else None, can_replay=demo.can_replay,
-                    no_replay=None if demo.can_replay or not mine else demo.no_replay(),
+        return page("device.html", view=view, recommended=picks, forget_command=demo.forget_command(view.user),
+                    plot=url_for("plot", user=view.user), replay=replays.status(view.user),
+                    can_replay=demo.can_replay, no_replay=None if demo.can_replay else demo.no_replay(),
                     also_sent=also_sent(view), epsilon_caveat=epsilon_caveat(demo, view))
 
     def own(user: str) -> str:
-        """The device's id if this visitor holds it; 403 otherwise (nothing is said about its state)."""
+        """The device's id if this visitor holds it; 403 otherwise."""
         demo.row_of(user)
         user = user.strip()
-        if not claims.holds(user, g.visitor):
-            abort(403, "only the visitor who claimed this device can act on it: open its page and press "
+        if claims.access(user, g.visitor) is not Access.MINE:
+            abort(403, "only the visitor who claimed this device can see it or act on it: open its page and press "
                        "'This is my device' (if no one holds it yet)")
         return user
 
     @app.post("/device/<user>/claim")
     def claim(user: str):
         demo.row_of(user)
-        if not claims.claim(user.strip(), g.visitor, withdrawn(user)):
-            abort(403, CLOSED_MESSAGE)
+        if not claims.claim(user.strip(), g.visitor):
+            abort(403, HELD_MESSAGE)
         return redirect(url_for("device", user=user.strip()), code=303)
 
     def change_device(user: str, change, anchor: str):
@@ -209,9 +204,7 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
                 plots[""] = plot_png(demo)
             png = plots[""]
         else:
-            view = view_of(demo, user)
-            if claims.access(view.user, g.visitor, lambda: view.opted_out or view.erased) is Access.CLOSED:
-                abort(403, CLOSED_MESSAGE)
+            view = view_of(demo, own(user))
             png = plot_png(demo, [(u.round, u.epsilon) for u in view.uploads if u.epsilon is not None], user)
         return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 
