@@ -104,16 +104,13 @@ class Demo:
         if not self.federated:
             return ("a central run trained on everyone's pooled ratings: removing a user's influence means training "
                     "again without the user")
-        if self.cfg.dp != "none":
-            privacy = self.summary.get("privacy") or {}
-            bound = (f"epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:g}" if "epsilon" in privacy
-                     else "its guarantee (this run's summary.json records no epsilon)")
-            return (f"under {self.cfg.dp} differential privacy, fedrec forget erases the device and does not replay "
-                    "the federation (a replay would release another noised model from the others' data); what "
-                    f"bounds this user's remaining influence on the model is the run's DP guarantee, {bound}")
-        from fedrec.simulations.forget import no_replay
+        from fedrec.simulations import forget
 
-        return no_replay(self.summary, self.paths.run)
+        if self.cfg.dp != "none":  # fedrec forget erases the device and replays nothing: what it says instead
+            return (f"under {self.cfg.dp} differential privacy, fedrec forget erases the device and does not replay "
+                    "the federation (a replay would release a second model from the other users' data that no "
+                    f"privacy accounting covers); {forget.dp_bound(self.cfg, self.summary.get('privacy') or {})}")
+        return forget.no_replay(self.summary, self.paths.run)
 
     @property
     def metric(self) -> str:
