@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import threading
 import time
@@ -145,11 +146,15 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
     out = RunWriter(Path(cfg.resume), cfg, "federated") if saved else RunWriter.create(cfg, "federated")
     run_dir = out.path
+    if cfg.keep_checkpoints and not saved:
+        checkpoint.forget_kept(run_dir)
+    forgotten = set(exclude) | set(checkpoint.excluded(run_dir) if saved else ())
     audit: list[dict] = []
     # A DP run keeps the per-reply log in memory only: its lines count replies and rows.
+    audit_path = audit_location(run_dir, forgetting=bool(forgotten))
     if saved and plan is None:  # lines of rounds after the checkpoint are about to be redone
-        keep_audit_lines(run_dir / "audit.jsonl", saved.round)
-    audit_file = open(run_dir / "audit.jsonl", "a" if saved else "w") if plan is None else None
+        keep_audit_lines(audit_path, saved.round)
+    audit_file = open(audit_path, "a" if saved else "w") if plan is None else None
 
     def record(line: dict) -> None:
         audit.append(line)
@@ -158,10 +163,13 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             audit_file.flush()
 
     columns = list(ROUND_COLUMNS if plan is None else DP_ROUND_KEYS) + metric_columns(cfg.implicit, cfg.top_k)
-    out.start_metrics(columns, saved.history if saved else [])  # a resumed run: the rows its checkpoint kept
+    # With users forgotten, every round's counts of replies and bytes are withheld (blank), in all rounds
+    # alike: they dip where a forgotten user is drawn and dropped, and the draws follow the public seed.
+    blank = dict.fromkeys(REPLY_COUNTS, "") if forgotten else {}
+    out.start_metrics(columns, [row | blank for row in saved.history] if saved else [])  # rows its checkpoint kept
 
     def round_done(row: dict) -> None:
-        out.add_metrics(row)
+        out.add_metrics(row | blank)
         if on_round:
             on_round(row)
 
@@ -172,17 +180,14 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if saved:
         restore(strategy, saved, run_dir)
         state.last_round = state.resumed_from = saved.round
-    elif cfg.keep_checkpoints:
-        checkpoint.forget_kept(run_dir)
-    strategy.excluded = excluded_users(set(exclude) | set(checkpoint.excluded(run_dir) if saved else ()),
-                                       directory.population)
+    strategy.excluded = excluded_users(forgotten, directory.population)
     if cfg.keep_checkpoints and not saved:  # round 0: a replay may start before anyone trained
         save_checkpoint(state, strategy, keep=True, write=False)
     out.write_config()
     state.status("running", rounds=state.last_round)
     stopped = interrupted = None
     withheld = WithheldLogLines()
-    if plan is not None:
+    if plan is not None or forgotten:  # Flower's lines counting replies would show a forgotten user's absence
         FLOWER_LOGGER.addFilter(withheld)
     try:
         run_rounds(grid, strategy, config, state, stop)
@@ -239,8 +244,9 @@ def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stoppe
     final = {k: v for k, v in strategy.history[-1].items() if is_evaluation(k)} if strategy.history else {}
     summary = {"metrics": final, "rounds": strategy.rounds_trained, "num_nodes": len(directory.node_ids)}
     if plan is None:
-        summary |= {"wall_seconds": time.perf_counter() - start, "bytes_up": strategy.bytes_up,
-                    "bytes_down": strategy.bytes_down}
+        summary["wall_seconds"] = time.perf_counter() - start
+        if strategy.excluded is None:  # totals of bytes would tell how much a forgotten user's rows weighed
+            summary |= {"bytes_up": strategy.bytes_up, "bytes_down": strategy.bytes_down}
     else:
         summary["privacy"] = privacy_summary(cfg, plan, strategy)
     if secure is not None:
@@ -257,6 +263,21 @@ def _round_of(line: str) -> float:
         return json.loads(line)["round"]
     except (ValueError, KeyError, TypeError):  # a line cut short by a kill
         return float("inf")
+
+
+REPLY_COUNTS = tuple(c for c in ROUND_COLUMNS if c not in ("round", "users_sampled"))  # users_sampled is padded
+
+
+def audit_location(run_dir: Path, forgetting: bool) -> Path:
+    """audit.jsonl: in the run directory, or, once users are forgotten, in the server's kept memory
+    (moved there): its lines per round would tell where a forgotten user was drawn and dropped."""
+    released = run_dir / "audit.jsonl"
+    if not forgetting:
+        return released
+    checkpoint.kept_dir(run_dir).mkdir(mode=0o700, exist_ok=True)
+    if released.is_file():
+        os.replace(released, checkpoint.kept_dir(run_dir) / "audit.jsonl")
+    return checkpoint.kept_dir(run_dir) / "audit.jsonl"
 
 
 def keep_audit_lines(path: Path, last_round: int) -> None:

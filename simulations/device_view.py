@@ -26,6 +26,7 @@ from fedrec.run import schema
 from fedrec.run.build import hyper, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.secagg import COUNT
+from fedrec.server import checkpoint
 from fedrec.server.validation import train_array_names
 
 from .federated import device_dir
@@ -232,6 +233,8 @@ def audit_evidence(run_dir: Path, cfg: RunConfig) -> str:
         return "a central run: every rating was pooled on one server; no device uploaded anything, so there is no trail"
     allowed = sorted(train_array_names(cfg))
     path = run_dir / "audit.jsonl"
+    if not path.is_file():  # after a forget replay the server keeps it (its lines per round counted replies)
+        path = checkpoint.kept_dir(run_dir) / "audit.jsonl"
     if cfg.dp == "none" and path.is_file():
         replies, names = 0, set()
         for line in path.read_text().splitlines():
@@ -242,7 +245,7 @@ def audit_evidence(run_dir: Path, cfg: RunConfig) -> str:
         other = sorted(names - set(allowed))
         if other:
             return f"audit.jsonl shows train replies carrying {', '.join(other)}: not only item-side arrays"
-        return (f"audit.jsonl lists the arrays of all {replies} train replies the server accepted: only "
+        return (f"{path.name} lists the arrays of all {replies} train replies the server accepted: only "
                 f"{', '.join(sorted(names)) or 'none'}, never a user vector, bias or rating")
     why = "a DP run keeps no per-reply audit file (it would count replies)" if cfg.dp != "none" else \
         "this run has no audit.jsonl"

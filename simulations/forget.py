@@ -53,7 +53,7 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
     if not cfg.keep_checkpoints or 0 not in rounds:
         raise ConfigError(no_replay(summary, run_dir))
     before = json.loads(pending.read_text()) if pending.is_file() else {
-        "last": max(rounds), "replays": summary.get("replays", []), "privacy": summary.get("privacy")}
+        "last": max(rounds), "replayed": summary.get("replayed", 0), "privacy": summary.get("privacy")}
     erase_device(run_dir, user)
     last, start = before["last"], replay_start(run_dir, rounds, device.index)
     checkpoint.exclude(run_dir, device.index)  # before the replay: a crashed replay resumes without the user too
@@ -70,7 +70,7 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
               "noise, sampling or decoys come from OS entropy: the replay drew them afresh, so it is a run without "
               "the user, not equal to any other; the model released before still holds the user's influence"
               + (f", bounded by epsilon {summary['privacy']['epsilon']:.4g}" if summary.get("privacy") else "")}
-    _record(run_dir, report, before["replays"], private=cfg.dp != "none")
+    _record(run_dir, report, before.get("replayed", 0))
     pending.unlink()
     say(f"erased on its device; replayed rounds {start + 1}..{last} ({report['rounds_replayed']} rounds) in "
         f"{seconds:.1f} s from the checkpoint of round {start}" if start < last else
@@ -110,8 +110,11 @@ def dp_bound(cfg: RunConfig, privacy: dict) -> str:
     return f"the run's user-level guarantee, {eps}, bounds the user's remaining influence on the model{against}"
 
 
+REPORTS = "forget-reports.jsonl"
+
+
 def pending_path(run_dir: Path) -> Path:
-    """Written while a replay runs: the run's last round, earlier replays and privacy before it."""
+    """Written while a replay runs: the run's last round, replays so far and privacy before it."""
     return checkpoint.kept_dir(run_dir) / "replay.json"
 
 
@@ -168,11 +171,16 @@ def never_had(run_dir: Path, cfg: RunConfig, users: list[int], say: Callable[[st
     return {"max_abs_diff": diffs, "seconds": round(time.perf_counter() - began, 3)}
 
 
-def _record(run_dir: Path, report: dict, earlier: list, private: bool) -> None:
-    """summary.json says only that a replay happened: its rounds (and seconds, which a DP run does
-    not release), after the `earlier` ones. Never who was forgotten."""
+def _record(run_dir: Path, report: dict, replayed_before: int) -> None:
+    """summary.json says only that the model was replaced by a replay (how many so far), never who was
+    forgotten; the report (rounds, seconds, start round: they bound the user's first participation)
+    goes to the server's kept memory, RUN_DIR.checkpoints/forget-reports.jsonl."""
+    with open(checkpoint.kept_dir(run_dir) / REPORTS, "a") as handle:
+        handle.write(json.dumps(report) + "\n")
     path = run_dir / "summary.json"
+    if not report["rounds_replayed"]:
+        return
     summary = json.loads(path.read_text())  # the replay wrote it afresh
-    entry = {"rounds": report["rounds_replayed"]} | ({} if private else {"seconds": report["seconds"]})
-    summary["replays"] = [*earlier, entry]
+    summary.pop("replays", None)
+    summary["replayed"] = replayed_before + 1
     write_json(path, summary)

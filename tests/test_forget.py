@@ -41,12 +41,12 @@ def test_an_excluded_user_is_drawn_and_dropped_so_the_others_draws_do_not_change
                                       np.setdiff1d(everyone, gone))
 
 
-def _kept_run(small_cfg, tmp_path, monkeypatch, name="run", exclude=(), **changes):
+def _kept_run(small_cfg, tmp_path, monkeypatch, name="run", exclude=(), nodes=2, **changes):
     run = tmp_path / name
     settings = dict(rounds=4, eval_every=2, users_per_round=20, checkpoint_every=1) | changes
     cfg = dataclasses.replace(small_cfg, keep_checkpoints=True, out=str(run), **settings)
     monkeypatch.setenv(ENV_DIR, str(device_dir(run)))
-    run_server(InProcessGrid(client_app, 2), cfg, exclude=exclude)
+    run_server(InProcessGrid(client_app, nodes), cfg, exclude=exclude)
     return cfg, run
 
 
@@ -76,8 +76,9 @@ def test_kept_checkpoints_count_participation_and_the_excluded_user_never_takes_
     np.testing.assert_array_equal(counts, counts_without)  # everyone else was drawn exactly as before
     # what the released metrics count does not dip where the forgotten user was dropped (with the public
     # seed, a dip would tell who it was)
-    columns = ["users_sampled", "users_failed"]
-    assert pd.read_csv(run / "metrics.csv")[columns].equals(pd.read_csv(without / "metrics.csv")[columns])
+    released, released_without = (pd.read_csv(r / "metrics.csv") for r in (run, without))
+    assert released["users_sampled"].equals(released_without["users_sampled"])
+    assert released_without["users_failed"].isna().all()  # withheld with users forgotten
 
 
 def test_a_run_without_the_counts_replays_from_round_0(small_cfg, tmp_path, monkeypatch):
@@ -166,7 +167,9 @@ def test_forget_equals_the_run_that_never_had_the_user(shared_data, tmp_path):
     after = load_model(run).numpy()
     assert max(float(np.abs(before[k] - after[k]).max()) for k in before) > 1e-4  # the user's influence was there
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and [set(r) for r in summary["replays"]] == [{"rounds", "seconds"}]
+    assert summary["status"] == "completed" and summary["replayed"] == 1 and "replays" not in summary
+    (kept,) = [json.loads(line) for line in (checkpoint.kept_dir(run) / "forget-reports.jsonl").open()]
+    assert kept["from_round"] == 2 and kept["rounds_replayed"] == 2
     assert checkpoint.excluded(run) == [index] and not list(run.glob("excluded*"))
     assert checkpoint.kept_rounds(run) == [0, 1, 2, 3, 4]
 
@@ -213,7 +216,7 @@ def test_a_replay_cut_short_is_finished_by_the_next_forget_and_equals_the_never_
     assert (report["from_round"], report["rounds_replayed"], report["last_round"]) == (3, 1, 4)
     assert max(report["verify"]["max_abs_diff"].values()) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and [r["rounds"] for r in summary["replays"]] == [1]
+    assert summary["status"] == "completed" and summary["replayed"] == 1 and "replays" not in summary
     assert not (checkpoint.kept_dir(run) / "replay.json").exists()
 
 
@@ -231,3 +234,34 @@ def test_under_dp_forget_erases_the_device_and_does_not_replay(small_cfg, tmp_pa
     device = locate(run, "3")
     assert controls.read(device.root)["erased"] == {device.index}
     assert checkpoint.excluded(run) == []
+
+
+def test_after_a_forget_the_released_files_do_not_tell_who_was_forgotten(small_cfg, tmp_path, monkeypatch, caplog):
+    """One user per node and the public seed: every round's draw is recomputable, so any count of
+    replies, bytes or audit lines that dips where the forgotten user is drawn would name it. They
+    are withheld in every round; the replay's report stays in the server's kept memory."""
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch, nodes=60, users_per_node=1, rounds=3,
+                         checkpoint_every=1)
+    late = next(u for u, r in _first_rounds(cfg).items() if r == 2)
+
+    def simulate(cfg, say=print, exclude=()):  # forget's engine in this process, one node per user
+        from fedrec.server.app import resumed_config
+
+        return run_server(InProcessGrid(client_app, 60), resumed_config(cfg), exclude=exclude)
+
+    monkeypatch.setattr("fedrec.simulations.forget.simulate", simulate)
+    caplog.clear()
+    assert forget(run, str(late))["rounds_replayed"] == 2
+    assert not [r for r in caplog.records if "received" in r.getMessage()]  # Flower's reply counts withheld
+    metrics = pd.read_csv(run / "metrics.csv", dtype=str, keep_default_na=False)
+    drawn = {r: late in sample_users(60, cfg.users_per_round, cfg.sampling, sampling_rng(cfg, r)) for r in (1, 2, 3)}
+    assert set(drawn.values()) == {True, False}  # rounds with and without the user: nothing may tell them apart
+    for _, row in metrics.iterrows():
+        assert row["users_sampled"] == str(cfg.users_per_round)
+        for column in ("nodes_replied", "nodes_failed", "users_failed", "bytes_up", "bytes_down", "train_loss"):
+            assert row[column] == "", (column, row["round"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["replayed"] == 1 and "bytes_up" not in summary and "replays" not in summary
+    assert not (run / "audit.jsonl").exists() and (checkpoint.kept_dir(run) / "audit.jsonl").is_file()
+    released = " ".join(p.read_text(errors="ignore") for p in run.iterdir() if p.suffix in (".json", ".csv", ".toml"))
+    assert "from_round" not in released and "excluded" not in released
