@@ -3,8 +3,9 @@
 A node hosts one user (deployment) or a cohort of users (simulation). Each sampled user
 trains on its own ratings against the received item parameters; the reply carries only
 the summed item-side change, a weight and loss sums. User vectors stay in context.state
-(or on the device's disk). A user who opted out or was erased on its device
-(client/controls.py) is left out like a device that dropped out: the server is not told.
+(or on the device's disk). A user who opted out (from its opt-out round) or was erased on its
+device (client/controls.py) is left out of training and evaluation like a device that dropped
+out, the server is not told; under distributed DP it still adds its noise share.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
         sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
     if not len(sampled):
         raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
-    sampled = sampled[~controls.withheld(state_root(context), sampled)]  # opted out or erased: silent too
+    sampled = sampled[~controls.withheld(state_root(context), sampled, round_)]  # opted out or erased: silent
     policy = device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0)))
     if not len(sampled):
         if cfg.dp != "distributed":
@@ -145,7 +146,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = node_data(cfg, context)
     state = load_state(context, node, cfg, config, up_to=int(config[schema.ROUND]))
     items, sums = _items(msg), {}
-    scored = np.flatnonzero(~controls.withheld(state_root(context), node.users, training=False))  # not erased
+    # opted out (from its opt-out round) or erased: nothing of the user leaves the device, not even sums
+    scored = np.flatnonzero(~controls.withheld(state_root(context), node.users, int(config[schema.ROUND])))
     for start in range(0, len(scored), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
         chunk = scored[start:start + EVAL_CHUNK]
         add_sums(sums, evaluate_rows(items, state.take(torch.as_tensor(chunk)), node.shard.cohort(chunk),

@@ -65,13 +65,18 @@ def test_a_reply_with_a_user_opted_out_is_the_reply_without_that_user(small_cfg,
     assert _reply(cfg, [3, 4, 5])[1][schema.WEIGHT] == 3
 
 
-def test_an_opted_out_user_still_evaluates_and_an_erased_one_does_not(small_cfg, tmp_path, monkeypatch):
+def test_an_opted_out_user_is_held_out_of_evaluation_from_its_opt_out_round_and_an_erased_one_always(
+        small_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
     cfg = small_cfg.resolved()
     root = tmp_path / "devices" / "node-0"
-    everyone = _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT]
-    controls.set_training(root, 4, train=False)
+    everyone = _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT]  # the messages are of round 1
+    controls.set_training(root, 4, train=False, from_round=2)  # not retroactive: round 1 is before it
     assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone
+    assert _reply(cfg, [3, 4, 5])[1][schema.WEIGHT] == 3
+    controls.set_training(root, 4, train=False, from_round=1)  # nothing of the user leaves the device now
+    assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone - 1
+    assert _reply(cfg, [3, 4, 5])[1][schema.WEIGHT] == 2
     controls.erase(root, 4)
     assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone - 1
     assert controls.read(root) == {"opted-out": set(), "erased": {4}}
