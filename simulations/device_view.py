@@ -106,12 +106,17 @@ def _own_dir(device: Device) -> Path:
 
 
 def set_consent(run_dir: Path, user: str, train: bool) -> None:
-    """Record on the user's device whether it may train. Opted out, the device leaves the user
-    out of every later round's training like a device that dropped out (it still evaluates and
-    gets recommendations); the server learns nothing beyond the reply weight it sees anyway."""
+    """Record on the user's device whether it may train. An opt-out applies from the round after
+    the device's latest (the run's last) and is not retroactive: a forget replay of earlier rounds
+    trains the user as the run did. From then on nothing of the user leaves the device (no
+    training update, no evaluation sums); it still gets recommendations on the device. To the
+    server (and, in non-DP runs, to readers of metrics.csv with the public seed) an opt-out looks
+    like a device that fails whenever it is sampled."""
     device = locate(run_dir, user)
+    metrics = device.run_dir / "metrics.csv"  # the round of the model the device holds: the last one done
+    last = int(pd.read_csv(metrics)["round"].max()) if metrics.is_file() and metrics.stat().st_size else 0
     try:
-        controls.set_training(_own_dir(device), device.index, train)
+        controls.set_training(_own_dir(device), device.index, train, from_round=last + 1)
     except ValueError as error:
         raise ConfigError(f"user {user}: {error}") from None
 

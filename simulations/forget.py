@@ -62,14 +62,11 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
     if start < last:
         replay(run_dir, start, say)
     seconds = time.perf_counter() - began
-    summary["privacy"] = before["privacy"]
-    exact = reproducible(cfg)
+    why = inexact(run_dir, cfg, last)
     report = {"rounds_replayed": last - start, "seconds": round(seconds, 3), "from_round": start,
-              "last_round": last, "exact": exact,
-              "note": "seeded run: the replay equals a run that never had the user" if exact else
-              "noise, sampling or decoys come from OS entropy: the replay drew them afresh, so it is a run without "
-              "the user, not equal to any other; the model released before still holds the user's influence"
-              + (f", bounded by epsilon {summary['privacy']['epsilon']:.4g}" if summary.get("privacy") else "")}
+              "last_round": last, "exact": not why,
+              "note": "seeded run: the replay equals a run that never had the user (or anyone forgotten)" if not why
+              else "the replay is a run without the user, not equal to a run that never had it: " + "; ".join(why)}
     _record(run_dir, report, before.get("replayed", 0))
     pending.unlink()
     say(f"erased on its device; replayed rounds {start + 1}..{last} ({report['rounds_replayed']} rounds) in "
@@ -78,12 +75,21 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
     if verify:
         report["verify"] = never_had(run_dir, cfg, checkpoint.excluded(run_dir), say)
         worst = max(report["verify"]["max_abs_diff"].values())
-        why = [] if exact else ["fresh noise"]
-        if any(controls.read(root)["opted-out"] for root in device_dir(run_dir).glob("node-*")):
-            why.append("devices that opted out since sat out the replayed rounds only")
         say(f"against a run that never had the user: max |difference| {worst:.3g} over every model array"
             + (f" (not expected to be 0: {'; '.join(why)})" if why else ""))
     return report
+
+
+def inexact(run_dir: Path, cfg: RunConfig, last: int) -> list[str]:
+    """Facts that keep a replay from equalling the run that never had the forgotten users (none: exact)."""
+    why = [] if reproducible(cfg) else ["its decoys come from OS entropy, drawn afresh"]
+    roots, forgotten = list(device_dir(run_dir).glob("node-*")), set(checkpoint.excluded(run_dir))
+    if any(controls.read(root)["erased"] - forgotten for root in roots):
+        why.append("users erased on their devices but not forgotten sat out the replayed rounds only (the next "
+                   "fedrec forget of each removes the rest)")
+    if any(since <= last for root in roots for since in controls.opt_out_rounds(root).values()):
+        why.append("users who opted out during the run sat out its later rounds, which a run from scratch repeats")
+    return why
 
 
 def erase_only(run_dir: Path, user: str, cfg: RunConfig, summary: dict, say: Callable[[str], None]) -> dict:

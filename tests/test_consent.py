@@ -23,7 +23,7 @@ from fedrec.run.config import ConfigError
 from fedrec.server import checkpoint
 from fedrec.server.app import run_server
 from fedrec.server.sampling import sample_users, sampling_rng
-from fedrec.simulations.device_view import device_view, erase_device, set_consent
+from fedrec.simulations.device_view import device_view, erase_device, locate, set_consent
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -107,20 +107,26 @@ def _trained_rounds(run: Path, user: int) -> list[int]:
             for e in uploads.of_user(d, user)]
 
 
-def test_the_federation_respects_an_opt_out_in_the_rounds_that_follow(small_cfg, tmp_path, monkeypatch):
+def test_the_federation_respects_an_opt_out_from_its_round_and_not_before(small_cfg, tmp_path, monkeypatch):
     cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
     sampled = {r: set(sample_users(60, 20, "fixed", sampling_rng(cfg, r)).tolist()) for r in (1, 2, 3, 4)}
     user = min(sampled[1] & sampled[3])  # trained in round 1, sampled again later
-    assert 1 in _trained_rounds(run, user) and 3 in _trained_rounds(run, user)
-    set_consent(run, str(user), train=False)
+    trained = _trained_rounds(run, user)
+    assert 1 in trained and 3 in trained
+    set_consent(run, str(user), train=False)  # from round 5: a replay of rounds 2..4 trains the user as before
     assert device_view(run, str(user)).opted_out
+    assert controls.opt_out_rounds(locate(run, str(user)).root) == {user: 5}
     checkpoint.restore_kept(run, 1)  # continue from round 1 with the run's own resume path
     run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, resume=str(run)))
-    assert _trained_rounds(run, user) == [1]  # sampled in round 3 again, but its device stayed silent
+    assert _trained_rounds(run, user) == trained
+    controls.set_training(locate(run, str(user)).root, user, train=False, from_round=3)  # as if opted out in round 2
+    checkpoint.restore_kept(run, 1)
+    run_server(InProcessGrid(client_app, 2), dataclasses.replace(cfg, resume=str(run)))
+    assert _trained_rounds(run, user) == [r for r in trained if r < 3]  # sampled in round 3 again, but silent
     others = sampled[3] - {user}
     assert all(3 in _trained_rounds(run, u) for u in others)
     view = device_view(run, str(user))
-    assert view.opted_out and [u.round for u in view.uploads] == [1] and view.ratings  # keeps its data
+    assert view.opted_out and [u.round for u in view.uploads] == [r for r in trained if r < 3] and view.ratings
 
 
 def test_consent_of_an_unknown_user_or_a_run_without_a_model_is_a_config_error(small_cfg, tmp_path, monkeypatch):
@@ -144,7 +150,7 @@ def test_through_the_engine_an_opted_out_device_trains_in_no_later_round(tmp_pat
     simulate(cfg)
     sampled = {r: set(sample_users(80, 30, "fixed", sampling_rng(cfg, r)).tolist()) for r in (1, 2, 3, 4)}
     user = min(sampled[1] & (sampled[3] | sampled[4]))
-    set_consent(run, str(user), train=False)
+    controls.set_training(locate(run, str(user)).root, user, train=False, from_round=2)  # opted out in round 1
     steps_before = _steps(run, user, 1)
     replay(run, 1)  # the kept checkpoint of round 1, resumed through Ray to the last round
     assert _trained_rounds(run, user) == [1]

@@ -265,3 +265,22 @@ def test_after_a_forget_the_released_files_do_not_tell_who_was_forgotten(small_c
     assert not (run / "audit.jsonl").exists() and (checkpoint.kept_dir(run) / "audit.jsonl").is_file()
     released = " ".join(p.read_text(errors="ignore") for p in run.iterdir() if p.suffix in (".json", ".csv", ".toml"))
     assert "from_round" not in released and "excluded" not in released
+
+
+def test_an_opt_out_after_the_run_leaves_forget_exact(small_cfg, tmp_path, monkeypatch):
+    """Consent is not retroactive: the replay trains an opted-out user in the rounds before its
+    opt-out, as the run did, so forgetting another user still equals the never-had run."""
+    from fedrec.simulations.device_view import set_consent
+
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    first = _first_rounds(cfg)
+    late = next(u for u, r in first.items() if r == 3)
+    early = next(u for u, r in first.items() if r == 1 and u != late)
+    set_consent(run, str(early), train=False)
+    _inprocess(monkeypatch)
+    report = forget(run, str(late), verify=True)
+    assert report["exact"] and report["rounds_replayed"] == 2
+    assert max(report["verify"]["max_abs_diff"].values()) <= 1e-6
+    erase_device(run, str(early))  # erased but not forgotten: it sits out only the rounds a replay redoes
+    other = next(u for u, r in first.items() if r == 2 and u not in (late, early))
+    assert not forget(run, str(other))["exact"]
