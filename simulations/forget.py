@@ -18,7 +18,9 @@ accounting covers; the run's guarantee is what bounds the user's remaining influ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import tempfile
 import time
@@ -41,6 +43,27 @@ def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], 
     """Erase `user` (the data set's own id) on its device and replay the run without it; returns
     {"rounds_replayed", "seconds", "from_round", "last_round", "exact", "note"} (+ "verify")."""
     device = locate(run_dir, user)
+    with one_forget_at_a_time(device.run_dir, device.cfg):
+        return _forget(device, user, verify, say)
+
+
+@contextlib.contextmanager
+def one_forget_at_a_time(run_dir: Path, cfg: RunConfig):
+    """An exclusive lock in the server's kept memory for the whole of a forget: a second one would
+    read the exclusion list before the first adds its user, and its replay could write the final model."""
+    if not cfg.keep_checkpoints:  # nothing to replay: the device's erasure is all, and it is idempotent
+        yield
+        return
+    checkpoint.kept_dir(run_dir).mkdir(mode=0o700, exist_ok=True)
+    with open(checkpoint.kept_dir(run_dir) / "forget.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another fedrec forget is running on {run_dir}; wait for it") from None
+        yield  # the lock goes with the file's closing, also when the process dies
+
+
+def _forget(device, user: str, verify: bool, say: Callable[[str], None]) -> dict:
     run_dir, cfg = device.run_dir, device.cfg
     summary = json.loads((run_dir / "summary.json").read_text())
     if cfg.dp != "none":

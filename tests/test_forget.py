@@ -284,3 +284,25 @@ def test_an_opt_out_after_the_run_leaves_forget_exact(small_cfg, tmp_path, monke
     erase_device(run, str(early))  # erased but not forgotten: it sits out only the rounds a replay redoes
     other = next(u for u, r in first.items() if r == 2 and u not in (late, early))
     assert not forget(run, str(other))["exact"]
+
+
+def test_a_second_forget_while_one_runs_fails_at_once_and_any_error_is_one_line(small_cfg, tmp_path, monkeypatch):
+    import fcntl
+
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    late = next(u for u, r in _first_rounds(cfg).items() if r == 3)
+    with open(checkpoint.kept_dir(run) / "forget.lock", "w") as held:  # as a running forget holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another fedrec forget is running on .*; wait for it"):
+            forget(run, str(late))
+        result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
+        assert result.exit_code == 2 and "another fedrec forget is running" in result.output
+    assert late not in checkpoint.excluded(run)  # the second did nothing
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("checkpoint.npz")
+
+    monkeypatch.setattr("fedrec.simulations.forget.simulate", broken)
+    result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+    assert "FileNotFoundError" in result.output
