@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from fedrec.run.secagg import COUNT
 from fedrec.server import checkpoint
 from fedrec.server.validation import train_array_names
 
+from .device_sent import also_sent
 from .federated import device_dir
 
 FROM_STATE = "device state of the run"
@@ -65,6 +66,7 @@ class DeviceView:
     audit_evidence: str
     opted_out: bool
     erased: bool
+    also_sent: list[str] = field(default_factory=list)  # what else left the device (device_sent.also_sent)
 
 
 @dataclass(frozen=True)
@@ -157,11 +159,18 @@ def device_view(run_dir: Path, user: str) -> DeviceView:
     state_bytes = 0 if erased else (sum(np.asarray(v).nbytes for v in state.values()) if state is not None
                                     else (3 * cfg.dim + 4) * 4)
     shown = _uploads(device, log, split.n_items)
+    central = _mode(device.run_dir) == "central"
+    opted_out = device.index in flags["opted-out"]
     return DeviceView(user=str(user).strip(), ratings=ratings, vector=vector, bias=bias, vector_source=source,
                       bytes_stored=ratings_bytes + state_bytes + len(log) * 4 * 8, uploads=shown,
-                      epsilon=_epsilon_so_far(device, shown), never_uploaded=list(NEVER_UPLOADED),
-                      audit_evidence=audit_evidence(device.run_dir, cfg),
-                      opted_out=device.index in flags["opted-out"], erased=erased)
+                      epsilon=_epsilon_so_far(device, shown), never_uploaded=[] if central else list(NEVER_UPLOADED),
+                      audit_evidence=audit_evidence(device.run_dir, cfg), opted_out=opted_out, erased=erased,
+                      also_sent=also_sent(cfg, central, bool(log), opted_out, erased))
+
+
+def _mode(run_dir: Path) -> str | None:
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("mode") if summary.is_file() else None
 
 
 def _kept_state(device: Device) -> dict[str, np.ndarray] | None:
@@ -233,8 +242,7 @@ def _epsilon_so_far(device: Device, shown: list[Upload]) -> float | None:
 
 def audit_evidence(run_dir: Path, cfg: RunConfig) -> str:
     """One sentence: how the run's audit trail backs "never uploaded"."""
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("mode") == "central":
+    if _mode(run_dir) == "central":
         return "a central run: every rating was pooled on one server; no device uploaded anything, so there is no trail"
     allowed = sorted(train_array_names(cfg))
     path = run_dir / "audit.jsonl"

@@ -21,6 +21,7 @@ from fedrec.run.build import hyper, load_data
 from fedrec.run.config import ConfigError
 from fedrec.server.app import privacy_plan, run_server
 from fedrec.server.sampling import sample_users, sampling_rng
+from fedrec.simulations import device_sent as dv_sent
 from fedrec.simulations import device_view as dv
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
@@ -61,6 +62,10 @@ def test_a_user_sees_its_ratings_its_kept_vector_and_each_upload(small_cfg, tmp_
     assert all(u.norm > 0 and u.clipped_norm <= u.norm and u.noise == "none" and u.epsilon is None
                and not u.secure_aggregation for u in view.uploads)
     assert view.epsilon is None and "user vector" in view.never_uploaded
+    sent = " | ".join(view.also_sent)  # what else left the device, besides the uploads listed
+    assert "num-rows" in sent and "loss-sum" in sent and "nonzero rows of each dense upload" in sent
+    assert "each evaluation round (every 2 rounds), sums over this user's held-out ratings" in sent
+    assert "until its opt-out" not in sent and "un-noised (the server adds" not in sent
     assert view.bytes_stored > 4 * cfg.dim and "audit.jsonl lists the arrays of all" in view.audit_evidence
 
 
@@ -106,6 +111,18 @@ def test_central_dp_uploads_carry_the_runs_epsilon_after_their_round(small_cfg, 
     assert view.uploads and all(u.epsilon == epsilon[u.round] and u.noise.startswith("central")
                                 for u in view.uploads)
     assert view.epsilon == json.loads((run / "summary.json").read_text())["privacy"]["epsilon"]
+    assert any("not against the server" in line for line in view.also_sent)  # it saw the un-noised update
+    assert any("nonzero rows of each dense upload" in line for line in view.also_sent)  # the server sees them
+
+
+def test_a_sparse_upload_lists_the_rated_items_and_local_dp_sends_no_row_count(small_cfg, tmp_path, monkeypatch):
+    _, run, _ = _kept_run(small_cfg, tmp_path, monkeypatch, update_mode="sparse")
+    sent = " | ".join(dv.device_view(run, str(_uploaded(run, 1))).also_sent)
+    assert "item-index lists the items this user rated" in sent and "num-rows" in sent
+    _, run, _ = _kept_run(small_cfg, tmp_path / "ldp", monkeypatch, dp="local", clipping_norm=0.5,
+                          noise_multiplier=1.0)
+    sent = " | ".join(dv.device_view(run, str(_uploaded(run, 1))).also_sent)
+    assert "num-rows" not in sent and "nonzero rows" not in sent and "held-out ratings" in sent
 
 
 def test_the_audit_evidence_reports_a_user_side_array_if_a_reply_ever_carried_one(small_cfg, tmp_path, monkeypatch):
@@ -119,7 +136,9 @@ def test_controls_show_in_the_view_and_erase_empties_it(small_cfg, tmp_path, mon
     _, run, rounds = _kept_run(small_cfg, tmp_path, monkeypatch)
     user = str(min(rounds))
     dv.set_consent(run, user, train=False)
-    assert dv.device_view(run, user).opted_out
+    view = dv.device_view(run, user)
+    assert view.opted_out and "until its opt-out" in " ".join(view.also_sent)
+    assert view.also_sent[-1] == dv_sent.LOOKS_LIKE_A_FAILURE
     dv.erase_device(run, user)
     view = dv.device_view(run, user)
     assert view.erased and not view.opted_out and view.ratings == [] and view.uploads == []
@@ -154,6 +173,8 @@ def test_a_central_run_has_no_device_trail_and_a_refitted_vector(small_cfg):
     view = dv.device_view(run, "3")
     assert view.vector_source == dv.REFITTED and view.uploads == [] and view.epsilon is None
     assert view.audit_evidence.startswith("a central run")
+    assert view.never_uploaded == [] and view.also_sent == [dv_sent.CENTRAL]
+    assert "pooled on one server" in dv_sent.CENTRAL
 
 
 def test_under_secure_aggregation_an_upload_is_the_masked_dense_update_and_the_user_count():
