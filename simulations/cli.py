@@ -566,8 +566,10 @@ def consent(run: Path = typer.Option(..., "--run", help="a finished federated ru
             opt_in: bool = typer.Option(False, "--opt-in", help="the device trains this user again")) -> None:
     """Record a user's consent to train on its own device (the server is not told).
 
-    Opted out, the device leaves the user out of training in every later round, like a
-    device that dropped out; it still evaluates and gets recommendations."""
+    An opt-out applies from the round after the run's last (not retroactive: a forget replay
+    trains the user in earlier rounds as before); from then on the device sends nothing of the
+    user, neither training updates nor evaluation sums, like a device that dropped out; it
+    still gets recommendations on the device."""
     from fedrec.simulations.device_view import set_consent
 
     if opt_out == opt_in:
