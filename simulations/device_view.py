@@ -116,7 +116,8 @@ def set_consent(run_dir: Path, user: str, train: bool) -> None:
     like a device that fails whenever it is sampled."""
     device = locate(run_dir, user)
     metrics = device.run_dir / "metrics.csv"  # the round of the model the device holds: the last one done
-    last = int(pd.read_csv(metrics)["round"].max()) if metrics.is_file() and metrics.stat().st_size else 0
+    frame = pd.read_csv(metrics) if metrics.is_file() and metrics.stat().st_size else pd.DataFrame()
+    last = int(frame["round"].max()) if "round" in frame and len(frame) else 0  # a central run has epochs
     try:
         controls.set_training(_own_dir(device), device.index, train, from_round=last + 1)
     except ValueError as error:

@@ -211,3 +211,11 @@ def test_under_distributed_dp_every_user_sent_adds_its_noise_share(small_cfg, tm
     diff = (sums[0] - sums[1]).astype(np.float64)
     statistic = (diff**2).sum() / (2 * 2 * nodes * share**2)
     assert stats.chi2.ppf(0.5e-6, len(diff)) < statistic < stats.chi2.ppf(1 - 0.5e-6, len(diff))
+
+
+def test_consent_on_a_central_run_is_recorded(small_cfg, tmp_path):
+    from fedrec.simulations.central import run_central
+
+    run = run_central(dataclasses.replace(small_cfg, epochs=1, out=str(tmp_path / "central"))).run_dir
+    set_consent(run, "3", train=False)  # its metrics.csv counts epochs, not rounds
+    assert controls.opt_out_rounds(locate(run, "3").root) == {3: 1}
