@@ -11,6 +11,13 @@ was, and a seeded run ends exactly where a run that never had the user ends. A r
 noise, sampling or decoys come from OS entropy replays with fresh draws: not the same numbers
 as a run without the user, only the same distribution.
 
+The released run must not tell who was forgotten: with users excluded the server withholds
+metrics.csv's counts of replies and bytes in every round and its Flower log lines counting
+replies, keeps audit.jsonl and the replay's report (start round, rounds, seconds) in its kept
+memory (RUN_DIR.checkpoints/), and summary.json says only `replayed: N`. A user erased on its
+device (e.g. from the demo page) but not forgotten sits out the replayed rounds only; the
+replay is then not exact (the report says why) until `fedrec forget` of that user excludes it.
+
 Under differential privacy (central, local or distributed) forget erases the device and does
 not replay: a replay would release a second model from every other user's data, which no
 accounting covers; the run's guarantee is what bounds the user's remaining influence.
