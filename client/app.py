@@ -36,7 +36,8 @@ EVAL_CHUNK = 8192  # users scored at once: bounds evaluation memory on a node ho
 class DeviceDropped(RuntimeError):
     """No sampled user of the node trains (simulated failures, --dropout, or users who opted out
     or were erased: one message for all, so the server cannot tell): Flower turns it into an
-    error reply, as for a dead device."""
+    error reply, as for a dead device. Under distributed DP only simulated failures do: held-back
+    users still send their noise shares."""
 
 
 def _run_config(record) -> RunConfig:
