@@ -111,7 +111,7 @@ def test_a_federated_run_says_never_uploaded_and_lists_what_else_was_sent(app, d
     monkeypatch.setattr(demo, "cfg", dataclasses.replace(demo.cfg, dp="central"))
     view = vars(dataclasses.replace(serve_app.view_of(demo, "7"), epsilon=1.5, audit_evidence="audit.jsonl says so"))
     says = {"7": [], "8": ["the server sees it un-noised"]}  # F's DeviceView.also_sent, where it has one
-    monkeypatch.setattr(serve_app, "view_of", lambda demo_, user: SimpleNamespace(**view, also_sent=says[user]))
+    monkeypatch.setattr(serve_app, "view_of", lambda demo_, user: SimpleNamespace(**{**view, "also_sent": says[user]}))
     client = app.test_client()
     act_as(client, "7")
     act_as(client, "8")
