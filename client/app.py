@@ -149,6 +149,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     items, sums = _items(msg), {}
     # opted out (from its opt-out round) or erased: nothing of the user leaves the device, not even sums
     scored = np.flatnonzero(~controls.withheld(state_root(context), node.users, int(config[schema.ROUND])))
+    if not len(scored):  # a reply of zero users would tell the server its one user opted out: fail as if dead
+        raise DeviceDropped(f"every sampled device of this node dropped out in round {int(config[schema.ROUND])}")
     for start in range(0, len(scored), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
         chunk = scored[start:start + EVAL_CHUNK]
         add_sums(sums, evaluate_rows(items, state.take(torch.as_tensor(chunk)), node.shard.cohort(chunk),

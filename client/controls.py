@@ -7,7 +7,9 @@ a replay of earlier rounds trains the user as before), an opted-out user is left
 device that dropped out: no training reply carries its update (the node's weight counts only
 the users that trained; under distributed DP it still adds its noise share) and no evaluation
 sums include it; it still gets recommendations on the device. An erased user neither trains
-nor evaluates again, in any round.
+nor evaluates again, in any round. A node whose every user is held back fails the evaluation
+message as a dead device does (a one-user device that opted out fails whenever asked); a cohort
+node's evaluation weight drops by its held-back users: the server learns how many, not which.
 """
 
 from __future__ import annotations

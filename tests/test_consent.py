@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client import controls, storage, uploads
 from fedrec.client.app import app as client_app
+from fedrec.client.node import node_data
 from fedrec.client.storage import ENV_DIR
 from fedrec.models import ItemParams
 from fedrec.run import schema
@@ -75,6 +76,7 @@ def test_an_opted_out_user_is_held_out_of_evaluation_from_its_opt_out_round_and_
     assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone
     assert _reply(cfg, [3, 4, 5])[1][schema.WEIGHT] == 3
     controls.set_training(root, 4, train=False, from_round=1)  # nothing of the user leaves the device now
+    # a cohort node's weight drops by its held-back users: the server learns how many, not which
     assert _reply(cfg, [], MessageType.EVALUATE)[1][schema.WEIGHT] == everyone - 1
     assert _reply(cfg, [3, 4, 5])[1][schema.WEIGHT] == 2
     controls.erase(root, 4)
@@ -82,6 +84,23 @@ def test_an_opted_out_user_is_held_out_of_evaluation_from_its_opt_out_round_and_
     assert controls.read(root) == {"opted-out": set(), "erased": {4}}
     with pytest.raises(ValueError, match="erased"):
         controls.set_training(root, 4, train=True)
+
+
+def test_a_one_user_node_whose_user_opted_out_or_was_erased_fails_evaluation_like_a_dead_device(
+        small_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
+    cfg = small_cfg.resolved()
+    one_user = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": cfg.synthetic_users},
+                       state=RecordDict(), run_config={})
+    user = int(node_data(cfg, one_user).users[0])
+    assert len(node_data(cfg, one_user).users) == 1
+    assert schema.WEIGHT in client_app(_message(cfg, [], MessageType.EVALUATE), one_user).content[schema.METRICS]
+    root = tmp_path / "devices" / "node-0"
+    for withhold in (lambda: controls.set_training(root, user, train=False, from_round=1),
+                     lambda: controls.erase(root, user)):
+        withhold()
+        with pytest.raises(Exception, match="dropped out in round 1$"):  # no reply of zero users: nothing told
+            client_app(_message(cfg, [], MessageType.EVALUATE), one_user)
 
 
 def test_a_node_whose_every_sampled_user_opted_out_replies_like_a_dropped_device(small_cfg, tmp_path, monkeypatch):
