@@ -114,10 +114,10 @@ def test_a_federated_run_says_never_uploaded_and_lists_what_else_was_sent(app, d
     monkeypatch.setattr(serve_app, "view_of", lambda demo_, user: SimpleNamespace(**{**view, "also_sent": says[user]}))
     client = app.test_client()
     act_as(client, "7")
-    act_as(client, "8")
     page = client.get("/device/7").get_data(as_text=True)
     assert "never uploaded" in text_of(page, "on-device") and "central baseline" not in text_of(page, "on-device")
     assert "against readers of the run, not the server" in text_of(page, "epsilon")
+    act_as(client, "8")
     page = client.get("/device/8").get_data(as_text=True)  # the device view says it: said once
     assert "the server sees it un-noised" in text_of(page, "also-sent") and "readers" not in text_of(page, "epsilon")
 
@@ -341,14 +341,15 @@ def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, mon
             f"'--user', '9']; print('erased on its device'); print({report!r}); sys.exit({exit_code})")
     client = create_app(demo, replay_command=[sys.executable, "-c", fake]).test_client()
     token = act_as(client, "9")
-    act_as(client, "10")
+    other = client.application.test_client()  # another visitor, holding device 10
+    other_token = act_as(other, "10")
     assert 'id="forget-replay-button"' in client.get("/device/9").get_data(as_text=True)
     assert client.post("/device/9/forget/replay", data={"csrf": token}).status_code == 303
     page = client.get("/device/9").get_data(as_text=True)
     assert "Replaying the federation without this user" in text_of(page, "forget-replay")
     assert '<meta http-equiv="refresh"' in page  # the page follows the replay without JavaScript
     assert "another replay is running" in text_of(
-        client.post("/device/10/forget/replay", data={"csrf": token}).get_data(as_text=True), "error")
+        other.post("/device/10/forget/replay", data={"csrf": other_token}).get_data(as_text=True), "error")
     for _ in range(100):
         page = client.get("/device/9").get_data(as_text=True)
         if "refresh" not in page:
@@ -427,3 +428,22 @@ def test_a_dp_run_offers_no_replay_and_shows_the_bound(app, demo, monkeypatch):
     assert 'id="forget-replay-button"' not in page and "until" not in text_of(page, "forget-status")
     assert "epsilon 2.5" in text_of(client.post("/device/24/forget/replay", data={"csrf": token}).get_data(
         as_text=True), "error")
+
+
+def test_a_visitor_holds_one_device_claiming_another_releases_the_first(app):
+    alice, bob = app.test_client(), app.test_client()
+    token_a, token_b = act_as(alice, "30"), act_as(bob, "32")
+    assert "claiming another releases this one" in text_of(alice.get("/device/30").get_data(as_text=True),
+                                                            "claim-status")
+    assert alice.post("/device/31/claim", data={"csrf": token_a}).status_code == 303
+    assert 'id="opt-out"' in alice.get("/device/31").get_data(as_text=True)
+    released = alice.get("/device/30").get_data(as_text=True)
+    assert 'id="claim-button"' in released and 'id="opt-out"' not in released
+    assert alice.post("/device/30/consent", data={"csrf": token_a, "train": "0"}).status_code == 403
+    assert bob.post("/device/30/claim", data={"csrf": token_b}).status_code == 303  # another visitor can claim it
+    assert 'id="opt-out"' in bob.get("/device/30").get_data(as_text=True)
+    assert 'id="claim-button"' in bob.get("/device/32").get_data(as_text=True)  # Bob let go of 32 for it
+    # a refused claim (the device is held) keeps the device the visitor holds
+    assert alice.post("/device/30/claim", data={"csrf": token_a}).status_code == 403
+    assert 'id="opt-out"' in alice.get("/device/31").get_data(as_text=True)
+

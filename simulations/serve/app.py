@@ -4,7 +4,7 @@ Each visitor gets a random id in an HttpOnly, SameSite=Lax cookie; a visitor's c
 device is kept server-side under that id, so concurrent visitors never see each other's.
 Every POST form carries a token derived from the visitor id with a per-process secret: a
 page on another site cannot post to this one on the visitor's behalf. A device's controls and
-private status belong to the visitor who claimed it (claims.py).
+private status belong to the visitor who holds it, one device per visitor (claims.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""Which visitor acts as which device: the page stands in for every phone, so a device's
-panels (what it stores, recommends and sent), its controls (consent, erase, forget replay) and
-their status belong to the one visitor session that claimed it, for as long as this server runs.
+"""Which visitor acts as which device. The demo server stands in for every device of the run:
+whoever claims a device no visitor holds sees its state (what it stores, recommends and sent,
+including whether it opted out or was erased) and uses its controls (consent, erase, forget
+replay). A visitor holds at most one device at a time: claiming another releases the previous
+one, which the next visitor to claim it then sees in full. While a visitor holds a device, other
+visitors see only that it is held, nothing of its state.
 
-A visitor who does not hold a device sees only whether another visitor holds it, or a button to
-claim it: nothing that depends on its state (an erased or opted-out device's page reads exactly
-as any other's), so walking the pages tells nobody who opted out or was forgotten. Claims live
-in this process's memory only: who claimed what is written nowhere.
+So the page is a presenter's demo on loopback, not a multi-tenant service: it keeps no one's
+device private from whoever reaches the server. Claims live in this process's memory only and
+end with the server; who claimed what is written nowhere.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ HELD_MESSAGE = "this device is held by another visitor: only its holder sees its
 
 class Claims:
     def __init__(self):
-        self._holder: dict[str, str] = {}
+        self._holder: dict[str, str] = {}  # device -> visitor
+        self._held: dict[str, str] = {}  # visitor -> device (one each)
         self._lock = threading.Lock()
 
     def access(self, user: str, visitor: str) -> Access:
@@ -34,6 +37,13 @@ class Claims:
         return Access.OPEN if holder is None else Access.MINE if holder == visitor else Access.HELD
 
     def claim(self, user: str, visitor: str) -> bool:
-        """Give the device to `visitor` unless another visitor holds it (True: the visitor holds it now)."""
+        """Give the device to `visitor` unless another visitor holds it, releasing the one the visitor held
+        before (True: the visitor holds `user` now; False: nothing changed)."""
         with self._lock:
-            return self._holder.setdefault(user, visitor) == visitor
+            if self._holder.setdefault(user, visitor) != visitor:
+                return False
+            previous = self._held.get(visitor)
+            if previous is not None and previous != user:
+                del self._holder[previous]
+            self._held[visitor] = user
+            return True
