@@ -447,3 +447,57 @@ def test_a_visitor_holds_one_device_claiming_another_releases_the_first(app):
     assert alice.post("/device/30/claim", data={"csrf": token_a}).status_code == 403
     assert 'id="opt-out"' in alice.get("/device/31").get_data(as_text=True)
 
+
+def test_post_forms_without_the_visitors_own_token_are_refused_and_change_nothing(app, demo, monkeypatch):
+    import fedrec.simulations.serve.app as serve_app
+    from fedrec.simulations.serve.demo import Demo
+
+    calls = []
+
+    class DeviceSide:
+        set_consent = staticmethod(lambda run_dir, user, train: calls.append(("consent", user)))
+        erase_device = staticmethod(lambda run_dir, user: calls.append(("erase", user)))
+
+    monkeypatch.setattr(serve_app, "device_side", lambda: DeviceSide)
+    monkeypatch.setattr(Demo, "can_replay", True)
+    client, other = app.test_client(), app.test_client()
+    token, other_token = act_as(client, "40"), csrf(other.get("/").get_data(as_text=True))
+    _, selects = cold_start_form(client)
+    forms = {"/device/40/consent": {"train": "0"}, "/device/40/forget": {}, "/device/40/forget/replay": {},
+             "/device/41/claim": {}, "/new": {n: "4" for n in selects[:5]}, "/new/forget": {}}
+    for path, form in forms.items():
+        for wrong in ({}, {"csrf": ""}, {"csrf": "0" * 64}, {"csrf": other_token}, {"csrf": token[:-1]}):
+            reply = client.post(path, data={**form, **wrong})
+            assert reply.status_code == 400 and "out of date" in text_of(reply.get_data(as_text=True), "error"), path
+    assert app.test_client().post("/device/41/claim", data={"csrf": token}).status_code == 400  # no cookie
+    assert client.get("/device?user=41").status_code == 302  # a pick without the token claims nothing
+    assert calls == [] and app.extensions["fedrec-replays"].status("40") is None
+    assert not recommended(client.get("/new").get_data(as_text=True))
+    assert other.post("/device/41/claim", data={"csrf": other_token}).status_code == 303  # 41 was still free
+    assert client.post("/device/40/consent", data={"csrf": token, "train": "0"}).status_code == 303
+    assert calls == [("consent", "40")]  # the same form with the visitor's own token is accepted
+
+
+EXTERNAL = re.compile(r"""(?i)(?:\b(?:src|href|action|srcset|poster|data)\s*=\s*["']?|url\(\s*["']?|@import\s*["'])"""
+                      r"""\s*(?:https?:|//)""")
+
+
+def test_no_page_loads_anything_from_the_internet_or_runs_javascript(app):
+    client = app.test_client()
+    token = act_as(client, "50")
+    _, selects = cold_start_form(client)
+    replies = [client.get(path) for path in ("/", "/device/50", "/device/51", "/new", "/device/100000",
+                                             "/no/such/page", "/static/style.css", "/plot.png")]
+    replies += [client.post("/new", data={"csrf": token, selects[0]: "9"}),  # refused: a page with #error
+                client.post("/new", data={"csrf": token, **{n: "4" for n in selects[:5]}}),  # the result page
+                client.post("/device/50/consent", data={}), app.test_client().get("/device/50")]  # 400, 403
+    assert {r.status_code for r in replies} == {200, 400, 403, 404}
+    for reply in replies:
+        body = reply.get_data(as_text=True) if reply.mimetype != "image/png" else ""
+        assert not re.search(r"(?i)<script|javascript:|\son\w+\s*=", body), reply.request.path
+        assert not EXTERNAL.search(body), reply.request.path
+        policy = dict((d.split() + [""])[:2] for d in reply.headers["Content-Security-Policy"].split(";"))
+        assert policy["script-src"] == "'none'" and policy["object-src"] == "'none'"
+        assert policy["default-src"] == "'self'" and "http" not in reply.headers["Content-Security-Policy"]
+    assert 'href="/static/style.css"' in replies[0].get_data(as_text=True)  # the one stylesheet: this server's
+    assert EXTERNAL.search('<img src="https://x.org/a.png">') and EXTERNAL.search("a{background:url( //x.org/b)}")
