@@ -243,10 +243,11 @@ def excluded_users(users: set[int], population: int) -> np.ndarray | None:
 def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start) -> dict:
     final = {k: v for k, v in strategy.history[-1].items() if is_evaluation(k)} if strategy.history else {}
     summary = {"metrics": final, "rounds": strategy.rounds_trained, "num_nodes": len(directory.node_ids)}
-    if plan is None:
-        summary["wall_seconds"] = time.perf_counter() - start
-        if strategy.excluded is None:  # totals of bytes would tell how much a forgotten user's rows weighed
-            summary |= {"bytes_up": strategy.bytes_up, "bytes_down": strategy.bytes_down}
+    if plan is None and strategy.excluded is None:
+        # with users forgotten neither: a replay's seconds bound its start round (a user's first
+        # participation), totals of bytes how much a forgotten user's rows weighed
+        summary |= {"wall_seconds": time.perf_counter() - start, "bytes_up": strategy.bytes_up,
+                    "bytes_down": strategy.bytes_down}
     else:
         summary["privacy"] = privacy_summary(cfg, plan, strategy)
     if secure is not None:

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -99,6 +100,7 @@ def _forget(device, user: str, verify: bool, say: Callable[[str], None]) -> dict
               else "the replay is a run without the user, not equal to a run that never had it: " + "; ".join(why)}
     _record(run_dir, report, before.get("replayed", 0))
     pending.unlink()
+    same_mtime(run_dir)
     say(f"erased on its device; replayed rounds {start + 1}..{last} ({report['rounds_replayed']} rounds) in "
         f"{seconds:.1f} s from the checkpoint of round {start}" if start < last else
         "erased on its device; it never took part in training: nothing to replay")
@@ -147,6 +149,15 @@ def dp_bound(cfg: RunConfig, privacy: dict) -> str:
 
 
 REPORTS = "forget-reports.jsonl"
+
+
+def same_mtime(run_dir: Path) -> None:
+    """Every released file gets the end time: files the replay rewrote would otherwise date from
+    its start (model.npz's mtime minus config.toml's is the replay's length: its start round)."""
+    now = time.time()
+    for path in run_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (now, now))
 
 
 def pending_path(run_dir: Path) -> Path:

@@ -306,3 +306,17 @@ def test_a_second_forget_while_one_runs_fails_at_once_and_any_error_is_one_line(
     result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
     assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
     assert "FileNotFoundError" in result.output
+
+
+def test_after_a_forget_no_released_timing_dates_the_replay(small_cfg, tmp_path, monkeypatch):
+    """A replay's seconds (summary.json) and the rewritten files' mtimes would bound its start round:
+    the forgotten user's first participation."""
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    assert "wall_seconds" in json.loads((run / "summary.json").read_text())
+    for path in run.rglob("*"):  # files the replay leaves alone would keep the run's older times
+        os.utime(path, (1_000_000, 1_000_000))
+    _inprocess(monkeypatch)
+    assert forget(run, str(next(u for u, r in _first_rounds(cfg).items() if r == 3)))["rounds_replayed"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert not {"wall_seconds", "seconds", "bytes_up"} & set(summary)
+    assert len({p.stat().st_mtime for p in run.rglob("*") if p.is_file()}) == 1
