@@ -411,7 +411,7 @@ def test_serving_beyond_loopback_warns_in_one_line(host, warned):
 
     line = host_warning(host)
     assert (line is not None) == warned
-    assert line is None or ("stands in for every device" in line and "\n" not in line)
+    assert line is None or ("stands in for every device" in line and "opted out or erased" in line and "\n" not in line)
 
 
 def test_a_dp_run_offers_no_replay_and_shows_the_bound(app, demo, monkeypatch):

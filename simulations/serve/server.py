@@ -82,7 +82,8 @@ def host_warning(host: str) -> str | None:
     if loopback:
         return None
     return (f"warning: listening on {host}: this demo stands in for every device, and anyone who can reach it "
-            "can act as any device no visitor has claimed yet (opt it out, erase it, replay without it)")
+            "can act as any device no visitor holds (see its state, opted out or erased included; opt it out, "
+            "erase it, replay without it)")
 
 
 def _interrupt(signum, frame):
