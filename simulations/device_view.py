@@ -31,6 +31,7 @@ from fedrec.server.validation import train_array_names
 
 from .device_sent import also_sent
 from .federated import device_dir
+from .forget_lock import forget_lock, last_round
 
 FROM_STATE = "device state of the run"
 REFITTED = "re-fitted on the device (the run kept no device state)"
@@ -115,13 +116,11 @@ def set_consent(run_dir: Path, user: str, train: bool) -> None:
     server (and, in non-DP runs, to readers of metrics.csv with the public seed) an opt-out looks
     like a device that fails whenever it is sampled."""
     device = locate(run_dir, user)
-    metrics = device.run_dir / "metrics.csv"  # the round of the model the device holds: the last one done
-    frame = pd.read_csv(metrics) if metrics.is_file() and metrics.stat().st_size else pd.DataFrame()
-    last = int(frame["round"].max()) if "round" in frame and len(frame) else 0  # a central run has epochs
-    try:
-        controls.set_training(_own_dir(device), device.index, train, from_round=last + 1)
-    except ValueError as error:
-        raise ConfigError(f"user {user}: {error}") from None
+    with forget_lock(device.run_dir, device.cfg, exclusive=False):  # not in the middle of a replay
+        try:  # from the round after the model the device holds: the run's last one done
+            controls.set_training(_own_dir(device), device.index, train, from_round=last_round(device.run_dir) + 1)
+        except ValueError as error:
+            raise ConfigError(f"user {user}: {error}") from None
 
 
 def erase_device(run_dir: Path, user: str) -> None:
@@ -132,6 +131,12 @@ def erase_device(run_dir: Path, user: str) -> None:
     (shared by other runs, so left intact; a real device deletes its own copy), and the user's
     influence on the global model, which `fedrec forget` removes by replay."""
     device = locate(run_dir, user)
+    with forget_lock(device.run_dir, device.cfg, exclusive=False):  # a forget erases its user itself
+        erase_on_device(device)
+
+
+def erase_on_device(device: Device) -> None:
+    """erase_device's work, for a caller that holds the forget lock."""
     controls.erase(_own_dir(device), device.index)
 
 

@@ -25,9 +25,7 @@ accounting covers; the run's guarantee is what bounds the user's remaining influ
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import tempfile
@@ -43,39 +41,24 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import write_json
 from fedrec.server import checkpoint
 
-from .device_view import erase_device, locate
+from .device_view import erase_on_device, locate
 from .federated import device_dir, simulate
+from .forget_lock import forget_lock, pending_path
 
 
 def forget(run_dir: Path, user: str, verify: bool = False, say: Callable[[str], None] = print) -> dict:
     """Erase `user` (the data set's own id) on its device and replay the run without it; returns
     {"rounds_replayed", "seconds", "from_round", "last_round", "exact", "note"} (+ "verify")."""
     device = locate(run_dir, user)
-    with one_forget_at_a_time(device.run_dir, device.cfg):
+    with forget_lock(device.run_dir, device.cfg, exclusive=True):  # a second would race the first's replay
         return _forget(device, user, verify, say)
-
-
-@contextlib.contextmanager
-def one_forget_at_a_time(run_dir: Path, cfg: RunConfig):
-    """An exclusive lock in the server's kept memory for the whole of a forget: a second one would
-    read the exclusion list before the first adds its user, and its replay could write the final model."""
-    if not cfg.keep_checkpoints:  # nothing to replay: the device's erasure is all, and it is idempotent
-        yield
-        return
-    checkpoint.kept_dir(run_dir).mkdir(mode=0o700, exist_ok=True)
-    with open(checkpoint.kept_dir(run_dir) / "forget.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another fedrec forget is running on {run_dir}; wait for it") from None
-        yield  # the lock goes with the file's closing, also when the process dies
 
 
 def _forget(device, user: str, verify: bool, say: Callable[[str], None]) -> dict:
     run_dir, cfg = device.run_dir, device.cfg
     summary = json.loads((run_dir / "summary.json").read_text())
     if cfg.dp != "none":
-        return erase_only(run_dir, user, cfg, summary, say)
+        return erase_only(device, summary, say)
     pending = pending_path(run_dir)  # a replay cut short (Ctrl-C, a crash): what the run said before it
     if summary.get("status") != "completed" and not pending.is_file():
         raise ConfigError(f"{run_dir} is not a completed run (status {summary.get('status')!r}); "
@@ -85,7 +68,7 @@ def _forget(device, user: str, verify: bool, say: Callable[[str], None]) -> dict
         raise ConfigError(no_replay(summary, run_dir))
     before = json.loads(pending.read_text()) if pending.is_file() else {
         "last": max(rounds), "replayed": summary.get("replayed", 0), "privacy": summary.get("privacy")}
-    erase_device(run_dir, user)
+    erase_on_device(device)
     last, start = before["last"], replay_start(run_dir, rounds, device.index)
     checkpoint.exclude(run_dir, device.index)  # before the replay: a crashed replay resumes without the user too
     write_json(pending, before)
@@ -124,9 +107,10 @@ def inexact(run_dir: Path, cfg: RunConfig, last: int) -> list[str]:
     return why
 
 
-def erase_only(run_dir: Path, user: str, cfg: RunConfig, summary: dict, say: Callable[[str], None]) -> dict:
+def erase_only(device, summary: dict, say: Callable[[str], None]) -> dict:
     """A DP run: erase the device, replay nothing, and say what bounds the user's remaining influence."""
-    erase_device(run_dir, user)
+    cfg = device.cfg
+    erase_on_device(device)
     note = (f"erased on its device; the model was not replayed: under {cfg.dp} differential privacy a replay would "
             "release a second model from every other user's data, which no privacy accounting covers; "
             + dp_bound(cfg, summary.get("privacy") or {}))
@@ -158,11 +142,6 @@ def same_mtime(run_dir: Path) -> None:
     for path in run_dir.rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.utime(path, (now, now))
-
-
-def pending_path(run_dir: Path) -> Path:
-    """Written while a replay runs: the run's last round, replays so far and privacy before it."""
-    return checkpoint.kept_dir(run_dir) / "replay.json"
 
 
 def no_replay(summary: dict, run_dir: Path) -> str:

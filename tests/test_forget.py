@@ -320,3 +320,29 @@ def test_after_a_forget_no_released_timing_dates_the_replay(small_cfg, tmp_path,
     summary = json.loads((run / "summary.json").read_text())
     assert not {"wall_seconds", "seconds", "bytes_up"} & set(summary)
     assert len({p.stat().st_mtime for p in run.rglob("*") if p.is_file()}) == 1
+
+
+def test_consent_and_erasure_wait_for_no_forget_and_an_opt_out_after_a_cut_short_replay_is_not_retroactive(
+        small_cfg, tmp_path, monkeypatch):
+    """A replay cuts metrics.csv back to its start round: an opt-out read from there would land in the run's past."""
+    import fcntl
+
+    from fedrec.simulations.device_view import set_consent
+
+    cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
+    first = _first_rounds(cfg)
+    early = next(u for u, r in first.items() if r == 1)
+    other = next(u for u in first if u != early)
+    with open(checkpoint.kept_dir(run) / "forget.lock", "w") as held:  # as a running forget holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for act in (lambda: set_consent(run, str(other), train=False), lambda: erase_device(run, str(other))):
+            with pytest.raises(ConfigError, match="^a fedrec forget is running on .*; try again when it ends$"):
+                act()
+    device = locate(run, str(other))
+    assert controls.read(device.root) == {"opted-out": set(), "erased": set()}  # neither did anything
+    _inprocess(monkeypatch, stop_after=1)
+    with pytest.raises(ConfigError, match="replay stopped"):
+        forget(run, str(early))
+    assert pd.read_csv(run / "metrics.csv")["round"].max() == 1  # the replay cut the run back
+    set_consent(run, str(other), train=False)
+    assert controls.opt_out_rounds(device.root) == {device.index: cfg.rounds + 1}  # after the run's last round
