@@ -58,7 +58,7 @@ def _forget(device, user: str, verify: bool, say: Callable[[str], None]) -> dict
     run_dir, cfg = device.run_dir, device.cfg
     summary = json.loads((run_dir / "summary.json").read_text())
     if cfg.dp != "none":
-        return erase_only(device, summary, say)
+        return erase_only(device, summary, say, verify)
     pending = pending_path(run_dir)  # a replay cut short (Ctrl-C, a crash): what the run said before it
     if summary.get("status") != "completed" and not pending.is_file():
         raise ConfigError(f"{run_dir} is not a completed run (status {summary.get('status')!r}); "
@@ -107,14 +107,17 @@ def inexact(run_dir: Path, cfg: RunConfig, last: int) -> list[str]:
     return why
 
 
-def erase_only(device, summary: dict, say: Callable[[str], None]) -> dict:
-    """A DP run: erase the device, replay nothing, and say what bounds the user's remaining influence."""
+def erase_only(device, summary: dict, say: Callable[[str], None], verify: bool = False) -> dict:
+    """A DP run: erase the device, replay nothing, and say what bounds the user's remaining influence.
+    Kept checkpoints do not matter: there is never a replay."""
     cfg = device.cfg
     erase_on_device(device)
     note = (f"erased on its device; the model was not replayed: under {cfg.dp} differential privacy a replay would "
             "release a second model from every other user's data, which no privacy accounting covers; "
             + dp_bound(cfg, summary.get("privacy") or {}))
     say(note)
+    if verify:
+        say("--verify: nothing to verify, no replay under differential privacy (the model is the run's)")
     return {"rounds_replayed": 0, "seconds": 0.0, "from_round": None, "last_round": summary.get("rounds"),
             "exact": False, "replayed": False, "note": note}
 

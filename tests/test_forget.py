@@ -346,3 +346,19 @@ def test_consent_and_erasure_wait_for_no_forget_and_an_opt_out_after_a_cut_short
     assert pd.read_csv(run / "metrics.csv")["round"].max() == 1  # the replay cut the run back
     set_consent(run, str(other), train=False)
     assert controls.opt_out_rounds(device.root) == {device.index: cfg.rounds + 1}  # after the run's last round
+
+
+def test_forget_on_a_real_dp_run_without_kept_checkpoints_erases_says_the_bound_and_that_verify_has_nothing(
+        small_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "dp"
+    cfg = dataclasses.replace(small_cfg, rounds=2, eval_every=2, users_per_round=20, dp="central", clipping_norm=0.5,
+                              noise_multiplier=1.0, keep_checkpoints=False, out=str(run))
+    monkeypatch.setenv(ENV_DIR, str(device_dir(run)))
+    run_server(InProcessGrid(client_app, 2), cfg)
+    epsilon = json.loads((run / "summary.json").read_text())["privacy"]["epsilon"]
+    result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", "3", "--verify"])
+    assert result.exit_code == 0, result.output
+    assert "not replayed" in result.output and f"epsilon {epsilon:.4g}" in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("--verify: nothing to verify")]
+    device = locate(run, "3")
+    assert controls.read(device.root)["erased"] == {device.index}
