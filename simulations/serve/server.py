@@ -58,7 +58,8 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
     say(f"fedrec serve: {url(host, server.port)} (Ctrl-C stops)")
     from .device import device_side
 
-    threading.Thread(target=device_side, daemon=True).start()  # the device pages' imports, while the index shows
+    warm = threading.Thread(target=device_side, daemon=True)  # the device pages' imports, while the index shows
+    warm.start()
     if host_warning(host):
         say(host_warning(host))
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl-C: replays stopped too
@@ -70,6 +71,7 @@ def serve(run: Path, host: str = "127.0.0.1", port: int = 8000, data_dir: str | 
         signal.signal(signal.SIGTERM, previous)
         server.server_close()
         server.app.extensions["fedrec-replays"].stop()  # a replay cut short resumes on the next fedrec forget
+        warm.join()  # exiting mid-import (torch's C++ threads) aborts the process: "terminate called ..."
     say("stopped")
 
 
