@@ -602,8 +602,11 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
     except (ConfigError, DataError) as error:
         _fail(str(error))
     except Exception as error:  # e.g. a run directory changed under the replay: one line, no traceback
-        _fail(f"fedrec forget failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
-              "run it again to finish (a replay cut short resumes)")
+        from fedrec.simulations.forget_lock import pending_path
+
+        cut_short = pending_path(run.expanduser().resolve()).is_file()  # else no replay began: nothing to finish
+        _fail(f"fedrec forget failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+              + ("; run it again to finish (a replay cut short resumes)" if cut_short else ""))
     if report.get("replayed") is False:
         return  # a DP run: forget said what it did and what bounds the user (its note); the device part succeeded
     out.print(f"rounds replayed: {report['rounds_replayed']} (from round {report['from_round']} to "

@@ -299,13 +299,21 @@ def test_a_second_forget_while_one_runs_fails_at_once_and_any_error_is_one_line(
         assert result.exit_code == 2 and "another fedrec forget is running" in result.output
     assert late not in checkpoint.excluded(run)  # the second did nothing
 
+    def failing(device):
+        raise PermissionError("node-0")
+
+    with monkeypatch.context() as patch:  # fails before any replay began: nothing to run again for
+        patch.setattr("fedrec.simulations.forget.erase_on_device", failing)
+        result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
+    assert result.exit_code == 2 and "PermissionError" in result.output and "run it again" not in result.output
+
     def broken(*args, **kwargs):
         raise FileNotFoundError("checkpoint.npz")
 
     monkeypatch.setattr("fedrec.simulations.forget.simulate", broken)
     result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
     assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
-    assert "FileNotFoundError" in result.output
+    assert "FileNotFoundError" in result.output and "run it again to finish" in result.output  # a replay was cut
 
 
 def test_after_a_forget_no_released_timing_dates_the_replay(small_cfg, tmp_path, monkeypatch):
