@@ -129,7 +129,8 @@ def dp_bound(cfg: RunConfig, privacy: dict) -> str:
     eps = f"epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:g} (summary.json)"
     if cfg.dp == "local":
         return (f"each of the user's uploads was noised on its device: {eps}, per user over its own uploads, bounds "
-                "what the model and the server learned from this user")
+                "what the model and the server learned from this user's training uploads; not covered: the "
+                "un-noised evaluation sums its device returned (summary.json privacy releases)")
     against = ("; the server saw the user's un-noised uploads" if cfg.dp == "central" else
                "; against the server see epsilon_against_server")
     return f"the run's user-level guarantee, {eps}, bounds the user's remaining influence on the model{against}"

@@ -230,6 +230,7 @@ def test_under_dp_forget_erases_the_device_and_does_not_replay(small_cfg, tmp_pa
     assert result.exit_code == 0, result.output
     assert "not replayed" in result.output and f"epsilon {epsilon:.4g}" in result.output
     assert ("per user over its own uploads" in result.output) == (dp == "local")
+    assert ("not covered: the un-noised evaluation sums" in result.output) == (dp == "local")
     assert (run / "model.npz").read_bytes() == model and (run / "summary.json").read_text() == summary
     device = locate(run, "3")
     assert controls.read(device.root)["erased"] == {device.index}
