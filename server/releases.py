@@ -97,6 +97,9 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
             COVERED, "nothing: the count of users it trained is inside the masked vector, and its FitRes metrics "
                      "are empty")
     if mode == "distributed":
+        ledger["count of users trained per round (a coordinate of the unmasked sum)"] = (
+            NOT_COVERED, "not noised: set against the users it sent, it tells the server how many were held back "
+                         "each round (opt-outs, erasures, participation caps, in-node dropout), not which")
         ledger["SecAgg+ rounds halted (summary.json secure_aggregation.rounds_halted, an unchanged model)"] = (
             NOT_COVERED, "whether enough sampled devices answered for the sum to be unmasked: depends on who was "
                          "sampled and on failures, and is not noised")

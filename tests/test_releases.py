@@ -88,3 +88,11 @@ def test_padded_replies_do_not_count_the_real_rows(small_cfg):
     run_server(grid, dataclasses.replace(small_cfg, update_mode="padded", rounds=1, eval_every=1))
     train = [r for r in grid.replies if schema.ARRAYS in r.content]
     assert train and all(set(r.content[schema.METRICS].keys()) == {schema.WEIGHT} for r in train)
+
+
+def test_the_distributed_dp_ledger_says_the_unmasked_sum_tells_how_many_users_were_held_back():
+    from fedrec.server.releases import release_ledger
+
+    entry = release_ledger("distributed")["count of users trained per round (a coordinate of the unmasked sum)"]
+    assert entry["status"] == "not covered" and "held back" in entry["why"] and "not which" in entry["why"]
+    assert not [k for k in release_ledger("central") if k.startswith("count of users trained")]
