@@ -15,6 +15,7 @@ from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .central import run_central
 from .federated import simulate
+from .peers import peer_results
 
 LOO_EPOCHS = 90  # epochs chosen by `fedrec tune --split loo` on a validation split of the training data
 
@@ -37,6 +38,15 @@ def _central(cfg: RunConfig, log) -> dict:
             "train_seconds": outcome.summary["train_seconds"], "wall_seconds": outcome.summary["wall_seconds"]}
 
 
+def _peers(cfg: RunConfig, log, split=None) -> dict:
+    """Surprise's SVD, SVD++ and KNNBaseline on the same split (skipped, with why, without the extra)."""
+    peers = peer_results(split if split is not None else load_data(cfg), cfg.seed)
+    for name, result in peers.items():
+        log(f"peer {name} {cfg.dataset} {cfg.split}: " + (result["skipped"] if "skipped" in result else
+                                                         f"rmse {result['rmse']:.4f} in {result['seconds']:.1f} s"))
+    return peers
+
+
 def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print) -> dict:
     """`cfg` carries data-dir, out and any model settings; datasets and splits are fixed here."""
     run_dir = make_run_dir(cfg, "accuracy")
@@ -47,7 +57,8 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print) -> dict:
         "folds": folds, "mean_rmse": float(np.mean([f["metrics"]["rmse"] for f in folds.values()])),
         "mean_mae": float(np.mean([f["metrics"]["mae"] for f in folds.values()]))}
     u1 = dataclasses.replace(ml, split="u1")
-    report["cases"]["ml100k-u1"] = {"central": folds["u1"], "federated": _fed(u1, users_per_node, log)}
+    report["cases"]["ml100k-u1"] = {"central": folds["u1"], "federated": _fed(u1, users_per_node, log),
+                                    "peers": _peers(u1, log)}
     loo = dataclasses.replace(ml, split="loo", epochs=LOO_EPOCHS, rounds=LOO_EPOCHS).resolved()
     report["cases"]["ml100k-loo"] = {"central": _central(loo, log), "federated": _fed(loo, users_per_node, log)}
     syn = dataclasses.replace(cfg, dataset="synthetic", split="random", out="")
@@ -55,7 +66,7 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print) -> dict:
     truth = generate(synthetic_spec(syn))[1]
     oracle = float(np.sqrt(np.mean((truth.expected(split.test.user, split.test.item) - split.test.rating) ** 2)))
     report["cases"]["synthetic"] = {"oracle_rmse": oracle, "central": _central(syn, log),
-                                    "federated": _fed(syn, users_per_node, log)}
+                                    "federated": _fed(syn, users_per_node, log), "peers": _peers(syn, log, split)}
     for name in ("ml100k-u1", "ml100k-loo", "synthetic"):
         case = report["cases"][name]
         c, f = case["central"]["metrics"], case["federated"]["metrics"]

@@ -288,6 +288,9 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
     for name in ("ml100k-u1", "ml100k-loo", "synthetic"):
         for mode in ("central", "federated"):
             rows[f"{name} {mode}"] = {k: v for k, v in cases[name][mode]["metrics"].items() if k != "train_loss"}
+        for peer, result in cases[name].get("peers", {}).items():  # skipped peers: their reason is logged above
+            if "rmse" in result:
+                rows[f"{name} peer {peer}"] = {"rmse": result["rmse"], "mae": result["mae"]}
     _show("accuracy", rows)
     out.print(f"results in {report['run_dir']}/accuracy.json")
 
