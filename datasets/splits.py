@@ -9,6 +9,7 @@ zero bias and a small random embedding, i.e. close to global mean + user bias.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,20 @@ def leave_one_out(ratings: Ratings, n_negatives: int = TEST_NEGATIVES, seed: int
     negatives = sample_negatives(UserIndex.build(data, ratings.n_users), data.item, test.user,
                                  ratings.n_items, n_negatives, rng)
     return _split(ratings, "loo", train, test, implicit=True, test_negatives=negatives)
+
+
+def validation_split(split: Split, fraction: float = TEST_FRACTION, negatives: int = TEST_NEGATIVES,
+                     seed=0) -> Split:
+    """A split of `split`'s training rows alone, for choosing settings: the rule of the test side
+    applied again inside train (a per-user random holdout of `fraction`; leave-one-out of the
+    training interactions for implicit splits). Its test side is validation rows; the real test
+    rows are not looked at."""
+    users = split.user_ids if split.user_ids is not None else np.arange(split.n_users)
+    items = split.item_ids if split.item_ids is not None else np.arange(split.n_items)
+    train_only = Ratings(split.dataset, split.train, users, items, split.item_titles, split.rating_scale)
+    held = leave_one_out(train_only, negatives, seed) if split.implicit else random_holdout(train_only, fraction, seed)
+    return dataclasses.replace(held, split=f"{split.split}-validation", user_ids=split.user_ids,
+                               item_ids=split.item_ids, _index={})
 
 
 def sample_negatives(index: UserIndex, items: np.ndarray, users: np.ndarray, n_items: int,

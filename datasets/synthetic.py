@@ -56,7 +56,7 @@ class SyntheticTruth:
 # The data's seeded streams, one tag per purpose: np.random.default_rng(stream_seed(seed, name, ...)).
 # The block-wise synthetic split (fedrec.datasets.catalog) is "split"; MovieLens splits draw from
 # default_rng(seed) itself. (fedrec.models.randomness names the other streams; datasets/ cannot import it.)
-DATA_STREAMS = {"items": 0, "users": 1, "ratings": 2, "activity": 3, "split": 4}
+DATA_STREAMS = {"items": 0, "users": 1, "ratings": 2, "activity": 3, "split": 4, "validation": 5}
 
 
 def stream_seed(seed: int, stream: str, *key: int) -> list[int]:

@@ -16,6 +16,8 @@ from fedrec.datasets.download import dataset_folder
 from fedrec.datasets.movielens import FORMATS
 from fedrec.datasets.partition import cohort
 from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_shards
+from fedrec.datasets.splits import validation_split
+from fedrec.datasets.synthetic import stream_seed
 from fedrec.models import Hyper
 from fedrec.models.device import DevicePolicy
 
@@ -28,9 +30,14 @@ def synthetic_spec(cfg: RunConfig) -> SyntheticSpec:
 
 
 def load_data(cfg: RunConfig) -> Split:
-    return load_split(cfg.dataset, cfg.split, cfg.data_dir or None, cfg.seed,
-                      synthetic_spec(cfg) if cfg.dataset == "synthetic" else None,
-                      cfg.test_fraction, cfg.negatives)
+    """The run's split; with cfg.validation, a validation split cut from its training rows alone
+    (what the central trainer and, through ensure_shards, every device then train and score on)."""
+    split = load_split(cfg.dataset, cfg.split, cfg.data_dir or None, cfg.seed,
+                       synthetic_spec(cfg) if cfg.dataset == "synthetic" else None,
+                       cfg.test_fraction, cfg.negatives)
+    if not cfg.validation:
+        return split
+    return validation_split(split, cfg.test_fraction, cfg.negatives, stream_seed(cfg.seed, "validation"))
 
 
 def hyper(cfg: RunConfig) -> Hyper:
@@ -72,6 +79,8 @@ def data_key(cfg: RunConfig) -> str:
         fields["negatives"] = cfg.negatives
     if cfg.dataset == "synthetic":
         fields["synthetic"] = synthetic_spec(cfg).__dict__
+    if cfg.validation:  # only when set: the keys (and cached shards) of test runs stay as they were
+        fields["validation"] = "loo" if cfg.implicit else cfg.test_fraction
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,7 +121,7 @@ def ensure_shards(cfg: RunConfig, num_partitions: int, out: str | Path | None = 
         raise ConfigError(f"cannot cut {users} users into {num_partitions} shards; use 1..{users}")
     bounds = np.linspace(0, users, num_partitions + 1).round().astype(np.int64)
     common = dict(population=users, data_key=data_key(cfg), progress=progress)
-    if cfg.dataset == "synthetic":
+    if cfg.dataset == "synthetic" and not cfg.validation:  # a validation split is cut from everyone's train rows
         spec = synthetic_spec(cfg)
 
         def rows_of(lo: int, hi: int):

@@ -56,6 +56,9 @@ class RunConfig:
                     SPLITS)
     test_fraction: float = _f(TEST_FRACTION, "Share of each user's ratings held out by the random split.")
     negatives: int = _f(TEST_NEGATIVES, "Sampled negatives per test positive for leave-one-out evaluation.")
+    validation: bool = _f(False, "Score on a validation split cut from the training rows alone (per user: "
+                                 "--test-fraction of them; --split loo: the latest one) instead of the test set, "
+                                 "whose rows are then never used; what `fedrec tune` does.")
     synthetic_users: int = _f(_SYNTHETIC.users, "Synthetic data: number of users.")
     synthetic_items: int = _f(_SYNTHETIC.items, "Synthetic data: number of items.")
     synthetic_density: float = _f(_SYNTHETIC.density, "Synthetic data: expected share of user-item pairs rated.")
@@ -329,8 +332,9 @@ def _check_memory(cfg: RunConfig) -> None:
 
 # What each kind of run reads: a setting outside it would be silently ignored, so it is refused (flags)
 # or reset (config files, whose other settings still apply).
-DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "negatives", "synthetic_users",
-                           "synthetic_items", "synthetic_density", "synthetic_rank", "synthetic_noise", "seed"})
+DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "negatives", "validation",
+                           "synthetic_users", "synthetic_items", "synthetic_density", "synthetic_rank",
+                           "synthetic_noise", "seed"})
 CENTRAL_SETTINGS = DATA_SETTINGS | {"dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives", "lr",
                                     "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
 
@@ -344,7 +348,8 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
             "reproducible_noise": ("dp", no_dp and not pad),  # nothing random left to repeat
             "pad_ratio": ("update_mode", not pad),
             "robust_bound": ("robust_aggregation", cfg.robust_aggregation == "none"),
-            "test_fraction": ("split", cfg.split != "random"), "negatives": ("split", not loo),
+            "test_fraction": ("split", cfg.split != "random" and (loo or not cfg.validation)),  # validation: its share
+            "negatives": ("split", not loo),
             "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic")}
     for f in fields(cfg):
         if f.name.startswith("secagg_"):
