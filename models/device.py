@@ -17,6 +17,7 @@ import torch
 from .local import LocalUpdate, local_train, training_rows
 from .mf import Hyper, ItemParams, UserState, predict
 from .randomness import private_key, private_rng
+from .svdpp import as_mf
 from .upload import build_upload, decoy_rows
 
 if TYPE_CHECKING:  # the data layer's type only; models/ imports no other fedrec package at run time
@@ -90,6 +91,7 @@ def decoy_targets(rows: "CohortData", hyper: Hyper, items: ItemParams, state: Us
     counts = np.bincount(rows.train_segment, minlength=len(rows.users))
     starts = np.searchsorted(rows.train_segment[order], np.arange(len(rows.users)))
     index = order[starts[d_seg] + np.minimum((pick * counts[d_seg]).astype(np.int64), counts[d_seg] - 1)]
+    items, state = as_mf(items, state, rows.train_segment, rows.train_item)
     real_pred = predict(items, state, torch.as_tensor(rows.train_segment[index]),
                         torch.as_tensor(rows.train_item[index]))
     residual = rows.train_rating[index] - real_pred.numpy()

@@ -9,6 +9,7 @@ import torch
 
 from .metrics import DEFAULT_TOP_K, add_sums, error_sums, full_ranking_sums, loo_sums
 from .mf import ItemParams, UserState, predict
+from .svdpp import as_mf
 
 FULL_RANKING_CHUNK = 2048  # users scored against the whole catalogue at once
 
@@ -33,6 +34,7 @@ def evaluate_rows(items: ItemParams, state: UserState, rows: UserRows, implicit:
     item = torch.as_tensor(rows.test_item)
     if len(seg) == 0:
         return {}
+    items, state = as_mf(items, state, rows.train_segment, rows.train_item)
     with torch.no_grad():
         if not implicit:
             pred = predict(items, state, seg, item).clamp(*rating_scale)

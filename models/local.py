@@ -113,9 +113,21 @@ def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, ite
     loss_sum = 0.0
     real = None if decoy is None else ~decoy
     rows_per_user = torch.bincount(segment if real is None else segment[real], minlength=n).clamp(min=1)
+    dim = hyper.dim
+    svdpp = items.emb.shape[1] == 2 * dim
+    if svdpp:  # N(u): the user's positive rows; decoys get y steps like real ones but stay out of the sum
+        member = (target > 0) if hyper.implicit else torch.ones(len(item), dtype=torch.bool)
+        in_sum = member if real is None else member & real
+        sum_seg = segment[in_sum]
+        y_scale = torch.bincount(sum_seg, minlength=n).clamp(min=1).to(q0.dtype).rsqrt()
     for epoch in range(hyper.local_epochs):
-        q, b, mu = (q0, b0, mu0) if epoch == 0 else (q0 + dq, b0 + db, mu0 + dmu)
-        p = state.emb[segment]
+        q_full, b, mu = (q0, b0, mu0) if epoch == 0 else (q0 + dq, b0 + db, mu0 + dmu)
+        q = q_full[:, :dim]
+        p_own = state.emb[segment]
+        p = p_own
+        if svdpp:
+            y_sum = torch.zeros(n, dim).index_add_(0, sum_seg, q_full[in_sum, dim:]) * y_scale[:, None]
+            p = p_own + y_sum[segment]
         bu = state.bias[segment]
         pred = mu[segment] + bu + b + (p * q).sum(dim=1)
         if hyper.implicit:
@@ -128,14 +140,20 @@ def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, ite
         user_rows = segment
         if real is not None:
             user_rows = segment[real]
-            p_user, q_user, dl_user, bu_user = p[real], q[real], dloss[real], bu[real]
+            p_user, q_user, dl_user, bu_user = p_own[real], q[real], dloss[real], bu[real]
         else:
-            p_user, q_user, dl_user, bu_user = p, q, dloss, bu
+            p_user, q_user, dl_user, bu_user = p_own, q, dloss, bu
         row_grads = torch.addcmul(2 * hyper.reg_user * p_user, dl_user[:, None], q_user)
         grad_emb = torch.zeros(n, hyper.dim).index_add_(0, user_rows, row_grads)
         grad_bias = torch.zeros(n).index_add_(0, user_rows, dl_user + 2 * hyper.reg_bias * bu_user)
         _adam_rows(state, torch.cat([grad_emb, grad_bias[:, None]], dim=1), hyper.lr)
         step_q = torch.addcmul(2 * hyper.reg_item * q, dloss[:, None], p).mul_(-hyper.lr)
+        if svdpp:  # d loss / d y_j = |N(u)|^-1/2 sum over the user's rows of dloss q_i, for every j in N(u)
+            pull = torch.zeros(n, dim).index_add_(0, user_rows, dl_user[:, None] * q_user) * y_scale[:, None]
+            y = q_full[:, dim:]
+            step_y = (2 * hyper.reg_item * y + pull[segment]).mul_(-hyper.lr)
+            step_y[~member] = 0.0
+            step_q = torch.cat([step_q, step_y], dim=1)
         step_b = (dloss + 2 * hyper.reg_bias * b).mul_(-hyper.lr)
         # mu's loss curvature grows with the user's rating count (every row touches it), so its
         # local step is the mean over the user's rows: a summed step is unstable past one epoch.
@@ -146,7 +164,7 @@ def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, ite
     # norm is taken, so the bound holds on exactly what is summed.
     pair_key, pair_of_row = torch.unique(segment * items.emb.shape[0] + item, return_inverse=True)
     pair_user, pair_item = pair_key // items.emb.shape[0], pair_key % items.emb.shape[0]
-    pair_dq = torch.zeros(len(pair_key), hyper.dim).index_add_(0, pair_of_row, dq)
+    pair_dq = torch.zeros(len(pair_key), items.emb.shape[1]).index_add_(0, pair_of_row, dq)
     pair_db = torch.zeros(len(pair_key)).index_add_(0, pair_of_row, db)
     pair_dq, pair_db, dmu, norms = clip_per_user(pair_user, pair_dq, pair_db, dmu, clip_norm)
     update = LocalUpdate(

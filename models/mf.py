@@ -17,6 +17,9 @@ from .randomness import init_generator
 ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
 
 
+# mf: biased MF; svdpp: adds the implicit factors y_j of the items a user rated (models/svdpp.py)
+MODELS = ("mf", "svdpp")
+
 # L2 per rating as (ratings, implicit feedback): the losses differ in scale, so each has its own.
 # Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
 DEFAULT_REG = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0.01, 0.001)}
@@ -26,6 +29,7 @@ DEFAULT_REG = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0
 class Hyper:
     """Model and local-training hyper-parameters (built from the run config, whose defaults are these)."""
 
+    model: str = "mf"
     dim: int = 32
     reg_user: float = DEFAULT_REG["reg_user"][0]  # L2 on p_u per rating of the user
     reg_item: float = DEFAULT_REG["reg_item"][0]  # L2 on q_i per rating of the item
@@ -36,6 +40,11 @@ class Hyper:
     train_negatives: int = 1  # sampled negatives per positive (implicit only)
     init_std: float = 0.1
     seed: int = 0
+
+    @property
+    def item_width(self) -> int:
+        """Columns of the item-embedding array: [q_i | y_i] under SVD++ (models/svdpp.py), else q_i."""
+        return 2 * self.dim if self.model == "svdpp" else self.dim
 
 
 @dataclass
@@ -50,6 +59,8 @@ class ItemParams:
     def init(n_items: int, hyper: Hyper, global_bias: float) -> "ItemParams":
         gen = init_generator(hyper.seed, "item-init")
         emb = torch.randn(n_items, hyper.dim, generator=gen) * hyper.init_std
+        if hyper.item_width > hyper.dim:  # SVD++'s y_j start at 0: the first rounds are plain MF
+            emb = torch.cat([emb, torch.zeros(n_items, hyper.item_width - hyper.dim)], dim=1)
         return ItemParams(emb, torch.zeros(n_items), torch.tensor([float(global_bias)]))
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -42,8 +42,8 @@ def load_data(cfg: RunConfig) -> Split:
 
 def hyper(cfg: RunConfig) -> Hyper:
     cfg = cfg.resolved()
-    return Hyper(dim=cfg.dim, reg_user=cfg.reg_user, reg_item=cfg.reg_item, reg_bias=cfg.reg_bias, lr=cfg.lr,
-                 local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
+    return Hyper(model=cfg.model, dim=cfg.dim, reg_user=cfg.reg_user, reg_item=cfg.reg_item, reg_bias=cfg.reg_bias,
+                 lr=cfg.lr, local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
                  init_std=cfg.init_std, seed=cfg.seed)
 
 

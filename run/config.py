@@ -20,7 +20,7 @@ from fedrec.datasets.catalog import DEFAULT_SPLIT
 from fedrec.datasets.splits import TEST_FRACTION, TEST_NEGATIVES
 from fedrec.models.device import UPDATE_MODES, DevicePolicy
 from fedrec.models.metrics import DEFAULT_TOP_K
-from fedrec.models.mf import DEFAULT_REG, Hyper
+from fedrec.models.mf import DEFAULT_REG, MODELS, Hyper
 from fedrec.models.server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
 
 
@@ -67,6 +67,9 @@ class RunConfig:
     seed: int = _f(0, "Seed of the data, split, init, negatives and non-DP sampling (DP noise, decoys and DP "
                       "sampling use OS entropy unless --reproducible-noise).")
     # --- model
+    model: str = _f(_HYPER.model, "mf: biased matrix factorization; svdpp: adds implicit factors y_j of the items a "
+                                  "user rated (SVD++; y_j travel like q_i, the rated set stays on the device).",
+                    MODELS)
     dim: int = _f(_HYPER.dim, "Embedding size K of users and items.")
     reg_user: float = _f(-1.0, _reg_help("user embeddings", "reg_user"))
     reg_item: float = _f(-1.0, _reg_help("item embeddings", "reg_item"))
@@ -335,8 +338,8 @@ def _check_memory(cfg: RunConfig) -> None:
 DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "negatives", "validation",
                            "synthetic_users", "synthetic_items", "synthetic_density", "synthetic_rank",
                            "synthetic_noise", "seed"})
-CENTRAL_SETTINGS = DATA_SETTINGS | {"dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives", "lr",
-                                    "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
+CENTRAL_SETTINGS = DATA_SETTINGS | {"model", "dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives",
+                                    "lr", "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
 
 
 def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str, str]:

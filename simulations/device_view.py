@@ -194,14 +194,15 @@ def upload_arrays(cfg: RunConfig, n_items: int, rows: int) -> list[tuple[str, tu
     """(name, shape, bytes) of one user's upload (fedrec.models.upload.build_upload): every item
     row when dense, else the touched rows and their indices; under SecAgg+ the dense update and
     the user count (fedrec.run.secagg), quantized and masked by Flower into 64-bit integers."""
+    width = hyper(cfg).item_width
     if cfg.secure_aggregation != "none":
-        shapes = ((schema.ITEM_EMB, (n_items, cfg.dim)), (schema.ITEM_BIAS, (n_items,)), (schema.GLOBAL_BIAS, (1,)),
+        shapes = ((schema.ITEM_EMB, (n_items, width)), (schema.ITEM_BIAS, (n_items,)), (schema.GLOBAL_BIAS, (1,)),
                   (COUNT, (1,)))
         return [(name, shape, 8 * int(np.prod(shape))) for name, shape in shapes]
     dense = cfg.update_mode == "dense"
     n = n_items if dense else rows
     out = [] if dense else [(schema.ITEM_INDEX, (n,), 8 * n)]
-    out += [(schema.ITEM_EMB, (n, cfg.dim), 4 * n * cfg.dim), (schema.ITEM_BIAS, (n,), 4 * n),
+    out += [(schema.ITEM_EMB, (n, width), 4 * n * width), (schema.ITEM_BIAS, (n,), 4 * n),
             (schema.GLOBAL_BIAS, (1,), 4)]
     return out
 

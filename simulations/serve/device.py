@@ -136,14 +136,16 @@ def fit_implicit(demo: Demo, positives: np.ndarray):
     loss is convex in (p_u, b_u): Newton's method reaches its minimum in a few steps."""
     import torch
 
-    from fedrec.models.personal import UserFit
+    from fedrec.models.personal import UserFit, scoring_vector
 
     unrated = np.setdiff1d(np.arange(demo.split.n_items), positives)
     negatives = np.random.default_rng().choice(unrated, len(positives) * max(1, demo.hyper.train_negatives))
     item = torch.as_tensor(np.concatenate([positives, negatives]))
     target = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).double()
-    features = torch.cat([demo.items.emb.detach().double()[item], torch.ones(len(item), 1, dtype=torch.float64)], 1)
-    offset = demo.items.global_bias.double() + demo.items.bias.detach().double()[item]
+    q = demo.items.emb.detach().double()[item, :demo.hyper.dim]
+    features = torch.cat([q, torch.ones(len(item), 1, dtype=torch.float64)], 1)
+    implicit = scoring_vector(demo.items, torch.zeros(demo.hyper.dim, dtype=torch.float64), positives)
+    offset = demo.items.global_bias.double() + demo.items.bias.detach().double()[item] + q @ implicit
     penalty = 2 * len(item) * torch.tensor([demo.hyper.reg_user] * demo.hyper.dim + [demo.hyper.reg_bias]).double()
     weights = torch.zeros(features.shape[1], dtype=torch.float64)
     for _ in range(50):
