@@ -26,6 +26,7 @@ from fedrec.datasets import DataError
 from fedrec.run.config import CENTRAL_SETTINGS, DATA_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
 from fedrec.run.rundir import make_run_dir, remove_if_empty
 from fedrec.simulations.bench import CASE_NAMES, DEFAULT_CASES
+from fedrec.simulations.tune import DEFAULT_TRIALS, SEARCH_SPACE
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -45,14 +46,19 @@ console = Console(stderr=True)
 out = Console()
 
 ALL_SETTINGS = frozenset(f.name for f in fields(RunConfig))
+# tune searches these itself, validates on its own split and runs its trials in this process without privacy
+TUNE_SETTINGS = ALL_SETTINGS - set(SEARCH_SPACE) - {
+    "validation", "dp", "noise_multiplier", "target_epsilon", "target_delta", "accountant", "max_rounds_per_user",
+    "reproducible_noise", "secure_aggregation", "secagg_shares", "secagg_threshold", "secagg_min_fraction",
+    "secagg_timeout", "resume", "keep_checkpoints", "checkpoint_every", "ray_address"}
 # Settings each command reads; the others are hidden from its --help, refused as flags, and reset (with
 # a note) when a --config file sets them, so a saved config never claims what a run did not do.
 # Commands not listed here (benchmarks, audits) choose their own cases and take every setting.
 COMMAND_SETTINGS = {
     "central": (CENTRAL_SETTINGS, "central trains one model on pooled data; federated and privacy settings "
                                   "apply to simulate and compare"),
-    "tune": (CENTRAL_SETTINGS - {"dim", "reg_user", "reg_item"}, "tune trains central models on pooled data and "
-                                                                  "searches dim, reg-user and reg-item itself"),
+    "tune": (TUNE_SETTINGS, f"tune searches {', '.join('--' + n.replace('_', '-') for n in SEARCH_SPACE)} "
+                            "itself, on a validation split, and runs its trials in this process without DP or SecAgg+"),
     "simulate": (ALL_SETTINGS - {"epochs"}, "epochs are the central baseline's; simulate trains for --rounds"),
     "compare": (ALL_SETTINGS - {"resume"}, "compare starts new runs; --resume applies to simulate"),
     "partition": (DATA_SETTINGS | {"users_per_node", "out"}, "partition only cuts the data into per-node shards"),
@@ -246,13 +252,61 @@ def simulate(cfg: RunConfig) -> None:
     out.print(f"results in {outcome.run_dir}")
 
 
+_TUNE_TRIALS = typer.Option(0, "--tune-trials", help=f"trials per side (central, federated); with neither this nor "
+                                                    f"--tune-seconds: {DEFAULT_TRIALS}")
+_TUNE_SECONDS = typer.Option(0.0, "--tune-seconds", help="seconds per side: no trial starts after them (0: no limit)")
+
+
+def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
+    """Both sides' searches with a progress bar each; prints the chosen settings."""
+    _quiet_engines()
+    from fedrec.simulations.tune import SIDES, Budget
+    from fedrec.simulations.tune import tune as run_tune
+
+    budget = Budget.of(trials, seconds)
+    with _progress(budget.trials or 0, "tune") as progress:
+        tasks = {side: progress.add_task(side, total=budget.trials or None, info="") for side in SIDES}
+        best: dict[str, float] = {}
+
+        def on_trial(side: str, entry: dict) -> None:
+            value = next(v for k, v in entry.items() if k.startswith("val_"))
+            if value is not None:
+                best[side] = value if side not in best else (max if cfg.implicit else min)(best[side], value)
+            info = f"{side}: trial {entry['trial']} " + (f"{value:.4f}, best {best[side]:.4f}" if value is not None
+                                                         else "failed")
+            progress.update(tasks[side], advance=1, info=info)
+
+        report = run_tune(cfg, budget, on_trial, run_dir)
+    table = Table(title=f"chosen on validation ({report['validation'].split(';')[0]})")
+    names = list(dict.fromkeys(k for chosen in report["chosen"].values() for k in chosen))
+    for column in ("setting", *report["chosen"]):
+        table.add_column(column, justify="right")
+    for name in names:
+        table.add_row(name.replace("_", "-"), *(f"{c[name]:.4g}" if isinstance(c.get(name), float)
+                                                else str(c.get(name, "")) for c in report["chosen"].values()))
+    out.print(table)
+    return report
+
+
 @cli.command()
 @_config_command
-def compare(cfg: RunConfig) -> None:
+def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="first choose each side's settings on "
+                                                       "a validation split (as fedrec tune), then run with them"),
+            tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS) -> None:
     """Central and federated runs with the same model, split and seeds, side by side."""
     from fedrec.simulations.compare import run_compare
 
-    report = run_compare(cfg, run_central_cli, run_federated_cli)
+    if (tune_trials or tune_seconds) and not tune:
+        raise ConfigError("--tune-trials and --tune-seconds apply with --tune; add --tune")
+    searched = [n for n in SEARCH_SPACE if tune and getattr(cfg, n) != getattr(RunConfig(), n)]
+    if searched:
+        raise ConfigError(f"{_flags(searched)}: --tune chooses {'it' if len(searched) == 1 else 'them'}; "
+                          "drop it or drop --tune")
+    if tune and cfg.dp != "none":
+        raise ConfigError(f"--tune does not run with --dp {cfg.dp}: its validation trials would spend privacy no "
+                          "epsilon accounts for; tune without --dp, then pass the chosen settings with --dp")
+    tuner = (lambda run_dir: run_tune_cli(cfg, tune_trials, tune_seconds, run_dir)) if tune else None
+    report = run_compare(cfg, run_central_cli, run_federated_cli, tuner)
     _show(f"central vs federated: {cfg.dataset} {cfg.split}", {"central": report["central"]["metrics"],
                                                                  "federated": report["federated"]["metrics"]})
     out.print(f"results in {report['run_dir']}")
@@ -260,16 +314,10 @@ def compare(cfg: RunConfig) -> None:
 
 @cli.command()
 @_config_command
-def tune(cfg: RunConfig) -> None:
-    """Pick dim and regularization on a validation split of the training data (never the test set)."""
-    from fedrec.simulations.tune import grid_for
-    from fedrec.simulations.tune import tune as run_tune
-
-    total = math.prod(len(v) for v in grid_for(cfg).values())
-    with _progress(total, "tune") as progress:
-        task = progress.add_task("tune", total=total, info="")
-        report = run_tune(cfg, on_point=lambda p: progress.update(task, advance=1, info=str(p)))
-    _show(f"chosen on validation ({report['metric']})", {"chosen": {k: float(v) for k, v in report["chosen"].items()}})
+def tune(cfg: RunConfig, tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS) -> None:
+    """Choose central's and federated's settings on a validation split of the training data (never the
+    test set): Optuna's TPE sampler, the same budget per side; writes OUT/tune.json and OUT/trials.csv."""
+    report = run_tune_cli(cfg, tune_trials, tune_seconds, Path(cfg.out))
     out.print(f"results in {report['run_dir']}")
 
 

@@ -1,4 +1,5 @@
-"""Central vs federated on the same split, model, dimension and seeds."""
+"""Central vs federated on the same split, model, dimension and seeds; with a tuner, each side
+first gets its own settings chosen on a validation split of the training data (tune.json)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,35 @@ import dataclasses
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, plot_metric, write_history, write_json
 
+from .tune import apply
 
-def run_compare(cfg: RunConfig, central_fn, federated_fn) -> dict:
+
+def run_compare(cfg: RunConfig, central_fn, federated_fn, tune_fn=None) -> dict:
+    """`tune_fn(run_dir)`, if given, writes tune.json there and returns its report, whose chosen
+    settings each side then runs with (central with central's, federated with federated's)."""
     run_dir = make_run_dir(cfg, "compare")
-    central = central_fn(dataclasses.replace(cfg, out=str(run_dir / "central")))
-    federated = federated_fn(dataclasses.replace(cfg, out=str(run_dir / "federated")))
+    chosen = tune_fn(run_dir)["chosen"] if tune_fn else {}
+    sides = {side: apply(cfg, side, chosen[side]) if side in chosen else cfg for side in ("central", "federated")}
+    central = central_fn(dataclasses.replace(sides["central"], out=str(run_dir / "central")))
+    federated = federated_fn(dataclasses.replace(sides["federated"], out=str(run_dir / "federated")))
     c, f = central.summary["metrics"], federated.summary["metrics"]
     gap = {k: f[k] - c[k] for k in c if k in f}
     report = {"central": central.summary, "federated": federated.summary, "gap": gap}
+    if chosen:
+        report["tuned"] = chosen
     write_json(run_dir / "summary.json", report)
     metric = main_metric(cfg.implicit, cfg.top_k)
     frame = write_history(run_dir, federated.history, "federated_metrics.csv")
     plot_metric(frame, "round", metric, run_dir / "comparison.png",
                 f"{cfg.dataset} {cfg.split}: federated {metric} per round vs central", reference=c.get(metric))
+    central_cfg, fed_cfg = sides["central"], sides["federated"]
+    model = f"Same model (biased MF, K={cfg.dim}),"
+    if chosen:
+        model = (f"Each side's settings chosen on a validation split of the training data (tune.json): central "
+                 f"K={central_cfg.dim}, federated K={fed_cfg.dim}; same")
     lines = [f"# Central vs federated: {cfg.dataset}, split {cfg.split}", "",
-             f"Same model (biased MF, K={cfg.dim}), split and seed ({cfg.seed}). Central: {cfg.epochs} full-batch "
-             f"epochs; federated: {cfg.rounds} rounds, strategy {cfg.strategy}, "
+             f"{model} split and seed ({cfg.seed}). Central: {central_cfg.epochs} full-batch "
+             f"epochs; federated: {fed_cfg.rounds} rounds, strategy {cfg.strategy}, "
              f"{cfg.users_per_round or 'all'} users per round.", "",
              "| metric | central | federated | gap (fed - central) | ratio |", "|---|---|---|---|---|"]
     for k in gap:

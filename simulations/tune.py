@@ -1,68 +1,200 @@
-"""Choose hyper-parameters on a validation split carved out of the training data.
+"""Choose settings on a validation split of the training data, never the test set (Optuna, TPE).
 
-The test set is never looked at: each grid point trains on 80% of the training ratings,
-is scored on the other 20% (per-user holdout), and the best (settings, epochs) wins.
+Central and federated each get their own search with the same budget (trials and/or
+seconds). Every trial trains on a validation split (RunConfig.validation: a per-user
+holdout of the training rows, or leave-one-out of them) and is scored on its validation
+rows: central trials with the central trainer; federated trials with the real server and
+ClientApp code in this process (InProcessGrid: what the engines run, without Ray), so their
+metric is the federated evaluation, each device scoring its own validation rows and sending
+sums. The number of epochs or rounds is the best evaluated one (every --eval-every).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import math
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 
-import numpy as np
-
-from fedrec.datasets import Ratings, cohort
-from fedrec.datasets.splits import leave_one_out, random_holdout
-from fedrec.models import train_central
-from fedrec.run.build import hyper, load_data
-from fedrec.run.config import RunConfig
+from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
-GRID = {"dim": (32, 64), "reg_user": (0.02, 0.05, 0.1), "reg_item": (0.1, 0.2, 0.3, 0.5)}
-IMPLICIT_GRID = {"dim": (32, 64), "reg_user": (0.001, 0.01, 0.05), "reg_item": (0.001, 0.01, 0.05)}
+SIDES = ("central", "federated")
+STEP = {"central": "epochs", "federated": "rounds"}  # what a side's best evaluated step sets
+
+# The search space, the one place it is defined: setting -> ("log", low, high) for a number on a
+# log scale, or a tuple of choices. A RunConfig choice field `model` joins as a choice by itself.
+SEARCH_SPACE: dict[str, tuple] = {
+    "dim": (8, 16, 32, 64, 128),
+    "reg_user": ("log", 1e-4, 1.0),
+    "reg_item": ("log", 1e-4, 1.0),
+    "reg_bias": ("log", 1e-5, 0.5),
+    "lr": ("log", 0.005, 0.3),
+    "server_lr": ("log", 0.005, 0.3),  # both sides: central training steps its items with the same optimizer
+}
+_MODEL = next((f for f in fields(RunConfig) if f.name == "model"), None)
+if _MODEL is not None and _MODEL.metadata.get("choices"):
+    SEARCH_SPACE["model"] = tuple(_MODEL.metadata["choices"])
+
+DEFAULT_TRIALS = 20  # per side, when neither --tune-trials nor --tune-seconds is given
 
 
-def grid_for(cfg: RunConfig) -> dict:
-    return IMPLICIT_GRID if cfg.implicit else GRID
+@dataclass(frozen=True)
+class Budget:
+    """Per side: stop before a trial once `trials` ran or `seconds` passed (0: no limit); one trial at least."""
+
+    trials: int = 0
+    seconds: float = 0.0
+
+    @staticmethod
+    def of(trials: int = 0, seconds: float = 0.0) -> "Budget":
+        if trials < 0 or not (seconds >= 0 and math.isfinite(seconds)):
+            raise ConfigError(f"--tune-trials and --tune-seconds must be >= 0 (got {trials} and {seconds})")
+        return Budget(trials or (0 if seconds else DEFAULT_TRIALS), seconds)
+
+    def allows(self, done: int, elapsed: float) -> bool:
+        return done == 0 or ((not self.trials or done < self.trials) and (not self.seconds or elapsed < self.seconds))
 
 
-def validation_split(cfg: RunConfig):
-    split = load_data(cfg)
-    train_only = Ratings(split.dataset, split.train, np.arange(split.n_users), np.arange(split.n_items),
-                         rating_scale=split.rating_scale)
+def distributions() -> dict:
+    import optuna
+
+    out = {}
+    for name, spec in SEARCH_SPACE.items():
+        if spec[0] == "log":
+            out[name] = optuna.distributions.FloatDistribution(spec[1], spec[2], log=True)
+        else:
+            out[name] = optuna.distributions.CategoricalDistribution(spec)
+    return out
+
+
+def defaults(cfg: RunConfig) -> dict:
+    """The settings a run gets without tuning: the first trial of each side, so tuning never ends
+    worse on validation than the defaults."""
+    base = RunConfig(split=cfg.split).resolved()
+    return {name: getattr(base, name) for name in SEARCH_SPACE}
+
+
+def apply(cfg: RunConfig, side: str, chosen: dict) -> RunConfig:
+    """`cfg` with a side's chosen settings and number of epochs (central) or rounds (federated)."""
+    settings = {name: chosen[name] for name in SEARCH_SPACE}
+    return dataclasses.replace(cfg, **settings, **{STEP[side]: int(chosen[STEP[side]])})
+
+
+def protocol(cfg: RunConfig) -> str:
     if cfg.implicit:
-        return leave_one_out(train_only, cfg.negatives, cfg.seed + 1)
-    return random_holdout(train_only, 0.2, cfg.seed + 1)
+        held = (f"leave-one-out of the training interactions: each user's latest one, ranked against {cfg.negatives} "
+                "sampled items the user has no training interaction with")
+    else:
+        held = f"a per-user random holdout of {cfg.test_fraction:.0%} of each user's training ratings"
+    return (f"validation split: {held}; the test rows are never used. Central trials: the central trainer on "
+            "the other training rows. Federated trials: the server and ClientApp code in one process "
+            "(no Ray); each device scores its own validation rows and sends sums (federated evaluation).")
 
 
-def tune(cfg: RunConfig, on_point=None) -> dict:
-    cfg = cfg.resolved().validate()
-    grid = grid_for(cfg)
-    val = validation_split(cfg)
-    rows = cohort(val, np.arange(val.n_users))
+def _central_trial(cfg: RunConfig) -> list[dict]:
+    from .central import run_central
+
+    return run_central(cfg, write=False).result.history
+
+
+def _federated_trial(cfg: RunConfig, nodes: int, shards: Path) -> list[dict]:
+    from fedrec.client.app import app as client_app
+    from fedrec.run.build import SHARDS_ENV
+    from fedrec.server.app import run_server
+
+    from .federated import _environment
+    from .inprocess import InProcessGrid
+
+    # A trial's run directory (metrics, model) is scratch: only tune.json and trials.csv are released.
+    with tempfile.TemporaryDirectory(prefix="fedrec-tune-") as scratch, _environment({SHARDS_ENV: str(shards)}):
+        trial_cfg = dataclasses.replace(cfg, out=str(Path(scratch) / "run"), checkpoint_every=0)
+        return run_server(InProcessGrid(client_app, nodes), trial_cfg).history
+
+
+def _best(history: list[dict], metric: str, step: str, higher: bool) -> tuple[int, float] | None:
+    rows = [(int(r[step]), float(r[metric])) for r in history if math.isfinite(float(r.get(metric, math.nan)))]
+    if not rows:
+        return None
+    return (max if higher else min)(rows, key=lambda r: r[1])
+
+
+def search(side: str, cfg: RunConfig, budget: Budget, run_trial: Callable[[RunConfig], list[dict]],
+           on_trial: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """One side's trials, in order: settings, best step, validation metric, seconds, state."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metric, higher = main_metric(cfg.implicit, cfg.top_k), cfg.implicit
+    step = "epoch" if side == "central" else "round"
+    study = optuna.create_study(direction="maximize" if higher else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    study.enqueue_trial(defaults(cfg))
+    space, trials, start = distributions(), [], time.perf_counter()
+    while budget.allows(len(trials), time.perf_counter() - start):
+        trial = study.ask(space)
+        began = time.perf_counter()
+        best = _best(run_trial(apply(cfg, side, {**trial.params, STEP[side]: cfg.epochs if side == "central"
+                                                 else cfg.rounds})), metric, step, higher)
+        entry = {"side": side, "trial": trial.number, **trial.params, STEP[side]: best[0] if best else None,
+                 f"val_{metric}": best[1] if best else None, "seconds": time.perf_counter() - began,
+                 "state": "complete" if best else "failed"}
+        if best:
+            study.tell(trial, best[1])
+        else:  # no finite validation metric (diverged): TPE learns to avoid it
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trials.append(entry)
+        if on_trial:
+            on_trial(side, entry)
+    return trials
+
+
+def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] | None = None,
+         run_dir: Path | None = None, sides: tuple[str, ...] = SIDES) -> dict:
+    """Search each side's settings within `budget`; writes RUN_DIR/tune.json and trials.csv."""
+    import optuna
+    import pandas as pd
+
+    from fedrec.run.build import ensure_shards, num_nodes
+
+    from .federated import check_population
+
+    if cfg.dp != "none":
+        raise ConfigError(f"--tune does not run with --dp {cfg.dp}: the validation trials would spend privacy no "
+                          "epsilon accounts for; tune without --dp, then run with the chosen settings and --dp")
+    cfg = dataclasses.replace(cfg, validation=True, secure_aggregation="none").resolved().validate()
+    run_dir = Path(run_dir) if run_dir else make_run_dir(cfg, "tune")
     metric = main_metric(cfg.implicit, cfg.top_k)
-    better = (lambda a, b: a > b) if cfg.implicit else (lambda a, b: a < b)
-    points = []
-    for values in itertools.product(*grid.values()):
-        point = dataclasses.replace(cfg, **dict(zip(grid, values)))
-        start = time.perf_counter()
-        result = train_central(rows, val.n_users, val.n_items, hyper(point), cfg.epochs, cfg.strategy, cfg.server_lr,
-                               cfg.top_k, val.rating_scale, cfg.eval_every)
-        best = min(result.history, key=lambda r: -r[metric] if cfg.implicit else r[metric])
-        entry = {**dict(zip(grid, values)), "epochs": best["epoch"], f"val_{metric}": best[metric],
-                 "seconds": time.perf_counter() - start}
-        points.append(entry)
-        if on_point:
-            on_point(entry)
-    chosen = points[0]
-    for p in points[1:]:
-        if better(p[f"val_{metric}"], chosen[f"val_{metric}"]):
-            chosen = p
-    report = {"dataset": cfg.dataset, "split": cfg.split, "validation": "20% per-user holdout of the training ratings"
-              if not cfg.implicit else "leave-one-out of the training interactions", "metric": metric,
-              "chosen": chosen, "points": points, "config": cfg.to_dict()}
-    run_dir = make_run_dir(cfg, "tune")
+    runners = {"central": _central_trial}
+    if "federated" in sides:
+        nodes = num_nodes(cfg, check_population(cfg))
+        shards = ensure_shards(cfg, nodes)  # the devices' validation shards, cut once for every trial
+        runners["federated"] = lambda trial_cfg: _federated_trial(trial_cfg, nodes, shards)
+    trials, chosen, start = [], {}, time.perf_counter()
+    for side in sides:
+        done = search(side, cfg, budget, runners[side], on_trial)
+        trials += done
+        complete = [t for t in done if t["state"] == "complete"]
+        if not complete:
+            raise ConfigError(f"every {side} trial failed to give a finite validation {metric}; "
+                              "lower --lr or --server-lr range, or check the data")
+        best = (max if cfg.implicit else min)(complete, key=lambda t: t[f"val_{metric}"])
+        chosen[side] = {k: best[k] for k in (*SEARCH_SPACE, STEP[side], f"val_{metric}", "trial")}
+    report = {"dataset": cfg.dataset, "split": cfg.split, "metric": metric,
+              "direction": "maximize" if cfg.implicit else "minimize", "validation": protocol(cfg),
+              "budget": {"trials_per_side": budget.trials, "seconds_per_side": budget.seconds,
+                         "rule": "a side stops before a trial once either limit is reached; at least one trial"},
+              "search": {"library": f"optuna {optuna.__version__}", "sampler": f"TPESampler(seed={cfg.seed})",
+                         "space": {k: list(v) for k, v in SEARCH_SPACE.items()},
+                         "first_trial": "the defaults", "steps": f"best evaluated {', '.join(STEP.values())} "
+                                                             f"(every {cfg.eval_every}) up to the settings' maxima"},
+              "chosen": chosen, "trials": trials, "wall_seconds": time.perf_counter() - start,
+              "config": cfg.to_dict()}
     write_json(run_dir / "tune.json", report)
+    frame = pd.DataFrame(trials)
+    frame.astype({step: "Int64" for step in STEP.values() if step in frame}).to_csv(run_dir / "trials.csv", index=False)
     report["run_dir"] = str(run_dir)
     return report
