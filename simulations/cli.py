@@ -279,6 +279,7 @@ def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
         report = run_tune(cfg, budget, on_trial, run_dir)
     table = Table(title=f"chosen on validation ({report['validation'].split(';')[0]})")
     names = list(dict.fromkeys(k for chosen in report["chosen"].values() for k in chosen))
+    names = [n for n in names if n != "trial" and not n.startswith("val_")] + [f"val_{report['metric']}", "trial"]
     for column in ("setting", *report["chosen"]):
         table.add_column(column, justify="right")
     for name in names:

@@ -92,7 +92,7 @@ def protocol(cfg: RunConfig) -> str:
         held = f"a per-user random holdout of {cfg.test_fraction:.0%} of each user's training ratings"
     return (f"validation split: {held}; the test rows are never used. Central trials: the central trainer on "
             "the other training rows. Federated trials: the server and ClientApp code in one process "
-            "(no Ray); each device scores its own validation rows and sends sums (federated evaluation).")
+            "(no Ray, no SecAgg+); each device scores its own validation rows and sends sums (federated evaluation).")
 
 
 def _central_trial(cfg: RunConfig) -> list[dict]:
@@ -158,10 +158,11 @@ def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] |
     import optuna
     import pandas as pd
 
-    from fedrec.run.build import ensure_shards, num_nodes
+    from fedrec.run.build import ensure_shards, load_data, num_nodes
 
     from .federated import check_population
 
+    start = time.perf_counter()
     if cfg.dp != "none":
         raise ConfigError(f"--tune does not run with --dp {cfg.dp}: the validation trials would spend privacy no "
                           "epsilon accounts for; tune without --dp, then run with the chosen settings and --dp")
@@ -173,14 +174,15 @@ def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] |
         nodes = num_nodes(cfg, check_population(cfg))
         shards = ensure_shards(cfg, nodes)  # the devices' validation shards, cut once for every trial
         runners["federated"] = lambda trial_cfg: _federated_trial(trial_cfg, nodes, shards)
-    trials, chosen, start = [], {}, time.perf_counter()
+    load_data(cfg)  # read (and cache) the data before any clock starts: no side's budget pays for it
+    trials, chosen = [], {}
     for side in sides:
         done = search(side, cfg, budget, runners[side], on_trial)
         trials += done
         complete = [t for t in done if t["state"] == "complete"]
         if not complete:
-            raise ConfigError(f"every {side} trial failed to give a finite validation {metric}; "
-                              "lower --lr or --server-lr range, or check the data")
+            raise ConfigError(f"every {side} trial, the defaults' included, gave no finite validation {metric}; "
+                              "check the data and the settings tune does not search")
         best = (max if cfg.implicit else min)(complete, key=lambda t: t[f"val_{metric}"])
         chosen[side] = {k: best[k] for k in (*SEARCH_SPACE, STEP[side], f"val_{metric}", "trial")}
     report = {"dataset": cfg.dataset, "split": cfg.split, "metric": metric,
