@@ -68,7 +68,7 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)  # readers never see a half-written file
 
 
-def write_config(directory: Path, cfg: RunConfig) -> None:
+def write_config(directory: Path, cfg: RunConfig, name: str = "config.toml") -> None:
     """The settings that define the experiment: `--config` of this file repeats it into a new
     directory from anywhere (no `out` or `resume`; `data-dir` absolute)."""
     lines = ["# Resolved fedrec run config: pass it back with --config to repeat the run.", "[tool.flwr.app.config]"]
@@ -77,7 +77,7 @@ def write_config(directory: Path, cfg: RunConfig) -> None:
     for key, value in values.items():
         if key not in ("out", "resume"):
             lines.append(f"{key} = {json.dumps(value)}")
-    (directory / "config.toml").write_text("\n".join(lines) + "\n")
+    (directory / name).write_text("\n".join(lines) + "\n")
 
 
 def write_history(directory: Path, rows: list[dict], name: str = "metrics.csv") -> pd.DataFrame:

@@ -319,7 +319,9 @@ def tune(cfg: RunConfig, tune_trials: int = _TUNE_TRIALS, tune_seconds: float = 
     """Choose central's and federated's settings on a validation split of the training data (never the
     test set): Optuna's TPE sampler, the same budget per side; writes OUT/tune.json and OUT/trials.csv."""
     report = run_tune_cli(cfg, tune_trials, tune_seconds, Path(cfg.out))
-    out.print(f"results in {report['run_dir']}")
+    out.print(f"results in {report['run_dir']}; run with them: fedrec simulate --config "
+              f"{report['run_dir']}/federated.toml (central: --config {report['run_dir']}/central.toml)",
+              highlight=False, soft_wrap=True)
 
 
 @cli.command()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.rundir import main_metric, make_run_dir, write_json
+from fedrec.run.rundir import main_metric, make_run_dir, write_config, write_json
 
 SIDES = ("central", "federated")
 STEP = {"central": "epochs", "federated": "rounds"}  # what a side's best evaluated step sets
@@ -154,7 +154,8 @@ def search(side: str, cfg: RunConfig, budget: Budget, run_trial: Callable[[RunCo
 
 def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] | None = None,
          run_dir: Path | None = None, sides: tuple[str, ...] = SIDES) -> dict:
-    """Search each side's settings within `budget`; writes RUN_DIR/tune.json and trials.csv."""
+    """Search each side's settings within `budget`; writes RUN_DIR/tune.json, trials.csv, and each
+    side's chosen settings as a config file (central.toml, federated.toml)."""
     import optuna
     import pandas as pd
 
@@ -196,6 +197,8 @@ def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] |
               "chosen": chosen, "trials": trials, "wall_seconds": time.perf_counter() - start,
               "config": cfg.to_dict()}
     write_json(run_dir / "tune.json", report)
+    for side in sides:  # ready for --config: `fedrec simulate --config RUN_DIR/federated.toml` (scored on test)
+        write_config(run_dir, dataclasses.replace(apply(cfg, side, chosen[side]), validation=False), f"{side}.toml")
     frame = pd.DataFrame(trials)
     frame.astype({step: "Int64" for step in STEP.values() if step in frame}).to_csv(run_dir / "trials.csv", index=False)
     report["run_dir"] = str(run_dir)

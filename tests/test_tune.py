@@ -76,6 +76,12 @@ def test_tune_writes_chosen_settings_and_every_trial_and_chooses_the_best_valida
     assert "chosen on validation" in result.output
     assert f"{report['chosen']['federated']['val_rmse']:.4g}" in result.output  # the chosen settings are printed
     assert report["config"]["validation"] is True
+    for side in ("central", "federated"):  # each side's choice, ready for --config and scored on the test set
+        saved = RunConfig.from_toml(out / f"{side}.toml")
+        assert {n: getattr(saved, n) for n in SEARCH_SPACE} == {n: report["chosen"][side][n] for n in SEARCH_SPACE}
+        assert getattr(saved, STEP[side]) == report["chosen"][side][STEP[side]] and saved.validation is False
+    again = CliRunner().invoke(cli, ["central", "--config", str(out / "central.toml"), "--out", str(tmp_path / "c")])
+    assert again.exit_code == 0, again.output
 
 
 def test_tpe_is_seeded_and_a_seconds_budget_still_runs_one_trial(tmp_path):
