@@ -317,7 +317,8 @@ def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="fir
 @_config_command
 def tune(cfg: RunConfig, tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS) -> None:
     """Choose central's and federated's settings on a validation split of the training data (never the
-    test set): Optuna's TPE sampler, the same budget per side; writes OUT/tune.json and OUT/trials.csv."""
+    test set): Optuna's TPE sampler, the same budget per side; writes OUT/tune.json, OUT/trials.csv and
+    the chosen settings as OUT/central.toml and OUT/federated.toml (for --config)."""
     report = run_tune_cli(cfg, tune_trials, tune_seconds, Path(cfg.out))
     out.print(f"results in {report['run_dir']}; run with them: fedrec simulate --config "
               f"{report['run_dir']}/federated.toml (central: --config {report['run_dir']}/central.toml)",
