@@ -47,18 +47,32 @@ def _peers(cfg: RunConfig, log, split=None) -> dict:
     return peers
 
 
+def _folds(ml: RunConfig, users_per_node: int, log) -> dict:
+    """u1..u5: central, federated and the peers on each fold, and their means (the published protocol)."""
+    folds = {}
+    for k in range(1, 6):
+        fold = dataclasses.replace(ml, split=f"u{k}")
+        folds[f"u{k}"] = {"central": _central(fold, log), "federated": _fed(fold, users_per_node, log),
+                          "peers": _peers(fold, log)}
+    mean = {side: float(np.mean([f[side]["metrics"]["rmse"] for f in folds.values()]))
+            for side in ("central", "federated")}
+    for peer in folds["u1"]["peers"]:
+        if all("rmse" in f["peers"][peer] for f in folds.values()):
+            mean[f"peer {peer}"] = float(np.mean([f["peers"][peer]["rmse"] for f in folds.values()]))
+    return {"folds": folds, "mean_rmse": mean}
+
+
 def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print) -> dict:
     """`cfg` carries data-dir, out and any model settings; datasets and splits are fixed here."""
     run_dir = make_run_dir(cfg, "accuracy")
     ml = dataclasses.replace(cfg, dataset="ml-100k", out="")
     report: dict = {"settings": cfg.resolved().to_dict(), "users_per_node": users_per_node, "cases": {}}
-    folds = {f"u{k}": _central(dataclasses.replace(ml, split=f"u{k}"), log) for k in range(1, 6)}
-    report["cases"]["ml100k-central-u1-u5"] = {
-        "folds": folds, "mean_rmse": float(np.mean([f["metrics"]["rmse"] for f in folds.values()])),
-        "mean_mae": float(np.mean([f["metrics"]["mae"] for f in folds.values()]))}
-    u1 = dataclasses.replace(ml, split="u1")
-    report["cases"]["ml100k-u1"] = {"central": folds["u1"], "federated": _fed(u1, users_per_node, log),
-                                    "peers": _peers(u1, log)}
+    report["cases"]["ml100k-u1-u5"] = _folds(ml, users_per_node, log)
+    report["cases"]["ml100k-u1"] = report["cases"]["ml100k-u1-u5"]["folds"]["u1"]
+    other = "svdpp" if cfg.model == "mf" else "mf"  # the other model on u1, same settings otherwise
+    u1_other = dataclasses.replace(ml, split="u1", model=other)
+    report["cases"][f"ml100k-u1-{other}"] = {"central": _central(u1_other, log),
+                                              "federated": _fed(u1_other, users_per_node, log)}
     loo = dataclasses.replace(ml, split="loo", epochs=LOO_EPOCHS, rounds=LOO_EPOCHS).resolved()
     report["cases"]["ml100k-loo"] = {"central": _central(loo, log), "federated": _fed(loo, users_per_node, log)}
     syn = dataclasses.replace(cfg, dataset="synthetic", split="random", out="")
@@ -67,7 +81,7 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print) -> dict:
     oracle = float(np.sqrt(np.mean((truth.expected(split.test.user, split.test.item) - split.test.rating) ** 2)))
     report["cases"]["synthetic"] = {"oracle_rmse": oracle, "central": _central(syn, log),
                                     "federated": _fed(syn, users_per_node, log), "peers": _peers(syn, log, split)}
-    for name in ("ml100k-u1", "ml100k-loo", "synthetic"):
+    for name in ("ml100k-u1", f"ml100k-u1-{other}", "ml100k-loo", "synthetic"):
         case = report["cases"][name]
         c, f = case["central"]["metrics"], case["federated"]["metrics"]
         case["gap"] = {k: f[k] - c[k] for k in c if k in f and k != "train_loss"}

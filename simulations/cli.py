@@ -335,9 +335,9 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
 
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False))
     cases = report["cases"]
-    rows = {"ml100k u1-u5 central (mean)": {"rmse": cases["ml100k-central-u1-u5"]["mean_rmse"],
-                                            "mae": cases["ml100k-central-u1-u5"]["mean_mae"]}}
-    for name in ("ml100k-u1", "ml100k-loo", "synthetic"):
+    rows = {f"ml100k u1-u5 {side} (mean)": {"rmse": rmse}
+            for side, rmse in cases["ml100k-u1-u5"]["mean_rmse"].items()}
+    for name in [c for c in cases if c != "ml100k-u1-u5"]:
         for mode in ("central", "federated"):
             rows[f"{name} {mode}"] = {k: v for k, v in cases[name][mode]["metrics"].items() if k != "train_loss"}
         for peer, result in cases[name].get("peers", {}).items():  # skipped peers: their reason is logged above

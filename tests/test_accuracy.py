@@ -14,3 +14,18 @@ def test_the_federated_curve_follows_the_runs_own_top_k(monkeypatch):
     monkeypatch.setattr(accuracy, "simulate", lambda cfg: outcome)
     case = accuracy._fed(RunConfig(split="loo", top_k=5), users_per_node=0, log=lambda line: None)
     assert case["curve"] == [{"round": 2, "hr@5": 0.2}]
+
+
+def test_fold_means_cover_every_fold_and_only_peers_that_ran_on_all(monkeypatch):
+    rmse = {"u1": 0.9, "u2": 0.8, "u3": 0.85, "u4": 0.95, "u5": 1.0}
+    monkeypatch.setattr(accuracy, "_central", lambda cfg, log: {"metrics": {"rmse": rmse[cfg.split]}})
+    monkeypatch.setattr(accuracy, "_fed", lambda cfg, n, log: {"metrics": {"rmse": rmse[cfg.split] + 0.01}})
+    peers = {"SVD": lambda s: {"rmse": rmse[s] + 0.05},
+             "SVD++": lambda s: {"skipped": "x"} if s == "u3" else {"rmse": 1.0}}
+    monkeypatch.setattr(accuracy, "_peers", lambda cfg, log: {k: f(cfg.split) for k, f in peers.items()})
+    result = accuracy._folds(RunConfig(dataset="ml-100k"), 0, log=lambda line: None)
+    assert sorted(result["folds"]) == ["u1", "u2", "u3", "u4", "u5"]
+    assert result["mean_rmse"]["central"] == sum(rmse.values()) / 5
+    assert abs(result["mean_rmse"]["federated"] - (sum(rmse.values()) / 5 + 0.01)) < 1e-12
+    assert abs(result["mean_rmse"]["peer SVD"] - (sum(rmse.values()) / 5 + 0.05)) < 1e-12
+    assert "peer SVD++" not in result["mean_rmse"]  # a mean over four folds would not be comparable
