@@ -19,6 +19,7 @@ from fedrec.models import ItemParams, evaluate_rows
 from fedrec.models.device import DeviceResult, device_step
 from fedrec.models.metrics import add_sums
 from fedrec.models.randomness import dropped, private_rng
+from fedrec.models.recency import Recency
 from fedrec.models.upload import add_device_noise
 from fedrec.run import schema
 from fedrec.run.build import device_policy
@@ -154,7 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     for start in range(0, len(scored), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
         chunk = scored[start:start + EVAL_CHUNK]
         add_sums(sums, evaluate_rows(items, state.take(torch.as_tensor(chunk)), node.shard.cohort(chunk),
-                                     cfg.implicit, cfg.top_k, node.meta.rating_scale))
+                                     cfg.implicit, cfg.top_k, node.meta.rating_scale, Recency.of(node.hyper)))
     metrics = MetricRecord({schema.WEIGHT: len(scored), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

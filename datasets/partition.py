@@ -23,6 +23,7 @@ class CohortData:
     test_item: np.ndarray
     test_rating: np.ndarray
     test_negatives: np.ndarray | None  # [len(test rows), n] for leave-one-out
+    train_time: np.ndarray | None = None  # timestamps of the training rows (the device's own; never sent)
 
     def train_counts(self) -> np.ndarray:
         return np.bincount(self.train_segment, minlength=len(self.users))
@@ -36,7 +37,8 @@ class CohortData:
         negatives = None if self.test_negatives is None else self.test_negatives[test]
         return CohortData(self.users[positions], new_position[self.train_segment[train]], self.train_item[train],
                           self.train_rating[train], new_position[self.test_segment[test]], self.test_item[test],
-                          self.test_rating[test], negatives)
+                          self.test_rating[test], negatives,
+                          None if self.train_time is None else self.train_time[train])
 
 
 def cohort(split: Split, users) -> CohortData:
@@ -48,6 +50,7 @@ def cohort(split: Split, users) -> CohortData:
     return CohortData(
         users, train_seg, split.train.item[train_rows], split.train.rating[train_rows],
         test_seg, split.test.item[test_rows], split.test.rating[test_rows], negatives,
+        split.train.timestamp[train_rows],
     )
 
 

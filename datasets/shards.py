@@ -24,8 +24,8 @@ import numpy as np
 from .interactions import DataError
 from .partition import CohortData
 
-SHARD_FORMAT = 1
-_ARRAYS = ("train_indptr", "train_item", "train_rating", "test_indptr", "test_item", "test_rating")
+SHARD_FORMAT = 2  # 2: train_time.npy, the training rows' timestamps (recency re-scoring on the device)
+_ARRAYS = ("train_indptr", "train_item", "train_rating", "train_time", "test_indptr", "test_item", "test_rating")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Shard:
     train_indptr: np.ndarray
     train_item: np.ndarray
     train_rating: np.ndarray
+    train_time: np.ndarray
     test_indptr: np.ndarray
     test_item: np.ndarray
     test_rating: np.ndarray
@@ -66,7 +67,7 @@ class Shard:
         negatives = None if self.test_negatives is None else np.asarray(self.test_negatives[test], np.int64)
         return CohortData(self.users[positions], train_seg, self.train_item[train].astype(np.int64),
                           np.asarray(self.train_rating[train]), test_seg, self.test_item[test].astype(np.int64),
-                          np.asarray(self.test_rating[test]), negatives)
+                          np.asarray(self.test_rating[test]), negatives, np.asarray(self.train_time[train]))
 
     def train_counts(self) -> np.ndarray:
         return np.diff(self.train_indptr)
@@ -143,7 +144,7 @@ def _write_shard(path: Path, meta: ShardMeta, rows: CohortData) -> None:
     n = meta.num_users
     arrays = {
         "train_indptr": _indptr(rows.train_segment, n), "train_item": rows.train_item.astype(np.int32),
-        "train_rating": rows.train_rating.astype(np.float32),
+        "train_rating": rows.train_rating.astype(np.float32), "train_time": rows.train_time.astype(np.int64),
         "test_indptr": _indptr(rows.test_segment, n), "test_item": rows.test_item.astype(np.int32),
         "test_rating": rows.test_rating.astype(np.float32),
     }

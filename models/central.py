@@ -14,6 +14,7 @@ from .evaluate import UserRows, evaluate_rows
 from .local import local_train, training_rows
 from .metrics import DEFAULT_TOP_K, finish
 from .mf import Hyper, ItemParams, UserState
+from .recency import Recency
 from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, ServerOptimizer
 
 
@@ -51,7 +52,8 @@ def train_central(rows: UserRows, n_users: int, n_items: int, hyper: Hyper, epoc
         row = {"epoch": epoch, "train_loss": update.loss_sum / max(update.num_rows, 1),
                "seconds": time.perf_counter() - start}
         if epoch % eval_every == 0 or epoch == epochs:
-            row.update(finish(evaluate_rows(items, users, rows, hyper.implicit, k, rating_scale), k))
+            sums = evaluate_rows(items, users, rows, hyper.implicit, k, rating_scale, Recency.of(hyper))
+            row.update(finish(sums, k))
             result.history.append(row)
         if on_epoch:
             on_epoch(row)

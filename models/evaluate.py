@@ -9,6 +9,7 @@ import torch
 
 from .metrics import DEFAULT_TOP_K, add_sums, error_sums, full_ranking_sums, loo_sums
 from .mf import ItemParams, UserState, predict
+from .recency import Recency, with_recency
 from .svdpp import as_mf
 
 FULL_RANKING_CHUNK = 2048  # users scored against the whole catalogue at once
@@ -25,11 +26,13 @@ class UserRows(Protocol):
     test_item: np.ndarray
     test_rating: np.ndarray
     test_negatives: np.ndarray | None
+    train_time: np.ndarray | None
 
 
 def evaluate_rows(items: ItemParams, state: UserState, rows: UserRows, implicit: bool, k: int = DEFAULT_TOP_K,
-                  rating_scale: tuple[float, float] = (1.0, 5.0)) -> dict[str, float]:
-    """Metric sums over the batch's test rows: errors (explicit) or ranking (implicit)."""
+                  rating_scale: tuple[float, float] = (1.0, 5.0), recency: Recency | None = None) -> dict[str, float]:
+    """Metric sums over the batch's test rows: errors (explicit) or ranking (implicit, with the
+    `recency` term of models/recency.py added to every score when given and on)."""
     seg = torch.as_tensor(rows.test_segment)
     item = torch.as_tensor(rows.test_item)
     if len(seg) == 0:
@@ -39,6 +42,8 @@ def evaluate_rows(items: ItemParams, state: UserState, rows: UserRows, implicit:
         if not implicit:
             pred = predict(items, state, seg, item).clamp(*rating_scale)
             return error_sums(pred, torch.as_tensor(rows.test_rating))
+        if recency is not None:
+            items, state = with_recency(items, state, rows, recency)
         neg = torch.as_tensor(rows.test_negatives)
         pos_score = predict(items, state, seg, item)
         neg_score = predict(items, state, seg.repeat_interleave(neg.shape[1]), neg.reshape(-1)).reshape(neg.shape)

@@ -40,6 +40,10 @@ class Hyper:
     train_negatives: int = 1  # sampled negatives per positive (implicit only)
     init_std: float = 0.1
     seed: int = 0
+    # Implicit feedback: re-scoring with the user's latest items where its device ranks (models/recency.py)
+    recency_items: int = 5
+    recency_decay: float = 0.7
+    recency_weight: float = 16.0  # 0: off
 
     @property
     def item_width(self) -> int:

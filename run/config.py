@@ -76,6 +76,13 @@ class RunConfig:
     reg_bias: float = _f(-1.0, _reg_help("user and item biases", "reg_bias"))
     init_std: float = _f(_HYPER.init_std, "Std of the initial embeddings.")
     train_negatives: int = _f(_HYPER.train_negatives, "Implicit feedback: sampled negatives per positive in training.")
+    recency_items: int = _f(_HYPER.recency_items, "Implicit feedback: a device ranks with its user's latest this many "
+                                                  "training interactions too (by its own timestamps, which never "
+                                                  "leave it; training is unchanged).")
+    recency_decay: float = _f(_HYPER.recency_decay, "Implicit feedback: the k-th latest of those items weighs "
+                                                    "decay^k in the user's recent profile (in [0, 1]).")
+    recency_weight: float = _f(_HYPER.recency_weight, "Implicit feedback: weight of the recent profile's match with "
+                                                      "each item's direction in the device's scores; 0: off.")
     # --- training
     lr: float = _f(_HYPER.lr, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
     server_lr: float = _f(DEFAULT_SERVER_LR, "Server learning rate of the strategy's optimizer (1.0 with fedavg is "
@@ -170,13 +177,14 @@ class RunConfig:
             if choices and value not in choices:
                 raise ConfigError(f"{_kebab(f.name)}={value!r} is not valid; choose one of {', '.join(choices)}")
         positive = ("dim", "lr", "server_lr", "epochs", "rounds", "local_epochs", "eval_every", "top_k", "negatives",
-                    "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives", "robust_bound")
+                    "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives", "robust_bound",
+                    "recency_items")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0 (got {getattr(self, name)})")
         non_negative = ("users_per_round", "users_per_node", "synthetic_noise", "init_std", "noise_multiplier",
                         "clipping_norm", "target_epsilon", "pad_ratio", "max_rounds_per_user", "round_timeout",
-                        "checkpoint_every", "secagg_timeout")
+                        "checkpoint_every", "secagg_timeout", "recency_weight")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0 (got {getattr(self, name)})")
@@ -189,6 +197,8 @@ class RunConfig:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, or -1 for the default (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be between 0 and 2**63 - 1 (got {self.seed})")
+        if not 0 <= self.recency_decay <= 1:
+            raise ConfigError(f"recency-decay must be in [0, 1] (got {self.recency_decay})")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test-fraction must be between 0 and 1 (got {self.test_fraction})")
         if not 0 < self.synthetic_density <= 1:
@@ -301,7 +311,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 
 # Upper bounds no real run reaches; beyond them the run would exhaust memory (or time) before failing.
 LIMITS = {"dim": 8192, "synthetic_users": 100_000_000, "synthetic_items": 10_000_000, "synthetic_rank": 1024,
-          "negatives": 100_000, "train_negatives": 1000, "top_k": 100_000, "pad_ratio": 1000.0}
+          "negatives": 100_000, "train_negatives": 1000, "top_k": 100_000, "pad_ratio": 1000.0,
+          "recency_items": 10_000}
 
 
 def _physical_memory() -> int | None:
@@ -339,6 +350,7 @@ DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "neg
                            "synthetic_users", "synthetic_items", "synthetic_density", "synthetic_rank",
                            "synthetic_noise", "seed"})
 CENTRAL_SETTINGS = DATA_SETTINGS | {"model", "dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives",
+                                    "recency_items", "recency_decay", "recency_weight",
                                     "lr", "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
 
 
@@ -353,7 +365,8 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
             "robust_bound": ("robust_aggregation", cfg.robust_aggregation == "none"),
             "test_fraction": ("split", cfg.split != "random" and (loo or not cfg.validation)),  # validation: its share
             "negatives": ("split", not loo),
-            "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic")}
+            "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic"),
+            **{name: ("split", not loo) for name in ("recency_items", "recency_decay", "recency_weight")}}
     for f in fields(cfg):
         if f.name.startswith("secagg_"):
             moot[f.name] = ("secure_aggregation", cfg.secure_aggregation == "none")

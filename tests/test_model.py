@@ -82,8 +82,9 @@ def test_central_training_recovers_known_structure(synthetic):
 def test_implicit_training_ranks_far_above_chance():
     split = leave_one_out(generate(SyntheticSpec(users=300, items=150, density=0.1, seed=4))[0], 99)
     rows = cohort(split, np.arange(split.n_users))
+    # MF alone: the synthetic timestamps are random, so recency re-scoring (models/recency.py) adds only noise here
     result = train_central(rows, split.n_users, split.n_items, Hyper(dim=8, implicit=True, reg_user=0.01,
-                           reg_item=0.01, reg_bias=0.001), epochs=60, eval_every=60)
+                           reg_item=0.01, reg_bias=0.001, recency_weight=0.0), epochs=60, eval_every=60)
     assert result.metrics["hr@10"] > 0.25  # chance is 0.10
     assert 0 < result.metrics["recall@10"] <= 1
 
