@@ -80,7 +80,9 @@ def _setup(cfg, noise=0.0):
     return secagg_setup(cfg, NODES, 6, cfg.synthetic_items, cfg.dim, noise, 20, 60)
 
 
-def test_a_secure_run_trains_the_same_model_as_a_plain_one(cfg):
+@pytest.mark.parametrize("model", ["mf", "svdpp"])
+def test_a_secure_run_trains_the_same_model_as_a_plain_one(cfg, model):
+    cfg = dataclasses.replace(cfg, model=model, rounds=2)  # round 2: SVD++'s y rows are no longer 0
     plain = run_server(InProcessGrid(client_app, 6), dataclasses.replace(cfg, secure_aggregation="none",
                                                                           out=cfg.out + "-plain"))
     secure = run_server(InProcessGrid(client_app, 6), cfg)
