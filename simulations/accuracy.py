@@ -17,8 +17,6 @@ from .central import run_central
 from .federated import simulate
 from .peers import peer_results
 
-LOO_EPOCHS = 90  # epochs chosen by `fedrec tune --split loo` on a validation split of the training data
-
 
 def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
     start = time.perf_counter()
@@ -73,15 +71,19 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print) -> dict:
     u1_other = dataclasses.replace(ml, split="u1", model=other)
     report["cases"][f"ml100k-u1-{other}"] = {"central": _central(u1_other, log),
                                               "federated": _fed(u1_other, users_per_node, log)}
-    loo = dataclasses.replace(ml, split="loo", epochs=LOO_EPOCHS, rounds=LOO_EPOCHS).resolved()
+    # Leave-one-out with the implicit defaults (the device's recency term on), and without the term.
+    loo = dataclasses.replace(ml, split="loo").resolved()
     report["cases"]["ml100k-loo"] = {"central": _central(loo, log), "federated": _fed(loo, users_per_node, log)}
+    plain = dataclasses.replace(loo, recency_weight=0.0)
+    report["cases"]["ml100k-loo-no-recency"] = {"central": _central(plain, log),
+                                                "federated": _fed(plain, users_per_node, log)}
     syn = dataclasses.replace(cfg, dataset="synthetic", split="random", out="")
     split = load_data(syn)
     truth = generate(synthetic_spec(syn))[1]
     oracle = float(np.sqrt(np.mean((truth.expected(split.test.user, split.test.item) - split.test.rating) ** 2)))
     report["cases"]["synthetic"] = {"oracle_rmse": oracle, "central": _central(syn, log),
                                     "federated": _fed(syn, users_per_node, log), "peers": _peers(syn, log, split)}
-    for name in ("ml100k-u1", f"ml100k-u1-{other}", "ml100k-loo", "synthetic"):
+    for name in ("ml100k-u1", f"ml100k-u1-{other}", "ml100k-loo", "ml100k-loo-no-recency", "synthetic"):
         case = report["cases"][name]
         c, f = case["central"]["metrics"], case["federated"]["metrics"]
         case["gap"] = {k: f[k] - c[k] for k in c if k in f and k != "train_loss"}
