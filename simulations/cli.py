@@ -26,7 +26,7 @@ from fedrec.datasets import DataError
 from fedrec.run.config import CENTRAL_SETTINGS, DATA_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
 from fedrec.run.rundir import make_run_dir, remove_if_empty
 from fedrec.simulations.bench import CASE_NAMES, DEFAULT_CASES
-from fedrec.simulations.tune import DEFAULT_TRIALS, SEARCH_SPACE
+from fedrec.simulations.tune import DEFAULT_TRIALS, SEARCHED
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -47,7 +47,7 @@ out = Console()
 
 ALL_SETTINGS = frozenset(f.name for f in fields(RunConfig))
 # tune searches these itself, validates on its own split and runs its trials in this process without privacy
-TUNE_SETTINGS = ALL_SETTINGS - set(SEARCH_SPACE) - {
+TUNE_SETTINGS = ALL_SETTINGS - SEARCHED - {
     "validation", "dp", "noise_multiplier", "target_epsilon", "target_delta", "accountant", "max_rounds_per_user",
     "reproducible_noise", "secure_aggregation", "secagg_shares", "secagg_threshold", "secagg_min_fraction",
     "secagg_timeout", "resume", "keep_checkpoints", "checkpoint_every", "ray_address"}
@@ -57,7 +57,7 @@ TUNE_SETTINGS = ALL_SETTINGS - set(SEARCH_SPACE) - {
 COMMAND_SETTINGS = {
     "central": (CENTRAL_SETTINGS, "central trains one model on pooled data; federated and privacy settings "
                                   "apply to simulate and compare"),
-    "tune": (TUNE_SETTINGS, f"tune searches {', '.join('--' + n.replace('_', '-') for n in SEARCH_SPACE)} "
+    "tune": (TUNE_SETTINGS, f"tune searches {', '.join('--' + n.replace('_', '-') for n in sorted(SEARCHED))} "
                             "itself, on a validation split, and runs its trials in this process without DP or SecAgg+"),
     "simulate": (ALL_SETTINGS - {"epochs"}, "epochs are the central baseline's; simulate trains for --rounds"),
     "compare": (ALL_SETTINGS - {"resume"}, "compare starts new runs; --resume applies to simulate"),
@@ -299,7 +299,7 @@ def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="fir
 
     if (tune_trials or tune_seconds) and not tune:
         raise ConfigError("--tune-trials and --tune-seconds apply with --tune; add --tune")
-    searched = [n for n in SEARCH_SPACE if tune and getattr(cfg, n) != getattr(RunConfig(), n)]
+    searched = [n for n in sorted(SEARCHED) if tune and getattr(cfg, n) != getattr(RunConfig(), n)]
     if searched:
         raise ConfigError(f"{_flags(searched)}: --tune chooses {'it' if len(searched) == 1 else 'them'}; "
                           "drop it or drop --tune")

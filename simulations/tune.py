@@ -39,6 +39,10 @@ _MODEL = next((f for f in fields(RunConfig) if f.name == "model"), None)
 if _MODEL is not None and _MODEL.metadata.get("choices"):
     SEARCH_SPACE["model"] = tuple(_MODEL.metadata["choices"])
 
+# Searched only with implicit feedback (--split loo), where the device's recency term applies.
+IMPLICIT_SPACE: dict[str, tuple] = {"recency_weight": (0.0, 4.0, 8.0, 16.0, 32.0)}
+SEARCHED = frozenset(SEARCH_SPACE) | frozenset(IMPLICIT_SPACE)  # every setting tune may choose
+
 DEFAULT_TRIALS = 20  # per side, when neither --tune-trials nor --tune-seconds is given
 
 
@@ -59,11 +63,16 @@ class Budget:
         return done == 0 or ((not self.trials or done < self.trials) and (not self.seconds or elapsed < self.seconds))
 
 
-def distributions() -> dict:
+def space_for(cfg: RunConfig) -> dict[str, tuple]:
+    """The settings searched for this run's kind of feedback."""
+    return {**SEARCH_SPACE, **(IMPLICIT_SPACE if cfg.implicit else {})}
+
+
+def distributions(cfg: RunConfig) -> dict:
     import optuna
 
     out = {}
-    for name, spec in SEARCH_SPACE.items():
+    for name, spec in space_for(cfg).items():
         if spec[0] == "log":
             out[name] = optuna.distributions.FloatDistribution(spec[1], spec[2], log=True)
         else:
@@ -75,12 +84,12 @@ def defaults(cfg: RunConfig) -> dict:
     """The settings a run gets without tuning: the first trial of each side, so tuning never ends
     worse on validation than the defaults."""
     base = RunConfig(split=cfg.split).resolved()
-    return {name: getattr(base, name) for name in SEARCH_SPACE}
+    return {name: getattr(base, name) for name in space_for(cfg)}
 
 
 def apply(cfg: RunConfig, side: str, chosen: dict) -> RunConfig:
     """`cfg` with a side's chosen settings and number of epochs (central) or rounds (federated)."""
-    settings = {name: chosen[name] for name in SEARCH_SPACE}
+    settings = {name: chosen[name] for name in space_for(cfg)}
     return dataclasses.replace(cfg, **settings, **{STEP[side]: int(chosen[STEP[side]])})
 
 
@@ -133,7 +142,7 @@ def search(side: str, cfg: RunConfig, budget: Budget, run_trial: Callable[[RunCo
     study = optuna.create_study(direction="maximize" if higher else "minimize",
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     study.enqueue_trial(defaults(cfg))
-    space, trials, start = distributions(), [], time.perf_counter()
+    space, trials, start = distributions(cfg), [], time.perf_counter()
     while budget.allows(len(trials), time.perf_counter() - start):
         trial = study.ask(space)
         began = time.perf_counter()
@@ -185,13 +194,13 @@ def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] |
             raise ConfigError(f"every {side} trial, the defaults' included, gave no finite validation {metric}; "
                               "check the data and the settings tune does not search")
         best = (max if cfg.implicit else min)(complete, key=lambda t: t[f"val_{metric}"])
-        chosen[side] = {k: best[k] for k in (*SEARCH_SPACE, STEP[side], f"val_{metric}", "trial")}
+        chosen[side] = {k: best[k] for k in (*space_for(cfg), STEP[side], f"val_{metric}", "trial")}
     report = {"dataset": cfg.dataset, "split": cfg.split, "metric": metric,
               "direction": "maximize" if cfg.implicit else "minimize", "validation": protocol(cfg),
               "budget": {"trials_per_side": budget.trials, "seconds_per_side": budget.seconds,
                          "rule": "a side stops before a trial once either limit is reached; at least one trial"},
               "search": {"library": f"optuna {optuna.__version__}", "sampler": f"TPESampler(seed={cfg.seed})",
-                         "space": {k: list(v) for k, v in SEARCH_SPACE.items()},
+                         "space": {k: list(v) for k, v in space_for(cfg).items()},
                          "first_trial": "the defaults", "steps": f"best evaluated {', '.join(STEP.values())} "
                                                              f"(every {cfg.eval_every}) up to the settings' maxima"},
               "chosen": chosen, "trials": trials, "wall_seconds": time.perf_counter() - start,

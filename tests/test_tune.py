@@ -21,7 +21,7 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.simulations import cli as cli_module
 from fedrec.simulations.central import run_central
 from fedrec.simulations.cli import cli
-from fedrec.simulations.tune import SEARCH_SPACE, STEP, Budget, defaults, search, tune
+from fedrec.simulations.tune import SEARCH_SPACE, STEP, Budget, defaults, search, space_for, tune
 
 SMALL = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.25"]
 FAST = [*SMALL, "--epochs", "6", "--rounds", "6", "--eval-every", "3"]
@@ -94,6 +94,15 @@ def test_tpe_is_seeded_and_a_seconds_budget_still_runs_one_trial(tmp_path):
     assert [t["state"] for t in diverged] == ["failed", "failed"] and diverged[0]["val_rmse"] is None
     assert Budget.of() == Budget(20, 0.0) and Budget.of(0, 30) == Budget(0, 30)
     assert Budget(0, 30).allows(5, 29) and not Budget(0, 30).allows(5, 31) and not Budget(3, 30).allows(3, 1)
+
+
+def test_the_recency_weight_is_searched_for_implicit_feedback_only(tmp_path):
+    implicit, ratings = _cfg(tmp_path, split="loo", negatives=10).resolved(), _cfg(tmp_path).resolved()
+    assert "recency_weight" in space_for(implicit) and "recency_weight" not in space_for(ratings)
+    history = lambda trial_cfg: [{"epoch": 1, "hr@10": trial_cfg.recency_weight}]  # noqa: E731
+    trials = search("central", implicit, Budget.of(8), history)
+    assert trials[0]["recency_weight"] == RunConfig().recency_weight  # trial 0: the default
+    assert len({t["recency_weight"] for t in trials}) > 1
 
 
 def _poisoned(load_split):
