@@ -328,12 +328,18 @@ def tune(cfg: RunConfig, tune_trials: int = _TUNE_TRIALS, tune_seconds: float = 
 @cli.command()
 @_config_command
 def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
-        0, help="users per SuperNode in the federated runs (1 = one user per node; 0 = auto cohorts)")) -> None:
+        0, help="users per SuperNode in the federated runs (1 = one user per node; 0 = auto cohorts)"),
+        tune_trials: int = typer.Option(0, help="also tune the federated settings on validation, this many trials "
+                                               "per data set, and score them against the peers (0: skip)"),
+) -> None:
     """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
     _quiet_engines()
     from fedrec.simulations.accuracy import run_accuracy
 
-    report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False))
+    if tune_trials < 0:
+        raise ConfigError(f"--tune-trials must be >= 0 (got {tune_trials})")
+    report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
+                          tune_trials=tune_trials)
     cases = report["cases"]
     rows = {f"ml100k u1-u5 {side} (mean)": {"rmse": rmse}
             for side, rmse in cases["ml100k-u1-u5"]["mean_rmse"].items()}
@@ -343,6 +349,9 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
         for peer, result in cases[name].get("peers", {}).items():  # skipped peers: their reason is logged above
             if "rmse" in result:
                 rows[f"{name} peer {peer}"] = {"rmse": result["rmse"], "mae": result["mae"]}
+    for name, case in report.get("tuned", {}).items():
+        rows[f"{name} federated, tuned"] = {k: v for k, v in case["federated"]["metrics"].items() if k != "train_loss"}
+        rows[f"{name} best peer"] = {"rmse": case["best_peer_rmse"]}
     _show("accuracy", rows)
     out.print(f"results in {report['run_dir']}/accuracy.json")
 

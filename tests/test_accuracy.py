@@ -29,3 +29,23 @@ def test_fold_means_cover_every_fold_and_only_peers_that_ran_on_all(monkeypatch)
     assert abs(result["mean_rmse"]["federated"] - (sum(rmse.values()) / 5 + 0.01)) < 1e-12
     assert abs(result["mean_rmse"]["peer SVD"] - (sum(rmse.values()) / 5 + 0.05)) < 1e-12
     assert "peer SVD++" not in result["mean_rmse"]  # a mean over four folds would not be comparable
+
+
+def test_the_tuned_case_runs_federated_with_the_chosen_settings_and_compares_to_the_best_peer(monkeypatch, tmp_path):
+    from fedrec.simulations import tune as tune_module
+
+    seen = {}
+
+    def fake_tune(cfg, budget, run_dir=None, sides=()):
+        seen["tune"] = (budget.trials, sides, cfg.validation)
+        return {"chosen": {"federated": {**tune_module.defaults(cfg), "dim": 16, "model": "svdpp", "rounds": 7}}}
+
+    monkeypatch.setattr(tune_module, "tune", fake_tune)
+    monkeypatch.setattr(accuracy, "_peers", lambda cfg, log: {"SVD": {"rmse": 0.95}, "SVD++": {"rmse": 0.93},
+                                                              "KNN": {"skipped": "no"}})
+    monkeypatch.setattr(accuracy, "_fed", lambda cfg, n, log: (seen.setdefault("fed", cfg),
+                                                               {"metrics": {"rmse": 0.931}})[1])
+    case = accuracy._tuned(RunConfig(dataset="ml-100k", split="u1"), 5, tmp_path, 0, log=lambda line: None)
+    assert seen["tune"] == (5, ("federated",), False)  # tune itself turns validation on for its trials
+    assert (seen["fed"].dim, seen["fed"].model, seen["fed"].rounds, seen["fed"].validation) == (16, "svdpp", 7, False)
+    assert case["best_peer_rmse"] == 0.93 and case["no_worse_than_best_peer"] is False
