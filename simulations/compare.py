@@ -30,7 +30,7 @@ def run_compare(cfg: RunConfig, central_fn, federated_fn, tune_fn=None) -> dict:
     plot_metric(frame, "round", metric, run_dir / "comparison.png",
                 f"{cfg.dataset} {cfg.split}: federated {metric} per round vs central", reference=c.get(metric))
     central_cfg, fed_cfg = sides["central"], sides["federated"]
-    model = f"Same model (biased MF, K={cfg.dim}),"
+    model = f"Same model ({'SVD++' if cfg.model == 'svdpp' else 'biased MF'}, K={cfg.dim}),"
     if chosen:
         model = (f"Each side's settings chosen on a validation split of the training data (tune.json): central "
                  f"K={central_cfg.dim}, federated K={fed_cfg.dim}; same")
