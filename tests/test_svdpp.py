@@ -124,8 +124,11 @@ def test_each_users_svdpp_upload_is_clipped_on_what_is_summed(mode, implicit):
         np.testing.assert_allclose(norm, min(float(result.update.norms[0]), clip), rtol=1e-4)
         touched = np.flatnonzero(np.abs(dense["item-emb"][:, 4:]).sum(1) > 0)
         rated = cohort(split, np.array([user])).train_item
-        if mode != "padded":  # y rows move for the user's own N(u) only (decoys add look-alike rows)
+        moved = np.flatnonzero(np.abs(dense["item-emb"][:, :4]).sum(1) > 0)
+        if mode != "padded":  # y rows move for the user's own N(u) only
             assert set(touched) <= set(rated.tolist())
+        elif not implicit:  # decoys' y rows move like real ones: y cannot tell a decoy from a rating
+            assert set(touched) == set(moved.tolist()) and len(moved) > len(rated)
         singles.append(dense)
     state = UserState.init(np.arange(6), split.n_users, hyper)
     together = device_step(items, state, cohort(split, np.arange(6)), split.n_items, hyper, policy, 3)
