@@ -24,7 +24,9 @@ def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
     metric = main_metric(cfg.implicit, cfg.top_k)
     rows = [r for r in outcome.history if metric in r]
     log(f"federated {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {time.perf_counter() - start:.1f} s")
+    per_round = [r["seconds"] for r in outcome.history if "seconds" in r]
     return {"metrics": outcome.summary["metrics"], "rounds": cfg.rounds, "wall_seconds": outcome.wall_seconds,
+            "mean_round_seconds": float(np.mean(per_round)) if per_round else None,
             "num_nodes": outcome.summary["num_nodes"],
             "curve": [{"round": r["round"], metric: r[metric]} for r in rows]}
 

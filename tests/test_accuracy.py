@@ -9,11 +9,12 @@ from fedrec.simulations import accuracy
 
 
 def test_the_federated_curve_follows_the_runs_own_top_k(monkeypatch):
-    rows = [{"round": 1, "train_loss": 0.5}, {"round": 2, "hr@5": 0.2, "ndcg@5": 0.1}]
+    rows = [{"round": 1, "train_loss": 0.5, "seconds": 0.25}, {"round": 2, "hr@5": 0.2, "ndcg@5": 0.1, "seconds": 0.75}]
     outcome = SimpleNamespace(history=rows, summary={"metrics": rows[-1], "num_nodes": 2}, wall_seconds=1.0)
     monkeypatch.setattr(accuracy, "simulate", lambda cfg: outcome)
     case = accuracy._fed(RunConfig(split="loo", top_k=5), users_per_node=0, log=lambda line: None)
     assert case["curve"] == [{"round": 2, "hr@5": 0.2}]
+    assert case["mean_round_seconds"] == 0.5  # what the PFedRec speed comparison reads
 
 
 def test_fold_means_cover_every_fold_and_only_peers_that_ran_on_all(monkeypatch):
