@@ -112,3 +112,12 @@ def test_run_dir_is_checked_created_and_never_reused(tmp_path, monkeypatch):
         make_run_dir(RunConfig(out="f/run"), "central")
     remove_if_empty(make_run_dir(RunConfig(out="x/y/z"), "central"), keep=tmp_path)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_readme_settings_table_is_runconfigs():
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    table = runpy.run_path(str(root / "scripts" / "settings_table.py"))["settings_table"]()
+    assert table in (root / "README.md").read_text(), "stale README settings table: python scripts/settings_table.py"
