@@ -58,6 +58,10 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
     active_state = state.take(active)
     seg, item, target = training_rows(rows, n_items, hyper, round_)
     decoy = None
+    if policy.update_mode == "padded" and items.emb.shape[1] != hyper.dim:
+        # SVD++'s y step is the same vector on every row of a user, built from the real rows only:
+        # a server that solves for the rows summing to it tells the decoys apart (red-team, issue 13).
+        raise ValueError("padded uploads cannot hide decoys under SVD++; use dense or sparse")
     if policy.update_mode == "padded":
         # keyed by round only: decoy_rows separates users by their ids, so a user's decoys
         # do not depend on who shares its node

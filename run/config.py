@@ -66,6 +66,8 @@ class RunConfig:
     synthetic_noise: float = _f(_SYNTHETIC.noise, "Synthetic data: std of rating noise before rounding to stars.")
     seed: int = _f(0, "Seed of the data, split, init, negatives and non-DP sampling (DP noise, decoys and DP "
                       "sampling use OS entropy unless --reproducible-noise).")
+    tuned: bool = _f(False, "Set by fedrec tune in the settings it chooses (and by compare --tune): they were chosen "
+                            "on this data's training rows without noise, so a DP run lists them as not covered.")
     # --- model
     model: str = _f(_HYPER.model, "mf: biased matrix factorization; svdpp: adds implicit factors y_j of the items a "
                                   "user rated (SVD++; y_j travel like q_i, the rated set stays on the device).",
@@ -217,6 +219,10 @@ class RunConfig:
             if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
                 raise ConfigError(f"--dp {self.dp} needs --noise-multiplier > 0 or --target-epsilon > 0; "
                                   "use --dp none for a non-private run")
+        if self.model == "svdpp" and self.update_mode == "padded":
+            raise ConfigError("--model svdpp with --update-mode padded would not hide the decoys: SVD++'s y step is "
+                              "shared by a user's rows and built from its real ones; use dense or sparse (with "
+                              "--secure-aggregation or --dp to hide the rated set)")
         if self.dp == "local" and self.update_mode != "dense":
             raise ConfigError(f"--dp local with --update-mode {self.update_mode} would claim a guarantee it does not "
                               "give (the row indices are not noised); use --update-mode dense")
@@ -346,7 +352,7 @@ def _check_memory(cfg: RunConfig) -> None:
 
 # What each kind of run reads: a setting outside it would be silently ignored, so it is refused (flags)
 # or reset (config files, whose other settings still apply).
-DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "negatives", "validation",
+DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "negatives", "validation", "tuned",
                            "synthetic_users", "synthetic_items", "synthetic_density", "synthetic_rank",
                            "synthetic_noise", "seed"})
 CENTRAL_SETTINGS = DATA_SETTINGS | {"model", "dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives",

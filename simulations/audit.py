@@ -65,6 +65,7 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
     epsilons = epsilons if epsilons is not None else ([cfg.target_epsilon] if cfg.target_epsilon > 0 else [])
     split = load_data(cfg)
     h = hyper(cfg)
+    width = h.item_width  # columns of an uploaded item row: [q | y] under SVD++
     trained = trained or trained_model(cfg)
     items, users = trained.items, trained.users
     n_items, population = split.n_items, split.n_users
@@ -104,8 +105,8 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
         for mode in ("dense", "sparse", "padded"):
             upload = (plain.upload if mode == "dense"
                       else step(DevicePolicy(mode, cfg.pad_ratio, clip, reproducible_seed=repro)).upload)
-            score(("upload", mode, "none", None), scatter_upload(upload, n_items, h.dim), 0.0, upload.get(ITEM_INDEX))
-        clean = scatter_upload(plain.upload, n_items, h.dim)
+            score(("upload", mode, "none", None), scatter_upload(upload, n_items, width), 0.0, upload.get(ITEM_INDEX))
+        clean = scatter_upload(plain.upload, n_items, width)
         score(("aggregate", "dense", "none", None), clean, 0.0)
         score(("upload", "dense", "none", None), masked[int(user)], clip, secure="secagg+")
         for eps, (central, local) in plans.items():
@@ -140,12 +141,12 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
                         "auc": float(aucs.mean()), "auc_std": float(aucs.std()),
                         "precision_at_k": None if np.isnan(precs).all() else float(precs.mean()), "k": k,
                         "noise_std": std, "targets": len(chosen)})
-    canaries = [canary_audit("none", None, n_items, h.dim, cfg.rounds, rate, clip, cfg.target_delta,
+    canaries = [canary_audit("none", None, n_items, width, cfg.rounds, rate, clip, cfg.target_delta,
                              reproducible_seed=repro)]
     for eps, (central, local) in plans.items():
         distributed = dataclasses.replace(central, mode="distributed")
         for plan in (central, local, distributed):
-            canaries.append(canary_audit(plan.mode, plan, n_items, h.dim, cfg.rounds, rate, clip, cfg.target_delta,
+            canaries.append(canary_audit(plan.mode, plan, n_items, width, cfg.rounds, rate, clip, cfg.target_delta,
                                          reproducible_seed=repro, min_users=min_users) | {"target_epsilon": eps})
     for row in canaries:
         if log:
