@@ -84,7 +84,7 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecSt
                "guarantee": NOT_PRIVATE if cfg.reproducible_noise else
                f"({strategy.epsilon:.4g}, {plan.delta:g})-DP at user level against whoever reads what the run "
                "releases" + AGAINST_THE_SERVER[plan.mode],
-               "releases": release_ledger(plan.mode)}
+               "releases": release_ledger(plan.mode, cfg.tuned)}
     if plan.mode == "local":
         summary["epsilon_per_round"] = plan.epsilon(1)
         summary["max_rounds_per_user"] = plan.max_rounds

@@ -43,7 +43,7 @@ def released_row(row: dict, private: bool) -> dict:
     return {k: v for k, v in row.items() if k in DP_ROUND_KEYS or is_evaluation(k)}
 
 
-def release_ledger(mode: str) -> dict[str, dict[str, str]]:
+def release_ledger(mode: str, tuned: bool = False) -> dict[str, dict[str, str]]:
     """Each quantity a DP run releases, with its status and why (summary.json and README)."""
     model_why = {
         "central": "every round's update is a sum of per-user clipped updates plus Gaussian noise, accounted",
@@ -57,7 +57,10 @@ def release_ledger(mode: str) -> dict[str, dict[str, str]]:
             COVERED, "computed from public settings" + (" and the participation counts, which depend on the "
                                                         "sampling only, never on data" if mode == "local" else "")),
         "rounds trained, stopped_early": (COVERED, "the budget stop depends on epsilon only"),
-        "config.toml and summary.json settings": (COVERED, "public settings, chosen before any data is seen"),
+        "config.toml and summary.json settings": (
+            (NOT_COVERED, "chosen by fedrec tune on this data's training rows (the same users), un-noised; no "
+                          "epsilon accounts for that choice") if tuned else
+            (COVERED, "public settings, chosen before any data is seen")),
         "item catalogue in model.npz (item ids, titles)": (
             NOT_COVERED, "treated as public, like num_users: the data set's item list (which items have ratings), "
                          "the same for every user; the model has one row per item anyway"),

@@ -90,7 +90,7 @@ def defaults(cfg: RunConfig) -> dict:
 def apply(cfg: RunConfig, side: str, chosen: dict) -> RunConfig:
     """`cfg` with a side's chosen settings and number of epochs (central) or rounds (federated)."""
     settings = {name: chosen[name] for name in space_for(cfg)}
-    return dataclasses.replace(cfg, **settings, **{STEP[side]: int(chosen[STEP[side]])})
+    return dataclasses.replace(cfg, **settings, **{STEP[side]: int(chosen[STEP[side]])}, tuned=True)
 
 
 def protocol(cfg: RunConfig) -> str:

@@ -96,3 +96,18 @@ def test_the_distributed_dp_ledger_says_the_unmasked_sum_tells_how_many_users_we
     entry = release_ledger("distributed")["count of users trained per round (a coordinate of the unmasked sum)"]
     assert entry["status"] == "not covered" and "held back" in entry["why"] and "not which" in entry["why"]
     assert not [k for k in release_ledger("central") if k.startswith("count of users trained")]
+
+
+def test_settings_chosen_by_tune_are_listed_as_not_covered(small_cfg):
+    from fedrec.simulations.tune import apply
+
+    chosen = apply(small_cfg, "federated", {"dim": 8, "reg_user": 0.1, "reg_item": 0.2, "reg_bias": 0.01, "lr": 0.05,
+                                            "server_lr": 0.05, "model": "mf", "rounds": 2})
+    assert chosen.tuned  # what fedrec tune writes into central.toml / federated.toml
+    cfg = dataclasses.replace(chosen, dp="central", clipping_norm=0.3, noise_multiplier=2.0, eval_every=2)
+    outcome = run_server(InProcessGrid(client_app, 3), cfg)
+    entry = json.loads((outcome.run_dir / "summary.json").read_text())["privacy"]["releases"][
+        "config.toml and summary.json settings"]
+    assert entry["status"] == "not covered" and "fedrec tune" in entry["why"]
+    from fedrec.server.releases import release_ledger
+    assert release_ledger("central")["config.toml and summary.json settings"]["status"] == "covered"
