@@ -68,6 +68,7 @@ def _tuned(cfg: RunConfig, trials: int, run_dir, users_per_node: int, log) -> di
     from .tune import Budget, apply, tune
 
     name = f"{cfg.dataset}-{cfg.split}"
+    (run_dir / f"tune-{name}").mkdir()
     report = tune(dataclasses.replace(cfg, out=""), Budget.of(trials), run_dir=run_dir / f"tune-{name}",
                   sides=("federated",))
     chosen = report["chosen"]["federated"]

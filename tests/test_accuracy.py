@@ -38,6 +38,7 @@ def test_the_tuned_case_runs_federated_with_the_chosen_settings_and_compares_to_
     seen = {}
 
     def fake_tune(cfg, budget, run_dir=None, sides=()):
+        assert run_dir.is_dir()  # tune writes its files into it
         seen["tune"] = (budget.trials, sides, cfg.validation)
         return {"chosen": {"federated": {**tune_module.defaults(cfg), "dim": 16, "model": "svdpp", "rounds": 7}}}
 
