@@ -115,7 +115,7 @@ def _train_chunk(items: ItemParams, state: UserState, segment: torch.Tensor, ite
     rows_per_user = torch.bincount(segment if real is None else segment[real], minlength=n).clamp(min=1)
     dim = hyper.dim
     svdpp = items.emb.shape[1] == 2 * dim
-    if svdpp:  # N(u): the user's positive rows; decoys get y steps like real ones but stay out of the sum
+    if svdpp:  # N(u): the user's positive rows (device_step refuses decoys under SVD++: they would show)
         member = (target > 0) if hyper.implicit else torch.ones(len(item), dtype=torch.bool)
         in_sum = member if real is None else member & real
         sum_seg = segment[in_sum]
