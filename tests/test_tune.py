@@ -92,7 +92,7 @@ def test_tpe_is_seeded_and_a_seconds_budget_still_runs_one_trial(tmp_path):
     assert len(search("central", cfg, Budget.of(0, 1e-9), history)) == 1
     diverged = search("central", cfg, Budget.of(2), lambda c: [{"epoch": 1, "rmse": float("nan")}])
     assert [t["state"] for t in diverged] == ["failed", "failed"] and diverged[0]["val_rmse"] is None
-    assert Budget.of() == Budget(20, 0.0) and Budget.of(0, 30) == Budget(0, 30)
+    assert Budget.of() == Budget(60, 0.0) and Budget.of(0, 30) == Budget(0, 30)
     assert Budget(0, 30).allows(5, 29) and not Budget(0, 30).allows(5, 31) and not Budget(3, 30).allows(3, 1)
 
 
