@@ -98,7 +98,8 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     if not len(sampled):
         if cfg.dp != "distributed":
             raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
-        return _noise_only(items, node.meta.n_items, len(sent), policy, round_, int(sent[0])), cfg
+        return _noise_only(items, node.meta.n_items, node.hyper.upload_width, len(sent), policy, round_,
+                           int(sent[0])), cfg
     if len(np.unique(sampled)) != len(sampled):  # a user trained twice would upload twice its clipped update
         raise ValueError(f"round {round_}: the server sent a user more than once")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
@@ -125,9 +126,11 @@ def _add_shares(upload: dict, users: int, policy, round_: int, first_user: int) 
         add_device_noise(upload, policy.noise_std, np.full(len(upload[schema.ITEM_ARRAYS[1]]), users), users, rng)
 
 
-def _noise_only(items: ItemParams, n_items: int, users: int, policy, round_: int, first_user: int) -> DeviceResult:
+def _noise_only(items: ItemParams, n_items: int, width: int, users: int, policy, round_: int,
+                first_user: int) -> DeviceResult:
     """Distributed DP, no sampled user of the node trains: a zero update carrying their noise shares."""
     upload = {k: np.zeros_like(v.numpy()) for k, v in items.tensors().items()}
+    upload[schema.ITEM_EMB] = np.zeros((n_items, width), np.float32)  # BPMF's statistics are wider than its items
     _add_shares(upload, users, policy, round_, first_user)
     return DeviceResult(None, upload, None, np.zeros(0, bool))
 

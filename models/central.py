@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .bpmf import Sampler, device_draw, draw_key
 from .evaluate import UserRows, evaluate_rows
 from .local import local_train, training_rows
 from .metrics import DEFAULT_TOP_K, finish
@@ -42,13 +43,18 @@ def train_central(rows: UserRows, n_users: int, n_items: int, hyper: Hyper, epoc
     items = ItemParams.init(n_items, hyper, initial_global_bias(hyper.implicit, rating_scale))
     users = UserState.init(np.asarray(rows.users), n_users, hyper)
     opt = ServerOptimizer(items, optimizer, server_lr)
+    sampler = Sampler(items, hyper, hyper.seed) if hyper.model == "bpmf" else None  # items: the draws' mean
     result = CentralResult(items, users)
     for epoch in range(1, epochs + 1):
-        seg, item, target = training_rows(rows, n_items, hyper, epoch)
-        users, update = local_train(items, users, seg, item, target, hyper)
-        n = max(update.num_users, 1)
-        opt.step({"item-emb": update.emb_delta / n, "item-bias": update.bias_delta / n,
-                  "global-bias": update.global_bias_delta / n})
+        if sampler is not None:  # one Gibbs sweep, the same draws as a federated round (models/bpmf.py)
+            users, update = device_draw(sampler.current, users, rows, hyper, 0.0, epoch, draw_key(hyper.seed, epoch))
+            sampler.step({"item-emb": update.emb_delta.double(), "item-bias": update.bias_delta.double()}, epoch)
+        else:
+            seg, item, target = training_rows(rows, n_items, hyper, epoch)
+            users, update = local_train(items, users, seg, item, target, hyper)
+            n = max(update.num_users, 1)
+            opt.step({"item-emb": update.emb_delta / n, "item-bias": update.bias_delta / n,
+                      "global-bias": update.global_bias_delta / n})
         row = {"epoch": epoch, "train_loss": update.loss_sum / max(update.num_rows, 1),
                "seconds": time.perf_counter() - start}
         if epoch % eval_every == 0 or epoch == epochs:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .bpmf import device_draw, draw_key
 from .local import LocalUpdate, local_train, training_rows
 from .mf import Hyper, ItemParams, UserState, predict
 from .randomness import private_key, private_rng
@@ -56,6 +57,12 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
             rows = rows.subset(np.flatnonzero(took_part))
     active = torch.as_tensor(np.flatnonzero(took_part))
     active_state = state.take(active)
+    if hyper.model == "bpmf":
+        if policy.update_mode == "padded":  # a decoy's statistics would need a made-up user vector and rating
+            raise ValueError("padded uploads are not built for BPMF; use dense or sparse")
+        new_state, update = device_draw(items, active_state, rows, hyper, policy.clip_norm, round_,
+                                        draw_key(hyper.seed, round_))
+        return _finish(state, active, new_state, update, rows, policy, round_, took_part)
     seg, item, target = training_rows(rows, n_items, hyper, round_)
     decoy = None
     if policy.update_mode == "padded" and items.emb.shape[1] != hyper.dim:
@@ -73,6 +80,12 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
         target = torch.cat([target, decoy_targets(rows, hyper, items, active_state, d_seg, d_item, d_pick)])
     new_state, update = local_train(items, active_state, seg, item, target, hyper,
                                     clip_norm=policy.clip_norm, decoy=decoy)
+    return _finish(state, active, new_state, update, rows, policy, round_, took_part)
+
+
+def _finish(state: UserState, active: torch.Tensor, new_state: UserState, update: LocalUpdate, rows: "CohortData",
+            policy: DevicePolicy, round_: int, took_part: np.ndarray) -> DeviceResult:
+    """The users' new state in place, and the upload of their summed update (noised under local DP)."""
     state = UserState(*(t.clone() for t in (state.emb, state.bias, state.m, state.v, state.step)))
     state.put(active, new_state)
     rng = None

@@ -32,6 +32,7 @@ STREAM_TAGS = {
     "canaries": 0xCA,
     "user-init": 0x1D,
     "dropout": 0xD0,
+    "bpmf-items": 0xB9,  # the server's item draws of BPMF (models/bpmf.py): not a privacy stream
 }
 PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries", "user-init"})
 

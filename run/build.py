@@ -45,7 +45,8 @@ def hyper(cfg: RunConfig) -> Hyper:
     return Hyper(model=cfg.model, dim=cfg.dim, reg_user=cfg.reg_user, reg_item=cfg.reg_item, reg_bias=cfg.reg_bias,
                  lr=cfg.lr, local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
                  init_std=cfg.init_std, seed=cfg.seed, recency_items=cfg.recency_items,
-                 recency_decay=cfg.recency_decay, recency_weight=cfg.recency_weight)
+                 recency_decay=cfg.recency_decay, recency_weight=cfg.recency_weight, bpmf_alpha=cfg.bpmf_alpha,
+                 burn_in=cfg.burn_in)
 
 
 def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:

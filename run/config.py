@@ -20,7 +20,7 @@ from fedrec.datasets.catalog import DEFAULT_SPLIT
 from fedrec.datasets.splits import TEST_FRACTION, TEST_NEGATIVES
 from fedrec.models.device import UPDATE_MODES, DevicePolicy
 from fedrec.models.metrics import DEFAULT_TOP_K
-from fedrec.models.mf import DEFAULT_REG, MODELS, Hyper
+from fedrec.models.mf import BPMF_REG, DEFAULT_REG, MODELS, Hyper
 from fedrec.models.server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
 
 
@@ -70,7 +70,10 @@ class RunConfig:
                             "on this data's training rows without noise, so a DP run lists them as not covered.")
     # --- model
     model: str = _f(_HYPER.model, "mf: biased matrix factorization; svdpp: adds implicit factors y_j of the items a "
-                                  "user rated (SVD++; y_j travel like q_i, the rated set stays on the device).",
+                                  "user rated (SVD++; y_j travel like q_i, the rated set stays on the device); "
+                                  "bpmf: Bayesian MF by Gibbs sampling, one sweep per round (ratings only; devices "
+                                  "send per-item sufficient statistics, which hold the user's vector: use "
+                                  "--secure-aggregation or --dp to hide them).",
                     MODELS)
     dim: int = _f(_HYPER.dim, "Embedding size K of users and items.")
     reg_user: float = _f(-1.0, _reg_help("user embeddings", "reg_user"))
@@ -85,6 +88,9 @@ class RunConfig:
                                                     "decay^k in the user's recent profile (in [0, 1]).")
     recency_weight: float = _f(_HYPER.recency_weight, "Implicit feedback: weight of the recent profile's match with "
                                                       "each item's direction in the device's scores; 0: off.")
+    bpmf_alpha: float = _f(_HYPER.bpmf_alpha, "BPMF: precision of the rating noise (1 / its variance).")
+    burn_in: int = _f(_HYPER.burn_in, "BPMF: first rounds (central: epochs) whose draws are not averaged into the "
+                                      "model that is evaluated and saved.")
     # --- training
     lr: float = _f(_HYPER.lr, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
     server_lr: float = _f(DEFAULT_SERVER_LR, "Server learning rate of the strategy's optimizer (1.0 with fedavg is "
@@ -165,7 +171,8 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """Fill the loss-dependent defaults (-1) with concrete values."""
-        changes = {k: v[self.implicit] for k, v in DEFAULT_REG.items() if getattr(self, k) < 0}
+        defaults = {k: v[self.implicit] for k, v in DEFAULT_REG.items()} if self.model != "bpmf" else BPMF_REG
+        changes = {k: v for k, v in defaults.items() if getattr(self, k) < 0}
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "RunConfig":
@@ -180,13 +187,13 @@ class RunConfig:
                 raise ConfigError(f"{_kebab(f.name)}={value!r} is not valid; choose one of {', '.join(choices)}")
         positive = ("dim", "lr", "server_lr", "epochs", "rounds", "local_epochs", "eval_every", "top_k", "negatives",
                     "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives", "robust_bound",
-                    "recency_items")
+                    "recency_items", "bpmf_alpha")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0 (got {getattr(self, name)})")
         non_negative = ("users_per_round", "users_per_node", "synthetic_noise", "init_std", "noise_multiplier",
                         "clipping_norm", "target_epsilon", "pad_ratio", "max_rounds_per_user", "round_timeout",
-                        "checkpoint_every", "secagg_timeout", "recency_weight")
+                        "checkpoint_every", "secagg_timeout", "recency_weight", "burn_in")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0 (got {getattr(self, name)})")
@@ -219,6 +226,15 @@ class RunConfig:
             if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
                 raise ConfigError(f"--dp {self.dp} needs --noise-multiplier > 0 or --target-epsilon > 0; "
                                   "use --dp none for a non-private run")
+        if self.model == "bpmf":
+            if self.implicit:
+                raise ConfigError("--model bpmf models ratings; for --split loo use --model mf or svdpp")
+            if self.update_mode == "padded":
+                raise ConfigError("--model bpmf has no decoys (a decoy's statistics would need a made-up vector and "
+                                  "rating); use --update-mode dense or sparse")
+            if self.users_per_round or self.sampling != "fixed":
+                raise ConfigError("--model bpmf draws each item from all its raters' statistics every round; use "
+                                  "--users-per-round 0 (every user) and --sampling fixed")
         if self.model == "svdpp" and self.update_mode == "padded":
             raise ConfigError("--model svdpp with --update-mode padded would not hide the decoys: SVD++'s y step is "
                               "shared by a user's rows and built from its real ones; use dense or sparse (with "
@@ -356,6 +372,7 @@ DATA_SETTINGS = frozenset({"dataset", "data_dir", "split", "test_fraction", "neg
                            "synthetic_users", "synthetic_items", "synthetic_density", "synthetic_rank",
                            "synthetic_noise", "seed"})
 CENTRAL_SETTINGS = DATA_SETTINGS | {"model", "dim", "reg_user", "reg_item", "reg_bias", "init_std", "train_negatives",
+                                    "bpmf_alpha", "burn_in",
                                     "recency_items", "recency_decay", "recency_weight",
                                     "lr", "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
 
@@ -372,7 +389,10 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
             "test_fraction": ("split", cfg.split != "random" and (loo or not cfg.validation)),  # validation: its share
             "negatives": ("split", not loo),
             "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic"),
-            **{name: ("split", not loo) for name in ("recency_items", "recency_decay", "recency_weight")}}
+            **{name: ("split", not loo) for name in ("recency_items", "recency_decay", "recency_weight")},
+            **{name: ("model", cfg.model != "bpmf") for name in ("bpmf_alpha", "burn_in")},
+            **{name: ("model", cfg.model == "bpmf") for name in ("lr", "server_lr", "strategy", "local_epochs",
+                                                                 "reg_item")}}
     for f in fields(cfg):
         if f.name.startswith("secagg_"):
             moot[f.name] = ("secure_aggregation", cfg.secure_aggregation == "none")

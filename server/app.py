@@ -137,7 +137,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             raise ConfigError("SecAgg+ needs at least 2 SuperNodes (with one, its update is the sum); "
                               "start more nodes or set --users-per-node")
         secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), directory.num_items,
-                              hyper(cfg).item_width, plan.noise_multiplier if plan else 0.0,
+                              hyper(cfg).upload_width, plan.noise_multiplier if plan else 0.0,
                               cfg.users_per_round or directory.population, directory.population)
         if plan is not None:  # quantization can move the sum a little further than C: account for it
             plan = dataclasses.replace(plan, clipping_norm=secure.sensitivity)

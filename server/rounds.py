@@ -73,7 +73,8 @@ def save_checkpoint(state: RunState, strategy: FedRecStrategy, keep: bool = Fals
     private = strategy.privacy is not None
     ck = checkpoint.Checkpoint(
         round=state.last_round, series=state.series, items=strategy.items.numpy(),
-        optimizer=optimizer_arrays(strategy.optimizer), participation=_participation(strategy),
+        optimizer=strategy.sampler.state_arrays() if strategy.sampler else optimizer_arrays(strategy.optimizer),
+        participation=_participation(strategy),
         rounds_trained=strategy.rounds_trained, epsilon=strategy.epsilon, history=strategy.history,
         bytes_up=0 if private else strategy.bytes_up, bytes_down=0 if private else strategy.bytes_down)
     if write:
@@ -98,7 +99,10 @@ def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint, run_dir: Pat
     for name, tensor in strategy.items.tensors().items():
         with torch.no_grad():
             tensor.copy_(torch.as_tensor(saved.items[name]))
-    load_optimizer(strategy.optimizer, saved.optimizer)
+    if strategy.sampler is not None:
+        strategy.sampler.load_state_arrays(saved.optimizer)
+    else:
+        load_optimizer(strategy.optimizer, saved.optimizer)
     if len(saved.participation) not in (0, len(strategy.participation)):
         raise checkpoint.CheckpointError("the checkpoint's population differs from the federation's; "
                                          "resume against the same data set and nodes")

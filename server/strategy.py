@@ -33,9 +33,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedrec.models import ItemParams, ServerOptimizer, finish
+from fedrec.models.bpmf import Sampler
 from fedrec.models.randomness import private_rng
 from fedrec.models.upload import scatter_upload
 from fedrec.run import schema
+from fedrec.run.build import hyper
 from fedrec.run.config import ConfigError, RunConfig
 
 from .directory import NodeDirectory
@@ -73,6 +75,10 @@ class FedRecStrategy(FedAvg):
         self.directory = directory
         self.items = items
         self.optimizer = ServerOptimizer(items, cfg.strategy, cfg.server_lr)
+        # BPMF: the summed statistics feed a Gibbs draw of the items instead of an optimizer step;
+        # self.items is then the mean of the draws after burn-in (what is evaluated and saved)
+        self.sampler = Sampler(items, hyper(cfg), cfg.seed) if cfg.model == "bpmf" else None
+        self.upload_width = hyper(cfg).upload_width  # ITEM_EMB columns of a reply
         self.on_round = on_round
         self.audit = audit
         self.history: list[dict] = []  # one released row per round (and one for a final evaluation)
@@ -148,6 +154,8 @@ class FedRecStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """The round's train messages, one per node hosting sampled users (after begin_round)."""
         self._check_budget(server_round)
+        if self.sampler is not None:  # devices draw against the chain's current sample, not the mean
+            arrays = array_record(self.sampler.current)
         eligible = None
         if self.privacy and self.privacy.max_rounds:  # local/distributed: devices refuse past their cap anyway
             eligible = self.participation < self.privacy.max_rounds
@@ -181,7 +189,7 @@ class FedRecStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        n_items, dim = self.items.emb.shape
+        n_items, dim = self.items.emb.shape[0], self.upload_width
         accepted: list[tuple[dict, float, Message, float]] = []  # (dense update, users, reply, its norm)
         # Under SecAgg+ the one reply is the sum of every node asked: it answers for all their users.
         secure = secure_setup(self.cfg, self.directory, n_items, dim)
@@ -256,7 +264,10 @@ class FedRecStrategy(FedAvg):
             noise = private_rng("central-noise", self.cfg.seed if self.cfg.reproducible_noise else None, server_round)
             total = add_central_noise(total, self.privacy, noise)
             denominator = float(self.privacy.sample_size)
-        self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
+        if self.sampler is not None:  # sums, not means: they are the items' sufficient statistics
+            self.sampler.step({k: torch.as_tensor(v) for k, v in total.items()}, server_round)
+        else:
+            self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
         if not all(torch.isfinite(t).all() for t in self.items.tensors().values()):
             raise ConfigError(f"training diverged in round {server_round} (non-finite item parameters); "
                               f"lower --server-lr ({self.cfg.server_lr}) or --lr ({self.cfg.lr})")
