@@ -78,7 +78,8 @@ class FedRecStrategy(FedAvg):
         # BPMF: the summed statistics feed a Gibbs draw of the items instead of an optimizer step;
         # self.items is then the mean of the draws after burn-in (what is evaluated and saved)
         self.sampler = Sampler(items, hyper(cfg), cfg.seed) if cfg.model == "bpmf" else None
-        self.upload_width = hyper(cfg).upload_width  # ITEM_EMB columns of a reply
+        # ITEM_EMB columns of a reply: the items' own, or BPMF's statistics
+        self.upload_width = hyper(cfg).upload_width if self.sampler is not None else items.emb.shape[1]
         self.on_round = on_round
         self.audit = audit
         self.history: list[dict] = []  # one released row per round (and one for a final evaluation)

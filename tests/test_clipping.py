@@ -31,7 +31,7 @@ def _step(users, hyper: Hyper, policy: DevicePolicy, round_: int):
 
 
 def _dense(result, hyper: Hyper) -> dict[str, np.ndarray]:
-    return scatter_upload(result.upload, SPLIT.n_items, hyper.item_width)
+    return scatter_upload(result.upload, SPLIT.n_items, hyper.upload_width)
 
 
 def _norm(arrays: dict[str, np.ndarray]) -> float:
@@ -42,11 +42,12 @@ def _norm(arrays: dict[str, np.ndarray]) -> float:
 @given(users=st.lists(st.integers(0, SPLIT.n_users - 1), min_size=1, max_size=4, unique=True).map(sorted),
        mode=st.sampled_from(UPDATE_MODES), local_epochs=st.integers(1, 3), implicit=st.booleans(),
        train_negatives=st.integers(1, 6), clip=st.floats(1e-3, 1.0), lr=st.floats(0.01, 1.0),
-       round_=st.integers(1, 50), model=st.sampled_from(["mf", "svdpp"]))
+       round_=st.integers(1, 50), model=st.sampled_from(["mf", "svdpp", "bpmf"]))
 def test_each_users_upload_is_clipped_and_the_cohort_sums_them(users, mode, local_epochs, implicit, train_negatives,
                                                                clip, lr, round_, model):
-    if model == "svdpp" and mode == "padded":
-        mode = "sparse"  # refused under SVD++ (tests/test_svdpp.py)
+    if model != "mf" and mode == "padded":
+        mode = "sparse"  # refused under SVD++ and BPMF (tests/test_svdpp.py, tests/test_bpmf.py)
+    implicit = implicit and model != "bpmf"  # BPMF models ratings only
     hyper = Hyper(model=model, dim=4, lr=lr, local_epochs=local_epochs, implicit=implicit,
                   train_negatives=train_negatives, seed=2)
     policy = DevicePolicy(update_mode=mode, clip_norm=clip, reproducible_seed=SEED)

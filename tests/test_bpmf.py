@@ -1,0 +1,142 @@
+"""BPMF (--model bpmf): the device's draws follow the exact conditional, the statistics the
+server sums rebuild the items' conditional, each user's statistics are clipped on what is
+summed, one plain upload gives the user's vector away (why it needs SecAgg+ or DP), and a
+whole federated run equals its central twin."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.client.app import app as client_app
+from fedrec.datasets import SyntheticSpec, cohort, generate
+from fedrec.datasets.splits import random_holdout
+from fedrec.models import Hyper, ItemParams, UserState
+from fedrec.models.bpmf import draw_items, draw_key, draw_users, user_statistics
+from fedrec.models.device import DevicePolicy, device_step
+from fedrec.models.upload import scatter_upload
+from fedrec.run.config import ConfigError
+from fedrec.server.app import run_server
+from fedrec.simulations.central import run_central
+from fedrec.simulations.inprocess import InProcessGrid
+
+DIM = 3
+SPLIT = random_holdout(generate(SyntheticSpec(users=50, items=30, density=0.3, seed=7))[0], 0.2, 7)
+
+
+def _items(n_items: int, seed: int = 1, scale: float = 0.7) -> ItemParams:
+    gen = torch.Generator().manual_seed(seed)
+    return ItemParams(torch.randn(n_items, DIM, generator=gen) * scale, torch.randn(n_items, generator=gen) * 0.3,
+                      torch.tensor([3.0]))
+
+
+def test_a_users_draws_follow_its_exact_conditional():
+    hyper = Hyper(model="bpmf", dim=DIM, reg_user=2.0, reg_bias=0.5, bpmf_alpha=1.5)
+    items = _items(6)
+    item = torch.tensor([0, 2, 3, 5])
+    rating = torch.tensor([4.0, 2.0, 5.0, 3.0], dtype=torch.float64)
+    g = torch.cat([items.emb[item].double(), torch.ones(4, 1, dtype=torch.float64)], dim=1)
+    precision = torch.diag(torch.tensor([2.0] * DIM + [0.5], dtype=torch.float64)) + 1.5 * g.T @ g
+    cov = torch.linalg.inv(precision)
+    mean = cov @ (1.5 * g.T @ (rating - 3.0 - items.bias[item].double()))
+    draws = torch.stack([draw_users(items, torch.zeros(4, dtype=torch.long), item, rating, np.array([9]), hyper,
+                                    key)[0] for key in range(4000)])
+    torch.testing.assert_close(draws.mean(0), mean, atol=4 * float(cov.diagonal().max().sqrt()) / 63, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.1 * float(cov.diagonal().max()), rtol=0)
+
+
+def test_the_summed_statistics_rebuild_the_items_that_explain_the_ratings():
+    """Ratings generated exactly by known items: with a tiny noise variance the item draw from the
+    summed uploads of all users is those items (every packed column is used, and used right)."""
+    hyper = Hyper(model="bpmf", dim=DIM, bpmf_alpha=1e6)
+    n_users, n_items = 40, 8
+    truth = _items(n_items, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(n_users, DIM, generator=gen), torch.randn(n_users, 1, generator=gen) * 0.2], 1).double()
+    segment = torch.arange(n_users).repeat_interleave(n_items)
+    item = torch.arange(n_items).repeat(n_users)
+    rating = (3.0 + x[segment, DIM] + truth.bias[item].double()
+              + (x[segment, :DIM] * truth.emb[item].double()).sum(1))
+    update = user_statistics(_items(n_items, seed=5), x, segment, item, rating, hyper, clip_norm=0.0)
+    drawn = draw_items(_items(n_items, seed=5), update.emb_delta.double(), update.bias_delta.double(), hyper,
+                       np.random.default_rng(0))
+    torch.testing.assert_close(drawn.emb, truth.emb, atol=2e-3, rtol=0)
+    torch.testing.assert_close(drawn.bias, truth.bias, atol=2e-3, rtol=0)
+
+
+def test_noise_that_makes_the_sums_indefinite_still_gives_finite_items():
+    hyper = Hyper(model="bpmf", dim=DIM)
+    gen = torch.Generator().manual_seed(4)
+    sums = torch.randn(10, hyper.upload_width, generator=gen, dtype=torch.float64) * 50  # DP noise, no signal
+    drawn = draw_items(_items(10), sums, torch.randn(10, dtype=torch.float64) * 50, hyper, np.random.default_rng(1))
+    assert torch.isfinite(drawn.emb).all() and torch.isfinite(drawn.bias).all()
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_each_users_statistics_are_clipped_and_a_cohort_sums_them(mode):
+    hyper = Hyper(model="bpmf", dim=DIM, seed=3)
+    clip = 2.0
+    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    policy = DevicePolicy(update_mode=mode, clip_norm=clip)
+    singles, clipped = [], 0
+    for user in range(8):
+        result = device_step(items, UserState.init(np.array([user]), SPLIT.n_users, hyper),
+                             cohort(SPLIT, np.array([user])), SPLIT.n_items, hyper, policy, 4)
+        dense = scatter_upload(result.upload, SPLIT.n_items, hyper.upload_width)
+        norm = float(np.sqrt(sum((a.astype(np.float64) ** 2).sum() for a in dense.values())))
+        assert norm <= clip * (1 + 1e-5)
+        np.testing.assert_allclose(norm, min(float(result.update.norms[0]), clip), rtol=1e-4)
+        clipped += float(result.update.norms[0]) > clip
+        rated = cohort(SPLIT, np.array([user])).train_item
+        assert set(np.flatnonzero(np.abs(dense["item-emb"]).sum(1))) == set(rated.tolist())
+        singles.append(dense)
+    assert clipped >= 2  # the bound is exercised
+    together = device_step(items, UserState.init(np.arange(8), SPLIT.n_users, hyper), cohort(SPLIT, np.arange(8)),
+                           SPLIT.n_items, hyper, policy, 4)
+    for key, value in scatter_upload(together.upload, SPLIT.n_items, hyper.upload_width).items():
+        np.testing.assert_allclose(value, sum(s[key] for s in singles), atol=1e-6 * clip, err_msg=key)
+
+
+def test_one_plain_upload_gives_the_users_vector_and_residuals_away():
+    """The README's warning, attacked: without SecAgg+ or DP the server reads (p_u, 1) off the last
+    column of any uploaded g g^T, and alpha (r - mu - b_u) off the item-bias column."""
+    hyper = Hyper(model="bpmf", dim=DIM, seed=3)
+    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    rows = cohort(SPLIT, np.array([5]))
+    result = device_step(items, UserState.init(np.array([5]), SPLIT.n_users, hyper), rows, SPLIT.n_items, hyper,
+                         DevicePolicy(update_mode="sparse"), 21)
+    upload = result.upload
+    upper = np.triu_indices(DIM + 1)
+    last_column = [k for k, (i, j) in enumerate(zip(*upper)) if j == DIM]  # entries (0..DIM, DIM)
+    row = upload["item-emb"][0]
+    vector = row[last_column][:DIM] / row[last_column][DIM]  # alpha p_u / alpha
+    drawn = draw_users(items, torch.zeros(len(rows.train_item), dtype=torch.long), torch.as_tensor(rows.train_item),
+                       torch.as_tensor(rows.train_rating, dtype=torch.float64), rows.users, hyper,
+                       draw_key(hyper.seed, 21))[0]
+    np.testing.assert_allclose(vector, drawn[:DIM].numpy(), rtol=1e-4, atol=1e-5)
+    order = np.argsort(rows.train_item)
+    residual = upload["item-bias"] / hyper.bpmf_alpha  # r - mu - b_u, one per rated item
+    np.testing.assert_allclose(residual, rows.train_rating[order] - 3.0 - float(drawn[DIM]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"split": "loo"}, "models ratings"), ({"update_mode": "padded"}, "no decoys"),
+    ({"users_per_round": 10}, "every user"), ({"sampling": "poisson"}, "every user")])
+def test_settings_bpmf_cannot_honour_are_refused(small_cfg, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(small_cfg, model="bpmf", **settings).validate()
+
+
+def test_federated_bpmf_equals_central_and_scores_with_the_mean_of_its_draws(small_cfg):
+    cfg = dataclasses.replace(small_cfg, model="bpmf", rounds=8, epochs=8, burn_in=3, eval_every=4)
+    federated = run_server(InProcessGrid(client_app, 3), cfg)
+    central = run_central(dataclasses.replace(cfg, out=cfg.out + "-central"))
+    assert federated.summary["metrics"]["rmse"] == pytest.approx(central.summary["metrics"]["rmse"], rel=1e-4)
+    for name, tensor in federated.items.tensors().items():
+        torch.testing.assert_close(tensor, central.result.items.tensors()[name], rtol=1e-3, atol=1e-4)
+    # What is evaluated is the mean of draws 4..8; with burn-in 8 it would be the last draw alone.
+    last = run_central(dataclasses.replace(cfg, burn_in=8, out=cfg.out + "-last"))
+    assert central.summary["metrics"]["rmse"] < last.summary["metrics"]["rmse"] - 1e-3
