@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .local import LocalUpdate, clip_per_user
+from .local import USERS_PER_CHUNK, LocalUpdate, clip_per_user
 from .mf import Hyper, ItemParams, UserState
 from .randomness import mix64, uniform01
 
@@ -119,12 +119,32 @@ def averaged_state(state: UserState, x: torch.Tensor, round_: int, hyper: Hyper)
 
 def device_draw(items: ItemParams, state: UserState, rows, hyper: Hyper, clip_norm: float, round_: int,
                 key: int) -> tuple[UserState, LocalUpdate]:
-    """A device's round for the users of `rows`: draw, average, and their clipped statistics."""
-    segment, item = torch.as_tensor(rows.train_segment), torch.as_tensor(rows.train_item)
-    rating = torch.as_tensor(rows.train_rating, dtype=torch.float64)
-    x = draw_users(items, segment, item, rating, rows.users, hyper, key)
-    return averaged_state(state, x, round_, hyper), user_statistics(items, x, segment, item, rating, hyper,
-                                                                     clip_norm)
+    """A device's round for the users of `rows`: draw, average, and their clipped statistics,
+    USERS_PER_CHUNK users at a time (a row's outer product is (dim + 1)^2 floats)."""
+    segment = torch.as_tensor(rows.train_segment)
+    order = torch.argsort(segment, stable=True)
+    n = len(rows.users)
+    bounds = torch.searchsorted(segment[order], torch.arange(0, n + USERS_PER_CHUNK, USERS_PER_CHUNK).clamp(max=n))
+    states, updates = [], []
+    for k, lo in enumerate(range(0, max(n, 1), USERS_PER_CHUNK)):
+        picked = order[bounds[k]:bounds[k + 1]]
+        seg, item = segment[picked] - lo, torch.as_tensor(rows.train_item)[picked]
+        rating = torch.as_tensor(rows.train_rating, dtype=torch.float64)[picked]
+        users = np.arange(lo, min(n, lo + USERS_PER_CHUNK))
+        x = draw_users(items, seg, item, rating, rows.users[users], hyper, key)
+        states.append(averaged_state(state.take(torch.as_tensor(users)), x, round_, hyper))
+        update = user_statistics(items, x, seg, item, rating, hyper, clip_norm)
+        update.pair_user += lo
+        updates.append(update)
+    first = updates[0]
+    for other in updates[1:]:
+        first.emb_delta += other.emb_delta
+        first.bias_delta += other.bias_delta
+    return (UserState(*(torch.cat([getattr(s, f) for s in states]) for f in ("emb", "bias", "m", "v", "step"))),
+            LocalUpdate(first.emb_delta, first.bias_delta, first.global_bias_delta, n,
+                        sum(u.loss_sum for u in updates), sum(u.num_rows for u in updates),
+                        torch.cat([u.norms for u in updates]), torch.cat([u.pair_item for u in updates]),
+                        torch.cat([u.pair_user for u in updates])))
 
 
 def draw_item_prior(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

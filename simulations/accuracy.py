@@ -87,12 +87,15 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials
     report: dict = {"settings": cfg.resolved().to_dict(), "users_per_node": users_per_node, "cases": {}}
     report["cases"]["ml100k-u1-u5"] = _folds(ml, users_per_node, log)
     report["cases"]["ml100k-u1"] = report["cases"]["ml100k-u1-u5"]["folds"]["u1"]
+    # BPMF's settings (dim, rounds) are not MF's: beside it, MF and leave-one-out run with the defaults
+    defaults = RunConfig(dataset="ml-100k", data_dir=cfg.data_dir, seed=cfg.seed)
+    base = defaults if cfg.model == "bpmf" else ml
     other = "svdpp" if cfg.model == "mf" else "mf"  # the other model on u1, same settings otherwise
-    u1_other = dataclasses.replace(ml, split="u1", model=other)
+    u1_other = dataclasses.replace(base, split="u1", model=other)
     report["cases"][f"ml100k-u1-{other}"] = {"central": _central(u1_other, log),
                                               "federated": _fed(u1_other, users_per_node, log)}
     # Leave-one-out with the implicit defaults (the device's recency term on), and without the term.
-    loo = dataclasses.replace(ml, split="loo").resolved()
+    loo = dataclasses.replace(base, split="loo").resolved()
     report["cases"]["ml100k-loo"] = {"central": _central(loo, log), "federated": _fed(loo, users_per_node, log)}
     plain = dataclasses.replace(loo, recency_weight=0.0)
     report["cases"]["ml100k-loo-no-recency"] = {"central": _central(plain, log),

@@ -140,3 +140,21 @@ def test_federated_bpmf_equals_central_and_scores_with_the_mean_of_its_draws(sma
     # What is evaluated is the mean of draws 4..8; with burn-in 8 it would be the last draw alone.
     last = run_central(dataclasses.replace(cfg, burn_in=8, out=cfg.out + "-last"))
     assert central.summary["metrics"]["rmse"] < last.summary["metrics"]["rmse"] - 1e-3
+
+
+def test_a_cohort_drawn_a_chunk_at_a_time_gives_the_same_state_and_sums(monkeypatch):
+    import fedrec.models.bpmf as bpmf
+
+    hyper = Hyper(model="bpmf", dim=DIM, seed=3, burn_in=0)
+    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    users = np.arange(11)
+    args = (items, UserState.init(users, SPLIT.n_users, hyper), cohort(SPLIT, users), SPLIT.n_items, hyper,
+            DevicePolicy(clip_norm=2.0), 5)
+    whole = device_step(*args)
+    monkeypatch.setattr(bpmf, "USERS_PER_CHUNK", 3)
+    chunked = device_step(*args)
+    for name in ("emb", "bias", "v", "step"):
+        torch.testing.assert_close(getattr(chunked.state, name), getattr(whole.state, name))
+    for key, value in whole.upload.items():
+        np.testing.assert_allclose(chunked.upload[key], value, rtol=1e-6, atol=1e-6, err_msg=key)
+    torch.testing.assert_close(chunked.update.norms, whole.update.norms)
