@@ -16,9 +16,12 @@ What is evaluated, saved and served is the mean of the samples after `burn_in` r
 sides (parameter averaging: 0.9068 on u1 against 0.9066 for averaging predictions).
 
 The statistics travel in the arrays an MF update uses (ITEM_EMB: the triangle and alpha r~ p_u;
-ITEM_BIAS: alpha r~), so upload modes, per-user clipping, DP noise and SecAgg+ act on them
-unchanged. They hold g g^T, whose last column is (p_u, 1): one user's statistics, read alone,
-give its vector and each rating up to b_u. Only sums (SecAgg+) or noise (DP) hide them.
+ITEM_BIAS: alpha r~), so upload modes and per-user clipping act on them unchanged. What they
+give away: one user's g g^T has last column (p_u, 1), so a single upload holds the user's vector
+and each rating up to b_u; and an item's sum over its raters is a matrix of rank = its rater
+count spanned by their g's, from which a red-team review read a third of ML-100K's users out of
+one SecAgg+ sum. DP noise, in turn, is more than this chain takes at a useful epsilon. So BPMF
+runs without DP or SecAgg+ (run/config.py refuses both): a trusted aggregator's model.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def normal_draws(users: np.ndarray, count: int, key: int) -> torch.Tensor:
 
 
 def draw_key(seed: int, round_: int) -> int:
-    """Key of a round's user draws (not a privacy stream: the guarantee, where there is one, is
-    the clipping and the noise on the statistics; this only makes runs repeat)."""
+    """Key of a round's user draws: from the run seed, so runs repeat and federated equals central.
+    Not a privacy stream: BPMF runs are never private (module docstring), and knowing a user's
+    normals tells its b_u to whoever also has its statistics."""
     return int(mix64(np.array([seed * 0x2545F4914F6CDD1D + round_ + 0xB9F], np.uint64) ^ np.uint64(0xB7E15163))[0])
 
 
@@ -178,16 +182,19 @@ def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tenso
     outer = torch.zeros(n_items, dim + 1, dim + 1, dtype=torch.float64)
     outer[:, upper[0], upper[1]] = emb_sum[:, :upper[0].numel()].double()
     outer = outer + outer.mT - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
-    precision = prior_precision + outer
-    # Noise (DP) can make the summed g g^T indefinite; an honest sum never takes P below the prior's
-    # smallest eigenvalue (Weyl), so flooring there changes nothing else (post-processing).
-    values, vectors = torch.linalg.eigh(precision)
-    floor = torch.linalg.eigvalsh(prior_precision)[0]
-    precision = (vectors * values.clamp(min=floor)[:, None, :]) @ vectors.mT
+    # Noise (DP) can make the summed g g^T indefinite; an honest sum is positive semi-definite, so it is
+    # projected onto that cone, and the precision's eigenvalues kept at least the prior's smallest (Weyl:
+    # an honest sum never goes below it). Both are post-processing; eigenvectors instead of a Cholesky
+    # factor, so that no reply, however large, can make the draw fail.
+    values, vectors = torch.linalg.eigh(outer)
+    outer = (vectors * values.clamp(min=0)[:, None, :]) @ vectors.mT
+    values, vectors = torch.linalg.eigh(prior_precision + outer)
+    values = values.clamp(min=float(torch.linalg.eigvalsh(prior_precision)[0]))
     rhs = prior_precision @ prior_mean + torch.cat([emb_sum[:, upper[0].numel():].double(),
                                                     bias_sum[:, None].double()], dim=1)
     z = torch.as_tensor(rng.standard_normal((n_items, dim + 1)))
-    drawn = _gaussian(precision, rhs, z).float()
+    coords = (vectors.mT @ rhs[:, :, None])[:, :, 0] / values + z / values.sqrt()  # in the eigenbasis
+    drawn = (vectors @ coords[:, :, None])[:, :, 0].float()
     return ItemParams(drawn[:, :dim].contiguous(), drawn[:, dim].contiguous(), current.global_bias.clone())
 
 

@@ -4,7 +4,8 @@ The global model holds only item-side parameters. A device fits its user's vecto
 against them from the user's own ratings: with the items fixed, the training loss of
 `models/local.py` (squared error plus L2 per rating) is a ridge regression, solved exactly.
 Under SVD++ the implicit part |N(u)|^-1/2 sum y_j of the rated items is fixed by the items
-too, so the same solve gives p_u; scoring adds the part back (`scoring_vector`).
+too, so the same solve gives p_u; scoring adds the part back (`scoring_vector`). Under BPMF
+the fit is the mean of the user's conditional (models/bpmf.py), the centre of its device's draws.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def fit_user(items: ItemParams, item: np.ndarray, rating: np.ndarray, hyper: Hyp
     residual = (torch.as_tensor(rating, dtype=torch.float64) - items.global_bias.double()
                 - items.bias.detach().double()[torch.as_tensor(item, dtype=torch.int64)] - q @ implicit)
     penalty = torch.cat([torch.full((q.shape[1],), hyper.reg_user), torch.tensor([hyper.reg_bias])]).double()
-    solution = torch.linalg.solve(features.T @ features + torch.diag(len(item) * penalty), features.T @ residual)
+    # BPMF: the mean of the user's conditional, whose prior precision is absolute and weighs against alpha
+    weight = 1.0 / hyper.bpmf_alpha if hyper.model == "bpmf" else len(item)
+    solution = torch.linalg.solve(features.T @ features + torch.diag(weight * penalty), features.T @ residual)
     return UserFit(solution[:-1].float().numpy(), float(solution[-1]))
 
 

@@ -20,7 +20,7 @@ from fedrec.datasets.catalog import DEFAULT_SPLIT
 from fedrec.datasets.splits import TEST_FRACTION, TEST_NEGATIVES
 from fedrec.models.device import UPDATE_MODES, DevicePolicy
 from fedrec.models.metrics import DEFAULT_TOP_K
-from fedrec.models.mf import BPMF_REG, DEFAULT_REG, MODELS, Hyper
+from fedrec.models.mf import BPMF_DIM, BPMF_REG, DEFAULT_REG, MODELS, Hyper
 from fedrec.models.server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
 
 
@@ -69,13 +69,16 @@ class RunConfig:
     tuned: bool = _f(False, "Set by fedrec tune in the settings it chooses (and by compare --tune): they were chosen "
                             "on this data's training rows without noise, so a DP run lists them as not covered.")
     # --- model
-    model: str = _f(_HYPER.model, "mf: biased matrix factorization; svdpp: adds implicit factors y_j of the items a "
-                                  "user rated (SVD++; y_j travel like q_i, the rated set stays on the device); "
-                                  "bpmf: Bayesian MF by Gibbs sampling, one sweep per round (ratings only; devices "
-                                  "send per-item sufficient statistics, which hold the user's vector: use "
-                                  "--secure-aggregation or --dp to hide them).",
-                    MODELS)
-    dim: int = _f(_HYPER.dim, "Embedding size K of users and items.")
+    model: str = _f("auto", "auto: bpmf for ratings where every user takes part each round, without clipping, "
+                            "DP, SecAgg+ or decoys (bpmf won on validation; its statistics need a clipping norm of "
+                            "their own, so auto keeps mf wherever one is set), mf otherwise; mf: biased matrix "
+                            "factorization; svdpp: adds implicit factors y_j of the items a user rated (SVD++; y_j "
+                            "travel like q_i, the rated set stays on the device); bpmf: Bayesian MF by Gibbs "
+                            "sampling, one sweep per round (ratings only; devices send per-item sufficient "
+                            "statistics, which hold the user's vector and ratings: plain runs only, see README).",
+                    ("auto", *MODELS))
+    dim: int = _f(-1, f"Embedding size K of users and items; -1: {BPMF_DIM} for bpmf, {_HYPER.dim} otherwise "
+                      "(chosen on validation).")
     reg_user: float = _f(-1.0, _reg_help("user embeddings", "reg_user"))
     reg_item: float = _f(-1.0, _reg_help("item embeddings", "reg_item"))
     reg_bias: float = _f(-1.0, _reg_help("user and item biases", "reg_bias"))
@@ -171,11 +174,26 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """Fill the loss-dependent defaults (-1) with concrete values."""
-        defaults = {k: v[self.implicit] for k, v in DEFAULT_REG.items()} if self.model != "bpmf" else BPMF_REG
+        model = self.auto_model() if self.model == "auto" else self.model
+        defaults = {k: v[self.implicit] for k, v in DEFAULT_REG.items()} if model != "bpmf" else BPMF_REG
         changes = {k: v for k, v in defaults.items() if getattr(self, k) < 0}
-        return dataclasses.replace(self, **changes)
+        dim = self.dim if self.dim > 0 else (BPMF_DIM if model == "bpmf" else _HYPER.dim)
+        return dataclasses.replace(self, model=model, dim=dim, **changes)
+
+    def auto_model(self) -> str:
+        """What --model auto runs: BPMF where its refusals and its clipping scale do not get in the way."""
+        # a clipping norm sized for MF's updates would crush BPMF's statistics (norm ~ alpha sqrt(ratings))
+        plain = (self.dp == "none" and self.secure_aggregation == "none" and self.update_mode != "padded"
+                 and self.clipping_norm == 0)
+        everyone = self.users_per_round == 0 and self.sampling == "fixed"
+        return "bpmf" if plain and everyone and not self.implicit else "mf"
 
     def validate(self) -> "RunConfig":
+        self.check_values()
+        return self._check_settings()
+
+    def check_values(self) -> None:
+        """Each value on its own: its type, finite, one of its choices."""
         for f in fields(self):
             value = getattr(self, f.name)
             if not _is_kind(value, type(f.default)):  # e.g. RunConfig(rounds=True): a bool is not a count
@@ -185,7 +203,9 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f"{_kebab(f.name)}={value!r} is not valid; choose one of {', '.join(choices)}")
-        positive = ("dim", "lr", "server_lr", "epochs", "rounds", "local_epochs", "eval_every", "top_k", "negatives",
+
+    def _check_settings(self) -> "RunConfig":
+        positive = ("lr", "server_lr", "epochs", "rounds", "local_epochs", "eval_every", "top_k", "negatives",
                     "synthetic_users", "synthetic_items", "synthetic_rank", "train_negatives", "robust_bound",
                     "recency_items", "bpmf_alpha")
         for name in positive:
@@ -201,7 +221,7 @@ class RunConfig:
             if getattr(self, name) > most:
                 raise ConfigError(f"{_kebab(name)} must be at most {most:,} (got {getattr(self, name):,}); "
                                   "a larger value would exhaust memory or time long before it helps")
-        for name in ("reg_user", "reg_item", "reg_bias"):
+        for name in ("reg_user", "reg_item", "reg_bias", "dim"):
             if getattr(self, name) < 0 and getattr(self, name) != -1:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, or -1 for the default (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:
@@ -232,6 +252,13 @@ class RunConfig:
             if self.update_mode == "padded":
                 raise ConfigError("--model bpmf has no decoys (a decoy's statistics would need a made-up vector and "
                                   "rating); use --update-mode dense or sparse")
+            if self.dp != "none":
+                raise ConfigError("--model bpmf with --dp: its Gibbs chain does not hold up to DP noise at a useful "
+                                  "epsilon yet (README); use --model mf for DP runs")
+            if self.secure_aggregation != "none":
+                raise ConfigError("--model bpmf with --secure-aggregation: the per-item sums of g g^T have the rank "
+                                  "of the item's rater count, and the server reads users off them (README); use "
+                                  "--model mf")
             if self.users_per_round or self.sampling != "fixed":
                 raise ConfigError("--model bpmf draws each item from all its raters' statistics every round; use "
                                   "--users-per-round 0 (every user) and --sampling fixed")
@@ -357,7 +384,7 @@ def _check_memory(cfg: RunConfig) -> None:
     else:
         users, items, ratings = KNOWN_SIZES[cfg.dataset]
         data, lower, what = ratings * 40, "nothing: use a smaller data set", cfg.dataset
-    needs = {lower: data, "--dim": (users + items) * cfg.dim * 4 * 2,
+    needs = {lower: data, "--dim": (users + items) * cfg.resolved().dim * 4 * 2,
              "--negatives": users * cfg.negatives * 8 if cfg.implicit else 0}
     total, memory = sum(needs.values()), _physical_memory()
     if memory and total > memory:
@@ -381,6 +408,7 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
     """Settings changed from their default that a run would not use, each with why: "outside" the
     settings its command reads (`reads`; None: all), or "with --<switch> <value>" that makes it moot."""
     no_dp, pad, loo = cfg.dp == "none", cfg.update_mode == "padded", cfg.split == "loo"
+    bpmf = cfg.resolved().model == "bpmf"
     moot = {"noise_multiplier": ("dp", no_dp), "target_epsilon": ("dp", no_dp), "target_delta": ("dp", no_dp),
             "accountant": ("dp", no_dp), "max_rounds_per_user": ("dp", cfg.dp not in ("local", "distributed")),
             "reproducible_noise": ("dp", no_dp and not pad),  # nothing random left to repeat
@@ -390,8 +418,8 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
             "negatives": ("split", not loo),
             "train_negatives": ("split", not loo), "data_dir": ("dataset", cfg.dataset == "synthetic"),
             **{name: ("split", not loo) for name in ("recency_items", "recency_decay", "recency_weight")},
-            **{name: ("model", cfg.model != "bpmf") for name in ("bpmf_alpha", "burn_in")},
-            **{name: ("model", cfg.model == "bpmf") for name in ("lr", "server_lr", "strategy", "local_epochs",
+            **{name: ("model", not bpmf) for name in ("bpmf_alpha", "burn_in")},
+            **{name: ("model", bpmf) for name in ("lr", "server_lr", "strategy", "local_epochs",
                                                                  "reg_item")}}
     for f in fields(cfg):
         if f.name.startswith("secagg_"):
@@ -405,6 +433,10 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
         switch, is_moot = moot.get(f.name, ("", False))
         if reads is not None and f.name not in reads:
             out[f.name] = "outside"
+        elif is_moot and switch == "model":
+            model = cfg.resolved().model
+            auto = " (what --model auto runs here)" if cfg.model == "auto" else ""
+            out[f.name] = f"with --model {model}{auto}; pass --model {'mf' if model == 'bpmf' else 'bpmf'} to use it"
         elif is_moot:
             out[f.name] = f"with --{_kebab(switch)} {getattr(cfg, switch)}"
     return out

@@ -270,6 +270,9 @@ class FedRecStrategy(FedAvg):
         else:
             self.optimizer.step({k: torch.as_tensor(v / denominator, dtype=torch.float32) for k, v in total.items()})
         if not all(torch.isfinite(t).all() for t in self.items.tensors().values()):
+            if self.sampler is not None:  # no step size to lower: only a hostile reply gets the draw this far
+                raise ConfigError(f"round {server_round}: the item draw overflowed (a reply far beyond honest "
+                                  "statistics?); use --robust-aggregation norm-bound")
             raise ConfigError(f"training diverged in round {server_round} (non-finite item parameters); "
                               f"lower --server-lr ({self.cfg.server_lr}) or --lr ({self.cfg.lr})")
         self._row["train_loss"] = loss / max(rows, 1.0)

@@ -89,8 +89,9 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials
     report["cases"]["ml100k-u1"] = report["cases"]["ml100k-u1-u5"]["folds"]["u1"]
     # BPMF's settings (dim, rounds) are not MF's: beside it, MF and leave-one-out run with the defaults
     defaults = RunConfig(dataset="ml-100k", data_dir=cfg.data_dir, seed=cfg.seed)
-    base = defaults if cfg.model == "bpmf" else ml
-    other = "svdpp" if cfg.model == "mf" else "mf"  # the other model on u1, same settings otherwise
+    model = cfg.resolved().model
+    base = defaults if model == "bpmf" else ml
+    other = "svdpp" if model == "mf" else "mf"  # the other model on u1, same settings otherwise
     u1_other = dataclasses.replace(base, split="u1", model=other)
     report["cases"][f"ml100k-u1-{other}"] = {"central": _central(u1_other, log),
                                               "federated": _fed(u1_other, users_per_node, log)}

@@ -65,7 +65,7 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
     epsilons = epsilons if epsilons is not None else ([cfg.target_epsilon] if cfg.target_epsilon > 0 else [])
     split = load_data(cfg)
     h = hyper(cfg)
-    width = h.item_width  # columns of an uploaded item row: [q | y] under SVD++
+    width = h.upload_width  # columns of an uploaded item row: [q | y] under SVD++, statistics under BPMF
     trained = trained or trained_model(cfg)
     items, users = trained.items, trained.users
     n_items, population = split.n_items, split.n_users

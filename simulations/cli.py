@@ -93,6 +93,7 @@ def _settings(name: str, flags: dict, config_file: Path | None) -> RunConfig:
     cfg = RunConfig.from_mapping(flags, base)
     if name not in COMMAND_SETTINGS:
         return cfg.validate()
+    cfg.check_values()  # a malformed value is reported as such, before whether it applies
     reads, why = COMMAND_SETTINGS[name]
     ignored = ignored_settings(cfg, reads)
     given = [n for n in ignored if n in flags]

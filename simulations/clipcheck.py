@@ -34,7 +34,7 @@ def contribution_ratios(cfg: RunConfig, mode: str) -> np.ndarray:
     for user in range(split.n_users):
         result = device_step(items, state.take(torch.as_tensor([user])), cohort(split, [user]), split.n_items, h,
                              policy, 1)
-        dense = scatter_upload(result.upload, split.n_items, h.item_width)
+        dense = scatter_upload(result.upload, split.n_items, h.upload_width)
         ratios[user] = np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in dense.values())) / cfg.clipping_norm
     return ratios
 

@@ -30,7 +30,8 @@ def run_compare(cfg: RunConfig, central_fn, federated_fn, tune_fn=None) -> dict:
     plot_metric(frame, "round", metric, run_dir / "comparison.png",
                 f"{cfg.dataset} {cfg.split}: federated {metric} per round vs central", reference=c.get(metric))
     central_cfg, fed_cfg = sides["central"], sides["federated"]
-    model = f"Same model ({'SVD++' if cfg.model == 'svdpp' else 'biased MF'}, K={cfg.dim}),"
+    names = {"svdpp": "SVD++", "bpmf": "Bayesian MF by Gibbs sampling", "mf": "biased MF"}
+    model = f"Same model ({names[central_cfg.resolved().model]}, K={central_cfg.resolved().dim}),"
     if chosen:
         model = (f"Each side's settings chosen on a validation split of the training data (tune.json): central "
                  f"K={central_cfg.dim}, federated K={fed_cfg.dim}; same")

@@ -194,7 +194,7 @@ def upload_arrays(cfg: RunConfig, n_items: int, rows: int) -> list[tuple[str, tu
     """(name, shape, bytes) of one user's upload (fedrec.models.upload.build_upload): every item
     row when dense, else the touched rows and their indices; under SecAgg+ the dense update and
     the user count (fedrec.run.secagg), quantized and masked by Flower into 64-bit integers."""
-    width = hyper(cfg).item_width
+    width = hyper(cfg).upload_width
     if cfg.secure_aggregation != "none":
         shapes = ((schema.ITEM_EMB, (n_items, width)), (schema.ITEM_BIAS, (n_items,)), (schema.GLOBAL_BIAS, (1,)),
                   (COUNT, (1,)))

@@ -37,11 +37,16 @@ SEARCH_SPACE: dict[str, tuple] = {
 }
 _MODEL = next((f for f in fields(RunConfig) if f.name == "model"), None)
 if _MODEL is not None and _MODEL.metadata.get("choices"):
-    SEARCH_SPACE["model"] = tuple(_MODEL.metadata["choices"])
+    # BPMF has a space of its own (its regs are prior precisions, on another scale): where --model auto
+    # runs it, tune searches BPMF_SPACE; elsewhere the SGD models and the choice between them
+    SEARCH_SPACE["model"] = tuple(c for c in _MODEL.metadata["choices"] if c not in ("auto", "bpmf"))
 
 # Searched only with implicit feedback (--split loo), where the device's recency term applies.
 IMPLICIT_SPACE: dict[str, tuple] = {"recency_weight": (0.0, 4.0, 8.0, 16.0, 32.0)}
-SEARCHED = frozenset(SEARCH_SPACE) | frozenset(IMPLICIT_SPACE)  # every setting tune may choose
+# What BPMF reads (where --model auto runs it): its K, its user prior's precisions, its noise precision.
+BPMF_SPACE: dict[str, tuple] = {"dim": (5, 10, 20), "reg_user": ("log", 1.0, 100.0), "reg_bias": ("log", 0.1, 10.0),
+                                "bpmf_alpha": ("log", 0.5, 4.0)}
+SEARCHED = frozenset(SEARCH_SPACE) | frozenset(IMPLICIT_SPACE) | frozenset(BPMF_SPACE)  # every setting tune may choose
 
 DEFAULT_TRIALS = 60  # per side when neither --tune-trials nor --tune-seconds is given: with 20 the tuned
 # federated RMSE fell short of the best Surprise peer on ML-100K random and synthetic, with 60 it beat it (README)
@@ -65,7 +70,10 @@ class Budget:
 
 
 def space_for(cfg: RunConfig) -> dict[str, tuple]:
-    """The settings searched for this run's kind of feedback."""
+    """The settings searched for this run's model (BPMF's, or the SGD models' with the choice between
+    them) and kind of feedback."""
+    if cfg.resolved().model == "bpmf":
+        return dict(BPMF_SPACE)
     return {**SEARCH_SPACE, **(IMPLICIT_SPACE if cfg.implicit else {})}
 
 
@@ -84,7 +92,7 @@ def distributions(cfg: RunConfig) -> dict:
 def defaults(cfg: RunConfig) -> dict:
     """The settings a run gets without tuning: the first trial of each side, so tuning never ends
     worse on validation than the defaults."""
-    base = RunConfig(split=cfg.split).resolved()
+    base = RunConfig(split=cfg.split, model="bpmf" if cfg.resolved().model == "bpmf" else "mf").resolved()
     return {name: getattr(base, name) for name in space_for(cfg)}
 
 

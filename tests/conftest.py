@@ -24,8 +24,10 @@ def shared_data() -> Path:
 @pytest.fixture
 def small_cfg(tmp_path) -> RunConfig:
     """A synthetic population small enough for in-process federated runs in ~1 s."""
+    # model mf: these tests exercise the SGD path (optimizer, local epochs, partial participation);
+    # --model auto would run BPMF on this plain full-participation set-up (tests/test_bpmf.py covers it)
     return RunConfig(dataset="synthetic", synthetic_users=60, synthetic_items=40, synthetic_density=0.2,
-                     dim=8, rounds=6, epochs=6, eval_every=3, out=str(tmp_path / "run"))
+                     model="mf", dim=8, rounds=6, epochs=6, eval_every=3, out=str(tmp_path / "run"))
 
 
 ROWS = [(10, 100, 4, 881250949), (10, 200, 3, 881250950), (20, 100, 5, 881250951), (30, 300, 1, 881250952)]

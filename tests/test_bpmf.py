@@ -17,6 +17,7 @@ from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
 from fedrec.models.bpmf import draw_items, draw_key, draw_users, user_statistics
 from fedrec.models.device import DevicePolicy, device_step
+from fedrec.models.personal import fit_user
 from fedrec.models.upload import scatter_upload
 from fedrec.run.config import ConfigError
 from fedrec.server.app import run_server
@@ -46,6 +47,8 @@ def test_a_users_draws_follow_its_exact_conditional():
                                     key)[0] for key in range(4000)])
     torch.testing.assert_close(draws.mean(0), mean, atol=4 * float(cov.diagonal().max().sqrt()) / 63, rtol=0)
     torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.1 * float(cov.diagonal().max()), rtol=0)
+    fit = fit_user(items, item.numpy(), rating.numpy(), hyper)  # what a device (or the demo page) scores with
+    torch.testing.assert_close(torch.as_tensor(np.append(fit.emb, fit.bias)).double(), mean, atol=1e-5, rtol=0)
 
 
 def test_the_summed_statistics_rebuild_the_items_that_explain_the_ratings():
@@ -67,11 +70,14 @@ def test_the_summed_statistics_rebuild_the_items_that_explain_the_ratings():
     torch.testing.assert_close(drawn.bias, truth.bias, atol=2e-3, rtol=0)
 
 
-def test_noise_that_makes_the_sums_indefinite_still_gives_finite_items():
+@pytest.mark.parametrize("scale", [50.0, 1e20])
+def test_indefinite_or_huge_sums_give_finite_items_not_a_crash(scale):
+    """Red-team finding: one hostile reply of ~1e20 (finite float32, accepted without clipping) made the
+    Cholesky factor of an item's precision fail and the server crash; the draw now works in the eigenbasis."""
     hyper = Hyper(model="bpmf", dim=DIM)
     gen = torch.Generator().manual_seed(4)
-    sums = torch.randn(10, hyper.upload_width, generator=gen, dtype=torch.float64) * 50  # DP noise, no signal
-    drawn = draw_items(_items(10), sums, torch.randn(10, dtype=torch.float64) * 50, hyper, np.random.default_rng(1))
+    sums = torch.randn(10, hyper.upload_width, generator=gen, dtype=torch.float64) * scale  # no signal
+    drawn = draw_items(_items(10), sums, torch.randn(10, dtype=torch.float64) * scale, hyper, np.random.default_rng(1))
     assert torch.isfinite(drawn.emb).all() and torch.isfinite(drawn.bias).all()
 
 
@@ -124,7 +130,9 @@ def test_one_plain_upload_gives_the_users_vector_and_residuals_away():
 
 @pytest.mark.parametrize("settings,message", [
     ({"split": "loo"}, "models ratings"), ({"update_mode": "padded"}, "no decoys"),
-    ({"users_per_round": 10}, "every user"), ({"sampling": "poisson"}, "every user")])
+    ({"users_per_round": 10}, "every user"), ({"sampling": "poisson"}, "every user"),
+    ({"dp": "central", "clipping_norm": 1.0, "noise_multiplier": 1.0}, "does not hold up to DP noise"),
+    ({"secure_aggregation": "secagg+", "clipping_norm": 1.0}, "reads users off them")])
 def test_settings_bpmf_cannot_honour_are_refused(small_cfg, settings, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(small_cfg, model="bpmf", **settings).validate()
@@ -158,3 +166,36 @@ def test_a_cohort_drawn_a_chunk_at_a_time_gives_the_same_state_and_sums(monkeypa
     for key, value in whole.upload.items():
         np.testing.assert_allclose(chunked.upload[key], value, rtol=1e-6, atol=1e-6, err_msg=key)
     torch.testing.assert_close(chunked.update.norms, whole.update.norms)
+
+
+@pytest.mark.parametrize("settings,model", [
+    ({}, "bpmf"), ({"split": "loo"}, "mf"), ({"users_per_round": 10}, "mf"), ({"sampling": "poisson"}, "mf"),
+    ({"dp": "central", "clipping_norm": 1.0, "noise_multiplier": 1.0}, "mf"), ({"update_mode": "padded"}, "mf"),
+    ({"secure_aggregation": "secagg+", "clipping_norm": 1.0}, "mf"), ({"robust_aggregation": "none"}, "bpmf"),
+    ({"clipping_norm": 0.05}, "mf")])
+def test_auto_runs_bpmf_only_where_it_applies(small_cfg, settings, model):
+    cfg = dataclasses.replace(small_cfg, model="auto", dim=-1, reg_user=-1.0, **settings).resolved().validate()
+    assert cfg.model == model
+    assert cfg.dim == (10 if model == "bpmf" else 32)
+    assert cfg.reg_user == (10.0 if model == "bpmf" else (0.01 if cfg.implicit else 0.1))
+
+
+def test_a_plain_first_round_mf_upload_gives_the_users_vector_and_ratings_away_too():
+    """Why BPMF's plain upload is not a step back (README): with one local epoch, an MF item row's change
+    is -lr (2 reg q_i + 2 err_i p_u) and its bias change -lr (2 err_i + 2 reg b_i), so the server divides
+    out p_u and err_i; in a user's first round b_u = 0, so every rating follows exactly."""
+    hyper = Hyper(model="mf", dim=4, lr=0.05, seed=3)
+    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    items.bias.normal_(0, 0.3)
+    rows = cohort(SPLIT, np.array([5]))
+    state = UserState.init(np.array([5]), SPLIT.n_users, hyper, np.random.default_rng())  # a private start
+    upload = device_step(items, state, rows, SPLIT.n_items, hyper, DevicePolicy(update_mode="sparse"), 1).upload
+    index = upload["item-index"]
+    q, b = items.emb[index].double().numpy(), items.bias[index].double().numpy()
+    err = (-upload["item-bias"] / hyper.lr - 2 * hyper.reg_bias * b) / 2
+    err_p = (-upload["item-emb"] / hyper.lr - 2 * hyper.reg_item * q) / 2
+    vector = np.median(err_p / err[:, None], axis=0)
+    np.testing.assert_allclose(vector, state.emb[0].numpy(), rtol=1e-3, atol=1e-4)
+    ratings = 3.0 + b + q @ vector - err
+    order = np.argsort(rows.train_item)
+    np.testing.assert_allclose(ratings, rows.train_rating[order], atol=1e-3)

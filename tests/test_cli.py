@@ -56,7 +56,8 @@ def test_bad_settings_give_one_line_and_exit_2(tmp_path):
     cases = {
         ("simulate", "--strategy", "fedfoo"): "strategy='fedfoo' is not valid",
         ("simulate", "--rounds", "0"): "rounds must be > 0",
-        ("central", "--lr", "-0.1"): "lr must be > 0",
+        ("central", "--model", "mf", "--lr", "-0.1"): "lr must be > 0",
+        ("central", "--lr", "0.1"): "--lr does not apply with --model bpmf (what --model auto runs here)",
         ("simulate", "--users-per-round", "5000", *SMALL): "users-per-round=5000 is larger than the 80 users",
         ("central", "--dataset", "ml-100k", "--split", "u1", "--data-dir", str(tmp_path / "none")): "ml-100k is not at",
         ("central", "--split", "u3"): "exists only for ml-100k",

@@ -11,14 +11,16 @@ import numpy as np
 from fedrec.datasets import SyntheticSpec, load_split
 from fedrec.models import Hyper
 from fedrec.models.device import DevicePolicy
-from fedrec.models.mf import DEFAULT_REG
+from fedrec.models.mf import BPMF_DIM, BPMF_REG, DEFAULT_REG
 from fedrec.run.build import device_policy, hyper, load_data, synthetic_spec
 from fedrec.run.config import RunConfig
 
 
 def test_a_default_run_builds_the_default_model_device_and_data():
     cfg = RunConfig()
-    assert hyper(cfg) == Hyper()
+    # --model auto runs BPMF on a plain default run: its own K and prior, everything else Hyper()'s
+    assert hyper(cfg) == dataclasses.replace(Hyper(), model="bpmf", dim=BPMF_DIM, **BPMF_REG)
+    assert hyper(dataclasses.replace(cfg, model="mf")) == Hyper()
     assert device_policy(cfg) == DevicePolicy()
     assert synthetic_spec(cfg) == SyntheticSpec()
 

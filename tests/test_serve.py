@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from fedrec.simulations.cli import cli
 
-SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8"]
+SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8",
+         "--model", "mf"]  # the page of an MF run (what --model auto runs under the demo's partial participation)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.simulations import cli as cli_module
 from fedrec.simulations.central import run_central
 from fedrec.simulations.cli import cli
-from fedrec.simulations.tune import SEARCH_SPACE, STEP, Budget, defaults, search, space_for, tune
+from fedrec.simulations.tune import BPMF_SPACE, STEP, Budget, defaults, search, space_for, tune
 
 SMALL = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.25"]
 FAST = [*SMALL, "--epochs", "6", "--rounds", "6", "--eval-every", "3"]
@@ -57,6 +57,9 @@ def test_a_validation_split_is_cut_from_the_training_rows_alone_and_the_devices_
 
 def test_tune_writes_chosen_settings_and_every_trial_and_chooses_the_best_validation_trial(tmp_path):
     out = tmp_path / "tune"
+    base = _cfg(tmp_path)  # --model auto: BPMF on these plain ratings, so tune searches BPMF's settings
+    space = space_for(base)
+    assert set(space) == set(BPMF_SPACE)
     result = CliRunner().invoke(cli, ["tune", *FAST, "--tune-trials", "3", "--out", str(out)], terminal_width=200)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "tune.json").read_text())
@@ -68,24 +71,24 @@ def test_tune_writes_chosen_settings_and_every_trial_and_chooses_the_best_valida
         trials = frame[frame["side"] == side]
         best = trials.loc[trials["val_rmse"].idxmin()]
         chosen = report["chosen"][side]
-        assert set(SEARCH_SPACE) | {STEP[side], "val_rmse"} <= set(chosen)
+        assert set(space) | {STEP[side], "val_rmse"} <= set(chosen)
         assert chosen["trial"] == best["trial"] and chosen["val_rmse"] == pytest.approx(best["val_rmse"])
         assert chosen[STEP[side]] in (3, 6)  # the best evaluated step, at most the given maximum
-        assert trials.iloc[0][list(SEARCH_SPACE)].to_dict() == defaults(RunConfig())  # trial 0: the defaults
-        assert trials["dim"].nunique() > 1 or trials["lr"].nunique() > 1  # TPE moved away from the defaults
+        assert trials.iloc[0][list(space)].to_dict() == defaults(base)  # trial 0: the defaults
+        assert trials["dim"].nunique() > 1 or trials["reg_user"].nunique() > 1  # TPE moved away from the defaults
     assert "chosen on validation" in result.output
     assert f"{report['chosen']['federated']['val_rmse']:.4g}" in result.output  # the chosen settings are printed
     assert report["config"]["validation"] is True
     for side in ("central", "federated"):  # each side's choice, ready for --config and scored on the test set
         saved = RunConfig.from_toml(out / f"{side}.toml")
-        assert {n: getattr(saved, n) for n in SEARCH_SPACE} == {n: report["chosen"][side][n] for n in SEARCH_SPACE}
+        assert {n: getattr(saved, n) for n in space} == {n: report["chosen"][side][n] for n in space}
         assert getattr(saved, STEP[side]) == report["chosen"][side][STEP[side]] and saved.validation is False
     again = CliRunner().invoke(cli, ["central", "--config", str(out / "central.toml"), "--out", str(tmp_path / "c")])
     assert again.exit_code == 0, again.output
 
 
 def test_tpe_is_seeded_and_a_seconds_budget_still_runs_one_trial(tmp_path):
-    cfg = _cfg(tmp_path).resolved()
+    cfg = _cfg(tmp_path, model="mf").resolved()  # the SGD models' space, where lr is searched
     history = lambda trial_cfg: [{"epoch": 1, "rmse": abs(math.log(trial_cfg.lr / 0.03))}]  # noqa: E731
     first, again = (search("central", cfg, Budget.of(6), history) for _ in range(2))
     assert [t["lr"] for t in first] == [t["lr"] for t in again]
@@ -185,7 +188,8 @@ def test_compare_tune_runs_each_side_with_its_own_chosen_settings(tmp_path, monk
     for side in ("central", "federated"):
         chosen = report["chosen"][side]
         config = tomllib.loads((out / side / "config.toml").read_text())["tool"]["flwr"]["app"]["config"]
-        assert {n: config[n.replace("_", "-")] for n in SEARCH_SPACE} == {n: chosen[n] for n in SEARCH_SPACE}
+        space = space_for(_cfg(tmp_path))
+        assert {n: config[n.replace("_", "-")] for n in space} == {n: chosen[n] for n in space}
         assert config[STEP[side]] == chosen[STEP[side]] and config["validation"] is False  # scored on the test set
 
 
@@ -196,7 +200,8 @@ def test_compare_tune_runs_each_side_with_its_own_chosen_settings(tmp_path, monk
     (["tune", "--dim", "16"], "--dim does not apply to tune"),
     (["tune", "--dp", "central"], "--dp does not apply to tune"),
     (["compare", "--tune-trials", "3"], "--tune-trials and --tune-seconds apply with --tune"),
-    (["compare", "--tune", "--lr", "0.1"], "--lr: --tune chooses it; drop it or drop --tune"),
+    (["compare", "--tune", "--users-per-round", "30", "--lr", "0.1"], "--lr: --tune chooses it; drop it or drop"),
+    (["compare", "--tune", "--bpmf-alpha", "2"], "--bpmf-alpha: --tune chooses it; drop it or drop --tune"),
     (["compare", "--tune", "--dp", "central", "--clipping-norm", "0.1", "--noise-multiplier", "1"],
      "--tune does not run with --dp central"),
 ])
