@@ -172,6 +172,23 @@ def _wishart(df: float, scale: torch.Tensor, rng: np.random.Generator) -> torch.
     return factor @ factor.T
 
 
+def item_matrices(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """[items, dim + 1, dim + 1]: the summed alpha g g^T of each item, from its upper triangle in `emb`."""
+    upper = _triangle(dim)
+    outer = torch.zeros(emb.shape[0], dim + 1, dim + 1, dtype=torch.float64)
+    outer[:, upper[0], upper[1]] = torch.as_tensor(emb)[:, :upper[0].numel()].double()
+    return outer + outer.mT - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
+
+
+def indefinite_items(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """Items whose uploaded alpha g g^T is not positive semi-definite beyond float32 rounding. An honest
+    upload's is a sum of such matrices; a negative one would delete the honest raters' information in a
+    direction, and the item would then follow whatever right-hand side came with it (red-team finding)."""
+    matrices = item_matrices(emb, dim)
+    scale = torch.diagonal(matrices, dim1=1, dim2=2).abs().sum(dim=1) + 1e-30
+    return torch.nonzero(torch.linalg.eigvalsh(matrices)[:, 0] < -1e-5 * scale)[:, 0]
+
+
 def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tensor, hyper: Hyper,
                rng: np.random.Generator) -> ItemParams:
     """The next item sample given the summed statistics (float64 sums of every user's upload)."""
@@ -179,9 +196,7 @@ def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tenso
     x = torch.cat([current.emb.double(), current.bias[:, None].double()], dim=1)
     prior_mean, prior_precision = draw_item_prior(x, rng)
     upper = _triangle(dim)
-    outer = torch.zeros(n_items, dim + 1, dim + 1, dtype=torch.float64)
-    outer[:, upper[0], upper[1]] = emb_sum[:, :upper[0].numel()].double()
-    outer = outer + outer.mT - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
+    outer = item_matrices(emb_sum, dim)
     # Noise (DP) can make the summed g g^T indefinite; an honest sum is positive semi-definite, so it is
     # projected onto that cone, and the precision's eigenvalues kept at least the prior's smallest (Weyl:
     # an honest sum never goes below it). Both are post-processing; eigenvectors instead of a Cholesky

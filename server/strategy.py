@@ -45,7 +45,14 @@ from .privacy import PrivacyPlan, add_central_noise
 from .releases import is_evaluation, released_row
 from .robust import reply_scales
 from .sampling import sample_users, sampling_rng
-from .validation import check_eval_reply, check_reply_norm, check_reply_peak, check_train_reply, secure_setup
+from .validation import (
+    check_eval_reply,
+    check_reply_norm,
+    check_reply_peak,
+    check_statistics,
+    check_train_reply,
+    secure_setup,
+)
 
 
 class BudgetExhausted(RuntimeError):
@@ -216,6 +223,8 @@ class FedRecStrategy(FedAvg):
                                            len(self._sent) if secure else 1) or check_reply_peak(
                     max(float(np.abs(dense[k]).max(initial=0.0)) for k in schema.ITEM_ARRAYS), users, self.cfg,
                     n_items * (dim + 1) + 1)
+                if problem is None and self.sampler is not None:
+                    problem = check_statistics(dense[schema.ITEM_EMB], self.items.emb.shape[1])
             if problem is not None:
                 self._count("nodes_rejected", server_round, node, problem)
                 continue

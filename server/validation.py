@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from fedrec.models.bpmf import indefinite_items
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 
@@ -130,6 +132,15 @@ def check_reply_norm(norm: float, users: float, cfg: RunConfig, coords: int = 0,
     if norm > bound:
         return (f"update norm {norm:.6g} exceeds {bound:.6g}, "
                 f"the bound for {users:g} user(s) clipped to C={cfg.clipping_norm:g}")
+    return None
+
+
+def check_statistics(item_emb: np.ndarray, dim: int) -> str | None:
+    """BPMF: why a reply's item statistics cannot be an honest sum (each item's g g^T must be positive
+    semi-definite; a norm bound alone lets one node cancel the other raters' information)."""
+    bad = indefinite_items(torch.as_tensor(item_emb), dim)
+    if len(bad):
+        return f"item {int(bad[0])}'s g g^T is not positive semi-definite ({len(bad)} item(s)): not a sum of statistics"
     return None
 
 

@@ -40,7 +40,7 @@ def test_the_tuned_case_runs_federated_with_the_chosen_settings_and_compares_to_
     def fake_tune(cfg, budget, run_dir=None, sides=()):
         assert run_dir.is_dir()  # tune writes its files into it
         seen["tune"] = (budget.trials, sides, cfg.validation)
-        return {"chosen": {"federated": {**tune_module.defaults(cfg), "dim": 16, "model": "svdpp", "rounds": 7}}}
+        return {"chosen": {"federated": {**tune_module.defaults(cfg), "dim": 20, "bpmf_alpha": 2.0, "rounds": 7}}}
 
     monkeypatch.setattr(tune_module, "tune", fake_tune)
     monkeypatch.setattr(accuracy, "_peers", lambda cfg, log: {"SVD": {"rmse": 0.95}, "SVD++": {"rmse": 0.93},
@@ -49,5 +49,6 @@ def test_the_tuned_case_runs_federated_with_the_chosen_settings_and_compares_to_
                                                                {"metrics": {"rmse": 0.931}})[1])
     case = accuracy._tuned(RunConfig(dataset="ml-100k", split="u1"), 5, tmp_path, 0, log=lambda line: None)
     assert seen["tune"] == (5, ("federated",), False)  # tune itself turns validation on for its trials
-    assert (seen["fed"].dim, seen["fed"].model, seen["fed"].rounds, seen["fed"].validation) == (16, "svdpp", 7, False)
+    # --model auto runs BPMF on u1, so its settings are the ones tuned
+    assert (seen["fed"].dim, seen["fed"].bpmf_alpha, seen["fed"].rounds, seen["fed"].validation) == (20, 2.0, 7, False)
     assert case["best_peer_rmse"] == 0.93 and case["no_worse_than_best_peer"] is False

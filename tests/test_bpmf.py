@@ -199,3 +199,19 @@ def test_a_plain_first_round_mf_upload_gives_the_users_vector_and_ratings_away_t
     ratings = 3.0 + b + q @ vector - err
     order = np.argsort(rows.train_item)
     np.testing.assert_allclose(ratings, rows.train_rating[order], atol=1e-3)
+
+
+def test_a_reply_whose_statistics_no_users_could_sum_to_is_rejected(small_cfg):
+    """Red-team finding: one node sending a negative g g^T (inside every norm bound) cancelled the honest
+    raters' information and moved an item 17x further than any honest device could. A negated reply is
+    such a one: the server refuses it, and the run goes on with the other nodes."""
+    from fedrec.simulations.poisoning import HostileClientApp
+
+    cfg = dataclasses.replace(small_cfg, model="bpmf", rounds=3, eval_every=3, robust_aggregation="none")
+    hostile = HostileClientApp(client_app, {0}, -1.0)
+    outcome = run_server(InProcessGrid(hostile, 6), cfg)
+    rejected = [line for line in outcome.audit if line.get("dropped") == "rejected"]
+    assert hostile.tampered == 3 and len(rejected) == 3
+    assert all("not positive semi-definite" in line["reason"] for line in rejected)
+    clean = run_server(InProcessGrid(client_app, 6), dataclasses.replace(cfg, out=cfg.out + "-clean"))
+    assert not [line for line in clean.audit if line.get("dropped")]
