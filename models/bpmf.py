@@ -208,7 +208,10 @@ def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tenso
     rhs = prior_precision @ prior_mean + torch.cat([emb_sum[:, upper[0].numel():].double(),
                                                     bias_sum[:, None].double()], dim=1)
     z = torch.as_tensor(rng.standard_normal((n_items, dim + 1)))
-    coords = (vectors.mT @ rhs[:, :, None])[:, :, 0] / values + z / values.sqrt()  # in the eigenbasis
+    # in the eigenbasis; z is rotated into it too, so the draw does not depend on the eigenvectors' signs
+    # (it must move little when the sums do: central and federated sum in different orders)
+    coords = ((vectors.mT @ rhs[:, :, None])[:, :, 0] / values + (vectors.mT @ z[:, :, None])[:, :, 0]
+              / values.sqrt())
     drawn = (vectors @ coords[:, :, None])[:, :, 0].float()
     return ItemParams(drawn[:, :dim].contiguous(), drawn[:, dim].contiguous(), current.global_bias.clone())
 
