@@ -61,10 +61,16 @@ def draw_key(seed: int, round_: int) -> int:
 
 
 def _gaussian(precision: torch.Tensor, rhs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Draws of N(P^-1 rhs, P^-1) for a batch of precisions P, from standard normals z."""
-    chol = torch.linalg.cholesky(precision)
-    mean = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
-    return mean + torch.linalg.solve_triangular(chol.mT, z[..., None], upper=True)[..., 0]
+    """Draws of N(P^-1 rhs, P^-1) for a batch of precisions P, from standard normals z (by Cholesky;
+    where rounding makes a P too ill-conditioned for it, by its eigenvalues, floored at a tiny share)."""
+    chol, failed = torch.linalg.cholesky_ex(precision)
+    if not bool(failed.any()):
+        mean = torch.cholesky_solve(rhs[..., None], chol)[..., 0]
+        return mean + torch.linalg.solve_triangular(chol.mT, z[..., None], upper=True)[..., 0]
+    values, vectors = torch.linalg.eigh(precision)
+    values = values.clamp(min=1e-12 * values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-300))
+    inside = (vectors.mT @ rhs[..., None])[..., 0] / values + (vectors.mT @ z[..., None])[..., 0] / values.sqrt()
+    return (vectors @ inside[..., None])[..., 0]
 
 
 def draw_users(items: ItemParams, segment: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
@@ -168,7 +174,11 @@ def _wishart(df: float, scale: torch.Tensor, rng: np.random.Generator) -> torch.
     width = scale.shape[0]
     bartlett = np.tril(rng.standard_normal((width, width)), -1)
     bartlett[np.diag_indices(width)] = np.sqrt(rng.chisquare(df - np.arange(width)))
-    factor = torch.linalg.cholesky(scale) @ torch.as_tensor(bartlett)
+    root, failed = torch.linalg.cholesky_ex(scale)
+    if bool(failed):  # any L with L L^T = scale will do; the symmetric root where rounding defeats Cholesky
+        values, vectors = torch.linalg.eigh(scale)
+        root = (vectors * values.clamp(min=0).sqrt()[None, :]) @ vectors.T
+    factor = root @ torch.as_tensor(bartlett)
     return factor @ factor.T
 
 
@@ -180,13 +190,34 @@ def item_matrices(emb: torch.Tensor, dim: int) -> torch.Tensor:
     return outer + outer.mT - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
 
 
-def indefinite_items(emb: torch.Tensor, dim: int) -> torch.Tensor:
-    """Items whose uploaded alpha g g^T is not positive semi-definite beyond float32 rounding. An honest
-    upload's is a sum of such matrices; a negative one would delete the honest raters' information in a
-    direction, and the item would then follow whatever right-hand side came with it (red-team finding)."""
+def inconsistent_items(emb: torch.Tensor, bias: torch.Tensor, dim: int, alpha: float, users: float,
+                       max_residual: float) -> tuple[torch.Tensor, str]:
+    """Items whose uploaded statistics no `users` honest users could sum to, and why (red-team findings).
+
+    An honest item's M = sum alpha g g^T is positive semi-definite, its corner is alpha x its raters
+    (g ends in 1), and its b = sum alpha t g lies in M's range with b^T M^+ b <= sum alpha t^2 <=
+    corner x max t^2 (Cauchy-Schwarz). Per-user clipping scales a user's M and b alike and keeps all
+    three. Without them one node could cancel the honest raters' precision (negative M), send a
+    right-hand side with no precision behind it, or scale its statistics far past its user count."""
     matrices = item_matrices(emb, dim)
+    rhs = torch.cat([torch.as_tensor(emb)[:, -dim:].double(), torch.as_tensor(bias)[:, None].double()], dim=1)
+    values, vectors = torch.linalg.eigh(matrices)
     scale = torch.diagonal(matrices, dim1=1, dim2=2).abs().sum(dim=1) + 1e-30
-    return torch.nonzero(torch.linalg.eigvalsh(matrices)[:, 0] < -1e-5 * scale)[:, 0]
+    corner = matrices[:, dim, dim]
+    checks = (("its g g^T is not positive semi-definite", values[:, 0] < -1e-5 * scale),
+              (f"its g g^T counts more than the reply's {users:g} user(s)", corner > alpha * users * (1 + 1e-5)))
+    for why, bad in checks:
+        if bool(bad.any()):
+            return torch.nonzero(bad)[:, 0], why
+    # b^T M^+ b, with M's eigenvalues floored at float32 rounding: an honest b has little along a direction
+    # M barely spans (it is made of the same g's), a right-hand side sent without its g g^T has everything
+    along = (vectors.mT @ rhs[:, :, None])[:, :, 0]
+    energy = (along ** 2 / values.clamp(min=1e-6 * scale[:, None])).sum(dim=1)
+    excess = energy > corner * max_residual ** 2 * (1 + 1e-3) + 1e-6
+    if bool(excess.any()):
+        return torch.nonzero(excess)[:, 0], (f"its right-hand side is more than its g g^T carries (residuals "
+                                             f"beyond {max_residual:g} stars, or outside its range)")
+    return torch.zeros(0, dtype=torch.long), ""
 
 
 def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tensor, hyper: Hyper,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedrec.models.bpmf import indefinite_items
+from fedrec.models.bpmf import inconsistent_items
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 
@@ -135,13 +135,20 @@ def check_reply_norm(norm: float, users: float, cfg: RunConfig, coords: int = 0,
     return None
 
 
-def check_statistics(item_emb: np.ndarray, dim: int) -> str | None:
-    """BPMF: why a reply's item statistics cannot be an honest sum (each item's g g^T must be positive
-    semi-definite; a norm bound alone lets one node cancel the other raters' information)."""
-    bad = indefinite_items(torch.as_tensor(item_emb), dim)
+def check_statistics(dense: dict[str, np.ndarray], users: float, dim: int, cfg: RunConfig,
+                     rating_scale: tuple[float, float]) -> str | None:
+    """BPMF: why a reply's item statistics cannot be a sum of `users` honest users' (models/bpmf.py:
+    inconsistent_items). A residual r - mu - b_u beyond RESIDUAL_SPANS rating spans would need a user
+    bias tens of prior standard deviations out."""
+    span = rating_scale[1] - rating_scale[0]
+    bad, why = inconsistent_items(torch.as_tensor(dense[schema.ITEM_EMB]), torch.as_tensor(dense[schema.ITEM_BIAS]),
+                                  dim, cfg.bpmf_alpha, users, RESIDUAL_SPANS * max(span, 1.0))
     if len(bad):
-        return f"item {int(bad[0])}'s g g^T is not positive semi-definite ({len(bad)} item(s)): not a sum of statistics"
+        return f"item {int(bad[0])}: {why} ({len(bad)} item(s)): not a sum of users' statistics"
     return None
+
+
+RESIDUAL_SPANS = 10.0
 
 
 def check_reply_peak(peak: float, users: float, cfg: RunConfig, coords: int) -> str | None:

@@ -44,7 +44,8 @@ def run_clip_check(cfg: RunConfig, negatives: list[int], local_epochs: list[int]
     if cfg.clipping_norm <= 0:
         raise ConfigError("clip-check needs --clipping-norm > 0")
     rows = []
-    for mode, neg, epochs in itertools.product(UPDATE_MODES, negatives if cfg.implicit else [0], local_epochs):
+    modes = [m for m in UPDATE_MODES if m != "padded" or cfg.model == "mf"]  # SVD++ and BPMF refuse decoys
+    for mode, neg, epochs in itertools.product(modes, negatives if cfg.implicit else [0], local_epochs):
         case = dataclasses.replace(cfg, train_negatives=max(neg, 1), local_epochs=epochs)
         ratios = contribution_ratios(case, mode)
         row = {"mode": mode, "train_negatives": neg if cfg.implicit else None, "local_epochs": epochs,
