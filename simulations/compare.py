@@ -14,6 +14,9 @@ from .tune import apply
 def run_compare(cfg: RunConfig, central_fn, federated_fn, tune_fn=None) -> dict:
     """`tune_fn(run_dir)`, if given, writes tune.json there and returns its report, whose chosen
     settings each side then runs with (central with central's, federated with federated's)."""
+    # --model auto decided once, on the whole run's settings: central ignores federated-only ones
+    # (--users-per-round), and on its own would pick BPMF beside a federated MF
+    cfg = dataclasses.replace(cfg, model=cfg.resolved().model)
     run_dir = make_run_dir(cfg, "compare")
     chosen = tune_fn(run_dir)["chosen"] if tune_fn else {}
     sides = {side: apply(cfg, side, chosen[side]) if side in chosen else cfg for side in ("central", "federated")}

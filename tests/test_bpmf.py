@@ -237,3 +237,25 @@ def test_statistics_no_users_could_sum_to_are_rejected_before_the_draw(small_cfg
     rejected = [line for line in outcome.audit if line.get("dropped") == "rejected"]
     assert len(rejected) == 3 and all("not a sum of users' statistics" in line["reason"] for line in rejected)
     assert outcome.summary["metrics"]["rmse"] < 1.2
+
+
+@pytest.mark.parametrize("users_per_round,model", [(0, "bpmf"), (30, "mf")])
+def test_compare_runs_the_same_model_on_both_sides(small_cfg, users_per_round, model):
+    """Regression: under --model auto, the central trainer (which resets --users-per-round, a setting
+    it does not read) ran BPMF beside a federated MF in `make demo`."""
+    from fedrec.simulations.compare import run_compare
+
+    seen = {}
+
+    def central(cfg):
+        outcome = run_central(cfg, write=False)
+        seen["central"] = outcome.summary["config"]["model"]
+        return outcome
+
+    def federated(cfg):
+        seen["federated"] = cfg.resolved().model
+        raise RuntimeError("the sides' models are all this test needs")
+
+    with pytest.raises(RuntimeError):
+        run_compare(dataclasses.replace(small_cfg, model="auto", users_per_round=users_per_round), central, federated)
+    assert seen == {"central": model, "federated": model}
