@@ -259,3 +259,30 @@ def test_compare_runs_the_same_model_on_both_sides(small_cfg, users_per_round, m
     with pytest.raises(RuntimeError):
         run_compare(dataclasses.replace(small_cfg, model="auto", users_per_round=users_per_round), central, federated)
     assert seen == {"central": model, "federated": model}
+
+
+def test_with_the_public_draws_one_plain_upload_gives_every_rating_away():
+    """The README's b_u sentence, attacked: the server knows the items it sent and the user's normals
+    (draw_key from the run seed), so the device's draw x = P^-1 rhs(b_u) + L^-T z is linear in the one
+    unknown b_u = x's last entry; with r - mu - b_u read off the upload, every rating follows."""
+    from fedrec.models.bpmf import normal_draws
+
+    hyper = Hyper(model="bpmf", dim=DIM, seed=3)
+    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    items.bias.normal_(0, 0.3)
+    rows = cohort(SPLIT, np.array([5]))
+    upload = device_step(items, UserState.init(np.array([5]), SPLIT.n_users, hyper), rows, SPLIT.n_items, hyper,
+                         DevicePolicy(update_mode="sparse"), 21).upload
+    rated = torch.as_tensor(upload["item-index"])  # the rated set, in the clear
+    residual = torch.as_tensor(upload["item-bias"]).double() / hyper.bpmf_alpha  # r - mu - b_u
+    g = torch.cat([items.emb[rated].double(), torch.ones(len(rated), 1, dtype=torch.float64)], dim=1)
+    prior = torch.tensor([hyper.reg_user] * DIM + [hyper.reg_bias], dtype=torch.float64)
+    precision = torch.diag(prior) + hyper.bpmf_alpha * g.T @ g
+    known = hyper.bpmf_alpha * g.T @ (residual - items.bias[rated].double())  # rhs = known + b_u * per_bias
+    per_bias = hyper.bpmf_alpha * g.sum(dim=0)
+    z = normal_draws(np.array([5]), DIM + 1, draw_key(hyper.seed, 21))[0]
+    noise = torch.linalg.solve_triangular(torch.linalg.cholesky(precision).mT, z[:, None], upper=True)[:, 0]
+    a, beta = torch.linalg.solve(precision, known)[DIM], torch.linalg.solve(precision, per_bias)[DIM]
+    bias = (a + noise[DIM]) / (1 - beta)  # b_u = a + beta b_u + noise_K
+    order = np.argsort(rows.train_item)
+    np.testing.assert_allclose((residual + 3.0 + bias).numpy(), rows.train_rating[order], atol=1e-3)
