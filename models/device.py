@@ -37,6 +37,10 @@ class DevicePolicy:
     noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
     max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
     reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
+    # Starting user vectors and training negatives from OS entropy: set where the run claims anything
+    # against the server (DP, SecAgg+, decoys). Seeded, the server regenerates every starting vector
+    # and reads each user's rated items and ratings out of a SecAgg+ sum (simulations/sum_recovery.py).
+    private_randomness: bool = False
 
 
 @dataclass
@@ -63,7 +67,8 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
         new_state, update = device_draw(items, active_state, rows, hyper, policy.clip_norm, round_,
                                         draw_key(hyper.seed, round_))
         return _finish(state, active, new_state, update, rows, policy, round_, took_part)
-    seg, item, target = training_rows(rows, n_items, hyper, round_)
+    key = private_key("negatives") if policy.private_randomness and hyper.implicit else None
+    seg, item, target = training_rows(rows, n_items, hyper, round_, key)
     decoy = None
     if policy.update_mode == "padded" and items.emb.shape[1] != hyper.dim:
         # SVD++'s y step is the same vector on every row of a user, built from the real rows only:

@@ -58,7 +58,8 @@ def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
     return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clip_norm=cfg.clipping_norm,
                         noise_std=noise,
                         max_rounds=cfg.max_rounds_per_user if cfg.dp in ("local", "distributed") else 0,
-                        reproducible_seed=cfg.seed if cfg.reproducible_noise else None)
+                        reproducible_seed=cfg.seed if cfg.reproducible_noise else None,
+                        private_randomness=cfg.private_device_randomness)
 
 
 def num_nodes(cfg: RunConfig, population: int) -> int:

@@ -138,8 +138,9 @@ class RunConfig:
                                          "sum to be unmasked; distributed DP sizes each device's noise share for it.")
     secagg_timeout: float = _f(0.0, "SecAgg+: seconds to wait for each stage's replies (0: no limit); late nodes "
                                     "count as dropped and their masks are recovered.")
-    reproducible_noise: bool = _f(False, "Derive DP noise, decoys and DP sampling from --seed: repeatable, and NOT "
-                                         "private (anyone with the seed can regenerate them).")
+    reproducible_noise: bool = _f(False, "Derive DP noise, decoys, DP sampling and the devices' starting vectors "
+                                         "and training negatives from --seed: repeatable, and NOT private (anyone "
+                                         "with the seed can regenerate them).")
     # --- reliability
     round_timeout: float = _f(0.0, "Seconds the server waits for a round's replies; later replies count as failed "
                                    "(0: until every node answered or failed, at most an hour).")
@@ -171,6 +172,17 @@ class RunConfig:
     @property
     def implicit(self) -> bool:
         return self.split == "loo"
+
+    @property
+    def guards_uploads(self) -> bool:
+        """Does the run claim anything against the server (DP, SecAgg+ or decoys)?"""
+        return self.dp != "none" or self.secure_aggregation != "none" or self.update_mode == "padded"
+
+    @property
+    def private_device_randomness(self) -> bool:
+        """Starting vectors and training negatives from OS entropy on the device: wherever the run
+        claims anything against the server, unless the user asked for reproducible (non-private) noise."""
+        return self.guards_uploads and not self.reproducible_noise
 
     def resolved(self) -> "RunConfig":
         """Fill the loss-dependent defaults (-1) with concrete values."""
