@@ -689,9 +689,9 @@ def serve(run: Path = typer.Option(..., "--run", help="a finished central, feder
               None, help="where the devices read their ratings [default: the run's]")) -> None:
     """A local web page showing one device's side of the run: what it stores, recommends and
     sends, a new device's cold start, consent and forgetting. Open it with the URL it prints: the
-    URL carries a random access token, made afresh each start and shown nowhere else; without it
-    every page answers 403. A device's controls belong to the visitor who claims it first.
-    Ctrl-C stops it."""
+    URL carries a random access token, made afresh each start and shown nowhere else (there is no
+    --token option: a command line is visible to every user of the machine); without it every page
+    answers 403. A device's controls belong to the visitor who claims it first. Ctrl-C stops it."""
     from fedrec.simulations.serve.server import serve as serve_page
 
     try:
