@@ -734,13 +734,16 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
 @cli.command()
 def serve(run: Path = typer.Option(..., "--run", help="a finished central, federated or compare run directory"),
           host: str = typer.Option("127.0.0.1", help="address to listen on (loopback: only this machine; on any "
-                                                      "other, whoever reaches it can act as an unclaimed device)"),
+                                                      "other, the token crosses the network in plain HTTP and "
+                                                      "whoever reads it can act as an unclaimed device)"),
           port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
           data_dir: Optional[Path] = typer.Option(
               None, help="where the devices read their ratings [default: the run's]")) -> None:
     """A local web page showing one device's side of the run: what it stores, recommends and
-    sends, a new device's cold start, consent and forgetting. A device's controls belong to the
-    visitor who claims it first. Ctrl-C stops it."""
+    sends, a new device's cold start, consent and forgetting. Open it with the URL it prints: the
+    URL carries a random access token, made afresh each start and shown nowhere else (there is no
+    --token option: a command line is visible to every user of the machine); without it every page
+    answers 403. A device's controls belong to the visitor who claims it first. Ctrl-C stops it."""
     from fedrec.simulations.serve.server import serve as serve_page
 
     try:
