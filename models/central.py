@@ -1,5 +1,6 @@
-"""The central baseline: the same model, loss and updates, with every user's data in one
-place and every user taking part in every step (one step = one epoch over the data)."""
+"""The central baseline: the same algorithm with every user's data in one place and every user in every
+step (one step = one epoch). It runs exactly the device's training loop and the server's step, without
+privacy: a federation of one node holding everyone, so federated equals central by construction."""
 
 from __future__ import annotations
 
@@ -10,60 +11,45 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .bpmf import Sampler, device_draw, draw_key
-from .evaluate import UserRows, evaluate_rows
-from .local import local_train, training_rows
+from .algorithm import Algorithm, DeviceKeys, UserState
 from .metrics import DEFAULT_TOP_K, finish
-from .mf import Hyper, ItemParams, UserState
-from .recency import Recency
-from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, ServerOptimizer
+from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER
+from .train import train_cohort
 
 
 @dataclass
 class CentralResult:
-    items: ItemParams
+    model: dict[str, np.ndarray]  # what is evaluated and saved
     users: UserState
     history: list[dict] = field(default_factory=list)  # one row per evaluated epoch
     metrics: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
 
 
-def initial_global_bias(implicit: bool, rating_scale: tuple[float, float]) -> float:
-    """A public starting point for mu: the middle of the rating scale (0 logits if implicit)."""
-    return 0.0 if implicit else sum(rating_scale) / 2
+def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v) for k, v in arrays.items()}
 
 
-def train_central(rows: UserRows, n_users: int, n_items: int, hyper: Hyper, epochs: int,
-                  optimizer: str = DEFAULT_SERVER_OPTIMIZER, server_lr: float = DEFAULT_SERVER_LR,
-                  k: int = DEFAULT_TOP_K, rating_scale: tuple[float, float] = (1.0, 5.0), eval_every: int = 1,
+def train_central(algorithm: Algorithm, rows, n_users: int, epochs: int, strategy: str = DEFAULT_SERVER_OPTIMIZER,
+                  server_lr: float = DEFAULT_SERVER_LR, k: int = DEFAULT_TOP_K, eval_every: int = 1,
                   on_epoch: Callable[[dict], None] | None = None) -> CentralResult:
-    """Full-batch training of biased MF over all users at once."""
-    torch.manual_seed(hyper.seed)
+    """`epochs` rounds of the algorithm over every user of `rows` at once."""
+    torch.manual_seed(algorithm.settings.seed)
     start = time.perf_counter()
-    items = ItemParams.init(n_items, hyper, initial_global_bias(hyper.implicit, rating_scale))
-    users = UserState.init(np.asarray(rows.users), n_users, hyper)
-    opt = ServerOptimizer(items, optimizer, server_lr)
-    sampler = Sampler(items, hyper, hyper.seed) if hyper.model == "bpmf" else None  # items: the draws' mean
-    result = CentralResult(items, users)
+    server = algorithm.init_server(strategy, server_lr)
+    users = algorithm.new_users(np.asarray(rows.users), n_users, None)
+    keys = DeviceKeys(algorithm.settings.seed)
+    result = CentralResult(server.model(), users)
     for epoch in range(1, epochs + 1):
-        if sampler is not None:  # one Gibbs sweep, the same draws as a federated round (models/bpmf.py)
-            users, update = device_draw(sampler.current, users, rows, hyper, 0.0, epoch, draw_key(hyper.seed, epoch))
-            sampler.step({"item-emb": update.emb_delta.double(), "item-bias": update.bias_delta.double()}, epoch)
-        else:
-            seg, item, target = training_rows(rows, n_items, hyper, epoch)
-            users, update = local_train(items, users, seg, item, target, hyper)
-            n = max(update.num_users, 1)
-            opt.step({"item-emb": update.emb_delta / n, "item-bias": update.bias_delta / n,
-                      "global-bias": update.global_bias_delta / n})
-        row = {"epoch": epoch, "train_loss": update.loss_sum / max(update.num_rows, 1),
-               "seconds": time.perf_counter() - start}
+        users, sums = train_cohort(algorithm, tensors(server.broadcast()), users, rows, epoch, keys)
+        algorithm.server_step(server, sums.arrays, float(sums.num_users), epoch)
+        row = {"epoch": epoch, "train_loss": sums.loss_sum / max(sums.num_rows, 1), "seconds": time.perf_counter() - start}
         if epoch % eval_every == 0 or epoch == epochs:
-            sums = evaluate_rows(items, users, rows, hyper.implicit, k, rating_scale, Recency.of(hyper))
-            row.update(finish(sums, k))
+            row.update(finish(algorithm.evaluate(tensors(server.model()), users, rows, k), k))
             result.history.append(row)
         if on_epoch:
             on_epoch(row)
-    result.users = users
+    result.model, result.users = server.model(), users
     result.metrics = {k_: v for k_, v in result.history[-1].items() if k_ not in ("epoch", "seconds")}
     result.wall_seconds = time.perf_counter() - start
     return result

@@ -1,136 +1,293 @@
-"""Biased matrix factorization: r(u, i) = mu + b_u + b_i + p_u . q_i.
+"""Biased matrix factorization trained by federated SGD: r(u, i) = mu + b_u + b_i + p_u . q_i.
 
-Parameters split along the privacy boundary: `ItemParams` (mu, b_i, q_i) are shared and
-travel; `UserState` (p_u, b_u and the user's optimizer moments) stays on the device.
+A device trains each of its users for `local_epochs` full-batch steps on the user's own rows,
+against the user's own copy of the item rows it touches: Adam on the user's (p_u, b_u), SGD on
+the copies. It sends each user's change of those copies (item rows, item biases) and of mu; the
+server averages the changes over the round's users and applies them with a server optimizer
+(FedAdam by default, fedrec.models.server_opt). Implicit feedback: BCE on the user's positives
+and freshly sampled negatives. Everything is vectorized across the users of a batch, and a
+user's result depends only on its rows, its state and the items it was given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from .randomness import init_generator
+from .algorithm import (
+    CLIPPING,
+    DECOYS,
+    DP,
+    PARTIAL,
+    SECURE_AGGREGATION,
+    Algorithm,
+    Contributions,
+    Decoys,
+    DeviceKeys,
+    ServerState,
+    Statistic,
+    UserState,
+)
+from .factors import (
+    GLOBAL_BIAS,
+    ITEM_BIAS,
+    ITEM_EMB,
+    ItemParams,
+    Users,
+    evaluate_view,
+    init_items,
+    initial_global_bias,
+    predict,
+    private_vectors,
+    ridge_fit,
+    seeded_vectors,
+    top_n,
+)
+from .randomness import mix64
+from .recency import Recency, with_recency
+from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, ServerOptimizer
 
-# Names of the shared arrays, on the wire too (fedrec.run.schema re-exports them).
-ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS = "item-emb", "item-bias", "global-bias"
-
-
-# mf: biased MF; svdpp: adds the implicit factors y_j of the items a user rated (models/svdpp.py);
-# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py)
-MODELS = ("mf", "svdpp", "bpmf")
-
-# L2 per rating as (ratings, implicit feedback): the losses differ in scale, so each has its own.
-# Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
-DEFAULT_REG = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0.01, 0.001)}
-# BPMF reads reg_user and reg_bias as the precisions of its fixed user prior (reg_item is unused:
-# the items' prior is learned). Chosen on ML-100K u1 (prototype: 10 / 1 gave 0.9069, 5 / 1 0.9078).
-BPMF_REG = {"reg_user": 10.0, "reg_item": 0.0, "reg_bias": 1.0}
-BPMF_DIM = 10  # K of BPMF (u1 validation, 60 sweeps: 0.9093 at K=10, 0.9085 at 20, 0.9090 at 32 and 5x the work)
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """Model and local-training hyper-parameters (built from the run config, whose defaults are these)."""
-
-    model: str = "mf"
-    dim: int = 32
-    reg_user: float = DEFAULT_REG["reg_user"][0]  # L2 on p_u per rating of the user
-    reg_item: float = DEFAULT_REG["reg_item"][0]  # L2 on q_i per rating of the item
-    reg_bias: float = DEFAULT_REG["reg_bias"][0]  # L2 on b_u and b_i per rating
-    lr: float = 0.05  # Adam step of user parameters; SGD step of local item copies
-    local_epochs: int = 1
-    implicit: bool = False  # BCE on positives + sampled negatives instead of MSE on ratings
-    train_negatives: int = 1  # sampled negatives per positive (implicit only)
-    init_std: float = 0.1
-    seed: int = 0
-    # Implicit feedback: re-scoring with the user's latest items where its device ranks (models/recency.py)
-    recency_items: int = 5
-    recency_decay: float = 0.7
-    recency_weight: float = 16.0  # 0: off
-    bpmf_alpha: float = 1.5  # BPMF: precision of the rating noise
-    burn_in: int = 20  # BPMF: rounds whose samples are not averaged into the model
-
-    @property
-    def item_width(self) -> int:
-        """Columns of the item-embedding array: [q_i | y_i] under SVD++ (models/svdpp.py), else q_i."""
-        return 2 * self.dim if self.model == "svdpp" else self.dim
-
-    @property
-    def upload_width(self) -> int:
-        """Columns of the ITEM_EMB array a device uploads: the model's, or BPMF's item statistics."""
-        return (self.dim + 1) * (self.dim + 2) // 2 + self.dim if self.model == "bpmf" else self.item_width
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
-@dataclass
-class ItemParams:
-    """The shared model: global bias, item biases, item embeddings."""
+class FactorServer(ServerState):
+    """The shared parameters and the server optimizer that moves them."""
 
-    emb: torch.Tensor  # [items, dim]
-    bias: torch.Tensor  # [items]
-    global_bias: torch.Tensor  # [1]
+    def __init__(self, params: dict[str, torch.Tensor], optimizer: str, lr: float):
+        self.params = params
+        self.optimizer = ServerOptimizer(params, optimizer, lr)
 
-    @staticmethod
-    def init(n_items: int, hyper: Hyper, global_bias: float) -> "ItemParams":
-        gen = init_generator(hyper.seed, "item-init")
-        emb = torch.randn(n_items, hyper.dim, generator=gen) * hyper.init_std
-        if hyper.item_width > hyper.dim:  # SVD++'s y_j start at 0: the first rounds are plain MF
-            emb = torch.cat([emb, torch.zeros(n_items, hyper.item_width - hyper.dim)], dim=1)
-        return ItemParams(emb, torch.zeros(n_items), torch.tensor([float(global_bias)]))
+    def broadcast(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().numpy().copy() for k, v in self.params.items()}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {ITEM_EMB: self.emb, ITEM_BIAS: self.bias, GLOBAL_BIAS: self.global_bias}
-
-    @staticmethod
-    def from_arrays(arrays: dict[str, np.ndarray]) -> "ItemParams":
-        t = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-        return ItemParams(t[ITEM_EMB], t[ITEM_BIAS], t[GLOBAL_BIAS])
-
-    def numpy(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().numpy() for k, v in self.tensors().items()}
-
-
-@dataclass
-class UserState:
-    """Private parameters of a batch of users, with their Adam moments and step counts."""
-
-    emb: torch.Tensor  # [users, dim]
-    bias: torch.Tensor  # [users]
-    m: torch.Tensor  # [users, dim + 1] first moment of (emb, bias)
-    v: torch.Tensor  # [users, dim + 1] second moment
-    step: torch.Tensor  # [users] Adam steps taken by each user
-
-    @staticmethod
-    def init(users: np.ndarray, n_users: int, hyper: Hyper, rng: np.random.Generator | None = None) -> "UserState":
-        """Initial state of `users`: rows of one seeded population matrix, so a user starts
-        the same whichever node hosts it and whoever it shares the node with; or, given a
-        private `rng`, vectors nobody else can know."""
-        n = len(users)
-        if rng is not None:
-            emb = torch.as_tensor(rng.normal(0.0, hyper.init_std, (n, hyper.dim)), dtype=torch.float32)
-        else:
-            gen = init_generator(hyper.seed, "user-init")
-            emb = (torch.randn(n_users, hyper.dim, generator=gen) * hyper.init_std)[torch.as_tensor(users)]
-        zeros = torch.zeros(n, hyper.dim + 1)
-        return UserState(emb, torch.zeros(n), zeros, zeros.clone(), torch.zeros(n))
+    def model(self) -> dict[str, np.ndarray]:
+        return self.broadcast()
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k).numpy() for k in ("emb", "bias", "m", "v", "step")}
+        return {**{f"param.{k}": v for k, v in self.broadcast().items()}, **self.optimizer.arrays()}
 
-    @staticmethod
-    def from_arrays(arrays: dict[str, np.ndarray]) -> "UserState":
-        return UserState(**{k: torch.as_tensor(np.asarray(arrays[k])) for k in ("emb", "bias", "m", "v", "step")})
-
-    def take(self, index: torch.Tensor) -> "UserState":
-        return UserState(self.emb[index], self.bias[index], self.m[index], self.v[index], self.step[index])
-
-    def put(self, index: torch.Tensor, part: "UserState") -> None:
-        for name in ("emb", "bias", "m", "v", "step"):
-            getattr(self, name)[index] = getattr(part, name)
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.params.items():
+                tensor.copy_(torch.as_tensor(arrays[f"param.{name}"]))
+        self.optimizer.load({k: v for k, v in arrays.items() if not k.startswith("param.")})
 
 
-def predict(items: ItemParams, users: UserState, segment: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-    """Raw scores for rows (user position in the batch, item)."""
-    return (items.global_bias + users.bias[segment] + items.bias[item]
-            + (users.emb[segment] * items.emb[item]).sum(dim=1))
+class MF(Algorithm):
+    name = "mf"
+    title = "biased MF"
+    admits = frozenset({CLIPPING, DP, SECURE_AGGREGATION, DECOYS, PARTIAL})
+
+    # ------------------------------------------------------------------ shapes
+    def statistics(self) -> dict[str, Statistic]:
+        return {ITEM_EMB: Statistic(self.settings.dim), ITEM_BIAS: Statistic(1),
+                GLOBAL_BIAS: Statistic(1, per_item=False)}
+
+    def init_server(self, strategy: str = DEFAULT_SERVER_OPTIMIZER, server_lr: float = DEFAULT_SERVER_LR) -> FactorServer:
+        """Public starting items, and the server optimizer (--strategy, --server-lr) that moves them."""
+        s = self.settings
+        items = init_items(self.n_items, s.dim, s.init_std, s.seed, initial_global_bias(s.implicit, self.rating_scale))
+        return FactorServer(self._shared(items), strategy, server_lr)
+
+    def _shared(self, items: ItemParams) -> dict[str, torch.Tensor]:
+        return items.tensors()
+
+    def new_users(self, users: np.ndarray, population: int, rng: np.random.Generator | None) -> UserState:
+        s = self.settings
+        emb = (seeded_vectors(users, population, s.dim, s.init_std, s.seed) if rng is None
+               else private_vectors(len(users), s.dim, s.init_std, rng))
+        moments = torch.zeros(len(users), s.dim + 1)
+        return {"emb": emb, "bias": torch.zeros(len(users)), "m": moments, "v": moments.clone(),
+                "step": torch.zeros(len(users))}
+
+    # ------------------------------------------------------------------ device
+    def train(self, shared: dict[str, torch.Tensor], state: UserState, rows, round_: int, keys: DeviceKeys,
+              decoys: Decoys | None = None) -> tuple[UserState, Contributions]:
+        """Each user's `local_epochs` full-batch steps on its rows (and decoy rows, which never touch its
+        own vector, its bias, mu or the loss: they are trained like real rows so that their item changes
+        look alike). Returns the new state and each user's change of the item rows it touched."""
+        s = self.settings
+        seg, item, target = self.training_rows(rows, round_, keys)
+        decoy = None
+        if decoys is not None:
+            decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
+            seg, item = torch.cat([seg, torch.as_tensor(decoys.segment)]), torch.cat([item, torch.as_tensor(decoys.item)])
+            target = torch.cat([target, self.decoy_targets(shared, state, rows, decoys)])
+        n = len(rows.users)
+        copies = {name: shared[name][item] for name in self.row_arrays()}  # each user's own copy of its rows
+        mu0 = shared[GLOBAL_BIAS].expand(n)
+        deltas = {name: torch.zeros_like(value) for name, value in copies.items()}
+        dmu = torch.zeros(n)
+        state = {k: v.clone() for k, v in state.items()}
+        real = None if decoy is None else ~decoy
+        user_rows = seg if real is None else seg[real]
+        rows_per_user = torch.bincount(user_rows, minlength=n).clamp(min=1)
+        extra = self._context(seg, item, target, real, n)
+        loss_sum = 0.0
+        for epoch in range(s.local_epochs):
+            now = copies if epoch == 0 else {k: copies[k] + deltas[k] for k in copies}
+            q, b, mu = now[ITEM_EMB], now[ITEM_BIAS], mu0 + dmu
+            p_own, bu = state["emb"][seg], state["bias"][seg]
+            p = p_own + self._offset(extra, now, seg, n)
+            pred = mu[seg] + bu + b + (p * q).sum(dim=1)
+            if s.implicit:
+                dloss = torch.sigmoid(pred) - target
+                losses = torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none")
+            else:
+                err = pred - target
+                dloss, losses = 2 * err, err.square()
+            loss_sum = float(losses.sum() if real is None else losses[real].sum())  # at the epoch's start
+            pick = slice(None) if real is None else real
+            p_user, q_user, dl_user, bu_user = p_own[pick], q[pick], dloss[pick], bu[pick]
+            row_grads = torch.addcmul(2 * s.reg_user * p_user, dl_user[:, None], q_user)
+            grad_emb = torch.zeros(n, s.dim).index_add_(0, user_rows, row_grads)
+            grad_bias = torch.zeros(n).index_add_(0, user_rows, dl_user + 2 * s.reg_bias * bu_user)
+            _adam_rows(state, torch.cat([grad_emb, grad_bias[:, None]], dim=1), s.lr)
+            steps = {ITEM_EMB: torch.addcmul(2 * s.reg_item * q, dloss[:, None], p).mul_(-s.lr),
+                     ITEM_BIAS: (dloss + 2 * s.reg_bias * b).mul_(-s.lr),
+                     **self._extra_steps(extra, now, dloss, q_user, dl_user, user_rows, seg, n)}
+            # mu's loss curvature grows with the user's rating count (every row touches it), so its
+            # local step is the mean over the user's rows: a summed step is unstable past one epoch.
+            step_mu = torch.zeros(n).index_add_(0, user_rows, dl_user).div_(rows_per_user).mul_(-s.lr)
+            deltas = {k: deltas[k] + steps[k] for k in deltas}
+            dmu = dmu + step_mu
+        return state, self._contributions(seg, item, deltas, dmu, n, loss_sum, len(user_rows))
+
+    def row_arrays(self) -> tuple[str, ...]:
+        """The per-item shared arrays a user trains copies of."""
+        return ITEM_EMB, ITEM_BIAS
+
+    def _contributions(self, seg, item, deltas, dmu, n, loss_sum, num_rows) -> Contributions:
+        """A user's contribution is its change per *item*: rows of one item (an implicit negative drawn
+        twice, a negative that is also a decoy, several local epochs) add up before any norm is taken,
+        so the clipping bound holds on exactly what is summed."""
+        pair_key, pair_of_row = torch.unique(seg * self.n_items + item, return_inverse=True)
+        rows = {}
+        for name, delta in deltas.items():
+            wide = delta if delta.ndim == 2 else delta[:, None]
+            rows[name] = torch.zeros(len(pair_key), wide.shape[1]).index_add_(0, pair_of_row, wide)
+        return Contributions(n, pair_key // self.n_items, pair_key % self.n_items, rows, {GLOBAL_BIAS: dmu[:, None]},
+                             loss_sum=loss_sum, num_rows=num_rows)
+
+    # SVD++ (models/svdpp.py) widens the user's vector and trains one more array through these hooks.
+    def _context(self, seg, item, target, real, n):
+        return None
+
+    def _offset(self, context, now, seg, n):
+        return 0.0
+
+    def _extra_steps(self, context, now, dloss, q_user, dl_user, user_rows, seg, n) -> dict[str, torch.Tensor]:
+        return {}
+
+    def training_rows(self, rows, round_: int, keys: DeviceKeys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(segment, item, target) a batch of users trains on this round: its ratings, or for implicit
+        feedback its positives (label 1) plus freshly sampled negatives (label 0), keyed privately where
+        the run claims anything against the server (which unrated items an upload touches must not be
+        derivable from the seed), else by (seed, round) so central and federated runs draw alike."""
+        seg, item = rows.train_segment, rows.train_item
+        if not self.settings.implicit:
+            return (torch.as_tensor(seg), torch.as_tensor(item),
+                    torch.as_tensor(rows.train_rating, dtype=torch.float32))
+        counts = np.bincount(seg, minlength=len(rows.users))
+        key = keys.negatives(round_)
+        neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts * self.settings.train_negatives,
+                                             self.n_items, key)
+        target = np.concatenate([np.ones(len(seg), np.float32), np.zeros(len(neg_seg), np.float32)])
+        return (torch.as_tensor(np.concatenate([seg, neg_seg])), torch.as_tensor(np.concatenate([item, neg_item])),
+                torch.as_tensor(target))
+
+    def decoy_targets(self, shared, state: UserState, rows, decoys: Decoys) -> torch.Tensor:
+        """A decoy's made-up target: the model's prediction for it plus the residual of one of the user's
+        real rows (drawn by `pick`), rounded to the rating grid; label 1 for implicit data. Its update then
+        implies a rating as plausible as a real one and is as large as a real row's."""
+        if self.settings.implicit:
+            return torch.ones(len(decoys.segment))
+        order = np.argsort(rows.train_segment, kind="stable")
+        counts = np.bincount(rows.train_segment, minlength=len(rows.users))
+        starts = np.searchsorted(rows.train_segment[order], np.arange(len(rows.users)))
+        index = order[starts[decoys.segment] + np.minimum((decoys.pick * counts[decoys.segment]).astype(np.int64),
+                                                           counts[decoys.segment] - 1)]
+        items, users = self.view(shared, state, rows)
+        real_pred = predict(items, users, torch.as_tensor(rows.train_segment[index]),
+                            torch.as_tensor(rows.train_item[index]))
+        residual = rows.train_rating[index] - real_pred.numpy()
+        guess = predict(items, users, torch.as_tensor(decoys.segment), torch.as_tensor(decoys.item)).numpy() + residual
+        ratings = rows.train_rating
+        halves = not np.all(np.equal(np.mod(ratings, 1), 0))  # some data sets rate in half stars
+        guess = np.rint(guess * 2) / 2 if halves else np.rint(guess)
+        return torch.as_tensor(np.clip(guess, ratings.min(), ratings.max()), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ server
+    def server_step(self, state: FactorServer, sums: dict[str, torch.Tensor], weight: float, round_: int) -> None:
+        """The mean change over the round's users (`weight`), applied by the server optimizer."""
+        state.optimizer.step({name: (sums[name] / max(weight, 1.0)).float() for name in state.params})
+
+    # ------------------------------------------------------------------ scoring
+    def view(self, model: dict[str, torch.Tensor], state: UserState, rows) -> tuple[ItemParams, Users]:
+        """The items and user vectors that score like this model for the users of `rows`."""
+        return ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS]), Users(state["emb"], state["bias"])
+
+    def evaluate(self, model, state, rows, k: int) -> dict[str, float]:
+        items, users = self.view(model, state, rows)
+        recency = Recency.of(self.settings)
+        if self.settings.implicit and recency.on:
+            items, users = with_recency(items, users, rows, recency)
+        return evaluate_view(items, users, rows, self.settings.implicit, k, self.rating_scale)
+
+    def fit_user(self, model, items: np.ndarray, ratings: np.ndarray) -> Users:
+        """(p_u, b_u) from the user's own ratings with the items fixed: local training's objective
+        (squared error plus L2 per rating), a ridge regression solved exactly on the device."""
+        s = self.settings
+        penalty = torch.tensor([s.reg_user] * s.dim + [s.reg_bias], dtype=torch.float64)
+        shared = ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS])
+        return ridge_fit(shared, items, ratings, self._fit_offset(model, items), penalty, float(len(items)))
+
+    def _fit_offset(self, model, items: np.ndarray) -> torch.Tensor:
+        return torch.zeros(self.settings.dim, dtype=torch.float64)
+
+    def recommend(self, model, items, ratings, n, hide=None):
+        user = self.fit_user(model, items, ratings)
+        return self.top_n(model, user, items, n, hide)
+
+    def top_n(self, model, user: Users, rated: np.ndarray, n: int, hide=None):
+        """The user's `n` best unrated items (indices, scores clamped to the rating scale)."""
+        view, scoring = self._scoring(model, user, rated)
+        return top_n(view, scoring, rated, n, self.rating_scale, hide)
+
+    def _scoring(self, model, user: Users, rated: np.ndarray) -> tuple[ItemParams, Users]:
+        return ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS]), user
+
+
+def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, n_neg: np.ndarray,
+                     n_items: int, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """n_neg[j] items for user j, uniform over items the user did not rate (with replacement),
+    counter-based per (key, user), so a user's draws do not depend on who shares its batch."""
+    neg_segment = np.repeat(np.arange(len(users)), n_neg)
+    counter = np.arange(len(neg_segment)) - np.repeat(np.cumsum(n_neg) - n_neg, n_neg)
+    base = mix64(users[neg_segment].astype(np.uint64) ^ key)
+    rated = np.sort(users[segment] * n_items + positives)
+    items = np.empty(len(neg_segment), np.int64)
+    todo = np.arange(len(neg_segment))
+    attempt = 0
+    while len(todo):  # redraw the few that hit a rated item
+        draw = mix64(base[todo] + (counter[todo] * 64 + attempt).astype(np.uint64))
+        items[todo] = (draw % np.uint64(n_items)).astype(np.int64)
+        pair = users[neg_segment[todo]] * n_items + items[todo]
+        pos = np.minimum(np.searchsorted(rated, pair), len(rated) - 1)
+        todo = todo[rated[pos] == pair]
+        attempt += 1
+    return neg_segment, items
+
+
+def _adam_rows(state: UserState, grad: torch.Tensor, lr: float) -> None:
+    """Adam on each user's (p_u, b_u), with its own step count for bias correction."""
+    beta1, beta2 = ADAM_BETAS
+    state["step"] += 1
+    state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+    state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat = state["m"] / (1 - beta1 ** state["step"])[:, None]
+    v_hat = state["v"] / (1 - beta2 ** state["step"])[:, None]
+    step = lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+    state["emb"] -= step[:, :-1]
+    state["bias"] -= step[:, -1]

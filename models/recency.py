@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .mf import Hyper, ItemParams, UserState
+from .factors import ItemParams, Users
+from .settings import Hyper
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def latest_items(segment: np.ndarray, item: np.ndarray, time: np.ndarray, n_user
     return out
 
 
-def with_recency(items: ItemParams, state: UserState, rows, recency: Recency) -> tuple[ItemParams, UserState]:
+def with_recency(items: ItemParams, state: Users, rows, recency: Recency) -> tuple[ItemParams, Users]:
     """The model as the device ranks with the recency term, for the users of `rows`: items
     [q | q^], users [p | weight h], so one dot product gives p.q + weight h.q^ and every scorer
     (sampled negatives, full catalogue) adds the term. Off: `items` and `state` unchanged."""
@@ -69,5 +70,4 @@ def with_recency(items: ItemParams, state: UserState, rows, recency: Recency) ->
         profile = ((unit[latest.clamp(min=0)] * weights[..., None]).sum(dim=1)
                    / weights.sum(dim=1, keepdim=True).clamp(min=1e-12))  # a user with no rows: 0
     return (ItemParams(torch.cat([items.emb, unit], dim=1), items.bias, items.global_bias),
-            UserState(torch.cat([state.emb, recency.weight * profile], dim=1), state.bias, state.m, state.v,
-                      state.step))
+            Users(torch.cat([state.emb, recency.weight * profile], dim=1), state.bias))

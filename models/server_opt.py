@@ -12,9 +12,8 @@ popular one, and needs no per-item rater counts, which would reveal who rated wh
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-
-from .mf import ItemParams
 
 SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
 DEFAULT_SERVER_OPTIMIZER = "fedadam"
@@ -22,20 +21,37 @@ DEFAULT_SERVER_LR = 0.05
 
 
 class ServerOptimizer:
-    def __init__(self, items: ItemParams, name: str, lr: float, momentum: float = 0.9):
+    def __init__(self, params: dict[str, torch.Tensor], name: str, lr: float, momentum: float = 0.9):
         if name not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(SERVER_OPTIMIZERS)}")
-        self.items = items
-        params = list(items.tensors().values())
+        self.params = params
+        tensors = list(params.values())
         if name == "fedadam":
-            self.opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+            self.opt = torch.optim.Adam(tensors, lr=lr, betas=(0.9, 0.999), eps=1e-8)
         elif name == "fedadagrad":
-            self.opt = torch.optim.Adagrad(params, lr=lr, eps=1e-8)
+            self.opt = torch.optim.Adagrad(tensors, lr=lr, eps=1e-8)
         else:
-            self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum if name == "fedavgm" else 0.0)
+            self.opt = torch.optim.SGD(tensors, lr=lr, momentum=momentum if name == "fedavgm" else 0.0)
 
     def step(self, mean_delta: dict[str, torch.Tensor]) -> None:
-        """Move the items along the mean client change (its negative is the gradient)."""
-        for name, tensor in self.items.tensors().items():
-            tensor.grad = -mean_delta[name].to(tensor.dtype)
+        """Move the parameters along the mean client change (its negative is the gradient)."""
+        for name, tensor in self.params.items():
+            tensor.grad = -mean_delta[name].to(tensor.dtype).reshape(tensor.shape)
         self.opt.step()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The optimizer's state as named arrays (no pickle): 'p<param>.<name>'."""
+        out = {}
+        for index, state in self.opt.state_dict()["state"].items():
+            for name, value in state.items():
+                out[f"p{index}.{name}"] = torch.as_tensor(value).numpy()
+        return out
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        state_dict = self.opt.state_dict()
+        state: dict[int, dict] = {}
+        for key, value in arrays.items():
+            index, name = key[1:].split(".", 1)
+            state.setdefault(int(index), {})[name] = torch.as_tensor(value)
+        state_dict["state"] = state
+        self.opt.load_state_dict(state_dict)

@@ -1,0 +1,89 @@
+"""Everything a device does in a round, in one Flower-free function: the privacy pipeline around the
+algorithm's training.
+
+Check each user's participation cap, choose decoys, train the users a chunk at a time with each
+user's contribution clipped before it is summed, add the device's noise, shape the upload. The
+ClientApp, the audits and the tests all call `device_step`, so the code a privacy claim rests on
+exists once. A "device" may stand for a cohort of users (simulation); each user is still trained,
+clipped and noised on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedrec.models.algorithm import DECOYS, Algorithm, DeviceKeys, Sums, UserState
+from fedrec.models.randomness import private_key, private_rng
+from fedrec.models.train import put, take, train_cohort
+
+from .clip import clip
+from .decoys import choose, public_popularity
+from .upload import build_upload
+
+ROUNDS = "rounds"  # the users' state entry that counts the rounds each took part in (the participation cap)
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a device applies to its users' statistics before anything leaves it."""
+
+    update_mode: str = "dense"  # dense, sparse or padded (fedrec.privacy.upload)
+    pad_ratio: float = 1.0  # padded: decoy rows per rated row
+    clipping_norm: float = 0.0  # C: each user's whole contribution is clipped to this L2 norm (0: off)
+    noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
+    max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
+    reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
+    # Starting vectors and training negatives from OS entropy: where the run claims anything against the
+    # server (DP, SecAgg+, decoys). Seeded, the server regenerates every starting vector and reads each
+    # user's rated items and ratings out of a SecAgg+ sum (fedrec.audit.sum_recovery).
+    private_randomness: bool = False
+
+
+@dataclass
+class DeviceResult:
+    state: UserState  # the users' new private state (stays on the device)
+    upload: dict[str, np.ndarray]  # exactly what is sent
+    sums: Sums  # the clipped, un-noised sum behind it, with each user's norm (never sent; audits and tests)
+    took_part: np.ndarray  # [users] bool: False for users whose participation cap was reached
+
+
+def new_users(algorithm: Algorithm, users: np.ndarray, population: int, policy: DevicePolicy) -> UserState:
+    """Users' starting state, with their participation count."""
+    rng = private_rng("user-init") if policy.private_randomness else None
+    return {**algorithm.new_users(users, population, rng), ROUNDS: torch.zeros(len(users))}
+
+
+def device_step(algorithm: Algorithm, shared: dict[str, np.ndarray], state: UserState, rows, round_: int,
+                policy: DevicePolicy, seed: int) -> DeviceResult:
+    """One round on a device for the users of `rows` (whose private state is `state`)."""
+    took_part = np.ones(len(rows.users), bool)
+    if policy.max_rounds > 0:  # the device checks the cap itself, not only the server's sampler
+        took_part = state[ROUNDS].numpy() < policy.max_rounds
+        if not took_part.all():
+            rows = rows.subset(np.flatnonzero(took_part))
+    active = torch.as_tensor(np.flatnonzero(took_part))
+    tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
+    decoys = None
+    if policy.update_mode == "padded":
+        if DECOYS not in algorithm.admits:
+            raise ValueError(f"padded uploads cannot hide decoys under {algorithm.title}; use dense or sparse")
+        # keyed by round only: decoys separate users by their ids, so a user's decoys do not depend on who
+        # shares its node
+        key = private_key("decoys", policy.reproducible_seed, round_)
+        decoys = choose(rows.users, rows.train_segment, rows.train_item, algorithm.n_items, policy.pad_ratio, key,
+                        public_popularity(tensors, algorithm.n_items))
+    keys = DeviceKeys(algorithm.settings.seed, policy.private_randomness)
+    trained, sums = train_cohort(algorithm, tensors, take(state, active), rows, round_, keys,
+                                 lambda c: clip(c, policy.clipping_norm), decoys)
+    trained[ROUNDS] = trained[ROUNDS] + 1
+    state = {k: v.clone() for k, v in state.items()}
+    put(state, active, trained)
+    rng = None
+    if policy.noise_std > 0:
+        first_user = int(rows.users[0]) if len(rows.users) else 0  # nodes of one round must not share a stream
+        rng = private_rng("device-noise", policy.reproducible_seed, round_, first_user)
+    upload = build_upload(sums, algorithm.statistics(), policy.update_mode, policy.noise_std, rng)
+    return DeviceResult(state, upload, sums, took_part)
