@@ -15,18 +15,16 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.models import ItemParams, evaluate_rows
-from fedrec.models.device import DeviceResult, device_step
 from fedrec.models.metrics import add_sums
 from fedrec.models.randomness import dropped, private_rng
-from fedrec.models.recency import Recency
-from fedrec.models.upload import add_device_noise
+from fedrec.privacy.device import DeviceResult, device_step
+from fedrec.privacy.noise import add_device_noise
 from fedrec.run import schema
 from fedrec.run.build import device_policy
 from fedrec.run.config import RunConfig
 
 from . import controls, uploads
-from .node import load_state, node_data, save_state
+from .node import NodeData, load_state, node_data, save_state
 from .secure import is_secure_round, secure_reply, secure_train_mod
 from .storage import series_dir, state_root
 
@@ -50,9 +48,9 @@ def _config(msg: Message) -> RunConfig:
     return _run_config(msg.content[schema.CONFIG])
 
 
-def _items(msg: Message) -> ItemParams:
+def _shared(msg: Message) -> dict[str, np.ndarray]:
     record = msg.content[schema.ARRAYS]
-    return ItemParams.from_arrays({k: record[k].numpy() for k in schema.ITEM_ARRAYS})
+    return {k: record[k].numpy() for k in record.keys()}
 
 
 @app.query()
@@ -71,18 +69,18 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
     if is_secure_round(msg):  # a SecAgg+ round: FitIns in, a FitRes for the mod to mask out
-        return secure_reply(msg, lambda items, config: _train(items, config, context))
-    result, cfg = _train(_items(msg), msg.content[schema.CONFIG], context)
+        return secure_reply(msg, lambda shared, config: _train(shared, config, context))
+    result, cfg = _train(_shared(msg), msg.content[schema.CONFIG], context)
     metrics = {schema.WEIGHT: int(result.took_part.sum())}
     # Diagnostics only where they reveal nothing the upload does not: not under local DP (the
     # server is the adversary and they are not noised), not with decoys (the real row count).
     if cfg.dp != "local" and cfg.update_mode != "padded":
-        metrics |= {"loss-sum": result.update.loss_sum, "num-rows": result.update.num_rows}
+        metrics |= {"loss-sum": result.sums.loss_sum, "num-rows": result.sums.num_rows}
     return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in result.upload.items()}),
                                schema.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, RunConfig]:
+def _train(shared: dict[str, np.ndarray], config, context: Context) -> tuple[DeviceResult, RunConfig]:
     """One round of this node's sampled users (config: the round's ConfigRecord or dict)."""
     cfg = _run_config(config)
     node = node_data(cfg, context)
@@ -98,49 +96,50 @@ def _train(items: ItemParams, config, context: Context) -> tuple[DeviceResult, R
     if not len(sampled):
         if cfg.dp != "distributed":
             raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
-        return _noise_only(items, node.meta.n_items, node.hyper.upload_width, len(sent), policy, round_,
-                           int(sent[0])), cfg
+        return _noise_only(node, len(sent), policy, round_, int(sent[0])), cfg
     if len(np.unique(sampled)) != len(sampled):  # a user trained twice would upload twice its clipped update
         raise ValueError(f"round {round_}: the server sent a user more than once")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
     if len(sampled) and (positions.max() >= len(node.users) or not np.array_equal(node.users[positions], sampled)):
         raise ValueError(f"round {round_}: the server sampled users this node does not host")
     local = torch.as_tensor(positions)
-    result = device_step(items, state.take(local), node.shard.cohort(local.numpy()), node.meta.n_items, node.hyper,
-                         policy, round_)
+    result = device_step(node.algorithm, shared, {k: v[local] for k, v in state.items()}, node.shard.cohort(positions),
+                         round_, policy, cfg.seed)
     if cfg.dp == "distributed":  # users held back (dropout, consent, erasure, cap) still add their shares
-        _add_shares(result.upload, len(sent) - int(result.took_part.sum()), policy, round_, int(sent[0]))
-    state.put(local, result.state)
+        _add_shares(node, result.upload, len(sent) - int(result.took_part.sum()), policy, round_, int(sent[0]))
+    for name, value in result.state.items():
+        state[name][local] = value
     save_state(context, state, config, round_, positions, keep_bases=cfg.keep_checkpoints)
     if cfg.keep_checkpoints and state_root(context) and config.get(schema.SERIES):
         _log_uploads(context, config, round_, sampled[result.took_part], result, cfg.clipping_norm)
     return result, cfg
 
 
-def _add_shares(upload: dict, users: int, policy, round_: int, first_user: int) -> None:
+def _add_shares(node: NodeData, upload: dict, users: int, policy, round_: int, first_user: int) -> None:
     """Distributed DP: the noise shares of `users` held-back users (zero update each), added to a
     dense upload. The server counts every user it sent to a surviving node towards the noise the
     unmasked sum must carry, so each adds its share whether it trained or not."""
     if users > 0 and policy.noise_std > 0:
         rng = private_rng("device-noise", policy.reproducible_seed, round_, first_user, 1)  # not the trained stream
-        add_device_noise(upload, policy.noise_std, np.full(len(upload[schema.ITEM_ARRAYS[1]]), users), users, rng)
+        statistics = node.algorithm.statistics()
+        per_item = {name for name, s in statistics.items() if s.per_item}
+        add_device_noise(upload, policy.noise_std, np.full(node.meta.n_items, users), users, per_item, rng)
 
 
-def _noise_only(items: ItemParams, n_items: int, width: int, users: int, policy, round_: int,
-                first_user: int) -> DeviceResult:
+def _noise_only(node: NodeData, users: int, policy, round_: int, first_user: int) -> DeviceResult:
     """Distributed DP, no sampled user of the node trains: a zero update carrying their noise shares."""
-    upload = {k: np.zeros_like(v.numpy()) for k, v in items.tensors().items()}
-    upload[schema.ITEM_EMB] = np.zeros((n_items, width), np.float32)  # BPMF's statistics are wider than its items
-    _add_shares(upload, users, policy, round_, first_user)
+    upload = {name: np.zeros((node.meta.n_items, s.width) if s.per_item else (s.width,), np.float32)
+              for name, s in node.algorithm.statistics().items()}
+    _add_shares(node, upload, users, policy, round_, first_user)
     return DeviceResult(None, upload, None, np.zeros(0, bool))
 
 
 def _log_uploads(context: Context, config, round_: int, users: np.ndarray, result: DeviceResult,
                  clip_norm: float) -> None:
     """The device's own record of this round's uploads (uploads.py): kept with the run's device state."""
-    rows = np.bincount(result.update.pair_user.numpy(), minlength=len(users))
+    rows = np.bincount(torch.cat(result.sums.pair_user).numpy(), minlength=len(users))
     directory = series_dir(state_root(context), str(config[schema.SERIES]))
-    uploads.record(directory, round_, users, result.update.norms.numpy(), clip_norm, rows)
+    uploads.record(directory, round_, users, torch.cat(result.sums.norms).numpy(), clip_norm, rows)
 
 
 @app.evaluate()
@@ -150,15 +149,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[schema.CONFIG]
     node = node_data(cfg, context)
     state = load_state(context, node, cfg, config, up_to=int(config[schema.ROUND]))
-    items, sums = _items(msg), {}
+    model, sums = {k: torch.as_tensor(v) for k, v in _shared(msg).items()}, {}
     # opted out (from its opt-out round) or erased: nothing of the user leaves the device, not even sums
     scored = np.flatnonzero(~controls.withheld(state_root(context), node.users, int(config[schema.ROUND])))
     if not len(scored):  # a reply of zero users would tell the server its one user opted out: fail as if dead
         raise DeviceDropped(f"every sampled device of this node dropped out in round {int(config[schema.ROUND])}")
     for start in range(0, len(scored), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
         chunk = scored[start:start + EVAL_CHUNK]
-        add_sums(sums, evaluate_rows(items, state.take(torch.as_tensor(chunk)), node.shard.cohort(chunk),
-                                     cfg.implicit, cfg.top_k, node.meta.rating_scale, Recency.of(node.hyper)))
+        index = torch.as_tensor(chunk)
+        add_sums(sums, node.algorithm.evaluate(model, {k: v[index] for k, v in state.items()},
+                                               node.shard.cohort(chunk), cfg.top_k))
     metrics = MetricRecord({schema.WEIGHT: len(scored), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

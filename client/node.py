@@ -14,9 +14,9 @@ from flwr.app import Array, ArrayRecord, Context
 
 from fedrec.datasets import DataError
 from fedrec.datasets.shards import Shard, ShardMeta, node_name, open_shard
-from fedrec.models import Hyper, UserState
-from fedrec.models.randomness import private_rng
-from fedrec.run.build import SHARDS_ENV, data_key, ensure_shards, hyper
+from fedrec.models.algorithm import Algorithm, UserState
+from fedrec.privacy.device import ROUNDS, new_users
+from fedrec.run.build import SHARDS_ENV, data_key, device_policy, ensure_shards, make_algorithm
 from fedrec.run.config import RunConfig
 from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 
@@ -36,7 +36,7 @@ from .storage import (
 @dataclass(frozen=True)
 class NodeData:
     shard: Shard  # this node's users and their rows, memory-mapped
-    hyper: Hyper
+    algorithm: Algorithm
 
     @property
     def users(self) -> np.ndarray:  # global ids of the users this node hosts
@@ -62,7 +62,8 @@ def node_data(cfg: RunConfig, context: Context) -> NodeData:
             data_dir = str(context.node_config.get("data-dir", ""))
             shard_set = ensure_shards(dataclasses.replace(cfg, data_dir=data_dir, out="", resume=""), num_partitions)
         path = shard_set / node_name(partition_id)
-    return NodeData(_open(str(path), data_key(cfg)), hyper(cfg))
+    shard = _open(str(path), data_key(cfg))
+    return NodeData(shard, make_algorithm(cfg, shard.meta.n_items, shard.meta.rating_scale))
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,7 +100,7 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
         if STATE_KEY not in context.state:
             _keep(context, _new_state(node, cfg))
         record = context.state[STATE_KEY]
-        return UserState.from_arrays({k: record[k].numpy() for k in record.keys()})
+        return {k: torch.as_tensor(record[k].numpy()) for k in record.keys()}
     directory = series_dir(root, series)
     claim(directory, {"first_user": node.meta.first_user, "num_users": node.meta.num_users})
     if RESUMED_FROM in config:
@@ -107,17 +108,17 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
     held = _HELD.pop(str(directory), None)
     loaded = load(directory, up_to, held)
     if loaded is None:  # a device's first round in this series
-        arrays = _new_state(node, cfg).arrays()
-        start_steps(directory, arrays["step"])  # before the base: a crash in between cannot lose the cap
+        arrays = {k: v.numpy() for k, v in _new_state(node, cfg).items()}
+        start_steps(directory, arrays[ROUNDS])  # before the base: a crash in between cannot lose the cap
         loaded = (0, save_base(directory, 0, arrays), arrays)
     steps = rounds_taken(directory)
     if steps is None:
-        start_steps(directory, loaded[2]["step"])
-    elif cfg.dp in ("local", "distributed") and len(steps) == len(loaded[2]["step"]):
+        start_steps(directory, loaded[2][ROUNDS])
+    elif cfg.dp in ("local", "distributed") and len(steps) == len(loaded[2][ROUNDS]):
         # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
-        np.maximum(loaded[2]["step"], steps.astype(loaded[2]["step"].dtype), out=loaded[2]["step"])
+        np.maximum(loaded[2][ROUNDS], steps.astype(loaded[2][ROUNDS].dtype), out=loaded[2][ROUNDS])
     _hold(directory, loaded)
-    return UserState.from_arrays(loaded[2])  # shares memory with what is held: save_state records changes
+    return {k: torch.from_numpy(v) for k, v in loaded[2].items()}  # shares memory with what is held
 
 
 def save_state(context: Context, state: UserState, config, round_: int, positions: np.ndarray,
@@ -131,9 +132,10 @@ def save_state(context: Context, state: UserState, config, round_: int, position
         return
     directory = series_dir(root, series)
     held = _HELD.pop(str(directory), None)  # dropped if the write fails: the disk is the truth
-    rows = state.take(torch.as_tensor(positions)).arrays()
+    index = torch.as_tensor(positions)
+    rows = {k: v[index].numpy() for k, v in state.items()}
     name = save_delta(directory, round_, positions, rows, int(config.get(CHECKPOINT_ROUND, 0)), keep_bases)
-    _hold(directory, (round_, name, state.arrays() if held is None else held[2]))
+    _hold(directory, (round_, name, {k: v.numpy() for k, v in state.items()} if held is None else held[2]))
 
 
 def _hold(directory: Path, entry: tuple[int, str, dict]) -> None:
@@ -143,10 +145,9 @@ def _hold(directory: Path, entry: tuple[int, str, dict]) -> None:
 
 
 def _new_state(node: NodeData, cfg: RunConfig) -> UserState:
-    # --reproducible-noise keeps the seeded population matrix, as in non-private runs
-    private = private_rng("user-init") if cfg.private_device_randomness else None
-    return UserState.init(node.users, node.meta.population, node.hyper, private)
+    # private starting vectors where the run claims anything against the server (device_policy says)
+    return new_users(node.algorithm, node.users, node.meta.population, device_policy(cfg))
 
 
 def _keep(context: Context, state: UserState) -> None:
-    context.state[STATE_KEY] = ArrayRecord({k: Array(v) for k, v in state.arrays().items()})
+    context.state[STATE_KEY] = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})

@@ -3,7 +3,7 @@ handler returns.
 
 The mod speaks the legacy format (FitIns in, FitRes out), so a secure round's message is
 recognized by its SecAgg+ config record and answered with a FitRes whose parameters are
-the dense update (fedrec.run.secagg.SECURE_ORDER). Plain rounds pass by untouched.
+the dense statistics (fedrec.privacy.secagg.secure_order). Plain rounds pass by untouched.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedrec.models import ItemParams
+from fedrec.privacy.secagg import COUNT, secure_order
 from fedrec.run import schema
-from fedrec.run.secagg import COUNT, SECURE_ORDER
 
 FITINS_CONFIG, FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # the legacy format's FitIns records
 
@@ -39,11 +38,13 @@ def secure_reply(msg: Message, train: Callable) -> Message:
     """Train on the FitIns' model and reply with the dense update for the mod to mask."""
     # Read the FitIns records directly: compat's FitIns conversion refuses list values (the users).
     parameters = compat.arrayrecord_to_parameters(msg.content.array_records[FITINS_PARAMETERS], keep_input=True)
-    items = ItemParams.from_arrays(dict(zip(schema.ITEM_ARRAYS, parameters_to_ndarrays(parameters))))
-    result, cfg = train(items, msg.content.config_records[FITINS_CONFIG])
+    config = msg.content.config_records[FITINS_CONFIG]
+    shared = dict(zip(config[schema.SHARED_NAMES], parameters_to_ndarrays(parameters)))
+    result, cfg = train(shared, config)
     if cfg.update_mode != "dense":
         raise ValueError("secure aggregation sums dense uploads only")
-    vector = {k: result.upload[k] for k in schema.ITEM_ARRAYS}
+    vector = dict(result.upload)  # the algorithm's statistics, in its order (fedrec.privacy.secagg.secure_order)
     vector[COUNT] = np.array([result.took_part.sum() * cfg.clipping_norm], np.float64)
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector[k] for k in SECURE_ORDER]), 1, {})
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector[k] for k in secure_order(result.upload)]),
+                    1, {})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

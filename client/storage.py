@@ -33,7 +33,7 @@ from flwr.app import Context
 from .uploads import UPLOADS
 
 ENV_DIR = "FEDREC_DEVICE_STATE_DIR"
-FIELDS = ("emb", "bias", "m", "v", "step")
+ROUNDS = "rounds"  # the state entry counting each user's rounds (fedrec.privacy.device): the participation cap
 _BASE = re.compile(r"base-r(\d{6,})-([0-9a-f]{8})")
 _DELTA = re.compile(r"delta-r(\d{6,})-([0-9a-f]{8})\.npz")
 
@@ -76,8 +76,8 @@ def save_base(directory: Path, round_: int, arrays: dict[str, np.ndarray]) -> st
     name = f"base-r{round_:06d}-{secrets.token_hex(4)}"
     tmp = directory / f".{name}.tmp"
     tmp.mkdir()
-    for key in FIELDS:
-        np.save(tmp / f"{key}.npy", arrays[key], allow_pickle=False)
+    for key, value in arrays.items():  # the algorithm's state entries, whatever they are
+        np.save(tmp / f"{key}.npy", value, allow_pickle=False)
     os.replace(tmp, directory / name)
     for old in _entries(directory, _BASE):  # one base per round
         if old[0] == round_ and old[2] != name:
@@ -95,12 +95,12 @@ def save_delta(directory: Path, round_: int, positions: np.ndarray, rows: dict[s
     name = f"delta-r{round_:06d}-{secrets.token_hex(4)}.npz"
     tmp = directory / f".{name}.tmp"
     with open(tmp, "wb") as handle:
-        np.savez(handle, positions=positions, **{k: rows[k] for k in FIELDS})
+        np.savez(handle, positions=positions, **rows)
     os.replace(tmp, directory / name)
     for old_round, _, old in _entries(directory, _DELTA):  # a round trained again replaces its delta
         if old_round == round_ and old != name:
             _remove(directory / old)
-    _update_steps(directory, positions, rows["step"])
+    _update_steps(directory, positions, rows[ROUNDS])
     _compact(directory, keep_from, keep_bases)
     return name
 
@@ -118,14 +118,15 @@ def load(directory: Path, up_to: int, have: tuple[int, str, dict] | None = None)
         round_, _, name = max(bases)
         # copy-on-write map: a process reads (and privately changes) only the users it touches,
         # so a node's state is not read whole each time another engine worker takes the node over
-        current = (round_, name, {k: np.load(directory / name / f"{k}.npy", mmap_mode="c", allow_pickle=False)
-                                  for k in FIELDS})
+        current = (round_, name, {p.stem: np.load(p, mmap_mode="c", allow_pickle=False)
+                                  for p in sorted((directory / name).glob("*.npy"))})
     round_, name, arrays = current
     for delta_round, _, delta in sorted(deltas):
         if delta_round > round_:
             with np.load(directory / delta, allow_pickle=False) as data:
-                for key in FIELDS:
-                    arrays[key][data["positions"]] = data[key]
+                for key in data.files:
+                    if key != "positions":
+                        arrays[key][data["positions"]] = data[key]
             round_, name = delta_round, delta
     return round_, name, arrays
 
@@ -151,8 +152,8 @@ def discard_after(root: Path, series: str, resumed: str) -> None:
 
 
 def rounds_taken(directory: Path) -> np.ndarray | None:
-    """Per user, the most local steps the device ever saved: never goes back on a resume, so the
-    participation cap holds across crashes."""
+    """Per user, the most rounds the device ever saved it took part in: never goes back on a resume, so
+    the participation cap holds across crashes."""
     path = directory / "steps.npy"
     return np.load(path, allow_pickle=False) if path.is_file() else None
 
@@ -198,8 +199,8 @@ def erase_position(directory: Path, position: int) -> None:
     """Zero the state rows of the user at `position` in every base, drop them from every
     delta, and zero its step count: nothing of its private state is left in the journal."""
     for _, _, name in _entries(directory, _BASE):
-        for key in FIELDS:
-            array = np.load(directory / name / f"{key}.npy", mmap_mode="r+", allow_pickle=False)
+        for path in sorted((directory / name).glob("*.npy")):
+            array = np.load(path, mmap_mode="r+", allow_pickle=False)
             array[position] = 0
             array.flush()
             del array

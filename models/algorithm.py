@@ -7,7 +7,7 @@ An algorithm says four things (after pfl-research's FederatedAlgorithm, and Flow
 - how the server turns the sum of those statistics into the next shared state: `server_step`
   on a `ServerState` that also says what is broadcast for training and what is the model;
 - how a device scores its own held-out rows and refits itself for recommendations;
-- which privacy mechanisms its statistics admit (`admits`).
+- which privacy mechanisms its statistics do not admit, and why (`refuses`).
 Privacy is a pipeline over `Contributions` and their sums (fedrec.privacy): it clips each user's
 share, adds noise, quantizes and accounts, and never looks inside an algorithm; an algorithm
 never adds noise itself. Nothing here imports Flower.
@@ -46,36 +46,57 @@ class Statistic:
     per_item: bool = True
 
 
+class Contributions(ABC):
+    """A batch of users' statistics before privacy: each user's own, so that fedrec.privacy can bound each
+    user's share of what is summed. `pair_user`/`pair_item` list the distinct (user, item) pairs the users
+    touched (what a sparse upload lists). RowContributions holds them row by row; an algorithm whose
+    statistics have structure (BPMF's g g^T) may compute norms and scaled sums without materialising rows."""
+
+    num_users: int
+    pair_user: torch.Tensor
+    pair_item: torch.Tensor
+    loss_sum: float = 0.0  # diagnostics of a non-private run: training loss over the real rows
+    num_rows: int = 0
+
+    @abstractmethod
+    def user_norms(self) -> torch.Tensor:
+        """[users] float64: the L2 norm of each user's whole contribution (every statistic)."""
+
+    @abstractmethod
+    def summed(self, scale: torch.Tensor, statistics: dict[str, Statistic], n_items: int) -> dict[str, torch.Tensor]:
+        """The sum over users of each user's statistics times its factor `scale` [users] (float64):
+        per-item statistics as [n_items, width], global ones as [width]."""
+
+
 @dataclass
-class Contributions:
-    """A batch of users' statistics before privacy: each user's own, so that fedrec.privacy can bound
-    each user's share of what is summed. Rows are distinct (user, item) pairs."""
+class RowContributions(Contributions):
+    """Contributions held row by row: per (user, item) pair, and per user for the global statistics."""
 
     num_users: int
     pair_user: torch.Tensor  # [pairs] user position of each row
     pair_item: torch.Tensor  # [pairs] item of each row
     rows: dict[str, torch.Tensor]  # per-item statistics: name -> [pairs, width]
     totals: dict[str, torch.Tensor]  # global statistics: name -> [users, width]
-    loss_sum: float = 0.0  # diagnostics of a non-private run: training loss over the real rows
+    loss_sum: float = 0.0
     num_rows: int = 0
 
-    def scaled(self, scale: torch.Tensor) -> Contributions:
-        """Every user's statistics times its factor `scale` [users] (what clipping applies)."""
-        row_scale = scale[self.pair_user][:, None]
-        return Contributions(self.num_users, self.pair_user, self.pair_item,
-                             {k: v * row_scale.to(v.dtype) for k, v in self.rows.items()},
-                             {k: v * scale[:, None].to(v.dtype) for k, v in self.totals.items()},
-                             self.loss_sum, self.num_rows)
-
     def user_norms(self) -> torch.Tensor:
-        """[users] L2 norm of each user's whole contribution, accumulated in float64."""
         sq = torch.zeros(self.num_users, dtype=torch.float64)
         for value in self.rows.values():
-            row_sq = torch.linalg.vector_norm(value, dim=1, dtype=torch.float64).square()
-            sq.index_add_(0, self.pair_user, row_sq)
+            sq.index_add_(0, self.pair_user, torch.linalg.vector_norm(value, dim=1, dtype=torch.float64).square())
         for value in self.totals.values():
             sq += torch.linalg.vector_norm(value, dim=1, dtype=torch.float64).square()
         return sq.sqrt()
+
+    def summed(self, scale, statistics, n_items):
+        row_scale = scale.to(torch.float32)[self.pair_user][:, None]
+        out = {}
+        for name, value in self.rows.items():  # scaled in float32 as they are sent, summed in float64
+            out[name] = torch.zeros(n_items, value.shape[1], dtype=torch.float64).index_add_(
+                0, self.pair_item, (value * row_scale).double())
+        for name, value in self.totals.items():
+            out[name] = (value * scale.to(torch.float32)[:, None]).double().sum(dim=0)
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,7 @@ class Decoys:
 
 @dataclass
 class Sums:
-    """Statistics summed over users: per-item arrays [items, width] and global rows [width]."""
+    """Statistics summed over users: per-item arrays [items, width] and global rows [width], float64."""
 
     arrays: dict[str, torch.Tensor]
     num_users: int = 0
@@ -102,18 +123,19 @@ class Sums:
 
     @staticmethod
     def zeros(statistics: dict[str, Statistic], n_items: int) -> Sums:
-        return Sums({name: torch.zeros((n_items, s.width) if s.per_item else (s.width,))
+        return Sums({name: torch.zeros((n_items, s.width) if s.per_item else (s.width,), dtype=torch.float64)
                      for name, s in statistics.items()})
 
-    def add(self, part: Contributions, offset: int = 0) -> None:
-        """Add a (clipped) batch; `offset`: its first user's position in the whole cohort."""
-        for name, value in part.rows.items():
-            self.arrays[name].index_add_(0, part.pair_item, value.to(self.arrays[name].dtype))
-        for name, value in part.totals.items():
-            self.arrays[name] += value.sum(dim=0).to(self.arrays[name].dtype)
+    def add(self, part: Contributions, scale: torch.Tensor, norms: torch.Tensor, statistics: dict[str, Statistic],
+            offset: int = 0) -> None:
+        """Add a batch whose users are scaled by `scale` (clipping); `offset`: its first user's position."""
+        n_items = next((v.shape[0] for v in self.arrays.values() if v.ndim == 2), 0)
+        for name, value in part.summed(scale, statistics, n_items).items():
+            self.arrays[name] += value
         self.num_users += part.num_users
         self.loss_sum += part.loss_sum
         self.num_rows += part.num_rows
+        self.norms.append(norms.float())
         self.pair_item.append(part.pair_item)
         self.pair_user.append(part.pair_user + offset)
 
@@ -147,7 +169,8 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
     title: ClassVar[str]  # what reports call it, e.g. "biased MF"
-    admits: ClassVar[frozenset[str]]
+    refuses: ClassVar[dict[str, str]] = {}  # privacy mechanisms (MECHANISMS) its statistics do not admit, and why
+    settings_read: ClassVar[frozenset[str]]  # the model settings it reads (others are moot with it)
     implicit_feedback: ClassVar[bool] = True  # does it model leave-one-out (implicit) data too?
     # Replies of honest users have comparable norms, so a norm far above the round's median is hostile
     # (--robust-aggregation norm-bound). False where a heavy user's honest statistics grow with its ratings.

@@ -15,30 +15,100 @@ One round is one Gibbs sweep:
 What is evaluated, saved and served is the mean of the samples after `burn_in` rounds, on both
 sides (parameter averaging: 0.9068 on u1 against 0.9066 for averaging predictions).
 
-The statistics travel in the arrays an MF update uses (ITEM_EMB: the triangle and alpha r~ p_u;
-ITEM_BIAS: alpha r~), so upload modes and per-user clipping act on them unchanged. What they
-give away: one user's g g^T has last column (p_u, 1), so a single upload holds the user's vector
-and each rating up to b_u; and an item's sum over its raters is a matrix of rank = its rater
-count spanned by their g's, from which a red-team review read a third of ML-100K's users out of
-one SecAgg+ sum. DP noise, in turn, is more than this chain takes at a useful epsilon. So BPMF
-runs without DP or SecAgg+ (run/config.py refuses both): a trusted aggregator's model.
+The statistics travel as "item-gram" (the triangles) and "item-rhs" (alpha t g). What they give
+away: one user's g g^T has last column (p_u, 1), so a single upload holds the user's vector and each
+rating up to b_u; and an item's sum over its raters is a matrix of rank = its rater count spanned by
+their g's, from which a review read a third of ML-100K's users out of one SecAgg+ sum. DP noise, in
+turn, is more than this chain takes at a useful epsilon. So BPMF admits no privacy mechanism (its
+`refuses` says why, for each): a trusted aggregator's model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import scipy.sparse
 import torch
 
-from .local import USERS_PER_CHUNK, LocalUpdate, clip_per_user
-from .mf import Hyper, ItemParams, UserState
-from .randomness import mix64, uniform01
+from .algorithm import (
+    CLIPPING,
+    DECOYS,
+    DP,
+    PARTIAL,
+    SECURE_AGGREGATION,
+    Algorithm,
+    Contributions,
+    DeviceKeys,
+    ServerState,
+    Statistic,
+    UserState,
+)
+from .factors import (
+    GLOBAL_BIAS,
+    ITEM_BIAS,
+    ITEM_EMB,
+    ItemParams,
+    Users,
+    evaluate_view,
+    init_items,
+    initial_global_bias,
+    ridge_fit,
+    seeded_vectors,
+    top_n,
+)
+from .randomness import mix64, seeded_rng, uniform01
+from .settings import Hyper
+
+ITEM_GRAM, ITEM_RHS = "item-gram", "item-rhs"
+RESIDUAL_SPANS = 10.0
+"""A residual r - mu - b_u beyond this many rating spans would need a user bias tens of prior standard
+deviations out: the consistency check's bound on what honest statistics carry."""
 
 # Normal-Wishart hyperprior of the items (the paper's choice): mean 0, beta0 = 2, nu0 = K + 1, W0 = I.
 PRIOR_BETA = 2.0
 
 
-def _triangle(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.as_tensor(t) for t in np.triu_indices(dim + 1))
+def _upper(g: np.ndarray) -> np.ndarray:
+    """[rows, w (w + 1) / 2]: the upper triangle of each row's g g^T, in np.triu_indices' order."""
+    i, j = np.triu_indices(g.shape[1])
+    return g[:, i] * g[:, j]
+
+
+def _symmetric(upper: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, width, width]: the symmetric matrices whose upper triangles are the rows of `upper`."""
+    i, j = np.triu_indices(width)
+    position = np.empty((width, width), np.int64)
+    position[i, j] = position[j, i] = np.arange(len(i))  # entry (a, b) of a matrix is its triangle's entry here
+    return upper.double()[:, torch.as_tensor(position.ravel())].reshape(-1, width, width)
+
+
+def _with_ones(emb: torch.Tensor) -> np.ndarray:
+    """(v, 1) for each row v of `emb`, in float64."""
+    return np.concatenate([emb.double().numpy(), np.ones((emb.shape[0], 1))], axis=1)
+
+
+class _Rows:
+    """A batch's rating rows grouped by user, summed by segment as sparse products in both directions:
+    per user, its rows' weights times their items' vectors; per item, its rows' weights times their
+    users' vectors. Since g g^T depends on the item alone on the user's side, and on the user alone on
+    the item's, no (K + 1)^2 array per row is built."""
+
+    def __init__(self, segment, item, n_users: int, n_items: int):
+        segment = np.asarray(segment, dtype=np.int64)
+        self.order = np.argsort(segment, kind="stable")  # linear where rows come grouped, as a cohort's do
+        self.segment, self.item = segment[self.order], np.asarray(item, dtype=np.int64)[self.order]
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(segment, minlength=n_users))])
+        self.shape = (n_users, n_items)
+
+    def _matrix(self, weight: np.ndarray) -> scipy.sparse.csr_array:
+        return scipy.sparse.csr_array((weight, self.item, self.indptr), shape=self.shape)
+
+    def per_user(self, weight: np.ndarray, of_item: np.ndarray) -> np.ndarray:
+        return self._matrix(weight) @ of_item
+
+    def per_item(self, weight: np.ndarray, of_user: np.ndarray) -> np.ndarray:
+        return self._matrix(weight).T @ of_user
 
 
 def normal_draws(users: np.ndarray, count: int, key: int) -> torch.Tensor:
@@ -73,88 +143,87 @@ def _gaussian(precision: torch.Tensor, rhs: torch.Tensor, z: torch.Tensor) -> to
     return (vectors @ inside[..., None])[..., 0]
 
 
+@dataclass
+class _Batch:
+    """A batch's rating rows grouped by user, and the per-user sums its users' conditionals need:
+    with g = (q_i, 1), gram = sum of g g^T (upper triangles) and rhs = sum of (r - mu - c_i) g."""
+
+    rows: _Rows
+    centred: np.ndarray  # r - mu of each row, in `rows`' order
+    residual: np.ndarray  # r - mu - c_i
+    gram: np.ndarray  # [users, (dim + 1) (dim + 2) / 2]
+    rhs: np.ndarray  # [users, dim + 1]
+
+
+def _batch(items: ItemParams, segment, item, rating, n_users: int) -> _Batch:
+    rows = _Rows(segment, item, n_users, items.emb.shape[0])
+    g = _with_ones(items.emb)  # (q_i, 1) of every item
+    centred = np.asarray(rating, np.float64)[rows.order] - float(items.global_bias)
+    residual = centred - items.bias.double().numpy()[rows.item]
+    return _Batch(rows, centred, residual, rows.per_user(np.ones(len(residual)), _upper(g)),
+                  rows.per_user(residual, g))
+
+
+def _draw(batch: _Batch, users: np.ndarray, hyper: Hyper, key: int) -> torch.Tensor:
+    dim, alpha = hyper.dim, hyper.bpmf_alpha
+    prior = torch.tensor([hyper.reg_user] * dim + [hyper.reg_bias], dtype=torch.float64)
+    precision = torch.diag(prior) + _symmetric(torch.as_tensor(alpha * batch.gram), dim + 1)
+    return _gaussian(precision, torch.as_tensor(alpha * batch.rhs), normal_draws(users, dim + 1, key))
+
+
 def draw_users(items: ItemParams, segment: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
                users: np.ndarray, hyper: Hyper, key: int) -> torch.Tensor:
     """[users, dim + 1] draws of (p_u, b_u) from each user's conditional given the items."""
-    n, dim = len(users), hyper.dim
-    g = torch.cat([items.emb[item].double(), torch.ones(len(item), 1, dtype=torch.float64)], dim=1)
-    residual = rating.double() - items.global_bias.double() - items.bias[item].double()
-    prior = torch.tensor([hyper.reg_user] * dim + [hyper.reg_bias], dtype=torch.float64)
-    precision = torch.diag(prior).expand(n, dim + 1, dim + 1).clone()
-    precision.index_add_(0, segment, hyper.bpmf_alpha * g[:, :, None] * g[:, None, :])
-    rhs = torch.zeros(n, dim + 1, dtype=torch.float64).index_add_(0, segment, hyper.bpmf_alpha * residual[:, None] * g)
-    return _gaussian(precision, rhs, normal_draws(users, dim + 1, key))
+    return _draw(_batch(items, segment, item, rating, len(users)), users, hyper, key)
 
 
-def user_statistics(items: ItemParams, x: torch.Tensor, segment: torch.Tensor, item: torch.Tensor,
-                    rating: torch.Tensor, hyper: Hyper, clip_norm: float) -> LocalUpdate:
-    """The users' summed item statistics for their rated rows (each (user, item) once), each
-    user's whole statistics vector clipped to L2 norm `clip_norm` first (0: off)."""
-    dim, n_items = hyper.dim, items.emb.shape[0]
-    upper = _triangle(dim)
-    g = torch.cat([x[segment, :dim], torch.ones(len(segment), 1, dtype=x.dtype)], dim=1)
-    outer = (g[:, :, None] * g[:, None, :])[:, upper[0], upper[1]]
-    target = rating.double() - items.global_bias.double() - x[segment, dim]  # what the item's (q_i, c_i) explains
-    residual = target - items.bias[item].double() - (x[segment, :dim] * items.emb[item].double()).sum(dim=1)
-    alpha = hyper.bpmf_alpha
-    rows = torch.cat([alpha * outer, alpha * target[:, None] * g[:, :dim]], dim=1).float()
-    row_bias = (alpha * target).float()
-    n = x.shape[0]
-    rows, row_bias, _, norms = clip_per_user(segment, rows, row_bias, torch.zeros(n), clip_norm)
-    loss = float((residual ** 2).sum())
-    return LocalUpdate(emb_delta=torch.zeros(n_items, rows.shape[1]).index_add_(0, item, rows),
-                       bias_delta=torch.zeros(n_items).index_add_(0, item, row_bias),
-                       global_bias_delta=torch.zeros(1), num_users=n, loss_sum=loss, num_rows=len(item),
-                       norms=norms, pair_item=item, pair_user=segment)
+class BPMFContributions(Contributions):
+    """A batch's statistics, kept factored: a row uploads (alpha tri(g g^T)) and alpha t g, with g = (p_u, 1)
+    the same on all of a user's rows and t = r - mu - b_u, so the per-item sums are sparse products with
+    per-user vectors, and a user's norm follows from its row count and its sum of t^2 (no (K + 1)^2 array
+    per row is built)."""
+
+    def __init__(self, batch: _Batch, x: torch.Tensor, hyper: Hyper):
+        dim, n, rows = hyper.dim, x.shape[0], batch.rows
+        self.alpha, self.rows, self.dim = hyper.bpmf_alpha, rows, dim
+        x64 = x.double().numpy()
+        self.g = np.concatenate([x64[:, :dim], np.ones((n, 1))], axis=1)
+        self.target = batch.centred - x64[rows.segment, dim]  # what the item's (q_i, c_i) explains
+        self.num_users, self.num_rows = n, len(self.target)
+        self.pair_user, self.pair_item = torch.as_tensor(rows.segment), torch.as_tensor(rows.item)
+        # sum of (r - mu - c_i - (q_i, 1).x_u)^2 over a user's rows, from the sums its draw used
+        i, j = np.triu_indices(dim + 1)
+        loss = ((batch.residual ** 2).sum() - 2 * (x64 * batch.rhs).sum()
+                + (batch.gram * _upper(x64) * np.where(i == j, 1.0, 2.0)).sum())  # x^T gram x, off-diagonals twice
+        self.loss_sum = max(float(loss), 0.0)  # a perfect fit may round below 0
+
+    def user_norms(self) -> torch.Tensor:
+        upper = _upper(self.g)
+        target_sq = np.bincount(self.rows.segment, weights=self.target ** 2, minlength=self.num_users)
+        counts = np.diff(self.rows.indptr)
+        return torch.as_tensor(self.alpha * np.sqrt(counts * (upper ** 2).sum(axis=1)
+                                                    + target_sq * (self.g ** 2).sum(axis=1)))
+
+    def summed(self, scale, statistics, n_items):
+        scale = scale.double().numpy()
+        gram = self.rows.per_item(np.ones(self.num_rows), self.alpha * scale[:, None] * _upper(self.g))
+        rhs = self.rows.per_item(self.alpha * self.target, scale[:, None] * self.g)
+        return {ITEM_GRAM: torch.as_tensor(gram), ITEM_RHS: torch.as_tensor(rhs)}
 
 
-def averaged_state(state: UserState, x: torch.Tensor, round_: int, hyper: Hyper) -> UserState:
-    """The users' state after drawing x: emb and bias hold what the device scores with (the latest
-    draw during burn-in, then the running mean of the draws), v[:, 0] the draws averaged, step the
-    rounds taken (for the participation cap, as under MF)."""
-    dim = hyper.dim
-    count = state.v[:, 0].clone()
-    mean = torch.cat([state.emb, state.bias[:, None]], dim=1).double()
-    if round_ > hyper.burn_in:
+def averaged_state(state: UserState, x: torch.Tensor, round_: int, burn_in: int) -> UserState:
+    """The users' state after drawing x: emb and bias hold what the device scores with (the latest draw
+    during burn-in, then the running mean of the draws), `draws` how many draws the mean holds."""
+    dim = x.shape[1] - 1
+    count = state["draws"].clone()
+    mean = torch.cat([state["emb"], state["bias"][:, None]], dim=1).double()
+    if round_ > burn_in:
         count += 1
         mean = mean + (x - mean) / count[:, None].double()
     else:
         mean = x
-    v = state.v.clone()
-    v[:, 0] = count
     mean = mean.float()
-    return UserState(mean[:, :dim].contiguous(), mean[:, dim].contiguous(), state.m.clone(), v,
-                     state.step + hyper.local_epochs)
-
-
-def device_draw(items: ItemParams, state: UserState, rows, hyper: Hyper, clip_norm: float, round_: int,
-                key: int) -> tuple[UserState, LocalUpdate]:
-    """A device's round for the users of `rows`: draw, average, and their clipped statistics,
-    USERS_PER_CHUNK users at a time (a row's outer product is (dim + 1)^2 floats)."""
-    segment = torch.as_tensor(rows.train_segment)
-    order = torch.argsort(segment, stable=True)
-    n = len(rows.users)
-    bounds = torch.searchsorted(segment[order], torch.arange(0, n + USERS_PER_CHUNK, USERS_PER_CHUNK).clamp(max=n))
-    states, updates = [], []
-    for k, lo in enumerate(range(0, max(n, 1), USERS_PER_CHUNK)):
-        picked = order[bounds[k]:bounds[k + 1]]
-        seg, item = segment[picked] - lo, torch.as_tensor(rows.train_item)[picked]
-        rating = torch.as_tensor(rows.train_rating, dtype=torch.float64)[picked]
-        users = np.arange(lo, min(n, lo + USERS_PER_CHUNK))
-        x = draw_users(items, seg, item, rating, rows.users[users], hyper, key)
-        states.append(averaged_state(state.take(torch.as_tensor(users)), x, round_, hyper))
-        update = user_statistics(items, x, seg, item, rating, hyper, clip_norm)
-        update.pair_user += lo
-        updates.append(update)
-    first = updates[0]
-    for other in updates[1:]:
-        first.emb_delta += other.emb_delta
-        first.bias_delta += other.bias_delta
-    return (UserState(*(torch.cat([getattr(s, f) for s in states]) for f in ("emb", "bias", "m", "v", "step"))),
-            LocalUpdate(first.emb_delta, first.bias_delta, first.global_bias_delta, n,
-                        sum(u.loss_sum for u in updates), sum(u.num_rows for u in updates),
-                        torch.cat([u.norms for u in updates]), torch.cat([u.pair_item for u in updates]),
-                        torch.cat([u.pair_user for u in updates])))
+    return {**state, "emb": mean[:, :dim].contiguous(), "bias": mean[:, dim].contiguous(), "draws": count}
 
 
 def draw_item_prior(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,15 +251,7 @@ def _wishart(df: float, scale: torch.Tensor, rng: np.random.Generator) -> torch.
     return factor @ factor.T
 
 
-def item_matrices(emb: torch.Tensor, dim: int) -> torch.Tensor:
-    """[items, dim + 1, dim + 1]: the summed alpha g g^T of each item, from its upper triangle in `emb`."""
-    upper = _triangle(dim)
-    outer = torch.zeros(emb.shape[0], dim + 1, dim + 1, dtype=torch.float64)
-    outer[:, upper[0], upper[1]] = torch.as_tensor(emb)[:, :upper[0].numel()].double()
-    return outer + outer.mT - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
-
-
-def inconsistent_items(emb: torch.Tensor, bias: torch.Tensor, dim: int, alpha: float, users: float,
+def inconsistent_items(gram: torch.Tensor, rhs: torch.Tensor, dim: int, alpha: float, users: float,
                        max_residual: float) -> tuple[torch.Tensor, str]:
     """Items whose uploaded statistics no `users` honest users could sum to, and why (red-team findings).
 
@@ -199,45 +260,72 @@ def inconsistent_items(emb: torch.Tensor, bias: torch.Tensor, dim: int, alpha: f
     corner x max t^2 (Cauchy-Schwarz). Per-user clipping scales a user's M and b alike and keeps all
     three. Without them one node could cancel the honest raters' precision (negative M), send a
     right-hand side with no precision behind it, or scale its statistics far past its user count."""
-    matrices = item_matrices(emb, dim)
-    rhs = torch.cat([torch.as_tensor(emb)[:, -dim:].double(), torch.as_tensor(bias)[:, None].double()], dim=1)
-    values, vectors = torch.linalg.eigh(matrices)
+    matrices = _symmetric(torch.as_tensor(gram).double(), dim + 1)
+    rhs = torch.as_tensor(rhs).double()
     scale = torch.diagonal(matrices, dim1=1, dim2=2).abs().sum(dim=1) + 1e-30
     corner = matrices[:, dim, dim]
-    checks = (("its g g^T is not positive semi-definite", values[:, 0] < -1e-5 * scale),
-              (f"its g g^T counts more than the reply's {users:g} user(s)", corner > alpha * users * (1 + 1e-5)))
+    # b^T M^+ b, with M's eigenvalues floored at float32 rounding: an honest b has little along a direction
+    # M barely spans (it is made of the same g's), a right-hand side sent without its g g^T has everything
+    floor = 1e-6 * scale
+    limit = corner * max_residual ** 2 * (1 + 1e-3) + 1e-6
+    # Most items need no eigenvalues: a Cholesky factor of M + floor I exists only if M's eigenvalues pass
+    # -floor (then M passes the first test), and b^T (M + floor I)^-1 b is then at least half the floored
+    # energy (max(v, floor) >= (v + floor) / 2). Items it does not clear get the eigendecomposition.
+    chol, failed = torch.linalg.cholesky_ex(matrices + floor[:, None, None] * torch.eye(dim + 1, dtype=torch.float64))
+    bound = 2 * (1 + 1e-6) * (rhs * torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]).sum(dim=1)
+    unsure = torch.nonzero((failed != 0) | ~(bound <= limit))[:, 0]
+    smallest, energy = torch.zeros(len(scale), dtype=torch.float64), torch.zeros(len(scale), dtype=torch.float64)
+    if len(unsure):
+        values, vectors = torch.linalg.eigh(matrices[unsure])
+        smallest[unsure] = values[:, 0]
+        along = (vectors.mT @ rhs[unsure, :, None])[:, :, 0]
+        energy[unsure] = (along ** 2 / values.clamp(min=floor[unsure, None])).sum(dim=1)
+    checks = (("its g g^T is not positive semi-definite", smallest < -1e-5 * scale),
+              (f"its g g^T counts more than the reply's {users:g} user(s)", corner > alpha * users * (1 + 1e-5)),
+              (f"its right-hand side is more than its g g^T carries (residuals beyond {max_residual:g} stars, or "
+               "outside its range)", energy > limit))
     for why, bad in checks:
         if bool(bad.any()):
             return torch.nonzero(bad)[:, 0], why
-    # b^T M^+ b, with M's eigenvalues floored at float32 rounding: an honest b has little along a direction
-    # M barely spans (it is made of the same g's), a right-hand side sent without its g g^T has everything
-    along = (vectors.mT @ rhs[:, :, None])[:, :, 0]
-    energy = (along ** 2 / values.clamp(min=1e-6 * scale[:, None])).sum(dim=1)
-    excess = energy > corner * max_residual ** 2 * (1 + 1e-3) + 1e-6
-    if bool(excess.any()):
-        return torch.nonzero(excess)[:, 0], (f"its right-hand side is more than its g g^T carries (residuals "
-                                             f"beyond {max_residual:g} stars, or outside its range)")
     return torch.zeros(0, dtype=torch.long), ""
 
 
-def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tensor, hyper: Hyper,
+PSD_SLACK = 1e-8
+"""_psd leaves a matrix as it is where its eigenvalues are above -PSD_SLACK x its trace. An honest sum's
+negative eigenvalues are the float32 rounding of its uploads (each entry's 6e-8, so at most about
+6e-8 x the trace; 2.5e-8 at most on ML-100K u1, on a third of the items): projecting them away moves
+the draw no more than that rounding did, and costs an eigendecomposition of every item."""
+
+
+def _psd(matrices: torch.Tensor) -> torch.Tensor:
+    """The symmetric `matrices` projected onto the positive semi-definite cone (those within
+    PSD_SLACK of it, shown by a Cholesky factor of M + PSD_SLACK trace(M) I, as they are)."""
+    shift = PSD_SLACK * torch.diagonal(matrices, dim1=1, dim2=2).sum(dim=1).abs() + 1e-300
+    _, failed = torch.linalg.cholesky_ex(matrices + shift[:, None, None] * torch.eye(matrices.shape[1],
+                                                                                     dtype=matrices.dtype))
+    outside = torch.nonzero(failed)[:, 0]
+    if len(outside) == 0:
+        return matrices
+    values, vectors = torch.linalg.eigh(matrices[outside])
+    matrices = matrices.clone()
+    matrices[outside] = (vectors * values.clamp(min=0)[:, None, :]) @ vectors.mT
+    return matrices
+
+
+def draw_items(current: ItemParams, gram: torch.Tensor, rhs_sum: torch.Tensor, hyper: Hyper,
                rng: np.random.Generator) -> ItemParams:
     """The next item sample given the summed statistics (float64 sums of every user's upload)."""
     dim, n_items = hyper.dim, current.emb.shape[0]
     x = torch.cat([current.emb.double(), current.bias[:, None].double()], dim=1)
     prior_mean, prior_precision = draw_item_prior(x, rng)
-    upper = _triangle(dim)
-    outer = item_matrices(emb_sum, dim)
+    outer = _symmetric(torch.as_tensor(gram).double(), dim + 1)
     # Noise (DP) can make the summed g g^T indefinite; an honest sum is positive semi-definite, so it is
-    # projected onto that cone, and the precision's eigenvalues kept at least the prior's smallest (Weyl:
-    # an honest sum never goes below it). Both are post-processing; eigenvectors instead of a Cholesky
-    # factor, so that no reply, however large, can make the draw fail.
-    values, vectors = torch.linalg.eigh(outer)
-    outer = (vectors * values.clamp(min=0)[:, None, :]) @ vectors.mT
-    values, vectors = torch.linalg.eigh(prior_precision + outer)
+    # projected onto that cone (_psd), and the precision's eigenvalues kept at least the prior's smallest
+    # (Weyl: an honest sum never goes below it). Both are post-processing; eigenvectors instead of a
+    # Cholesky factor, so that no reply, however large, can make the draw fail.
+    values, vectors = torch.linalg.eigh(prior_precision + _psd(outer))
     values = values.clamp(min=float(torch.linalg.eigvalsh(prior_precision)[0]))
-    rhs = prior_precision @ prior_mean + torch.cat([emb_sum[:, upper[0].numel():].double(),
-                                                    bias_sum[:, None].double()], dim=1)
+    rhs = prior_precision @ prior_mean + torch.as_tensor(rhs_sum).double()
     z = torch.as_tensor(rng.standard_normal((n_items, dim + 1)))
     # in the eigenbasis; z is rotated into it too, so the draw does not depend on the eigenvectors' signs
     # (it must move little when the sums do: central and federated sum in different orders)
@@ -247,36 +335,106 @@ def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tenso
     return ItemParams(drawn[:, :dim].contiguous(), drawn[:, dim].contiguous(), current.global_bias.clone())
 
 
-class Sampler:
-    """The server's side of the chain: the current item sample (what the next round trains against)
-    and the running mean of the samples after burn-in (what is evaluated, saved and released)."""
+class ChainState(ServerState):
+    """The server's side of the chain: the current item sample (what the next round trains against) and
+    the running mean of the samples after burn-in (what is evaluated, saved and released)."""
 
-    def __init__(self, items: ItemParams, hyper: Hyper, seed: int):
-        self.items, self.hyper, self.seed = items, hyper, seed  # `items` is updated in place to the mean
+    def __init__(self, items: ItemParams):
+        self.mean = items
         self.current = ItemParams(items.emb.clone(), items.bias.clone(), items.global_bias.clone())
         self.count = 0
 
-    def step(self, sums: dict[str, torch.Tensor], round_: int) -> None:
-        from .mf import ITEM_BIAS, ITEM_EMB
-        from .randomness import seeded_rng
+    def broadcast(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy().copy() for k, v in self.current.tensors().items()}
 
-        rng = seeded_rng(self.seed, "bpmf-items", round_)
-        self.current = draw_items(self.current, sums[ITEM_EMB], sums[ITEM_BIAS], self.hyper, rng)
+    def model(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy().copy() for k, v in self.mean.tensors().items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**{f"mean.{k}": v for k, v in self.model().items()},
+                **{f"current.{k}": v for k, v in self.broadcast().items()}, "count": np.array([self.count])}
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        self.mean = ItemParams.from_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("mean.")})
+        self.current = ItemParams.from_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("current.")})
+        self.count = int(arrays["count"][0])
+
+
+class BPMF(Algorithm):
+    name = "bpmf"
+    title = "Bayesian MF by Gibbs sampling"
+    refuses = {
+        DP: "its Gibbs chain does not hold up to DP noise at a useful epsilon (RMSE 1.54-1.71 at epsilon 6.8 on "
+            "synthetic data, where MF gets 0.86)",
+        SECURE_AGGREGATION: "an item's summed g g^T has the rank of its rater count, and the server reads users off "
+                            "it even through SecAgg+",
+        DECOYS: "a decoy's statistics would need a made-up vector and rating",
+        CLIPPING: "its statistics grow with a user's ratings, so a clipping norm sized for MF's updates would crush "
+                  "them",
+        PARTIAL: "it draws each item from all its raters' statistics every round (use every user each round)",
+    }
+    settings_read = frozenset({"dim", "reg_user", "reg_bias", "init_std", "bpmf_alpha", "burn_in"})
+    implicit_feedback = False
+    comparable_norms = False  # a heavy user's honest statistics are far above the round's median
+
+    def statistics(self) -> dict[str, Statistic]:
+        dim = self.settings.dim
+        return {ITEM_GRAM: Statistic((dim + 1) * (dim + 2) // 2), ITEM_RHS: Statistic(dim + 1)}
+
+    def init_server(self, strategy: str = "", server_lr: float = 0.0) -> ChainState:
+        s = self.settings
+        return ChainState(init_items(self.n_items, s.dim, s.init_std, s.seed,
+                                     initial_global_bias(False, self.rating_scale)))
+
+    def new_users(self, users: np.ndarray, population: int, rng: np.random.Generator | None) -> UserState:
+        s = self.settings
+        emb = seeded_vectors(users, population, s.dim, s.init_std, s.seed)  # never used: the first draw replaces it
+        return {"emb": emb, "bias": torch.zeros(len(users)), "draws": torch.zeros(len(users))}
+
+    def train(self, shared, state, rows, round_: int, keys: DeviceKeys, decoys=None):
+        """Draw each user's (p_u, b_u) from its conditional given the items; average the draws after burn-in;
+        the users' statistics for the server's item draw. The normals are counter-based per (seed, round,
+        user), so central and federated runs draw alike."""
+        items = ItemParams(shared[ITEM_EMB], shared[ITEM_BIAS], shared[GLOBAL_BIAS])
+        batch = _batch(items, rows.train_segment, rows.train_item, rows.train_rating, len(rows.users))
+        x = _draw(batch, rows.users, self.settings, draw_key(self.settings.seed, round_))
+        return averaged_state(state, x, round_, self.settings.burn_in), BPMFContributions(batch, x, self.settings)
+
+    def server_step(self, state: ChainState, sums, weight: float, round_: int) -> None:
+        """Sums, not means: they are the items' sufficient statistics. A draw of the items, then the mean."""
+        rng = seeded_rng(self.settings.seed, "bpmf-items", round_)
+        state.current = draw_items(state.current, sums[ITEM_GRAM], sums[ITEM_RHS], self.settings, rng)
         with torch.no_grad():
-            if round_ > self.hyper.burn_in:
-                self.count += 1
-                self.items.emb += (self.current.emb - self.items.emb) / self.count
-                self.items.bias += (self.current.bias - self.items.bias) / self.count
+            if round_ > self.settings.burn_in:
+                state.count += 1
+                state.mean.emb += (state.current.emb - state.mean.emb) / state.count
+                state.mean.bias += (state.current.bias - state.mean.bias) / state.count
             else:
-                self.items.emb.copy_(self.current.emb)
-                self.items.bias.copy_(self.current.bias)
+                state.mean.emb.copy_(state.current.emb)
+                state.mean.bias.copy_(state.current.bias)
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        """What a checkpoint needs besides the mean: the chain's current sample and the count."""
-        return {"bpmf.emb": self.current.emb.numpy().copy(), "bpmf.bias": self.current.bias.numpy().copy(),
-                "bpmf.count": np.array([self.count], np.int64)}
+    def check_sums(self, sums, users: float) -> str | None:
+        """A reply's statistics must be a possible sum of `users` honest users' (inconsistent_items)."""
+        span = self.rating_scale[1] - self.rating_scale[0]
+        bad, why = inconsistent_items(sums[ITEM_GRAM], sums[ITEM_RHS], self.settings.dim, self.settings.bpmf_alpha,
+                                      users, RESIDUAL_SPANS * max(span, 1.0))
+        return f"item {int(bad[0])}: {why} ({len(bad)} item(s)): not a sum of users' statistics" if len(bad) else None
 
-    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.current = ItemParams(torch.as_tensor(arrays["bpmf.emb"]), torch.as_tensor(arrays["bpmf.bias"]),
-                                  self.items.global_bias.clone())
-        self.count = int(arrays["bpmf.count"][0])
+    def evaluate(self, model, state, rows, k: int) -> dict[str, float]:
+        items = ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS])
+        return evaluate_view(items, Users(state["emb"], state["bias"]), rows, False, k, self.rating_scale)
+
+    def fit_user(self, model, items: np.ndarray, ratings: np.ndarray) -> Users:
+        """The mean of the user's conditional, the centre of its device's draws (the prior's precision is
+        absolute and weighs against alpha)."""
+        s = self.settings
+        penalty = torch.tensor([s.reg_user] * s.dim + [s.reg_bias], dtype=torch.float64)
+        shared = ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS])
+        return ridge_fit(shared, items, ratings, torch.zeros(s.dim, dtype=torch.float64), penalty, 1.0 / s.bpmf_alpha)
+
+    def recommend(self, model, items, ratings, n, hide=None):
+        return self.top_n(model, self.fit_user(model, items, ratings), items, n, hide)
+
+    def top_n(self, model, user: Users, rated, n: int, hide=None):
+        shared = ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS])
+        return top_n(shared, user, rated, n, self.rating_scale, hide)

@@ -15,15 +15,10 @@ import numpy as np
 import torch
 
 from .algorithm import (
-    CLIPPING,
-    DECOYS,
-    DP,
-    PARTIAL,
-    SECURE_AGGREGATION,
     Algorithm,
-    Contributions,
     Decoys,
     DeviceKeys,
+    RowContributions,
     ServerState,
     Statistic,
     UserState,
@@ -77,7 +72,9 @@ class FactorServer(ServerState):
 class MF(Algorithm):
     name = "mf"
     title = "biased MF"
-    admits = frozenset({CLIPPING, DP, SECURE_AGGREGATION, DECOYS, PARTIAL})
+    settings_read = frozenset({"dim", "reg_user", "reg_item", "reg_bias", "init_std", "lr", "local_epochs",
+                               "train_negatives", "recency_items", "recency_decay", "recency_weight", "strategy",
+                               "server_lr"})
 
     # ------------------------------------------------------------------ shapes
     def statistics(self) -> dict[str, Statistic]:
@@ -103,7 +100,7 @@ class MF(Algorithm):
 
     # ------------------------------------------------------------------ device
     def train(self, shared: dict[str, torch.Tensor], state: UserState, rows, round_: int, keys: DeviceKeys,
-              decoys: Decoys | None = None) -> tuple[UserState, Contributions]:
+              decoys: Decoys | None = None) -> tuple[UserState, RowContributions]:
         """Each user's `local_epochs` full-batch steps on its rows (and decoy rows, which never touch its
         own vector, its bias, mu or the loss: they are trained like real rows so that their item changes
         look alike). Returns the new state and each user's change of the item rows it touched."""
@@ -158,7 +155,7 @@ class MF(Algorithm):
         """The per-item shared arrays a user trains copies of."""
         return ITEM_EMB, ITEM_BIAS
 
-    def _contributions(self, seg, item, deltas, dmu, n, loss_sum, num_rows) -> Contributions:
+    def _contributions(self, seg, item, deltas, dmu, n, loss_sum, num_rows) -> RowContributions:
         """A user's contribution is its change per *item*: rows of one item (an implicit negative drawn
         twice, a negative that is also a decoy, several local epochs) add up before any norm is taken,
         so the clipping bound holds on exactly what is summed."""
@@ -167,8 +164,8 @@ class MF(Algorithm):
         for name, delta in deltas.items():
             wide = delta if delta.ndim == 2 else delta[:, None]
             rows[name] = torch.zeros(len(pair_key), wide.shape[1]).index_add_(0, pair_of_row, wide)
-        return Contributions(n, pair_key // self.n_items, pair_key % self.n_items, rows, {GLOBAL_BIAS: dmu[:, None]},
-                             loss_sum=loss_sum, num_rows=num_rows)
+        return RowContributions(n, pair_key // self.n_items, pair_key % self.n_items, rows,
+                                {GLOBAL_BIAS: dmu[:, None]}, loss_sum=loss_sum, num_rows=num_rows)
 
     # SVD++ (models/svdpp.py) widens the user's vector and trains one more array through these hooks.
     def _context(self, seg, item, target, real, n):

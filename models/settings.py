@@ -13,6 +13,7 @@ DEFAULT_REG = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0
 # BPMF reads reg_user and reg_bias as the precisions of its fixed user prior (reg_item is unused:
 # the items' prior is learned). Chosen on ML-100K u1 (prototype: 10 / 1 gave 0.9069, 5 / 1 0.9078).
 BPMF_REG = {"reg_user": 10.0, "reg_item": 0.0, "reg_bias": 1.0}
+MODELS = ("mf", "svdpp", "bpmf")  # the registry's names (models/registry.py; a test keeps them equal)
 BPMF_DIM = 10  # K of BPMF (u1 validation, 60 sweeps: 0.9093 at K=10, 0.9085 at 20, 0.9090 at 32 and 5x the work)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .algorithm import CLIPPING, DP, PARTIAL, SECURE_AGGREGATION, Statistic, UserState
+from .algorithm import DECOYS, Statistic, UserState
 from .factors import ITEM_BIAS, ITEM_EMB, ItemParams, Users
 from .mf import MF
 
@@ -31,7 +31,9 @@ def implicit_part(y: torch.Tensor, segment, item, n_users: int) -> torch.Tensor:
 class SVDPP(MF):
     name = "svdpp"
     title = "SVD++"
-    admits = frozenset({CLIPPING, DP, SECURE_AGGREGATION, PARTIAL})
+    refuses = {DECOYS: "SVD++'s y step is one vector per user built from its real rows, so a server that solves "
+                       "for the rows summing to it tells decoys apart; use dense or sparse uploads (with SecAgg+ or "
+                       "DP to hide the rated set)"}
 
     def statistics(self) -> dict[str, Statistic]:
         return {**super().statistics(), ITEM_Y: Statistic(self.settings.dim)}

@@ -31,23 +31,28 @@ def put(state: UserState, index, part: UserState) -> None:
         state[name][index] = value
 
 
+Protect = Callable[[Contributions], tuple[torch.Tensor, torch.Tensor]]
+"""Each user's factor (clipping) and its norm before: fedrec.privacy.clip.clip at the device's C."""
+
+
 def train_cohort(algorithm: Algorithm, shared: dict[str, torch.Tensor], state: UserState, rows, round_: int,
-                 keys: DeviceKeys, protect: Callable[[Contributions], tuple[Contributions, torch.Tensor]] | None = None,
-                 decoys: Decoys | None = None) -> tuple[UserState, Sums]:
-    """Every user of `rows` trained once: the users' new state and the sum of their (protected)
-    contributions, with each user's norm before protection in `Sums.norms`."""
+                 keys: DeviceKeys, protect: Protect | None = None, decoys: Decoys | None = None
+                 ) -> tuple[UserState, Sums]:
+    """Every user of `rows` trained once: the users' new state and the sum of their contributions, each
+    user's scaled by `protect` (none: as they are) before it is added, with its norm in `Sums.norms`."""
     new_state = {k: v.clone() for k, v in state.items()}
-    sums = Sums.zeros(algorithm.statistics(), algorithm.n_items)
+    statistics = algorithm.statistics()
+    sums = Sums.zeros(statistics, algorithm.n_items)
     for lo, hi, part in chunks(rows, USERS_PER_CHUNK):
         index = torch.arange(lo, hi)
         trained, contributions = algorithm.train(shared, take(state, index), part, round_, keys,
                                                  _decoys_of(decoys, lo, hi))
         if protect is None:
             norms = contributions.user_norms()
+            scale = torch.ones(contributions.num_users, dtype=torch.float64)
         else:
-            contributions, norms = protect(contributions)
-        sums.add(contributions, offset=lo)
-        sums.norms.append(norms)
+            scale, norms = protect(contributions)
+        sums.add(contributions, scale, norms, statistics, offset=lo)
         put(new_state, index, trained)
     return new_state, sums
 

@@ -68,8 +68,8 @@ def device_step(algorithm: Algorithm, shared: dict[str, np.ndarray], state: User
     tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in shared.items()}
     decoys = None
     if policy.update_mode == "padded":
-        if DECOYS not in algorithm.admits:
-            raise ValueError(f"padded uploads cannot hide decoys under {algorithm.title}; use dense or sparse")
+        if DECOYS in algorithm.refuses:
+            raise ValueError(f"padded uploads with {algorithm.title}: {algorithm.refuses[DECOYS]}")
         # keyed by round only: decoys separate users by their ids, so a user's decoys do not depend on who
         # shares its node
         key = private_key("decoys", policy.reproducible_seed, round_)

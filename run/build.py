@@ -18,8 +18,10 @@ from fedrec.datasets.partition import cohort
 from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_shards
 from fedrec.datasets.splits import validation_split
 from fedrec.datasets.synthetic import stream_seed
-from fedrec.models import Hyper
-from fedrec.models.device import DevicePolicy
+from fedrec.models.algorithm import Algorithm
+from fedrec.models.registry import algorithm_class
+from fedrec.models.settings import Hyper
+from fedrec.privacy.device import DevicePolicy
 
 from .config import ConfigError, RunConfig
 
@@ -56,13 +58,18 @@ def burn_in(setting: int, steps: int) -> int:
     return min(setting, steps // 2)
 
 
+def make_algorithm(cfg: RunConfig, n_items: int, rating_scale: tuple[float, float]) -> Algorithm:
+    """The run's algorithm (its model settings) for a catalogue of `n_items` rated on `rating_scale`."""
+    return algorithm_class(cfg.resolved().model)(hyper(cfg), n_items, rating_scale)
+
+
 def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
     """What each device applies to its users' updates; cfg carries the server's calibrated
     z and participation cap (fedrec.server.app.privacy_plan), `noise_share` the
     distributed-DP share the server sized for the round's least accepted survivors."""
     local = cfg.dp == "local"
     noise = cfg.noise_multiplier * cfg.clipping_norm if local else (noise_share if cfg.dp == "distributed" else 0.0)
-    return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clip_norm=cfg.clipping_norm,
+    return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clipping_norm=cfg.clipping_norm,
                         noise_std=noise,
                         max_rounds=cfg.max_rounds_per_user if cfg.dp in ("local", "distributed") else 0,
                         reproducible_seed=cfg.seed if cfg.reproducible_noise else None,

@@ -18,10 +18,11 @@ from typing import Any
 from fedrec.datasets import DATASETS, SPLITS, SyntheticSpec
 from fedrec.datasets.catalog import DEFAULT_SPLIT
 from fedrec.datasets.splits import TEST_FRACTION, TEST_NEGATIVES
-from fedrec.models.device import UPDATE_MODES, DevicePolicy
 from fedrec.models.metrics import DEFAULT_TOP_K
-from fedrec.models.mf import BPMF_DIM, BPMF_REG, DEFAULT_REG, MODELS, Hyper
 from fedrec.models.server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
+from fedrec.models.settings import BPMF_DIM, BPMF_REG, DEFAULT_REG, MODELS, Hyper
+from fedrec.privacy.device import DevicePolicy
+from fedrec.privacy.upload import UPDATE_MODES
 
 
 class ConfigError(ValueError):
@@ -114,7 +115,7 @@ class RunConfig:
                          "distributed (each device adds a share of the noise; needs secagg+).", DP_CHOICES)
     noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with "
                                       "--target-epsilon: calibrated.")
-    clipping_norm: float = _f(_DEVICE.clip_norm, "C: each user's item-side update is clipped to this L2 norm "
+    clipping_norm: float = _f(_DEVICE.clipping_norm, "C: each user's item-side update is clipped to this L2 norm "
                                                  "(0: no clipping).")
     target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round "
                                     "would exceed it.")

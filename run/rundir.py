@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedrec.models import ItemParams
 from fedrec.models.metrics import SUM_KEYS, finish
 from fedrec.models.saved import save_model
 
@@ -161,11 +160,11 @@ class RunWriter:
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)
 
-    def write_results(self, items: ItemParams, step: str, catalogue: tuple | None = None, label: str = "") -> None:
+    def write_results(self, model: dict, step: str, catalogue: tuple | None = None, label: str = "") -> None:
         """The model (with the public item `catalogue`, (ids, titles), where known), and the
         headline metric per `step` ("epoch" or "round") plotted from metrics.csv; `label` (a DP
         run's epsilon, delta and z: dp_label) goes into the plot's title."""
-        save_model(self.path, items, *(catalogue or (None, None)))
+        save_model(self.path, model, *(catalogue or (None, None)))
         metric = main_metric(self.cfg.implicit, self.cfg.top_k)
         frame = pd.read_csv(self.path / "metrics.csv")
         title = f"{self.mode} {self.cfg.dataset} {self.cfg.split}: {metric} per {step}"

@@ -1,20 +1,17 @@
 """The message schema shared by ClientApp and ServerApp: the only thing they share.
 
-What crosses the network is exactly this: item-side arrays, a config record, and sums.
-User embeddings, user biases, ratings and user ids never appear in a reply.
+What crosses the network is exactly this: the algorithm's shared arrays (server to device), its
+named statistics (device to server; fedrec.models.algorithm.Algorithm.statistics, plus ITEM_INDEX in
+the sparse and padded upload modes), a config record, and sums. User vectors, user biases, ratings
+and user ids never appear in a reply.
 """
 
 from fedrec.models.metrics import METRIC_PREFIXES, SUM_KEYS
-from fedrec.models.mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
-from fedrec.models.upload import ITEM_INDEX as ITEM_INDEX  # part of the schema: the index of sparse uploads
+from fedrec.privacy.upload import ITEM_INDEX as ITEM_INDEX  # part of the schema: the index of sparse uploads
 
 ARRAYS = "arrays"  # ArrayRecord key, Flower's convention
 CONFIG = "config"  # ConfigRecord key
 METRICS = "metrics"  # MetricRecord key
-
-# The shared model; a train reply carries the sum of its users' changes under these names,
-# plus ITEM_INDEX (which item rows they hold) in the sparse and padded upload modes.
-ITEM_ARRAYS = (ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS)
 
 WEIGHT = "num-users"  # weight of a reply: users whose updates it sums
 TRAIN_METRICS = (WEIGHT, "loss-sum", "num-rows")  # under local DP only WEIGHT: the rest is not noised
@@ -24,7 +21,8 @@ NOISE_SHARE = "noise-share-std"  # config, distributed DP: each user's share of 
 SERIES = "run-series"  # config: 16 hex digits naming this run's saved device state (kept across resumptions)
 CHECKPOINT_ROUND = "checkpoint-round"  # config: the server's last checkpoint; devices keep state back to it
 RESUMED_FROM = "resumed-from"  # config, a resumed run: "<checkpoint round>-<session>"; devices drop later snapshots
-ROUND_KEYS = (ROUND, USERS, NOISE_SHARE, SERIES, CHECKPOINT_ROUND, RESUMED_FROM)  # per-round, not settings
+SHARED_NAMES = "shared-arrays"  # config of a SecAgg+ round: names of the shared arrays, in the FitIns' order
+ROUND_KEYS = (ROUND, USERS, NOISE_SHARE, SERIES, CHECKPOINT_ROUND, RESUMED_FROM, SHARED_NAMES)  # not settings
 
 # Query (discovery) reply: which users a node hosts and the shapes of the model.
 HELLO_METRICS = ("partition-id", "num-partitions", "first-user", "num-users", "population", "num-items",

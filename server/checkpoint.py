@@ -1,6 +1,7 @@
 """The server's checkpoint: one atomic file from which a run continues as if never stopped.
 
-What it holds: the item parameters, the server optimizer's state, the privacy ledger
+What it holds: the algorithm's server state (its shared parameters and whatever moves them: an
+optimizer's moments, a sampler's chain; fedrec.models.algorithm.ServerState.arrays), the privacy ledger
 (rounds trained, each user's participation count, epsilon), the round history and the
 run series id the devices key their own saved state by. What it does not hold: random
 generator states. Every seeded stream is keyed by (seed, round), so the round number
@@ -24,12 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from fedrec.models import ServerOptimizer
 
 CHECKPOINT = "checkpoint.npz"
-FORMAT = 1
+FORMAT = 2  # 2: the algorithm's server state as one set of named arrays
 
 
 class CheckpointError(ValueError):
@@ -45,33 +43,13 @@ def new_series() -> str:
 class Checkpoint:
     round: int  # last round completed
     series: str
-    items: dict[str, np.ndarray]
-    optimizer: dict[str, np.ndarray]  # flattened torch optimizer state
+    server: dict[str, np.ndarray]  # the algorithm's ServerState.arrays()
     participation: np.ndarray
     rounds_trained: int
     epsilon: float
     history: list[dict]
     bytes_up: int = 0
     bytes_down: int = 0
-
-
-def optimizer_arrays(opt: ServerOptimizer) -> dict[str, np.ndarray]:
-    """torch optimizer state as named arrays (no pickle): 'p<param>.<name>'."""
-    out = {}
-    for index, state in opt.opt.state_dict()["state"].items():
-        for name, value in state.items():
-            out[f"p{index}.{name}"] = torch.as_tensor(value).numpy()
-    return out
-
-
-def load_optimizer(opt: ServerOptimizer, arrays: dict[str, np.ndarray]) -> None:
-    state_dict = opt.opt.state_dict()
-    state: dict[int, dict] = {}
-    for key, value in arrays.items():
-        index, name = key[1:].split(".", 1)
-        state.setdefault(int(index), {})[name] = torch.as_tensor(value)
-    state_dict["state"] = state
-    opt.opt.load_state_dict(state_dict)
 
 
 def save(run_dir: Path, ck: Checkpoint) -> Path:
@@ -81,8 +59,7 @@ def save(run_dir: Path, ck: Checkpoint) -> Path:
 def _write(path: Path, ck: Checkpoint) -> Path:
     meta = {"format": FORMAT, "round": ck.round, "series": ck.series, "rounds_trained": ck.rounds_trained,
             "epsilon": ck.epsilon, "history": ck.history, "bytes_up": ck.bytes_up, "bytes_down": ck.bytes_down}
-    arrays = {f"items.{k}": v for k, v in ck.items.items()}
-    arrays |= {f"opt.{k}": v for k, v in ck.optimizer.items()}
+    arrays = {f"server.{k}": v for k, v in ck.server.items()}
     arrays["participation"] = ck.participation
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=float).encode(), dtype=np.uint8)
     tmp = path.with_name(path.name + ".tmp")
@@ -113,8 +90,7 @@ def _read(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}; this fedrec reads {FORMAT}")
     return Checkpoint(
         round=int(meta["round"]), series=str(meta["series"]),
-        items={k[6:]: v for k, v in arrays.items() if k.startswith("items.")},
-        optimizer={k[4:]: v for k, v in arrays.items() if k.startswith("opt.")},
+        server={k[7:]: v for k, v in arrays.items() if k.startswith("server.")},
         participation=arrays["participation"], rounds_trained=int(meta["rounds_trained"]),
         epsilon=float(meta["epsilon"]), history=list(meta["history"]),
         bytes_up=int(meta.get("bytes_up", 0)), bytes_down=int(meta.get("bytes_down", 0)))

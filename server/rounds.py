@@ -17,7 +17,7 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -25,7 +25,7 @@ from fedrec.run import schema
 from fedrec.run.rundir import RunWriter
 
 from . import checkpoint
-from .strategy import FedRecStrategy, array_record
+from .federation import Federation
 
 # metrics.csv columns of a run without DP (a DP run keeps DP_ROUND_KEYS and the evaluation metrics)
 ROUND_COLUMNS = ("round", "users_sampled", "nodes_replied", "nodes_failed", "nodes_rejected", "users_failed",
@@ -66,90 +66,74 @@ class RunState:
         self.out.write_summary({"status": status, **self.summary, **extra})
 
 
-def save_checkpoint(state: RunState, strategy: FedRecStrategy, keep: bool = False, write: bool = True) -> None:
+def save_checkpoint(state: RunState, federation: Federation, keep: bool = False, write: bool = True) -> None:
     """The run's checkpoint (`write`) and, with `keep`, a kept copy (RUN_DIR.checkpoints/)."""
-    from .checkpoint import optimizer_arrays
-
-    private = strategy.privacy is not None
+    private = federation.privacy is not None
     ck = checkpoint.Checkpoint(
-        round=state.last_round, series=state.series, items=strategy.items.numpy(),
-        optimizer=strategy.sampler.state_arrays() if strategy.sampler else optimizer_arrays(strategy.optimizer),
-        participation=_participation(strategy),
-        rounds_trained=strategy.rounds_trained, epsilon=strategy.epsilon, history=strategy.history,
-        bytes_up=0 if private else strategy.bytes_up, bytes_down=0 if private else strategy.bytes_down)
+        round=state.last_round, series=state.series, server=federation.state.arrays(),
+        participation=_participation(federation),
+        rounds_trained=federation.rounds_trained, epsilon=federation.epsilon, history=federation.history,
+        bytes_up=0 if private else federation.bytes_up, bytes_down=0 if private else federation.bytes_down)
     if write:
         checkpoint.save(state.run_dir, ck)
     if keep:
         checkpoint.keep(state.run_dir, ck)
 
 
-def _participation(strategy: FedRecStrategy) -> np.ndarray:
+def _participation(federation: Federation) -> np.ndarray:
     """Who took part how often: kept only where the privacy accounting needs it (the local and
     distributed participation cap), since it tells who was sampled."""
-    if strategy.privacy is not None and not strategy.privacy.max_rounds:
+    if federation.privacy is not None and not federation.privacy.max_rounds:
         return np.zeros(0, np.int64)
-    return strategy.participation
+    return federation.participation
 
 
-def restore(strategy: FedRecStrategy, saved: checkpoint.Checkpoint, run_dir: Path) -> None:
-    import torch
-
-    from .checkpoint import load_optimizer
-
-    for name, tensor in strategy.items.tensors().items():
-        with torch.no_grad():
-            tensor.copy_(torch.as_tensor(saved.items[name]))
-    if strategy.sampler is not None:
-        strategy.sampler.load_state_arrays(saved.optimizer)
-    else:
-        load_optimizer(strategy.optimizer, saved.optimizer)
-    if len(saved.participation) not in (0, len(strategy.participation)):
+def restore(federation: Federation, saved: checkpoint.Checkpoint, run_dir: Path) -> None:
+    federation.state.load(saved.server)
+    if len(saved.participation) not in (0, len(federation.participation)):
         raise checkpoint.CheckpointError("the checkpoint's population differs from the federation's; "
                                          "resume against the same data set and nodes")
     if len(saved.participation):
-        strategy.participation[:] = saved.participation
-    strategy.rounds_trained, strategy.epsilon = saved.rounds_trained, saved.epsilon
+        federation.participation[:] = saved.participation
+    federation.rounds_trained, federation.epsilon = saved.rounds_trained, saved.epsilon
     started, participation = checkpoint.load_progress(run_dir)
-    if strategy.privacy is not None and started > saved.round:
+    if federation.privacy is not None and started > saved.round:
         # Rounds the interrupted run sent out after its checkpoint were released: account them.
-        strategy.rounds_trained += started - saved.round
+        federation.rounds_trained += started - saved.round
         if participation is not None:
-            np.maximum(strategy.participation, participation, out=strategy.participation)
-        strategy.epsilon = strategy.epsilon_after(strategy.rounds_trained, int(strategy.participation.max()))
-    strategy.history = list(saved.history)
-    strategy.bytes_up, strategy.bytes_down = saved.bytes_up, saved.bytes_down
+            np.maximum(federation.participation, participation, out=federation.participation)
+        federation.epsilon = federation.epsilon_after(federation.rounds_trained, int(federation.participation.max()))
+    federation.history = list(saved.history)
+    federation.bytes_up, federation.bytes_down = saved.bytes_up, saved.bytes_down
 
 
-def run_rounds(grid: Grid, strategy: FedRecStrategy, config: ConfigRecord, state: RunState,
+def run_rounds(grid: Grid, federation: Federation, config: ConfigRecord, state: RunState,
                stop: threading.Event | None) -> None:
     """Rounds last_round+1 .. cfg.rounds; checkpoints every cfg.checkpoint_every rounds.
     Raises Interrupted between rounds once `stop` is set."""
-    cfg = strategy.cfg
+    cfg = federation.cfg
     timeout = cfg.round_timeout or WAIT_FOREVER
     config = state.device_config(config)
-    arrays: ArrayRecord = array_record(strategy.items)
     for server_round in range(state.last_round + 1, cfg.rounds + 1):
         if stop is not None and stop.is_set():
             raise Interrupted(f"stopped after round {state.last_round}")
         config[schema.CHECKPOINT_ROUND] = _last_checkpoint(state.last_round, cfg.checkpoint_every)
         log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
-        strategy.begin_round(server_round)
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        if strategy.privacy is not None:  # before anything goes out: a crash from here on is accounted
+        federation.begin_round(server_round)
+        messages = federation.configure_train(server_round, config, grid)
+        if federation.privacy is not None:  # before anything goes out: a crash from here on is accounted
             checkpoint.save_progress(state.run_dir, server_round,
-                                     strategy.participation if strategy.privacy.max_rounds else None)
+                                     federation.participation if federation.privacy.max_rounds else None)
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         log(INFO, "round %s: received %s train replies", server_round, len(replies))  # withheld under DP
-        updated, _ = strategy.aggregate_train(server_round, replies)
-        if updated is not None:
-            arrays = updated
-        evaluations = strategy.configure_evaluate(server_round, arrays, config, grid)
+        federation.aggregate_train(server_round, replies)
+        evaluations = federation.configure_evaluate(server_round, config, grid)
         if evaluations:
-            strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout))
-        strategy.finish_round()  # its row goes to metrics.csv (on_round) before the checkpoint below
+            federation.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=timeout))
+        federation.finish_round()  # its row goes to metrics.csv (on_round) before the checkpoint below
         state.last_round = server_round
         if cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0 and server_round < cfg.rounds:
-            save_checkpoint(state, strategy, keep=cfg.keep_checkpoints)
+            save_checkpoint(state, federation, keep=cfg.keep_checkpoints)
 
 
 def _last_checkpoint(last_round: int, every: int) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from logging import WARNING
 
 import numpy as np
@@ -37,59 +36,20 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fedrec.privacy.secagg import COUNT, MODULUS, SecAggSetup, SecAggSizeError, secure_order
+from fedrec.privacy.secagg import secagg_setup as sizing
 from fedrec.run import schema
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.secagg import COUNT, SECURE_ORDER
-
-MODULUS = 2**32  # Flower's default mask modulus
 
 
-@dataclass(frozen=True)
-class SecAggSetup:
-    """Quantization and dropout settings of a run's SecAgg+ rounds, and what they cost."""
-
-    clip_range: float  # each coordinate a node masks lies in [-r, r]: no value is ever cut
-    levels: int  # quantization levels over [-r, r]; nodes x levels stays below the modulus
-    sensitivity: float  # C plus the worst quantization error a user can move the sum by (accounted)
-    min_users: int  # a round is unmasked only if at least this many sampled users' updates arrived
-    noise_share_std: float  # distributed DP: each user's noise per coordinate (0 otherwise)
-    max_sampled: int  # users a node may train in one round for r to hold (the sampler is checked against it)
-
-    @property
-    def step(self) -> float:
-        return 2 * self.clip_range / self.levels
-
-
-def secagg_setup(cfg: RunConfig, num_nodes: int, max_users_per_node: int, num_items: int, dim: int,
-                 noise_multiplier: float, expected_users: int, population: int) -> SecAggSetup:
-    """Sizes chosen so that nothing is clipped by quantization and its error is accounted.
-
-    A node's coordinate is at most (its sampled users) x C plus their noise shares; r covers
-    that for up to `max_sampled` users per node (the expected number plus six standard
-    deviations) with 8 noise standard deviations to spare. Stochastic rounding moves each
-    coordinate by less than one step, so one user can move the unmasked sum by at most
-    C + 2 step sqrt(D) (its own node's rounding changes): the sensitivity the accountant is told.
-    """
-    expected_per_node = max_users_per_node * expected_users / population
-    max_sampled = min(max_users_per_node, math.ceil(expected_per_node + 6 * math.sqrt(expected_per_node) + 10))
-    min_users = max(1, math.ceil(cfg.secagg_min_fraction * expected_users))
-    levels = min(2**30, MODULUS // 2 ** math.ceil(math.log2(num_nodes + 1)))
-    coords = num_items * (dim + 1) + 2
-    # r = S C 1.001 + 8 share sqrt(S), share = z C' / sqrt(m), C' = C + a r with a = 4 sqrt(D) / L:
-    # a linear fixed point in C', solved exactly (no fixed point when the noise term feeds back 1:1).
-    a = 4 * math.sqrt(coords) / levels
-    z = noise_multiplier if cfg.dp == "distributed" else 0.0
-    feedback = 8 * a * z * math.sqrt(max_sampled / min_users)
-    if feedback >= 0.5:
-        raise ConfigError("SecAgg+ quantization is too coarse for this noise and model size (the rounding would "
-                          "double the sensitivity); use fewer users per node or a smaller model")
-    sensitivity = cfg.clipping_norm * (1 + 1.001 * a * max_sampled) / (1 - feedback)
-    share = z * sensitivity / math.sqrt(min_users)
-    clip_range = max_sampled * cfg.clipping_norm * 1.001 + 8 * share * math.sqrt(max_sampled)
-    if sensitivity > 1.5 * cfg.clipping_norm:
-        raise ConfigError(f"SecAgg+ quantization would raise the sensitivity from C={cfg.clipping_norm} to "
-                          f"{sensitivity:.4g}; use fewer users per node (--users-per-node) or fewer users per round")
-    return SecAggSetup(clip_range, levels, sensitivity, min_users, share, max_sampled)
+def secagg_setup(cfg: RunConfig, num_nodes: int, max_users_per_node: int, coords: int, noise_multiplier: float,
+                 expected_users: int, population: int) -> SecAggSetup:
+    """The run's SecAgg+ sizing (fedrec.privacy.secagg), as a one-line ConfigError where it cannot be met."""
+    try:
+        return sizing(cfg.clipping_norm, cfg.secagg_min_fraction, num_nodes, max_users_per_node, coords,
+                      noise_multiplier if cfg.dp == "distributed" else 0.0, expected_users, population)
+    except SecAggSizeError as error:
+        raise ConfigError(str(error)) from None
 
 
 class _SumStrategy(Strategy):
@@ -155,8 +115,9 @@ def _count(value: float | int) -> float | int:
 class SecureGrid(Grid):
     """A Grid whose train round is a SecAgg+ round; everything else passes through."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, setup: SecAggSetup):
+    def __init__(self, grid: Grid, cfg: RunConfig, setup: SecAggSetup, statistics: dict):
         self.inner = grid
+        self.order = secure_order(statistics)  # the masked vector's arrays, as the devices build it
         self.context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.clip_norm = cfg.clipping_norm
         self.auto_shares = cfg.secagg_shares == 0
@@ -183,8 +144,9 @@ class SecureGrid(Grid):
         for m in messages:
             node = m.metadata.dst_node_id
             arrays = m.content[schema.ARRAYS]
-            params = ndarrays_to_parameters([arrays[k].numpy() for k in schema.ITEM_ARRAYS])
-            fitins[node] = FitIns(params, dict(m.content[schema.CONFIG]))
+            names = list(arrays.keys())
+            params = ndarrays_to_parameters([arrays[k].numpy() for k in names])
+            fitins[node] = FitIns(params, {**dict(m.content[schema.CONFIG]), schema.SHARED_NAMES: names})
             proxies[node] = GridClientProxy(node, self.inner, self.context.run_id)
         self.workflow.users_on = {m.metadata.dst_node_id: len(m.content[schema.CONFIG][schema.USERS]) for m in messages}
         if max(self.workflow.users_on.values()) > self.max_sampled:  # ~1e-9 per round by construction
@@ -209,10 +171,10 @@ class SecureGrid(Grid):
         parameters, survivors = strategy.result
         self.survivors.append(survivors)
         vectors = [v * survivors for v in parameters_to_ndarrays(parameters)]  # mean over nodes -> sum
-        arrays = dict(zip(SECURE_ORDER, vectors))
+        arrays = dict(zip(self.order, vectors))
         users = float(np.rint(arrays.pop(COUNT).sum() / self.clip_norm))
         content = RecordDict({
-            schema.ARRAYS: ArrayRecord({k: Array(arrays[k].astype(np.float32)) for k in schema.ITEM_ARRAYS}),
+            schema.ARRAYS: ArrayRecord({k: Array(v.astype(np.float32)) for k, v in arrays.items()}),
             schema.METRICS: MetricRecord({schema.WEIGHT: users}),
         })
         return Message(content, reply_to=messages[0])  # the sum, as if one node had sent it

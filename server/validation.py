@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedrec.models.bpmf import inconsistent_items
+from fedrec.models.algorithm import Statistic
+from fedrec.privacy.upload import ITEM_INDEX
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 
@@ -32,10 +32,10 @@ ROUNDING = 1e-5  # relative slack of the n·C bound for float32 sums (the device
 LOSS_KEYS = ("loss-sum", "num-rows")
 
 
-def train_array_names(cfg: RunConfig) -> set[str]:
-    """Arrays a train reply holds: the item-side sums, and their row indices unless dense."""
-    names = set(schema.ITEM_ARRAYS)
-    return names if cfg.update_mode == "dense" or cfg.secure_aggregation != "none" else names | {schema.ITEM_INDEX}
+def train_array_names(statistics: dict[str, Statistic], cfg: RunConfig) -> set[str]:
+    """Arrays a train reply holds: the algorithm's statistics, and their row indices unless dense."""
+    names = set(statistics)
+    return names if cfg.update_mode == "dense" or cfg.secure_aggregation != "none" else names | {ITEM_INDEX}
 
 
 def train_metric_names(cfg: RunConfig) -> set[str]:
@@ -47,33 +47,35 @@ def train_metric_names(cfg: RunConfig) -> set[str]:
     return {schema.WEIGHT, *LOSS_KEYS}
 
 
-def check_train_reply(content: RecordDict, sent_users: int, n_items: int, dim: int, cfg: RunConfig) -> str | None:
+def check_train_reply(content: RecordDict, sent_users: int, statistics: dict[str, Statistic], n_items: int,
+                      cfg: RunConfig) -> str | None:
     """Why a train reply (to a message that asked `sent_users` users to train) must not be applied."""
     problem = _records(content, {schema.ARRAYS: ArrayRecord, schema.METRICS: MetricRecord})
     if problem:
         return problem
     arrays, metrics = content[schema.ARRAYS], content[schema.METRICS]
-    problem = _keys("arrays", arrays, train_array_names(cfg)) or _keys("metrics", metrics, train_metric_names(cfg))
+    problem = _keys("arrays", arrays, train_array_names(statistics, cfg)) or _keys("metrics", metrics,
+                                                                                    train_metric_names(cfg))
     if problem:
         return problem
+    most = n_items * sum(s.width for s in statistics.values()) + n_items
     values = {}
     for name in arrays.keys():
-        values[name], problem = _decode(name, arrays[name], n_items * (dim + 1) + 1)
+        values[name], problem = _decode(name, arrays[name], most)
         if problem:
             return problem
     rows = n_items
-    if schema.ITEM_INDEX in values:
-        index = values[schema.ITEM_INDEX]
+    if ITEM_INDEX in values:
+        index = values[ITEM_INDEX]
         if index.dtype.kind not in "iu" or index.ndim != 1:
-            return f"{schema.ITEM_INDEX} must be a 1-D integer array (got {index.dtype} {index.shape})"
+            return f"{ITEM_INDEX} must be a 1-D integer array (got {index.dtype} {index.shape})"
         rows = len(index)
         if rows and (index.min() < 0 or index.max() >= n_items):
-            return f"{schema.ITEM_INDEX} holds rows outside [0, {n_items})"
+            return f"{ITEM_INDEX} holds rows outside [0, {n_items})"
         if len(np.unique(index)) != rows:  # a repeated row would be summed twice and dodge the norm check
-            return f"{schema.ITEM_INDEX} lists a row more than once"
-    shapes = {schema.ITEM_EMB: (rows, dim), schema.ITEM_BIAS: (rows,), schema.GLOBAL_BIAS: (1,)}
-    for name, shape in shapes.items():
-        value = values[name]
+            return f"{ITEM_INDEX} lists a row more than once"
+    for name, stat in statistics.items():
+        value, shape = values[name], (rows, stat.width) if stat.per_item else (stat.width,)
         if value.dtype not in FLOATS:
             return f"{name} has dtype {value.dtype}, expected float32 or float64"
         if value.shape != shape:
@@ -92,7 +94,7 @@ def check_train_reply(content: RecordDict, sent_users: int, n_items: int, dim: i
         problem = _count("num-rows", metrics["num-rows"], users * n_items * (1 + cfg.train_negatives))
         if problem:
             return problem
-    if users == 0 and cfg.clipping_norm <= 0 and any(np.any(values[k]) for k in schema.ITEM_ARRAYS):
+    if users == 0 and cfg.clipping_norm <= 0 and any(np.any(values[k]) for k in statistics):
         return "sums 0 users but carries a non-zero update"  # with clipping, the n·C check covers this
     return None
 
@@ -133,22 +135,6 @@ def check_reply_norm(norm: float, users: float, cfg: RunConfig, coords: int = 0,
         return (f"update norm {norm:.6g} exceeds {bound:.6g}, "
                 f"the bound for {users:g} user(s) clipped to C={cfg.clipping_norm:g}")
     return None
-
-
-def check_statistics(dense: dict[str, np.ndarray], users: float, dim: int, cfg: RunConfig,
-                     rating_scale: tuple[float, float]) -> str | None:
-    """BPMF: why a reply's item statistics cannot be a sum of `users` honest users' (models/bpmf.py:
-    inconsistent_items). A residual r - mu - b_u beyond RESIDUAL_SPANS rating spans would need a user
-    bias tens of prior standard deviations out."""
-    span = rating_scale[1] - rating_scale[0]
-    bad, why = inconsistent_items(torch.as_tensor(dense[schema.ITEM_EMB]), torch.as_tensor(dense[schema.ITEM_BIAS]),
-                                  dim, cfg.bpmf_alpha, users, RESIDUAL_SPANS * max(span, 1.0))
-    if len(bad):
-        return f"item {int(bad[0])}: {why} ({len(bad)} item(s)): not a sum of users' statistics"
-    return None
-
-
-RESIDUAL_SPANS = 10.0
 
 
 def check_reply_peak(peak: float, users: float, cfg: RunConfig, coords: int) -> str | None:
@@ -259,9 +245,9 @@ def _count(key: str, value, most: float) -> str | None:
     return None
 
 
-def secure_setup(cfg: RunConfig, directory: NodeDirectory, n_items: int, dim: int) -> SecAggSetup | None:
+def secure_setup(cfg: RunConfig, directory: NodeDirectory, coords: int) -> SecAggSetup | None:
     """The SecAgg+ setup of the run (None without SecAgg+), from the facts server/app.py sizes it with."""
     if cfg.secure_aggregation == "none":
         return None
-    return secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), n_items, dim,
-                        cfg.noise_multiplier, cfg.users_per_round or directory.population, directory.population)
+    return secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), coords, cfg.noise_multiplier,
+                        cfg.users_per_round or directory.population, directory.population)

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.datasets import cohort
-from fedrec.models import CentralResult, train_central
+from fedrec.models.central import CentralResult, train_central
+from fedrec.models.registry import algorithm_class
+from fedrec.privacy.guarantee import describe
 from fedrec.run.build import burn_in, hyper, load_data
 from fedrec.run.config import CENTRAL_SETTINGS, RunConfig, ignored_settings, with_defaults
-from fedrec.run.guarantee import describe
 from fedrec.run.rundir import RunWriter
 
 
@@ -35,12 +36,13 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
     rows = cohort(split, np.arange(split.n_users))
     # One step per epoch: local-epochs describes what a device does in a round, not the baseline.
     central_hyper = dataclasses.replace(hyper(cfg), local_epochs=1, burn_in=burn_in(cfg.burn_in, cfg.epochs))
-    result = train_central(rows, split.n_users, split.n_items, central_hyper, cfg.epochs, cfg.strategy, cfg.server_lr,
-                           cfg.top_k, split.rating_scale, cfg.eval_every, on_epoch)
+    algorithm = algorithm_class(cfg.model)(central_hyper, split.n_items, split.rating_scale)
+    result = train_central(algorithm, rows, split.n_users, cfg.epochs, cfg.strategy, cfg.server_lr, cfg.top_k,
+                           cfg.eval_every, on_epoch)
     summary = {
         "mode": "central", "dataset": cfg.dataset, "split": cfg.split, "model": cfg.model,
         "model_reason": cfg.model_reason(), "metrics": result.metrics,
-        **({"burn_in": central_hyper.burn_in} if cfg.model == "bpmf" else {}),
+        **({"burn_in": central_hyper.burn_in} if "burn_in" in algorithm.settings_read else {}),
         "epochs": cfg.epochs, "wall_seconds": time.perf_counter() - start, "train_seconds": result.wall_seconds,
         "num_users": split.n_users, "num_items": split.n_items, "config": cfg.to_dict(),
         "privacy": {"mode": "none", **describe(cfg, central=True)},
@@ -50,6 +52,6 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
     # Written at the end only: a central run that fails leaves its directory empty (the CLI removes it).
     out.start_metrics(list(dict.fromkeys(k for row in result.history for k in row)), result.history)
     out.write_config()
-    out.write_results(result.items, "epoch", (split.item_ids, split.item_titles))
+    out.write_results(result.model, "epoch", (split.item_ids, split.item_titles))
     out.write_summary(summary)  # last: a summary means the run is complete
     return CentralOutcome(summary, result, out.path)

@@ -215,8 +215,8 @@ def _tracker(progress: Progress, task, key: str, first=None):
 
 def _announce(cfg: RunConfig, central: bool = False, console: Console = console) -> None:
     """The run's model and what it protects, as it starts (stderr, above the progress bar)."""
+    from fedrec.privacy.guarantee import describe
     from fedrec.run.build import burn_in
-    from fedrec.run.guarantee import describe
 
     steps, unit = (cfg.epochs, "epochs") if central else (cfg.rounds, "rounds")
     resolved = cfg.resolved()
@@ -229,7 +229,7 @@ def _announce(cfg: RunConfig, central: bool = False, console: Console = console)
 
 
 def guarantee_line(privacy: dict) -> str:
-    from fedrec.run.guarantee import line
+    from fedrec.privacy.guarantee import line
 
     return line(privacy)
 
@@ -246,7 +246,7 @@ def run_central_cli(cfg: RunConfig):
 
 def run_federated_cli(cfg: RunConfig):
     _quiet_engines()
-    from fedrec.server.app import resumed_config
+    from fedrec.server.runner import resumed_config
     from fedrec.simulations.federated import simulate as simulate_federated
 
     if cfg.resume:

@@ -25,9 +25,9 @@ from fedrec.run.build import SHARDS_ENV, ensure_shards, num_nodes
 from fedrec.run.build import population as count_users
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import make_run_dir
-from fedrec.server.app import FederatedOutcome, resumed_config, run_server
 from fedrec.server.checkpoint import CHECKPOINT
 from fedrec.server.rounds import stop_on_signals
+from fedrec.server.runner import FederatedOutcome, resumed_config, run_server
 
 from .scaleout import ray_backend, ray_worker_env
 

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import dp_accounting
-import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -109,14 +108,6 @@ class PrivacyPlan:
         return float(dp_accounting.calibrate_dp_mechanism(
             self.fresh_accountant, lambda z: dp_event.SelfComposedDpEvent(self.event(z), rounds),
             target_epsilon, self.delta, dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
-
-
-def add_central_noise(total: dict[str, np.ndarray], plan: PrivacyPlan,
-                      rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The sum of clipped user updates plus N(0, (zC)^2) on every coordinate, including rows
-    nobody uploaded (their absence would otherwise be visible). `rng` must be the private
-    "central-noise" stream (fedrec.models.randomness)."""
-    return {k: np.asarray(v, np.float64) + rng.normal(0.0, plan.noise_std, np.shape(v)) for k, v in total.items()}
 
 
 def participation_cap(rounds: int, rate: float, population: int, tail: float = 0.01) -> int:

@@ -10,7 +10,7 @@ tests/test_audit.py, tests/test_privacy.py, tests/test_releases.py) that fails i
 
 from __future__ import annotations
 
-from .config import RunConfig
+from fedrec.run.config import RunConfig
 
 NO_NOISE = "none: the model and metrics are computed from the users' data without noise"
 PLAIN_UPLOAD = "none: the server can compute each user's vector and ratings from its upload"
