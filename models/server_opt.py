@@ -44,7 +44,7 @@ class ServerOptimizer:
         out = {}
         for index, state in self.opt.state_dict()["state"].items():
             for name, value in state.items():
-                out[f"p{index}.{name}"] = torch.as_tensor(value).numpy()
+                out[f"p{index}.{name}"] = torch.as_tensor(value).numpy().copy()  # not a view of live state
         return out
 
     def load(self, arrays: dict[str, np.ndarray]) -> None:
