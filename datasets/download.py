@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from .interactions import DataError
-from .movielens import FORMATS
+from .names import FORMATS
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens"
 # Published MD5 sums of the official archives; ml-latest* change over time and have none.

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from .bpmf import Sampler, device_draw, draw_key
+from .defaults import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, DEFAULT_TOP_K
 from .evaluate import UserRows, evaluate_rows
 from .local import local_train, training_rows
-from .metrics import DEFAULT_TOP_K, finish
+from .metrics import finish
 from .mf import Hyper, ItemParams, UserState
 from .recency import Recency
-from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, ServerOptimizer
+from .server_opt import ServerOptimizer
 
 
 @dataclass

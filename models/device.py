@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .bpmf import device_draw, draw_key
+from .defaults import DevicePolicy
 from .local import LocalUpdate, local_train, training_rows
 from .mf import Hyper, ItemParams, UserState, predict
 from .randomness import private_key, private_rng
@@ -23,21 +24,6 @@ from .upload import build_upload, decoy_rows
 
 if TYPE_CHECKING:  # the data layer's type only; models/ imports no other fedrec package at run time
     from fedrec.datasets import CohortData
-
-UPDATE_MODES = ("dense", "sparse", "padded")
-
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    """What a device applies to its users' updates before anything leaves it."""
-
-    update_mode: str = "dense"  # dense, sparse or padded (see fedrec.models.upload)
-    pad_ratio: float = 1.0  # padded: decoy rows per rated row
-    clip_norm: float = 0.0  # C: each user's whole item-side change is clipped to this L2 norm (0: off)
-    noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
-    max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
-    reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
-
 
 @dataclass
 class DeviceResult:

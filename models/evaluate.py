@@ -7,7 +7,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .metrics import DEFAULT_TOP_K, add_sums, error_sums, full_ranking_sums, loo_sums
+from .defaults import DEFAULT_TOP_K
+from .metrics import add_sums, error_sums, full_ranking_sums, loo_sums
 from .mf import ItemParams, UserState, predict
 from .recency import Recency, with_recency
 from .svdpp import as_mf

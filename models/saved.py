@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .defaults import MODEL_FILE
 from .mf import ItemParams
 
-MODEL_FILE = "model.npz"
 MODEL_FORMAT = 1
 
 

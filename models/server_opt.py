@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .defaults import SERVER_OPTIMIZERS
 from .mf import ItemParams
-
-SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
-DEFAULT_SERVER_OPTIMIZER = "fedadam"
-DEFAULT_SERVER_LR = 0.05
 
 
 class ServerOptimizer:

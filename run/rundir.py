@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-import pandas as pd
-
-from fedrec.models import ItemParams
-from fedrec.models.metrics import SUM_KEYS, finish
-from fedrec.models.saved import save_model
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # imported where used: the command line makes run directories without loading torch or pandas
+    import pandas as pd
+
+    from fedrec.models import ItemParams
 
 # Files whose presence means a run was written here.
 FINISHED = ("summary.json", "metrics.csv", "config.toml")
@@ -55,7 +56,12 @@ def make_run_dir(cfg: RunConfig, mode: str) -> Path:
 
 
 def remove_if_empty(path: Path, keep: Path | None = None) -> None:
-    """Remove a run directory that a failed run left empty, and its empty parents up to `keep`."""
+    """Remove the empty directories a failed or interrupted run left: inside its run directory (e.g.
+    compare's central/ and federated/), the run directory if that left it empty, and its empty
+    parents up to `keep`. Directories holding any file stay."""
+    for inside, _, _ in sorted(os.walk(path), key=lambda entry: -len(Path(entry[0]).parts)):  # deepest first
+        if Path(inside) != path and not any(Path(inside).iterdir()):
+            Path(inside).rmdir()
     for folder in (path, *path.parents):
         if folder == keep or not folder.is_dir() or any(folder.iterdir()):
             return
@@ -81,6 +87,8 @@ def write_config(directory: Path, cfg: RunConfig, name: str = "config.toml") -> 
 
 
 def write_history(directory: Path, rows: list[dict], name: str = "metrics.csv") -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame(rows)
     frame.to_csv(directory / name, index=False)
     return frame
@@ -116,6 +124,8 @@ def main_metric(implicit: bool, k: int) -> str:
 
 def metric_columns(implicit: bool, top_k: int) -> list[str]:
     """The evaluation metrics a run reports, in the order finish() gives them."""
+    from fedrec.models.metrics import SUM_KEYS, finish
+
     names = list(finish({k: 1.0 for k in SUM_KEYS}, top_k))
     return [n for n in names if (n in ("rmse", "mae")) != implicit]
 
@@ -157,6 +167,10 @@ class RunWriter:
     def write_results(self, items: ItemParams, step: str, catalogue: tuple | None = None) -> None:
         """The model (with the public item `catalogue`, (ids, titles), where known), and the
         headline metric per `step` ("epoch" or "round") plotted from metrics.csv."""
+        import pandas as pd
+
+        from fedrec.models.saved import save_model
+
         save_model(self.path, items, *(catalogue or (None, None)))
         metric = main_metric(self.cfg.implicit, self.cfg.top_k)
         frame = pd.read_csv(self.path / "metrics.csv")

@@ -1,0 +1,77 @@
+"""What the run config reads from the model layer: the models, update modes and server
+optimizers to choose from, and the default hyper-parameters of the model and the device.
+
+Plain Python (no torch), so that the run config, and the command line built from it, load in
+a fraction of a second; the model code imports these from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# mf: biased MF; svdpp: adds the implicit factors y_j of the items a user rated (models/svdpp.py);
+# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py)
+MODELS = ("mf", "svdpp", "bpmf")
+
+# L2 per rating as (ratings, implicit feedback): the losses differ in scale, so each has its own.
+# Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
+DEFAULT_REG = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0.01, 0.001)}
+# BPMF reads reg_user and reg_bias as the precisions of its fixed user prior (reg_item is unused:
+# the items' prior is learned). Chosen on ML-100K u1 (prototype: 10 / 1 gave 0.9069, 5 / 1 0.9078).
+BPMF_REG = {"reg_user": 10.0, "reg_item": 0.0, "reg_bias": 1.0}
+BPMF_DIM = 10  # K of BPMF (u1 validation, 60 sweeps: 0.9093 at K=10, 0.9085 at 20, 0.9090 at 32 and 5x the work)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Model and local-training hyper-parameters (built from the run config, whose defaults are these)."""
+
+    model: str = "mf"
+    dim: int = 32
+    reg_user: float = DEFAULT_REG["reg_user"][0]  # L2 on p_u per rating of the user
+    reg_item: float = DEFAULT_REG["reg_item"][0]  # L2 on q_i per rating of the item
+    reg_bias: float = DEFAULT_REG["reg_bias"][0]  # L2 on b_u and b_i per rating
+    lr: float = 0.05  # Adam step of user parameters; SGD step of local item copies
+    local_epochs: int = 1
+    implicit: bool = False  # BCE on positives + sampled negatives instead of MSE on ratings
+    train_negatives: int = 1  # sampled negatives per positive (implicit only)
+    init_std: float = 0.1
+    seed: int = 0
+    # Implicit feedback: re-scoring with the user's latest items where its device ranks (models/recency.py)
+    recency_items: int = 5
+    recency_decay: float = 0.7
+    recency_weight: float = 16.0  # 0: off
+    bpmf_alpha: float = 1.5  # BPMF: precision of the rating noise
+    burn_in: int = 20  # BPMF: rounds whose samples are not averaged into the model
+
+    @property
+    def item_width(self) -> int:
+        """Columns of the item-embedding array: [q_i | y_i] under SVD++ (models/svdpp.py), else q_i."""
+        return 2 * self.dim if self.model == "svdpp" else self.dim
+
+    @property
+    def upload_width(self) -> int:
+        """Columns of the ITEM_EMB array a device uploads: the model's, or BPMF's item statistics."""
+        return (self.dim + 1) * (self.dim + 2) // 2 + self.dim if self.model == "bpmf" else self.item_width
+
+
+UPDATE_MODES = ("dense", "sparse", "padded")
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a device applies to its users' updates before anything leaves it."""
+
+    update_mode: str = "dense"  # dense, sparse or padded (see fedrec.models.upload)
+    pad_ratio: float = 1.0  # padded: decoy rows per rated row
+    clip_norm: float = 0.0  # C: each user's whole item-side change is clipped to this L2 norm (0: off)
+    noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
+    max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
+    reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
+
+
+SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")  # models/server_opt.py
+DEFAULT_SERVER_OPTIMIZER = "fedadam"
+DEFAULT_SERVER_LR = 0.05
+DEFAULT_TOP_K = 10  # K of HR@K, NDCG@K and Recall@K
+MODEL_FILE = "model.npz"  # a run's saved model (models/saved.py); named here so that finding a run loads no torch
