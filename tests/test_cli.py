@@ -54,7 +54,7 @@ def _error(args):
 
 def test_bad_settings_give_one_line_and_exit_2(tmp_path):
     cases = {
-        ("simulate", "--strategy", "fedfoo"): "strategy='fedfoo' is not valid",
+        ("simulate", "--strategy", "fedfoo"): "'--strategy': 'fedfoo' is not one of 'fedadam'",
         ("simulate", "--rounds", "0"): "rounds must be > 0",
         ("central", "--model", "mf", "--lr", "-0.1"): "lr must be > 0",
         ("central", "--lr", "0.1"): "--lr does not apply with --model bpmf (what --model auto runs here)",
@@ -248,7 +248,7 @@ def test_recommend_prints_a_users_top_n_unrated_items_refitted_on_the_device(tmp
 
 @pytest.mark.parametrize("args, expected", [
     (["--user", "100000"], "unknown user '100000'"),
-    (["--user", "1", "--run", "nowhere"], "has no model.npz"),
+    (["--user", "1", "--run", "nowhere"], "nowhere is not a directory"),
 ])
 def test_recommend_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     run = tmp_path / "central"
