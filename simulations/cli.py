@@ -23,7 +23,17 @@ import click
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from fedrec.datasets.errors import DataError
@@ -93,7 +103,7 @@ RESUME_TAKES = {"resume"}  # what may go with --resume: the run continues with i
 
 
 def _fail(message: str) -> typing.NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # [...] is no markup
     raise typer.Exit(2)
 
 
@@ -101,7 +111,7 @@ def _interrupted(run_dir: Path | None) -> typing.NoReturn:
     """Ctrl-C: one line, the conventional exit code 130; what the run had written, if anything, stays."""
     kept = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
     where = f"; what it wrote so far is in {run_dir}" if kept else (", nothing written" if run_dir else "")
-    console.print(f"interrupted{where}", highlight=False, soft_wrap=True)
+    console.print(f"interrupted{where}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(130)
 
 
@@ -173,6 +183,7 @@ def _config_command(fn):
                 source = click.get_current_context().get_parameter_source
                 flags = {k: v for k, v in kwargs.items() if source(k) == click.core.ParameterSource.COMMANDLINE}
                 cfg = _settings(fn.__name__, flags, config_file)
+                _fetch_data(cfg)  # a download shows its own progress, before the command's bars start
                 if fn.__name__ in RUN_DIR_NAMES:  # before any work: a bad --out must not cost a finished run
                     target = Path(cfg.out or cfg.resume or "runs/new").expanduser().absolute()
                     keep = next(p for p in (target, *target.parents) if p.exists()).resolve()
@@ -211,6 +222,24 @@ def _located(run: Path, kinds: str | None = None) -> Path:
     return paths.run
 
 
+def _fetch_data(cfg: RunConfig) -> None:
+    """Download the run's MovieLens data set if it is not there yet (saying so, with progress)."""
+    if cfg.dataset == "synthetic":
+        return
+    from fedrec.datasets.download import dataset_folder
+
+    dataset_folder(cfg.dataset, cfg.data_dir or None, progress=_download_bar if console.is_terminal else None)
+
+
+@contextlib.contextmanager
+def _download_bar(title: str, total: int | None):
+    columns = (TextColumn(f"[bold]{title}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("eta"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(title, total=total)
+        yield lambda size: progress.advance(task, size)
+
+
 def _quiet_engines() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -228,12 +257,16 @@ def _progress(total: int, label: str):
     progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console, transient=False)
-    with progress:
-        try:
-            yield progress
-        except BaseException:
-            progress.live.transient = True  # a failed run shows its one error line, not a stopped bar
-            raise
+    try:
+        with progress:
+            try:
+                yield progress
+            except BaseException:
+                progress.live.transient = True  # a failed run shows its one error line, not a stopped bar
+                console.quiet = not console.is_terminal  # (on a file or pipe, rich would end it with a blank line)
+                raise
+    finally:
+        console.quiet = False
 
 
 def _show(title: str, rows: dict[str, dict[str, float]]) -> None:

@@ -42,18 +42,16 @@ def install_command(extra: str) -> str:
     return f'{pip} "fedrec[{extra}]"'
 
 
-def missing(extra: str) -> str | None:
-    """Why `extra`'s feature cannot run here (its module does not import), or None."""
-    module, package = EXTRAS[extra]
+def installed(extra: str) -> bool:
     try:
-        importlib.import_module(module)
+        importlib.import_module(EXTRAS[extra][0])
     except ImportError:
-        return f"{package} is not installed (fedrec's {extra} extra): {install_command(extra)}"
-    return None
+        return False
+    return True
 
 
 def require(extra: str, feature: str) -> None:
     """MissingExtra naming the extra and how to install it, before `feature` starts any work."""
-    why = missing(extra)
-    if why:
-        raise MissingExtra(f"{feature} needs {why}")
+    if not installed(extra):
+        raise MissingExtra(f"{feature} needs {EXTRAS[extra][1]}, which is not installed (fedrec's {extra} extra): "
+                           f"{install_command(extra)}")

@@ -257,3 +257,23 @@ def test_recommend_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     full = ["recommend", "--run", str(run), *args] if "--run" not in args else ["recommend", *args]
     code, output = _error(full)
     assert code == 2 and expected in output and "Traceback" not in output and len(output.splitlines()) <= 2
+
+
+def test_recommend_takes_a_compare_directory_and_says_it_uses_its_federated_run(tmp_path):
+    import shutil
+
+    run = tmp_path / "central"
+    assert CliRunner().invoke(cli, ["central", *SMALL, "--epochs", "2", "--eval-every", "2",
+                                    "--out", str(run)]).exit_code == 0
+    compare = tmp_path / "compare"
+    for side in ("central", "federated"):  # the shape of a compare directory (its sides: any finished runs)
+        shutil.copytree(run, compare / side)
+    direct = CliRunner().invoke(cli, ["recommend", "--run", str(run), "--user", "7", "--json"])
+    via = CliRunner().invoke(cli, ["recommend", "--run", str(compare), "--user", "7", "--json"])
+    assert via.exit_code == 0, via.output
+    assert json.loads(via.stdout) == json.loads(direct.stdout)
+    assert via.stderr.splitlines() == [f"note: {compare} is a compare directory; using its federated run, "
+                                       f"{compare / 'federated'}"]
+    (compare / "federated" / "model.npz").unlink()  # an interrupted federated side: said, not a traceback
+    _one_line_exit_2(["recommend", "--run", str(compare), "--user", "7"],
+                     f"{compare} (a compare directory) has no federated/model.npz")
