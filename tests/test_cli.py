@@ -168,8 +168,10 @@ def test_bad_out_is_found_before_training(in_tmp, monkeypatch):
 
 
 def test_a_run_that_fails_leaves_no_directory(in_tmp):
-    _one_line_exit_2(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"],
-                     "ml-100k is not at")
+    code, output = _error(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"])
+    tried, error = output.splitlines()  # the download it tried (said before it starts), then why it failed
+    assert code == 2 and tried.startswith("ml-100k is not at data/none/ml-100k: downloading file://")
+    assert error.startswith("error: ml-100k is not at data/none/ml-100k/u.data and the download failed")
     _one_line_exit_2(["simulate", "--users-per-round", "5000", *SMALL], "is larger than the 80 users")
     assert list(in_tmp.iterdir()) == []  # neither the run directories nor the data directory
 
