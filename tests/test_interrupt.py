@@ -56,10 +56,10 @@ def test_ctrl_c_early_is_one_line_and_leaves_nothing(tmp_path, command):
     assert list(tmp_path.iterdir()) == []  # not even compare's central/ or the run directory: --out is free again
 
 
-def test_an_existing_empty_out_directory_stays(tmp_path):
+def test_an_existing_empty_out_directory_stays_and_is_left_empty(tmp_path):
     (tmp_path / "out").mkdir()
-    proc = _start("central", *SMALL, "--epochs", "1000", "--out", "out", cwd=tmp_path)
-    time.sleep(1)  # into its work (the directory was there before)
+    proc = _start("compare", *SMALL, "--epochs", "1000", "--out", "out", cwd=tmp_path)
+    _wait_for((tmp_path / "out" / "central").is_dir, proc)  # the central side has started
     code, _, err = _ctrl_c(proc)
     assert code == 130 and err == ["interrupted, nothing written"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
