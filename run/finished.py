@@ -11,7 +11,7 @@ from fedrec.models.defaults import MODEL_FILE
 
 from .config import ConfigError
 
-CENTRAL_OR_FEDERATED = "central, federated or compare"
+ANY_RUN = "central, federated or compare"
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def is_compare_dir(path: Path) -> bool:
     return (path / "federated").is_dir() and (path / "central").is_dir()
 
 
-def locate(run: Path, kinds: str = CENTRAL_OR_FEDERATED) -> RunPaths:
+def locate(run: Path, kinds: str = ANY_RUN) -> RunPaths:
     """The run inside `run`, or a one-line ConfigError saying what to pass instead (`kinds`: the
     runs the caller takes, for that line)."""
     run = Path(run).expanduser()

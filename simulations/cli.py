@@ -38,6 +38,7 @@ from rich.table import Table
 
 from fedrec.datasets.errors import DataError
 from fedrec.run.config import CENTRAL_SETTINGS, DATA_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
+from fedrec.run.finished import ANY_RUN, locate
 from fedrec.run.rundir import make_run_dir, remove_if_empty
 from fedrec.simulations.bench import CASE_NAMES, DEFAULT_CASES
 from fedrec.simulations.extras import require
@@ -75,6 +76,7 @@ def _show_version(asked: bool) -> None:
 def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                           help="Print fedrec's version and exit.")) -> None:
     pass
+
 
 ALL_SETTINGS = frozenset(f.name for f in fields(RunConfig))
 # tune searches these itself, validates on its own split and runs its trials in this process without privacy
@@ -212,11 +214,9 @@ def _config_command(fn):
     return command
 
 
-def _located(run: Path, kinds: str | None = None) -> Path:
+def _located(run: Path, kinds: str = ANY_RUN) -> Path:
     """The run a command acts on: --run itself, or a compare directory's federated run (said in one line)."""
-    from fedrec.run.finished import locate
-
-    paths = locate(run, kinds) if kinds else locate(run)
+    paths = locate(run, kinds)
     if paths.note:
         console.print(paths.note, highlight=False, markup=False, soft_wrap=True)
     return paths.run
