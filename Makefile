@@ -24,7 +24,8 @@ demo: install
 	$(BIN)/fedrec compare --dataset synthetic --users-per-round 500 --local-epochs 2 --rounds 60 --epochs 60 \
 		--eval-every 5 --keep-checkpoints --out runs/demo
 
-# The demo page of one device's side of that run: http://127.0.0.1:8000/ (Ctrl-C stops it).
+# The demo page of one device's side of that run: open the URL it prints, http://127.0.0.1:8000/?token=...
+# (the token is made afresh each start; without it the page answers 403). Ctrl-C stops it.
 serve: install
 	$(BIN)/fedrec serve --run runs/demo
 

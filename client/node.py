@@ -144,8 +144,8 @@ def _hold(directory: Path, entry: tuple[int, str, dict]) -> None:
 
 def _new_state(node: NodeData, cfg: RunConfig) -> UserState:
     # --reproducible-noise keeps the seeded population matrix, as in non-private runs
-    private = (cfg.dp != "none" or cfg.update_mode == "padded") and not cfg.reproducible_noise
-    return UserState.init(node.users, node.meta.population, node.hyper, private_rng("user-init") if private else None)
+    private = private_rng("user-init") if cfg.private_device_randomness else None
+    return UserState.init(node.users, node.meta.population, node.hyper, private)
 
 
 def _keep(context: Context, state: UserState) -> None:

@@ -68,6 +68,10 @@ class DevicePolicy:
     noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
     max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
     reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
+    # Starting user vectors and training negatives from OS entropy: set where the run claims anything
+    # against the server (DP, SecAgg+, decoys). Seeded, the server regenerates every starting vector
+    # and reads each user's rated items and ratings out of a SecAgg+ sum (simulations/sum_recovery.py).
+    private_randomness: bool = False
 
 
 SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")  # models/server_opt.py

@@ -25,6 +25,7 @@ from .upload import build_upload, decoy_rows
 if TYPE_CHECKING:  # the data layer's type only; models/ imports no other fedrec package at run time
     from fedrec.datasets import CohortData
 
+
 @dataclass
 class DeviceResult:
     state: UserState  # the users' new private state (stays on the device)
@@ -49,7 +50,8 @@ def device_step(items: ItemParams, state: UserState, rows: "CohortData", n_items
         new_state, update = device_draw(items, active_state, rows, hyper, policy.clip_norm, round_,
                                         draw_key(hyper.seed, round_))
         return _finish(state, active, new_state, update, rows, policy, round_, took_part)
-    seg, item, target = training_rows(rows, n_items, hyper, round_)
+    key = private_key("negatives") if policy.private_randomness and hyper.implicit else None
+    seg, item, target = training_rows(rows, n_items, hyper, round_, key)
     decoy = None
     if policy.update_mode == "padded" and items.emb.shape[1] != hyper.dim:
         # SVD++'s y step is the same vector on every row of a user, built from the real rows only:

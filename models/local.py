@@ -36,11 +36,13 @@ class LocalUpdate:
 
 
 def sample_negatives(users: np.ndarray, segment: np.ndarray, positives: np.ndarray, n_neg: np.ndarray,
-                     n_items: int, seed: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
-    """n_neg[j] items for user j, uniform over items the user did not rate (with replacement)."""
+                     n_items: int, seed: int, round_: int, key: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """n_neg[j] items for user j, uniform over items the user did not rate (with replacement).
+    Keyed by (seed, round), or by `key` when given (a private key: see training_rows)."""
     neg_segment = np.repeat(np.arange(len(users)), n_neg)
     counter = np.arange(len(neg_segment)) - np.repeat(np.cumsum(n_neg) - n_neg, n_neg)
-    base = mix64(users[neg_segment].astype(np.uint64) ^ negatives_key(seed, round_))
+    round_key = negatives_key(seed, round_) if key is None else np.array([key], np.uint64)
+    base = mix64(users[neg_segment].astype(np.uint64) ^ round_key)
     rated = np.sort(users[segment] * n_items + positives)
     items = np.empty(len(neg_segment), np.int64)
     todo = np.arange(len(neg_segment))
@@ -215,15 +217,19 @@ def _adam_rows(state: UserState, grad: torch.Tensor, lr: float) -> None:
     state.bias -= step[:, -1]
 
 
-def training_rows(rows, n_items: int, hyper: Hyper, round_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_rows(rows, n_items: int, hyper: Hyper, round_: int,
+                  negatives_key: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(segment, item, target) that a batch of users trains on this round: its ratings, or
-    for implicit feedback its positives (label 1) plus freshly sampled negatives (label 0)."""
+    for implicit feedback its positives (label 1) plus freshly sampled negatives (label 0).
+    `negatives_key`: a private key for the negatives (runs that claim privacy against the
+    server: which unrated items a user's upload touches must not be derivable from the seed);
+    None: the seeded key, so central and federated runs draw alike."""
     seg, item = rows.train_segment, rows.train_item
     if not hyper.implicit:
         return torch.as_tensor(seg), torch.as_tensor(item), torch.as_tensor(rows.train_rating, dtype=torch.float32)
     counts = np.bincount(seg, minlength=len(rows.users))
     neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts * hyper.train_negatives, n_items,
-                                         hyper.seed, round_)
+                                         hyper.seed, round_, negatives_key)
     target = np.concatenate([np.ones(len(seg), np.float32), np.zeros(len(neg_seg), np.float32)])
     return (torch.as_tensor(np.concatenate([seg, neg_seg])), torch.as_tensor(np.concatenate([item, neg_item])),
             torch.as_tensor(target))

@@ -52,15 +52,19 @@ def fit_user(items: ItemParams, item: np.ndarray, rating: np.ndarray, hyper: Hyp
 
 
 def top_n(items: ItemParams, user: UserFit, exclude: np.ndarray, n: int,
-          rating_scale: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+          rating_scale: tuple[float, float] | None = None,
+          hide: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The n best items the user has not rated (item indices, scores; clamped to the scale).
-    `exclude`: the items the user rated, which are also its N(u) under SVD++."""
+    `exclude`: the items the user rated, which are also its N(u) under SVD++; `hide`: more items
+    never to recommend (e.g. items no one rated in training: their scores are initial values)."""
     own = torch.as_tensor(user.emb)
     with torch.no_grad():
         vector = scoring_vector(items, own, exclude)
         scores = (items.global_bias + items.bias + items.emb[:, :len(own)] @ vector + user.bias).numpy()
     scores = scores.astype(np.float64)
     scores[np.asarray(exclude, dtype=np.int64)] = -np.inf
+    if hide is not None:
+        scores[np.asarray(hide, dtype=np.int64)] = -np.inf
     best = np.argsort(-scores, kind="stable")[:max(0, min(n, int(np.isfinite(scores).sum())))]
     shown = scores[best] if rating_scale is None else np.clip(scores[best], *rating_scale)
     return best, shown

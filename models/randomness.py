@@ -4,7 +4,8 @@ Two kinds:
 - seeded streams (data split, init, training negatives, audit targets) derive from the
   run seed, so experiments repeat exactly;
 - private streams (DP noise on the server and on the device, decoy rows, DP user
-  sampling, canary membership, and the starting user vectors of private runs) are what
+  sampling, canary membership, and the starting user vectors and training negatives of
+  runs that claim anything against the server: DP, SecAgg+ or decoys) are what
   a privacy guarantee or heuristic rests on. They draw from OS
   entropy, and no seed of theirs exists anywhere: the server sees the run seed, writes it
   to config.toml and summary.json, and chooses rounds and users, so anything derived from
@@ -34,7 +35,8 @@ STREAM_TAGS = {
     "dropout": 0xD0,
     "bpmf-items": 0xB9,  # the server's item draws of BPMF (models/bpmf.py): not a privacy stream
 }
-PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries", "user-init"})
+PRIVATE_STREAMS = frozenset({"sampling", "central-noise", "device-noise", "decoys", "canaries", "user-init",
+                             "negatives"})
 
 # Public initial parameters come from torch generators seeded with the run seed plus an offset
 # (private runs draw their user vectors from private_rng("user-init") instead).

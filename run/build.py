@@ -46,7 +46,14 @@ def hyper(cfg: RunConfig) -> Hyper:
                  lr=cfg.lr, local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
                  init_std=cfg.init_std, seed=cfg.seed, recency_items=cfg.recency_items,
                  recency_decay=cfg.recency_decay, recency_weight=cfg.recency_weight, bpmf_alpha=cfg.bpmf_alpha,
-                 burn_in=cfg.burn_in)
+                 burn_in=burn_in(cfg.burn_in, cfg.rounds))
+
+
+def burn_in(setting: int, steps: int) -> int:
+    """BPMF draws kept out of the averaged model: the setting, but at most half of the run's rounds
+    (epochs): a run shorter than its burn-in would serve its last, unaveraged draw (a 10-round run with
+    the default 20 scored every item 5.00). summary.json says when it was cut."""
+    return min(setting, steps // 2)
 
 
 def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
@@ -58,7 +65,8 @@ def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
     return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clip_norm=cfg.clipping_norm,
                         noise_std=noise,
                         max_rounds=cfg.max_rounds_per_user if cfg.dp in ("local", "distributed") else 0,
-                        reproducible_seed=cfg.seed if cfg.reproducible_noise else None)
+                        reproducible_seed=cfg.seed if cfg.reproducible_noise else None,
+                        private_randomness=cfg.private_device_randomness)
 
 
 def num_nodes(cfg: RunConfig, population: int) -> int:

@@ -175,8 +175,9 @@ class RunConfig:
                                           "it.")
     secagg_timeout: float = _privacy(0.0, "SecAgg+: seconds to wait for each stage's replies (0: no limit); late nodes "
                                           "count as dropped and their masks are recovered.")
-    reproducible_noise: bool = _privacy(False, "Derive DP noise, decoys and DP sampling from --seed: repeatable, and "
-                                        "NOT private (anyone with the seed can regenerate them).")
+    reproducible_noise: bool = _privacy(False, "Derive DP noise, decoys, DP sampling and the devices' starting "
+                                        "vectors and training negatives from --seed: repeatable, and NOT private "
+                                        "(anyone with the seed can regenerate them).")
     # --- reliability
     round_timeout: float = _reliability(0.0, "Seconds the server waits for a round's replies; later replies count as "
                                         "failed (0: until every node answered or failed, at most an hour).")
@@ -210,6 +211,17 @@ class RunConfig:
     def implicit(self) -> bool:
         return self.split == "loo"
 
+    @property
+    def guards_uploads(self) -> bool:
+        """Does the run claim anything against the server (DP, SecAgg+ or decoys)?"""
+        return self.dp != "none" or self.secure_aggregation != "none" or self.update_mode == "padded"
+
+    @property
+    def private_device_randomness(self) -> bool:
+        """Starting vectors and training negatives from OS entropy on the device: wherever the run
+        claims anything against the server, unless the user asked for reproducible (non-private) noise."""
+        return self.guards_uploads and not self.reproducible_noise
+
     def resolved(self) -> "RunConfig":
         """Fill the loss-dependent defaults (-1) with concrete values."""
         model = self.auto_model() if self.model == "auto" else self.model
@@ -220,11 +232,32 @@ class RunConfig:
 
     def auto_model(self) -> str:
         """What --model auto runs: BPMF where its refusals and its clipping scale do not get in the way."""
+        return "mf" if self._mf_because() else "bpmf"
+
+    def _mf_because(self) -> str:
+        """Why --model auto runs MF here ('' where it runs BPMF)."""
         # a clipping norm sized for MF's updates would crush BPMF's statistics (norm ~ alpha sqrt(ratings))
-        plain = (self.dp == "none" and self.secure_aggregation == "none" and self.update_mode != "padded"
-                 and self.clipping_norm == 0)
-        everyone = self.users_per_round == 0 and self.sampling == "fixed"
-        return "bpmf" if plain and everyone and not self.implicit else "mf"
+        reasons = [("implicit feedback (--split loo)", self.implicit),
+                   (f"--dp {self.dp}", self.dp != "none"),
+                   ("--secure-aggregation", self.secure_aggregation != "none"),
+                   ("decoys (--update-mode padded)", self.update_mode == "padded"),
+                   ("--clipping-norm", self.clipping_norm != 0),
+                   ("partial participation (--users-per-round, --sampling poisson)",
+                    self.users_per_round != 0 or self.sampling != "fixed")]
+        return ", ".join(why for why, holds in reasons if holds)
+
+    def model_reason(self) -> str:
+        """Which model the run trains and why (the table, summary.json, comparison.md). True whether the
+        model came from --model auto or by name, so it can be said of a resolved config too."""
+        auto = self.auto_model()
+        model = auto if self.model == "auto" else self.model
+        if model != auto:
+            return f"{model}, chosen with --model (--model auto would run {auto} here)"
+        because = self._mf_because()
+        return (f"mf, what --model auto runs with {because} (bpmf only for ratings with every user in every "
+                "round and no privacy option)" if because else
+                "bpmf, what --model auto runs for ratings with every user in every round and no privacy option "
+                "(it won on validation)")
 
     def validate(self) -> "RunConfig":
         self.check_values()
@@ -440,14 +473,13 @@ CENTRAL_SETTINGS = DATA_SETTINGS | {"model", "dim", "reg_user", "reg_item", "reg
                                     "lr", "server_lr", "strategy", "epochs", "eval_every", "top_k", "out"}
 
 
-def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str, str]:
-    """Settings changed from their default that a run would not use, each with why: "outside" the
-    settings its command reads (`reads`; None: all), or "with --<switch> <value>" that makes it moot."""
+def moot_settings(cfg: RunConfig) -> dict[str, tuple[str, bool]]:
+    """Per setting that another one can make moot: (that switch, whether it does in `cfg`)."""
     no_dp, pad, loo = cfg.dp == "none", cfg.update_mode == "padded", cfg.split == "loo"
     bpmf = cfg.resolved().model == "bpmf"
     moot = {"noise_multiplier": ("dp", no_dp), "target_epsilon": ("dp", no_dp), "target_delta": ("dp", no_dp),
             "accountant": ("dp", no_dp), "max_rounds_per_user": ("dp", cfg.dp not in ("local", "distributed")),
-            "reproducible_noise": ("dp", no_dp and not pad),  # nothing random left to repeat
+            "reproducible_noise": ("dp", not cfg.guards_uploads),  # nothing private left to repeat
             "pad_ratio": ("update_mode", not pad),
             "robust_bound": ("robust_aggregation", cfg.robust_aggregation == "none"),
             "test_fraction": ("split", cfg.split != "random" and (loo or not cfg.validation)),  # validation: its share
@@ -462,6 +494,18 @@ def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str
             moot[f.name] = ("secure_aggregation", cfg.secure_aggregation == "none")
         if f.name.startswith("synthetic_"):
             moot[f.name] = ("dataset", cfg.dataset != "synthetic")
+    return moot
+
+
+def applies(cfg: RunConfig, name: str) -> bool:
+    """Does setting `name` act in a run with `cfg` (no other setting makes it moot)?"""
+    return not moot_settings(cfg).get(name, ("", False))[1]
+
+
+def ignored_settings(cfg: RunConfig, reads: frozenset | None = None) -> dict[str, str]:
+    """Settings changed from their default that a run would not use, each with why: "outside" the
+    settings its command reads (`reads`; None: all), or "with --<switch> <value>" that makes it moot."""
+    moot = moot_settings(cfg)
     default, out = RunConfig(), {}
     for f in fields(cfg):
         if getattr(cfg, f.name) == getattr(default, f.name):

@@ -118,6 +118,13 @@ def plot_metric(frame: pd.DataFrame, x: str, metric: str, path: Path, title: str
     plt.close(fig)
 
 
+def dp_label(privacy: dict) -> str:
+    """'ε=7.99, δ=1e-05, z=1.234' for a DP run's privacy summary; '' for any other run."""
+    if "epsilon" not in privacy:
+        return ""
+    return f"ε={privacy['epsilon']:.3g}, δ={privacy['delta']:g}, z={privacy['noise_multiplier']:.4g}"
+
+
 def main_metric(implicit: bool, k: int) -> str:
     return f"hr@{k}" if implicit else "rmse"
 
@@ -164,9 +171,10 @@ class RunWriter:
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)
 
-    def write_results(self, items: ItemParams, step: str, catalogue: tuple | None = None) -> None:
+    def write_results(self, items: ItemParams, step: str, catalogue: tuple | None = None, label: str = "") -> None:
         """The model (with the public item `catalogue`, (ids, titles), where known), and the
-        headline metric per `step` ("epoch" or "round") plotted from metrics.csv."""
+        headline metric per `step` ("epoch" or "round") plotted from metrics.csv; `label` (a DP
+        run's epsilon, delta and z: dp_label) goes into the plot's title."""
         import pandas as pd
 
         from fedrec.models.saved import save_model
@@ -174,5 +182,6 @@ class RunWriter:
         save_model(self.path, items, *(catalogue or (None, None)))
         metric = main_metric(self.cfg.implicit, self.cfg.top_k)
         frame = pd.read_csv(self.path / "metrics.csv")
+        title = f"{self.mode} {self.cfg.dataset} {self.cfg.split}: {metric} per {step}"
         plot_metric(frame, step, metric, self.path / f"{metric.replace('@', '_at_')}.png",
-                    f"{self.mode} {self.cfg.dataset} {self.cfg.split}: {metric} per {step}")
+                    f"{title}\n{label}" if label else title)

@@ -22,7 +22,8 @@ from fedrec.models import ItemParams, initial_global_bias
 from fedrec.run import schema
 from fedrec.run.build import hyper
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.rundir import RunWriter, metric_columns
+from fedrec.run.guarantee import describe
+from fedrec.run.rundir import RunWriter, dp_label, metric_columns
 
 from . import checkpoint
 from .directory import discover
@@ -58,41 +59,42 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
     if plan.noise_multiplier <= 0:
         rounds = cap if cfg.dp == "local" else cfg.rounds  # distributed: calibrated as central DP
         z = plan.calibrate(cfg.target_epsilon, rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
-        plan = dataclasses.replace(plan, noise_multiplier=z)
+        plan = dataclasses.replace(plan, noise_multiplier=z, calibrated=True)
         cfg = dataclasses.replace(cfg, noise_multiplier=z)
     return cfg, plan
 
 
-NOT_PRIVATE = "none: noise, decoys and sampling are derivable from the seed (--reproducible-noise)"
-AGAINST_THE_SERVER = {
-    "central": "; not against the server, which sees each upload before it adds the noise",
-    "local": ", and against the server for training uploads (evaluation replies are not covered)",
-    "distributed": "; against the server, which sees only the SecAgg+ sum of noised updates but knows who was "
-                   "sampled (no amplification), see epsilon_against_server (evaluation replies are not covered)",
-}
+def noise_source(cfg: RunConfig, plan: PrivacyPlan) -> str:
+    """Where a DP run's noise multiplier came from (config.toml keeps 0 for a calibrated one, so
+    a run repeated from it is calibrated again, for its own rounds)."""
+    if plan.calibrated:
+        return f"calibrated to the target epsilon {cfg.target_epsilon:g} for {cfg.rounds} rounds"
+    return "set by hand (--noise-multiplier): epsilon follows from it"
 
 
-def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy) -> dict | None:
+def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, strategy: FedRecStrategy) -> dict:
+    """summary.json's `privacy`: what the run protects and against whom (every run), and for a DP
+    run its accounting and the ledger of what it releases."""
+    base = {"mode": cfg.dp, "secure_aggregation": cfg.secure_aggregation, "update_mode": cfg.update_mode,
+            "reproducible_noise": cfg.reproducible_noise}
     if plan is None:
-        return None
-    summary = {"mode": plan.mode, "epsilon": strategy.epsilon, "delta": plan.delta,
-               "noise_multiplier": plan.noise_multiplier, "clipping_norm": plan.clipping_norm,
+        return base | describe(cfg)
+    server_epsilon = plan.server_epsilon(int(strategy.participation.max())) if plan.mode == "distributed" else None
+    summary = base | {"epsilon": strategy.epsilon, "delta": plan.delta,
+               "noise_multiplier": plan.noise_multiplier, "noise_multiplier_source": noise_source(cfg, plan),
+               "clipping_norm": plan.clipping_norm,
                "sampling": plan.sampling, "sampling_rate": plan.rate, "rounds": strategy.rounds_trained,
                "accountant": f"dp-accounting-{plan.accountant}", "unit": "user",
                "target_epsilon": cfg.target_epsilon or None,
-               "reproducible_noise": cfg.reproducible_noise,
-               "guarantee": NOT_PRIVATE if cfg.reproducible_noise else
-               f"({strategy.epsilon:.4g}, {plan.delta:g})-DP at user level against whoever reads what the run "
-               "releases" + AGAINST_THE_SERVER[plan.mode],
+               **describe(cfg, strategy.epsilon, server_epsilon),
                "releases": release_ledger(plan.mode, cfg.tuned)}
     if plan.mode == "local":
         summary["epsilon_per_round"] = plan.epsilon(1)
         summary["max_rounds_per_user"] = plan.max_rounds
         summary["epsilon_at_cap"] = plan.epsilon(plan.max_rounds)
     if plan.mode == "distributed":
-        rounds_taken = int(strategy.participation.max())
         summary["max_rounds_per_user"] = plan.max_rounds
-        summary["epsilon_against_server"] = plan.server_epsilon(rounds_taken)
+        summary["epsilon_against_server"] = server_epsilon
         summary["epsilon_against_server_at_cap"] = plan.server_epsilon(plan.max_rounds)
     return summary
 
@@ -126,6 +128,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     directory = discover(grid, ConfigRecord(cfg.to_dict()))
     if cfg.users_per_round > directory.population:
         raise ValueError(f"users-per-round={cfg.users_per_round} exceeds the {directory.population} users")
+    settings = cfg  # what config.toml keeps: a calibrated z is recomputed when the settings are used again
     cfg, plan = privacy_plan(cfg, directory.population)
     if cfg.reproducible_noise:
         log(WARNING, "--reproducible-noise: DP noise, decoys, sampling and starting user vectors derive from the "
@@ -144,7 +147,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         config[schema.NOISE_SHARE] = secure.noise_share_std
         grid = SecureGrid(grid, cfg, secure)
     items = ItemParams.init(directory.num_items, hyper(cfg), initial_global_bias(cfg.implicit, directory.rating_scale))
-    out = RunWriter(Path(cfg.resume), cfg, "federated") if saved else RunWriter.create(cfg, "federated")
+    out = RunWriter(Path(cfg.resume), settings, "federated") if saved else RunWriter.create(settings, "federated")
     run_dir = out.path
     if cfg.keep_checkpoints and not saved:
         checkpoint.forget_kept(run_dir)
@@ -175,6 +178,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
 
     strategy = FedRecStrategy(cfg, directory, items, on_round=round_done, audit=record, privacy=plan)
     state = RunState(out, {"mode": "federated", "dataset": cfg.dataset, "split": cfg.split,
+                           "model": cfg.model, "model_reason": cfg.model_reason(),
+                           **({"burn_in": hyper(cfg).burn_in} if cfg.model == "bpmf" else {}),
                            "num_users": directory.population, "config": cfg.to_dict()},
                      series=saved.series if saved else checkpoint.new_series())
     if saved:
@@ -216,7 +221,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             raise ConfigError(f"every SecAgg+ round was halted{why}; lower --secagg-min-fraction or "
                               "--secagg-threshold, or start more nodes")
         summary = finished_summary(cfg, plan, strategy, state, directory, secure, grid, stopped, start)
-        out.write_results(items, "round", catalogue)
+        out.write_results(items, "round", catalogue, dp_label(summary["privacy"]))
         if cfg.keep_checkpoints:  # the last round's too: its participation counts tell forget who ever took part
             save_checkpoint(state, strategy, keep=True, write=False)
     except BaseException as error:
@@ -225,7 +230,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         raise
     state.status("completed", **summary)
     checkpoint.remove(run_dir)  # the server's memory; the run is over
-    return FederatedOutcome(summary, strategy.history, items, run_dir, audit, time.perf_counter() - start)
+    return FederatedOutcome({"status": "completed", **state.summary, **summary}, strategy.history, items, run_dir,
+                            audit, time.perf_counter() - start)
 
 
 def excluded_users(users: set[int], population: int) -> np.ndarray | None:
@@ -248,8 +254,7 @@ def finished_summary(cfg, plan, strategy, state, directory, secure, grid, stoppe
         # participation), totals of bytes how much a forgotten user's rows weighed
         summary |= {"wall_seconds": time.perf_counter() - start, "bytes_up": strategy.bytes_up,
                     "bytes_down": strategy.bytes_down}
-    else:
-        summary["privacy"] = privacy_summary(cfg, plan, strategy)
+    summary["privacy"] = privacy_summary(cfg, plan, strategy)
     if secure is not None:
         summary["secure_aggregation"] = secure_summary(cfg, secure, grid)
     if cfg.reproducible_noise:

@@ -48,6 +48,7 @@ class PrivacyPlan:
     delta: float
     accountant: str  # "rdp" or "pld"
     max_rounds: int = 0  # local and distributed DP: rounds a user may take part in (its devices enforce it)
+    calibrated: bool = False  # z was calibrated to a target epsilon (else set by hand)
 
     @property
     def rate(self) -> float:

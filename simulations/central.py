@@ -12,8 +12,9 @@ import numpy as np
 
 from fedrec.datasets import cohort
 from fedrec.models import CentralResult, train_central
-from fedrec.run.build import hyper, load_data
+from fedrec.run.build import burn_in, hyper, load_data
 from fedrec.run.config import CENTRAL_SETTINGS, RunConfig, ignored_settings, with_defaults
+from fedrec.run.guarantee import describe
 from fedrec.run.rundir import RunWriter
 
 
@@ -33,13 +34,16 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
     split = load_data(cfg)
     rows = cohort(split, np.arange(split.n_users))
     # One step per epoch: local-epochs describes what a device does in a round, not the baseline.
-    central_hyper = dataclasses.replace(hyper(cfg), local_epochs=1)
+    central_hyper = dataclasses.replace(hyper(cfg), local_epochs=1, burn_in=burn_in(cfg.burn_in, cfg.epochs))
     result = train_central(rows, split.n_users, split.n_items, central_hyper, cfg.epochs, cfg.strategy, cfg.server_lr,
                            cfg.top_k, split.rating_scale, cfg.eval_every, on_epoch)
     summary = {
-        "mode": "central", "dataset": cfg.dataset, "split": cfg.split, "metrics": result.metrics,
+        "mode": "central", "dataset": cfg.dataset, "split": cfg.split, "model": cfg.model,
+        "model_reason": cfg.model_reason(), "metrics": result.metrics,
+        **({"burn_in": central_hyper.burn_in} if cfg.model == "bpmf" else {}),
         "epochs": cfg.epochs, "wall_seconds": time.perf_counter() - start, "train_seconds": result.wall_seconds,
         "num_users": split.n_users, "num_items": split.n_items, "config": cfg.to_dict(),
+        "privacy": {"mode": "none", **describe(cfg, central=True)},
     }
     if out is None:
         return CentralOutcome(summary, result, Path())

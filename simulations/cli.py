@@ -253,10 +253,12 @@ def _quiet_engines() -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int, label: str):
+def _progress(total: int, label: str, timed: bool = True):
+    """A progress bar on stderr; `timed=False` (DP runs) shows no elapsed time or ETA: seconds per
+    round depend on who was sampled, and the run's ledger does not release them."""
+    clock = (TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()) if timed else ()
     progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=console, transient=False)
+                        TextColumn("{task.fields[info]}"), *clock, console=console, transient=False)
     try:
         with progress:
             try:
@@ -280,12 +282,39 @@ def _show(title: str, rows: dict[str, dict[str, float]]) -> None:
     out.print(table)
 
 
-def _tracker(progress: Progress, task, key: str):
+def _tracker(progress: Progress, task, key: str, first=None):
+    """The progress bar's update per row; `first()` runs before the first (the run has started: its
+    settings and data passed every check, so nothing printed before would precede an error line)."""
+    pending = [first] if first else []
+
     def update(row: dict) -> None:
+        while pending:
+            pending.pop()()
         shown = {k: v for k, v in row.items() if (k in ("rmse", "train_loss") or k.startswith("hr@")) and v == v}
         info = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
         progress.update(task, completed=row[key], info=info)
     return update
+
+
+def _announce(cfg: RunConfig, central: bool = False, console: Console = console) -> None:
+    """The run's model and what it protects, as it starts (stderr, above the progress bar)."""
+    from fedrec.run.build import burn_in
+    from fedrec.run.guarantee import describe
+
+    steps, unit = (cfg.epochs, "epochs") if central else (cfg.rounds, "rounds")
+    resolved = cfg.resolved()
+    console.print(f"model: {resolved.model_reason()}", highlight=False, soft_wrap=True)
+    if resolved.model == "bpmf" and burn_in(cfg.burn_in, steps) < cfg.burn_in:
+        console.print(f"note: --burn-in {cfg.burn_in} is more than half of the {steps} {unit}; the model averages "
+                      f"the draws after {burn_in(cfg.burn_in, steps)}", highlight=False, soft_wrap=True)
+    console.print(guarantee_line({"guarantee": describe(resolved, central=central)["guarantee"]}), highlight=False,
+                  soft_wrap=True)
+
+
+def guarantee_line(privacy: dict) -> str:
+    from fedrec.run.guarantee import line
+
+    return line(privacy)
 
 
 def run_central_cli(cfg: RunConfig):
@@ -293,7 +322,8 @@ def run_central_cli(cfg: RunConfig):
 
     with _progress(cfg.epochs, "central") as progress:
         task = progress.add_task("central", total=cfg.epochs, info="")
-        outcome = run_central(cfg, on_epoch=_tracker(progress, task, "epoch"))
+        outcome = run_central(cfg, on_epoch=_tracker(progress, task, "epoch",
+                                                     lambda: _announce(cfg, True, progress.console)))
     return outcome
 
 
@@ -304,9 +334,10 @@ def run_federated_cli(cfg: RunConfig):
 
     if cfg.resume:
         cfg = resumed_config(cfg)  # its own settings: the progress bar needs its rounds
-    with _progress(cfg.rounds, "federated") as progress:
+    with _progress(cfg.rounds, "federated", timed=cfg.dp == "none") as progress:
         task = progress.add_task("federated", total=cfg.rounds, info="starting engine")
-        outcome = simulate_federated(cfg, on_round=_tracker(progress, task, "round"),
+        outcome = simulate_federated(cfg, on_round=_tracker(progress, task, "round",
+                                                            lambda: _announce(cfg, False, progress.console)),
                            say=lambda line: progress.console.print(line, highlight=False))
     if outcome.status == "interrupted":  # checkpointed: one line, the conventional exit code of Ctrl-C
         console.print(f"interrupted after round {outcome.history[-1]['round'] if outcome.history else 0}; "
@@ -320,8 +351,9 @@ def run_federated_cli(cfg: RunConfig):
 def central(cfg: RunConfig) -> None:
     """Train the central baseline (all data in one place)."""
     outcome = run_central_cli(cfg)
-    _show(f"central {cfg.dataset} {cfg.split}, {outcome.summary['wall_seconds']:.1f} s",
+    _show(f"central {cfg.dataset} {cfg.split}, {outcome.summary['model']}, {outcome.summary['wall_seconds']:.1f} s",
           {"central": outcome.summary["metrics"]})
+    out.print(guarantee_line(outcome.summary["privacy"]), highlight=False, soft_wrap=True)
     out.print(f"results in {outcome.run_dir}")
 
 
@@ -330,10 +362,19 @@ def central(cfg: RunConfig) -> None:
 def simulate(cfg: RunConfig) -> None:
     """Federated training through Flower's simulation engine."""
     outcome = run_federated_cli(cfg)
-    timing = "" if "privacy" in outcome.summary else f", {outcome.wall_seconds:.1f} s"  # a DP run does not release it
-    _show(f"federated {cfg.dataset} {cfg.split}{timing}",
+    timing = f", {outcome.wall_seconds:.1f} s" if "wall_seconds" in outcome.summary else ""  # DP runs do not release it
+    _show(f"federated {cfg.dataset} {cfg.split}, {outcome.summary['model']}{dp_title(outcome.summary)}{timing}",
           {"federated": outcome.summary["metrics"]})
+    out.print(guarantee_line(outcome.summary["privacy"]), highlight=False, soft_wrap=True)
     out.print(f"results in {outcome.run_dir}")
+
+
+def dp_title(summary: dict) -> str:
+    """', eps 7.99, delta 1e-05, z 1.23' for a DP run's table title ('' otherwise)."""
+    from fedrec.run.rundir import dp_label
+
+    label = dp_label(summary.get("privacy") or {})
+    return f", {label}" if label else ""
 
 
 _TUNE_TRIALS = typer.Option(0, "--tune-trials", help=f"trials per side (central, federated); with neither this nor "
@@ -394,8 +435,16 @@ def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="fir
                           "epsilon accounts for; tune without --dp, then pass the chosen settings with --dp")
     tuner = (lambda run_dir: run_tune_cli(cfg, tune_trials, tune_seconds, run_dir)) if tune else None
     report = run_compare(cfg, run_central_cli, run_federated_cli, tuner)
-    _show(f"central vs federated: {cfg.dataset} {cfg.split}", {"central": report["central"]["metrics"],
-                                                                 "federated": report["federated"]["metrics"]})
+    central, federated = report["central"], report["federated"]
+    models = central["model"] if central["model"] == federated["model"] else \
+        f"central {central['model']} vs federated {federated['model']}: different models"
+    _show(f"central vs federated: {cfg.dataset} {cfg.split}, {models}{dp_title(federated)}",
+          {"central": central["metrics"], "federated": federated["metrics"]})
+    out.print(guarantee_line(federated["privacy"]).replace("privacy:", "federated privacy:", 1), highlight=False,
+              soft_wrap=True)
+    if "epsilon" in federated["privacy"]:
+        out.print("note: central/ is the non-private baseline on the same users' data; the federated run's epsilon "
+                  "does not cover it", highlight=False, soft_wrap=True)
     out.print(f"results in {report['run_dir']}")
 
 
@@ -695,6 +744,9 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central, f
               user: str = typer.Option(..., help="the user's id in the data set"),
               n: int = typer.Option(10, min=1, help="how many items"),
               as_json: bool = typer.Option(False, "--json", help="print a JSON list of {item, title, score}"),
+              include_unrated: bool = typer.Option(False, "--include-unrated-items",
+                                                   help="also rank items no user rated in training (the model "
+                                                        "never learned them: their scores are initial values)"),
               data_dir: Optional[Path] = typer.Option(
                   None, help="where this device reads the user's ratings [default: the run's]")) -> None:
     """A user's top-N unrated items from a run's global model, one line each: score and title.
@@ -705,7 +757,7 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central, f
         run = _located(run)
         from fedrec.simulations.recommend import recommend as top_items
 
-        picks = top_items(run, user, n, str(data_dir) if data_dir else None)
+        picks = top_items(run, user, n, str(data_dir) if data_dir else None, include_unrated)
     except (ConfigError, DataError) as error:
         _fail(str(error))
     if as_json:
@@ -780,13 +832,16 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
 @cli.command()
 def serve(run: Path = typer.Option(..., "--run", help="a finished central, federated or compare run directory"),
           host: str = typer.Option("127.0.0.1", help="address to listen on (loopback: only this machine; on any "
-                                                      "other, whoever reaches it can act as an unclaimed device)"),
+                                                      "other, the token crosses the network in plain HTTP and "
+                                                      "whoever reads it can act as an unclaimed device)"),
           port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
           data_dir: Optional[Path] = typer.Option(
               None, help="where the devices read their ratings [default: the run's]")) -> None:
     """A local web page showing one device's side of the run: what it stores, recommends and
-    sends, a new device's cold start, consent and forgetting. A device's controls belong to the
-    visitor who claims it first. Ctrl-C stops it."""
+    sends, a new device's cold start, consent and forgetting. Open it with the URL it prints: the
+    URL carries a random access token, made afresh each start and shown nowhere else (there is no
+    --token option: a command line is visible to every user of the machine); without it every page
+    answers 403. A device's controls belong to the visitor who claims it first. Ctrl-C stops it."""
     try:
         require("serve", "fedrec serve")
         _located(run)  # the page serves a compare directory's federated run itself (the central one is its reference)

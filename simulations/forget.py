@@ -150,9 +150,9 @@ def same_mtime(run_dir: Path) -> None:
 
 def no_replay(summary: dict, run_dir: Path) -> str:
     """Why replay is impossible and what bounds the user's remaining influence."""
-    privacy = summary.get("privacy")
+    privacy = summary.get("privacy") or {}
     bound = (f"the model bounds the user's influence only by its DP guarantee, epsilon {privacy['epsilon']:.4g} at "
-             f"delta {privacy['delta']:g} (summary.json)" if privacy else
+             f"delta {privacy['delta']:g} (summary.json)" if "epsilon" in privacy else
              "without DP nothing bounds the user's influence on the model: retrain without the user")
     return (f"cannot replay {run_dir.name} without the user: it kept no checkpoints (run with --keep-checkpoints); "
             f"{bound}")

@@ -20,8 +20,11 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.finished import locate
 
 
-def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None) -> list[dict]:
-    """[{"item": original id, "title": ..., "score": predicted rating}] for `user` (original id)."""
+def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None,
+              include_unrated: bool = False) -> list[dict]:
+    """[{"item": original id, "title": ..., "score": predicted rating}] for `user` (original id).
+    Items no user rated in training are left out (the model never learned them: their score is the
+    initial bias, which can top the list) unless `include_unrated`."""
     run = locate(run).run  # a compare directory: its federated run
     cfg = RunConfig.from_toml(run / "config.toml")
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir)) if data_dir else cfg
@@ -37,8 +40,9 @@ def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None) ->
     if not len(match):
         raise ConfigError(f"unknown user {user!r}: {cfg.dataset} has users {ids[0]}..{ids[-1]} ({len(ids)} of them)")
     rows = cohort(split, match[:1])
+    unrated = None if include_unrated else np.flatnonzero(np.bincount(split.train.item, minlength=split.n_items) == 0)
     best, scores = top_n(items, fit_user(items, rows.train_item, rows.train_rating, hyper(cfg)), rows.train_item, n,
-                         split.rating_scale)
+                         split.rating_scale, hide=unrated)
     item_ids = split.item_ids if split.item_ids is not None else np.arange(split.n_items)
     titles = split.item_titles
     return [{"item": item_ids[i].item(), "title": str(titles[i]) if titles is not None else f"item {item_ids[i]}",

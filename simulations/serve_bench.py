@@ -3,7 +3,8 @@ fit + top-10, in process and through the page's own form (POST /new).
 
 Start-up is timed on the real command in a fresh process (interpreter start, imports,
 loading the run and its data, the web server's start), from spawning it until GET / answers
-200, and until a device page does too. The fit is timed on fedrec.models.personal, the code
+200, and until a device page does too, each through the printed URL's token login as a
+browser opens it (one redirect). The fit is timed on fedrec.models.personal, the code
 the page runs for a new device, against the run's saved model.
 """
 
@@ -16,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -34,6 +35,7 @@ from fedrec.run.finished import locate
 from fedrec.run.rundir import write_json
 
 FIRST_PAGE_TARGET = 5.0  # seconds, issue 11
+PRINTED_URL = re.compile(r"http://\S+/\?token=([\w-]+)")  # fedrec serve's first line
 FIT_TARGET = 0.5
 
 
@@ -67,38 +69,58 @@ def _get(opener, url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 class Server:
     """`fedrec serve --run R` on a free loopback port, in its own session, stopped by its PID (R relative to
-    `cwd` when given: the page then shows the short path a user would have typed)."""
+    `cwd` when given: the page then shows the short path a user would have typed). Its output is read
+    through a pipe into memory, never a file: its first line carries the access token (`login_url`)."""
 
     def __init__(self, run: Path, timeout: float = 60.0, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="fedrec-serve-", suffix=".log", delete=False)
+        self.token: str | None = None
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self._lines: list[str] = []
         self.started = time.perf_counter()
         self.process = subprocess.Popen([*fedrec_command(), "serve", "--run", str(run), "--host", "127.0.0.1",
-                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+                                         "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd, text=True,
+                                        errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)  # a full pipe would block the server
+        self._reader.start()
         self.timeout = timeout
 
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            printed = PRINTED_URL.search(line) if self.token is None else None
+            if printed:
+                self.token = printed.group(1)
+            self._lines.append(line)
+
+    def login_url(self, path: str = "/") -> str:
+        """`path` with the access token, as the printed URL carries it: the server redirects to `path`."""
+        return f"{self.url}{path}{'&' if '?' in path else '?'}{urllib.parse.urlencode({'token': self.token})}"
+
     def wait_for(self, path: str, opener=None) -> float:
-        """Seconds from the spawn until GET path answers 200 (polled every 10 ms)."""
-        opener = opener or urllib.request.build_opener()
+        """Seconds from the spawn until GET path answers 200 (polled every 10 ms), through the printed URL's
+        login with `opener` (which must keep cookies; default: this server's own)."""
+        opener = opener or self.opener
         deadline = self.started + self.timeout
         while time.perf_counter() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"fedrec serve exited with {self.process.returncode}: {self.output()[-600:]}")
-            try:
-                status, _ = _get(opener, self.url + path, timeout=2.0)
-                if status == 200:
-                    return time.perf_counter() - self.started
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
+            if self.token is not None:
+                try:
+                    status, _ = _get(opener, self.login_url(path), timeout=2.0)
+                    if status == 200:
+                        return time.perf_counter() - self.started
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
             time.sleep(0.01)
         raise RuntimeError(f"fedrec serve did not answer 200 on {path} within {self.timeout:.0f} s: "
                            f"{self.output()[-600:]}")
 
     def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
+        """What the server printed, its token masked (this text goes into test reports and errors)."""
+        text = "".join(self._lines)
+        return text.replace(self.token, "<token>") if self.token else text
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -108,8 +130,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self.log.close()
-        os.unlink(self.log.name)
+        self._reader.join(5)
+        self.process.stdout.close()
 
     def __enter__(self):
         return self

@@ -1,7 +1,8 @@
 """The demo page as a person uses it, in a real headless Chromium (Debian's chromium and
-chromium-driver; .ci/run installs them): pick a user, see recommendations with titles, rate 5
-movies as a new device, get recommendations, opt out, forget. A screenshot of the device page
-goes to the test's tmp directory and, with FEDREC_SCREENSHOT=PATH, to PATH (README: docs/demo.png).
+chromium-driver; .ci/run installs them): open the printed URL with its access token, pick a
+user, see recommendations with titles, rate 5 movies as a new device, get recommendations, opt
+out, forget. A screenshot of the device page goes to the test's tmp directory and, with
+FEDREC_SCREENSHOT=PATH, to PATH (README: docs/demo.png).
 
 Without the browser the test fails (CI must not go green without it); FEDREC_ALLOW_NO_BROWSER=1
 turns that into a skip on a machine that cannot have one.
@@ -144,8 +145,14 @@ def test_pick_user_cold_start_opt_out_forget(browser, served, finished_run, tmp_
     user = str(split.user_ids[0])
     own = {title_of[str(split.item_ids[i])] for i in split.train.item[split.train.user == 0]}
     try:
-        # Index: the plot has loaded; pick a user by typing the id.
+        # The bare address shows one line of 403; the printed URL with its token opens a session, and the
+        # server drops the token from the address by redirect.
         browser.get(served.url + "/")
+        assert browser.find_element(By.TAG_NAME, "body").text.startswith("403 Forbidden: open this page with the URL")
+        browser.get(served.login_url("/"))
+        _wait(browser, "img#plot")
+        assert browser.current_url == served.url + "/" and served.token not in browser.current_url
+        # Index: the plot has loaded; pick a user by typing the id.
         plot = _wait(browser, "img#plot")
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", plot) > 0
         field = _wait(browser, "#pick-user #user-input")

@@ -261,6 +261,98 @@ def test_recommend_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     assert code == 2 and expected in output and "Traceback" not in output and len(output.splitlines()) <= 2
 
 
+def _in_process_simulate(monkeypatch):
+    """`fedrec simulate` with the server and ClientApp in this process (no engine): what the CLI prints
+    around a run does not depend on the engine."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client.app import app as client_app
+    from fedrec.server.app import run_server
+    from fedrec.simulations.inprocess import InProcessGrid
+
+    def simulate(cfg, on_round=None, say=print, **_):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        return run_server(InProcessGrid(client_app, 2), cfg.resolved().validate(), on_round)
+
+    monkeypatch.setattr("fedrec.simulations.federated.simulate", simulate)
+
+
+def test_every_run_says_what_it_protects_when_it_starts_and_beside_its_results(tmp_path, monkeypatch):
+    _in_process_simulate(monkeypatch)
+    result = CliRunner().invoke(cli, ["simulate", *SMALL, "--rounds", "2", "--eval-every", "2",
+                                      "--out", str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    line = "privacy: against the server: none: the server can compute each user's vector and ratings from its upload"
+    assert result.output.count(line) == 2  # at the start and beside the results
+    assert "model: bpmf, what --model auto runs" in result.output
+    summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert summary["privacy"]["against_server"].startswith("none: the server can compute")
+    assert summary["model"] == "bpmf" and "--model auto" in summary["model_reason"]
+
+
+def test_a_dp_run_prints_no_timing_and_names_its_epsilon(tmp_path, monkeypatch):
+    """Seconds per round depend on who was sampled: the ledger does not release them, so neither may the
+    progress bar (elapsed time, ETA) nor the results table."""
+    _in_process_simulate(monkeypatch)
+    args = ["simulate", *SMALL, "--rounds", "3", "--eval-every", "3", "--dp", "central", "--clipping-norm", "0.3",
+            "--target-epsilon", "8", "--users-per-round", "40", "--sampling", "poisson"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "dp")])
+    assert result.exit_code == 0, result.output
+    assert "0:00:" not in result.output and "eta" not in result.output and " s)" not in result.output
+    assert "ε=" in result.output and "δ=1e-05" in result.output and "z=" in result.output
+    assert "against readers of the release: user-level DP with epsilon at most 8" in result.output  # the plan
+    saved = (tmp_path / "dp" / "config.toml").read_text()
+    assert "noise-multiplier = 0.0" in saved  # calibrated: a run repeated from it is calibrated again
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["privacy"]["noise_multiplier"] > 0 and "calibrated" in summary["privacy"]["noise_multiplier_source"]
+    # the same settings with fewer rounds: calibrated again, for 2 rounds, to the same target
+    again = CliRunner().invoke(cli, ["simulate", "--config", str(tmp_path / "dp" / "config.toml"), "--rounds", "2",
+                                     "--eval-every", "2", "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    repeated = json.loads((tmp_path / "again" / "summary.json").read_text())["privacy"]
+    assert repeated["epsilon"] == pytest.approx(8.0, rel=0.01)
+    assert repeated["noise_multiplier"] < summary["privacy"]["noise_multiplier"]
+
+
+def test_recommend_leaves_out_items_no_one_rated_in_training_unless_asked(tmp_path, shared_data):
+    """u1 has items rated only in its test file: the model never learned them. One such item given the
+    largest bias would top every list; recommend leaves it out unless --include-unrated-items."""
+    import numpy as np
+
+    from fedrec.models.saved import load_model, save_model
+    from fedrec.run.build import load_data
+    from fedrec.run.config import RunConfig
+
+    run = tmp_path / "u1"
+    trained = CliRunner().invoke(cli, ["central", "--dataset", "ml-100k", "--data-dir", str(shared_data), "--split",
+                                       "u1", "--model", "mf", "--epochs", "3", "--eval-every", "3", "--out", str(run)])
+    assert trained.exit_code == 0, trained.output
+    split = load_data(RunConfig.from_toml(run / "config.toml"))
+    unrated = np.flatnonzero(np.bincount(split.train.item, minlength=split.n_items) == 0)
+    assert len(unrated)
+    items = load_model(run)
+    items.bias[int(unrated[0])] = 100.0
+    with np.load(run / "model.npz") as data:
+        save_model(run, items, data["item-ids"], data["titles"])
+    picked = int(split.item_ids[unrated[0]])
+    args = ["recommend", "--run", str(run), "--user", "1", "--n", "3", "--json"]
+    assert picked not in [p["item"] for p in json.loads(CliRunner().invoke(cli, args).output)]
+    shown = json.loads(CliRunner().invoke(cli, [*args, "--include-unrated-items"]).output)
+    assert shown[0]["item"] == picked
+
+
+def test_a_bpmf_run_shorter_than_its_burn_in_averages_its_later_half(tmp_path):
+    """With the default burn-in of 20 a 10-epoch run would serve its last, unaveraged draw."""
+    out = tmp_path / "short"
+    result = CliRunner().invoke(cli, ["central", *SMALL[:-2], "--epochs", "10", "--eval-every", "10",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "note: --burn-in 20 is more than half of the 10 epochs; the model averages the draws after 5" in \
+        " ".join(result.output.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "bpmf" and summary["burn_in"] == 5
+
+
 def test_recommend_takes_a_compare_directory_and_says_it_uses_its_federated_run(tmp_path):
     import shutil
 

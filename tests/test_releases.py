@@ -18,7 +18,7 @@ from fedrec.run.config import RunConfig
 from fedrec.server.app import run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan
-from fedrec.server.releases import is_evaluation
+from fedrec.server.releases import is_evaluation, listed_locations
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -53,6 +53,24 @@ def test_a_dp_run_releases_only_what_its_ledger_lists(small_cfg, caplog, dp):
     assert messages and not [m for m in messages if "Received" in m or "train-loss" in m or "'users'" in m]
 
 
+@pytest.mark.parametrize("dp", ["central", "local", "distributed"])
+def test_the_ledger_lists_everything_a_dp_run_writes(small_cfg, dp):
+    """Every file in the run directory, every summary.json key and every metrics.csv column of a DP
+    run is named by an entry of its ledger (evaluation metrics and plots by their entry's pattern)."""
+    cfg = dataclasses.replace(small_cfg, dp=dp, clipping_norm=0.3, target_epsilon=8.0, users_per_round=20,
+                              rounds=2, eval_every=2, secure_aggregation="secagg+" if dp == "distributed" else "none")
+    outcome = run_server(InProcessGrid(client_app, 6), cfg)
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    listed = listed_locations(summary["privacy"]["releases"])
+    itemized = {"summary.json", "metrics.csv"}  # checked key by key and column by column
+    written = {p.name for p in outcome.run_dir.iterdir()} - itemized | {f"summary.json:{k}" for k in summary} | {
+        f"metrics.csv:{c}" for c in pd.read_csv(outcome.run_dir / "metrics.csv").columns}
+    patterns = {"metrics.csv:<evaluation metrics>": lambda w: w.startswith("metrics.csv:") and is_evaluation(
+        w.split(":")[1]), "<metric>.png": lambda w: w.endswith(".png")}
+    unlisted = {w for w in written - listed if not any(p in listed and match(w) for p, match in patterns.items())}
+    assert not unlisted, f"written but not in the ledger: {sorted(unlisted)}"
+
+
 def test_a_non_private_run_keeps_its_diagnostics(small_cfg):
     outcome = run_server(InProcessGrid(client_app, 2), dataclasses.replace(small_cfg, rounds=2, eval_every=2))
     frame = pd.read_csv(outcome.run_dir / "metrics.csv")
@@ -64,7 +82,8 @@ def test_reproducible_noise_says_the_run_is_not_private(small_cfg):
     cfg = dataclasses.replace(small_cfg, dp="central", clipping_norm=0.3, noise_multiplier=1.0, rounds=2,
                               reproducible_noise=True)
     privacy = run_server(InProcessGrid(client_app, 2), cfg).summary["privacy"]
-    assert privacy["reproducible_noise"] is True and privacy["guarantee"].startswith("none")
+    assert privacy["reproducible_noise"] is True
+    assert privacy["against_server"].startswith("none") and privacy["against_readers"].startswith("none")
 
 
 def test_an_empty_poisson_round_still_adds_noise_and_counts():

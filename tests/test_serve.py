@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from html import unescape
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from fedrec.simulations.cli import cli
 
 SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8",
          "--model", "mf"]  # the page of an MF run (what --model auto runs under the demo's partial participation)
+TOKEN = "test-token-" + "x" * 32  # the tests' own; `fedrec serve` makes a random one per start
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,14 @@ def demo(run):
 def app(demo):
     from fedrec.simulations.serve.app import create_app
 
-    return create_app(demo)
+    return create_app(demo, TOKEN)
+
+
+def visitor(app):
+    """A test client that opened the page with the token, as a visitor does with the printed URL."""
+    client = app.test_client()
+    assert client.get(f"/?token={TOKEN}").status_code == 303
+    return client
 
 
 def text_of(page: str, element_id: str) -> str:
@@ -70,7 +79,7 @@ def cold_start_form(client) -> tuple[str, list[str]]:
 
 
 def test_index_shows_the_user_form_the_cold_start_link_and_the_plot(app):
-    client = app.test_client()
+    client = visitor(app)
     page = client.get("/").get_data(as_text=True)
     for element in ('<form id="pick-user"', 'id="user-input" name="user"', 'id="pick-button"', 'id="new-device"',
                     '<img id="plot" src="/plot.png"'):
@@ -84,7 +93,7 @@ def test_index_shows_the_user_form_the_cold_start_link_and_the_plot(app):
 def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app, demo):
     from fedrec.datasets import cohort
 
-    client = app.test_client()
+    client = visitor(app)
     token = csrf(client.get("/").get_data(as_text=True))
     picked = client.get(f"/device?user=7&csrf={token}")
     assert picked.status_code == 302 and picked.headers["Location"].endswith("/device/7")
@@ -113,7 +122,7 @@ def test_a_federated_run_says_never_uploaded_and_lists_what_else_was_sent(app, d
     view = vars(dataclasses.replace(serve_app.view_of(demo, "7"), epsilon=1.5, audit_evidence="audit.jsonl says so"))
     says = {"7": [], "8": ["the server sees it un-noised"]}  # F's DeviceView.also_sent, where it has one
     monkeypatch.setattr(serve_app, "view_of", lambda demo_, user: SimpleNamespace(**{**view, "also_sent": says[user]}))
-    client = app.test_client()
+    client = visitor(app)
     act_as(client, "7")
     page = client.get("/device/7").get_data(as_text=True)
     assert "never uploaded" in text_of(page, "on-device") and "central baseline" not in text_of(page, "on-device")
@@ -124,7 +133,7 @@ def test_a_federated_run_says_never_uploaded_and_lists_what_else_was_sent(app, d
 
 
 def test_cold_start_recommends_ten_unrated_items_from_five_ratings(app):
-    client = app.test_client()
+    client = visitor(app)
     token, selects = cold_start_form(client)
     assert len(selects) >= 12 and 'id="opt-in" name="opt-in" value="1">' in client.get("/new").get_data(as_text=True)
     rated = selects[:5]
@@ -138,7 +147,7 @@ def test_cold_start_recommends_ten_unrated_items_from_five_ratings(app):
 
 
 def test_opting_in_shows_what_would_be_sent_and_that_nothing_was(app, demo):
-    client = app.test_client()
+    client = visitor(app)
     token, selects = cold_start_form(client)
     page = client.post("/new", data={"csrf": token, "opt-in": "1", **{n: "4" for n in selects[:4]}}).get_data(
         as_text=True)
@@ -155,7 +164,7 @@ def test_opting_in_shows_what_would_be_sent_and_that_nothing_was(app, demo):
     ({"rating-nosuchitem": "3"}, 400, "unknown movie"),
 ])
 def test_bad_cold_start_input_is_a_clear_message_on_the_page(app, form, status, message):
-    client = app.test_client()
+    client = visitor(app)
     token, selects = cold_start_form(client)
     form = {k.replace("rating-X", selects[0]): v for k, v in form.items()}
     reply = client.post("/new", data={"csrf": token, **form})
@@ -165,7 +174,7 @@ def test_bad_cold_start_input_is_a_clear_message_on_the_page(app, form, status, 
 
 
 def test_unknown_user_is_404_with_a_message_and_the_form_to_try_again(app):
-    client = app.test_client()
+    client = visitor(app)
     for path in ("/device/100000", "/device?user=100000", "/plot.png?user=100000"):
         reply = client.get(path)
         page = reply.get_data(as_text=True)
@@ -176,7 +185,7 @@ def test_unknown_user_is_404_with_a_message_and_the_form_to_try_again(app):
 
 
 def test_concurrent_visitors_do_not_see_each_others_cold_start_devices(app):
-    alice, bob = app.test_client(), app.test_client()
+    alice, bob = visitor(app), visitor(app)
     token_a, selects = cold_start_form(alice)
     token_b, _ = cold_start_form(bob)
     assert token_a != token_b
@@ -188,8 +197,8 @@ def test_concurrent_visitors_do_not_see_each_others_cold_start_devices(app):
     assert recommended(bob.get("/new").get_data(as_text=True)) == recommended(theirs)
     # one visitor's form token does not work for another, nor does a form without one
     assert bob.post("/new", data={"csrf": token_a, selects[0]: "3"}).status_code == 400
-    assert app.test_client().post("/new", data={selects[0]: "3"}).status_code == 400
-    cookie = alice.get_cookie("fedrec_visitor")
+    assert visitor(app).post("/new", data={selects[0]: "3"}).status_code == 400
+    cookie = alice.get_cookie("fedrec_session")
     assert cookie.http_only and cookie.same_site == "Lax" and len(cookie.value) >= 32
     alice.post("/new/forget", data={"csrf": token_a})
     assert not recommended(alice.get("/new").get_data(as_text=True))
@@ -210,7 +219,7 @@ def test_consent_and_forget_buttons_act_on_the_device_side(app, monkeypatch):
             calls.append(("erase", user))
 
     monkeypatch.setattr(serve_app, "device_side", lambda: DeviceSide)
-    client = app.test_client()
+    client = visitor(app)
     token = act_as(client, "7")
     reply = client.post("/device/7/consent", data={"csrf": token, "train": "0"})
     assert reply.status_code == 303 and reply.headers["Location"].endswith("/device/7#consent")
@@ -227,7 +236,7 @@ def test_an_unexpected_error_is_one_line_on_the_page_not_a_traceback(app, monkey
         raise RuntimeError("disk on fire\nsecond line")
 
     monkeypatch.setattr(serve_app, "recommend", broken)
-    client = app.test_client()
+    client = visitor(app)
     act_as(client, "7")
     reply = client.get("/device/7")
     page = reply.get_data(as_text=True)
@@ -275,18 +284,34 @@ def test_serve_on_a_port_in_use_is_one_line_exit_2(run):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_serve_prints_its_url_once_listening_and_stops_cleanly(run):
+def test_serve_prints_its_token_url_once_listening_and_stops_cleanly(run):
+    """The real command: the printed URL carries a fresh token and is the way in; the bare address is refused,
+    and nothing else the process prints carries the token."""
+    import http.cookiejar
+
     command = [sys.executable, "-c", "from fedrec.simulations.cli import main; main()", "serve", "--run", str(run),
                "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = process.stdout.readline()
-        url = re.search(r"http://127\.0\.0\.1:\d+/", line)
-        assert url, line
-        with urllib.request.urlopen(url.group(0), timeout=10) as reply:
-            assert reply.status == 200 and 'id="pick-user"' in reply.read().decode()
+        printed = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([\w-]+)", line)
+        assert printed, line
+        base, token = printed.groups()
+        assert len(token) >= 43 and token != TOKEN  # 32 bytes of OS entropy, URL-safe base64
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 403 and refused.value.read().decode().count("\n") == 1
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(printed.group(0), timeout=10) as reply:  # the login's redirect, then the page
+            assert reply.status == 200 and reply.url == base and 'id="pick-user"' in reply.read().decode()
+        assert [c.name for c in jar] == [f"fedrec_session_{base.rsplit(':', 1)[1].strip('/')}"]
+        assert token not in "".join(c.value for c in jar)
         process.send_signal(signal.SIGTERM)  # as `kill` does; Ctrl-C's SIGINT takes the same path
-        assert process.wait(timeout=10) == 0 and "stopped" in process.stdout.read()
+        # it first waits for the device pages' background imports (torch), which take >10 s on a loaded machine
+        assert process.wait(timeout=30) == 0
+        rest = process.stdout.read()
+        assert "stopped" in rest and token not in rest
     finally:
         if process.poll() is None:
             process.kill()
@@ -310,7 +335,7 @@ def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
 
 
 def test_opting_out_and_forgetting_show_on_the_device_page(app):
-    client = app.test_client()
+    client = visitor(app)
     token = act_as(client, "12")
     before = client.get("/device/12").get_data(as_text=True)
     assert "opted out" not in text_of(before, "consent-status") and "erased" not in text_of(before, "forget-status")
@@ -340,9 +365,10 @@ def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, mon
     report = "rounds replayed: 3 (from round 2 to 5)" if exit_code == 0 else "error: cannot replay"
     fake = (f"import sys, time; time.sleep(0.5); assert sys.argv[1:] == ['forget', '--run', {str(demo.paths.run)!r}, "
             f"'--user', '9']; print('erased on its device'); print({report!r}); sys.exit({exit_code})")
-    client = create_app(demo, replay_command=[sys.executable, "-c", fake]).test_client()
+    replaying = create_app(demo, TOKEN, replay_command=[sys.executable, "-c", fake])
+    client = visitor(replaying)
     token = act_as(client, "9")
-    other = client.application.test_client()  # another visitor, holding device 10
+    other = visitor(replaying)  # another visitor, holding device 10
     other_token = act_as(other, "10")
     assert 'id="forget-replay-button"' in client.get("/device/9").get_data(as_text=True)
     assert client.post("/device/9/forget/replay", data={"csrf": token}).status_code == 303
@@ -368,7 +394,7 @@ def test_rating_choices_follow_the_data_sets_scale():
 
 
 def test_only_the_visitor_who_claimed_a_device_sees_it_or_acts_on_it(app):
-    alice, bob = app.test_client(), app.test_client()
+    alice, bob = visitor(app), visitor(app)
     token_a = act_as(alice, "20")
     token_b = act_as(bob, "20")  # taken: Bob's pick does not claim it
     for path, form in (("/device/20/consent", {"train": "0"}), ("/device/20/forget", {}),
@@ -396,7 +422,7 @@ def test_only_the_visitor_who_claimed_a_device_sees_it_or_acts_on_it(app):
 def test_an_unclaimed_devices_page_reads_the_same_whatever_its_state(app, demo):
     from fedrec.simulations import device_view
 
-    client = app.test_client()
+    client = visitor(app)
     plain = client.get("/device/23").get_data(as_text=True)
     device_view.set_consent(demo.paths.run, "22", False)  # e.g. fedrec consent, or an earlier server
     device_view.erase_device(demo.paths.run, "22")
@@ -412,7 +438,8 @@ def test_serving_beyond_loopback_warns_in_one_line(host, warned):
 
     line = host_warning(host)
     assert (line is not None) == warned
-    assert line is None or ("stands in for every device" in line and "opted out or erased" in line and "\n" not in line)
+    assert line is None or ("stands in for every device" in line and "opted out or erased" in line and "\n" not in line
+                            and "plain HTTP, so the token and session cookies cross the network" in line)
 
 
 def test_a_dp_run_offers_no_replay_and_shows_the_bound(app, demo, monkeypatch):
@@ -421,7 +448,7 @@ def test_a_dp_run_offers_no_replay_and_shows_the_bound(app, demo, monkeypatch):
     monkeypatch.setattr(demo, "summary", {**demo.summary, "status": "completed",
                                           "privacy": {"epsilon": 2.5, "delta": 1e-5}})
     assert not demo.can_replay
-    client = app.test_client()
+    client = visitor(app)
     token = act_as(client, "24")
     page = client.get("/device/24").get_data(as_text=True)
     shown = text_of(page, "forget-replay")
@@ -432,7 +459,7 @@ def test_a_dp_run_offers_no_replay_and_shows_the_bound(app, demo, monkeypatch):
 
 
 def test_a_visitor_holds_one_device_claiming_another_releases_the_first(app):
-    alice, bob = app.test_client(), app.test_client()
+    alice, bob = visitor(app), visitor(app)
     token_a, token_b = act_as(alice, "30"), act_as(bob, "32")
     assert "claiming another releases this one" in text_of(alice.get("/device/30").get_data(as_text=True),
                                                             "claim-status")
@@ -461,7 +488,7 @@ def test_post_forms_without_the_visitors_own_token_are_refused_and_change_nothin
 
     monkeypatch.setattr(serve_app, "device_side", lambda: DeviceSide)
     monkeypatch.setattr(Demo, "can_replay", True)
-    client, other = app.test_client(), app.test_client()
+    client, other = visitor(app), visitor(app)
     token, other_token = act_as(client, "40"), csrf(other.get("/").get_data(as_text=True))
     _, selects = cold_start_form(client)
     forms = {"/device/40/consent": {"train": "0"}, "/device/40/forget": {}, "/device/40/forget/replay": {},
@@ -470,7 +497,7 @@ def test_post_forms_without_the_visitors_own_token_are_refused_and_change_nothin
         for wrong in ({}, {"csrf": ""}, {"csrf": "0" * 64}, {"csrf": other_token}, {"csrf": token[:-1]}):
             reply = client.post(path, data={**form, **wrong})
             assert reply.status_code == 400 and "out of date" in text_of(reply.get_data(as_text=True), "error"), path
-    assert app.test_client().post("/device/41/claim", data={"csrf": token}).status_code == 400  # no cookie
+    assert visitor(app).post("/device/41/claim", data={"csrf": token}).status_code == 400  # another session
     assert client.get("/device?user=41").status_code == 302  # a pick without the token claims nothing
     assert calls == [] and app.extensions["fedrec-replays"].status("40") is None
     assert not recommended(client.get("/new").get_data(as_text=True))
@@ -484,14 +511,15 @@ EXTERNAL = re.compile(r"""(?i)(?:\b(?:src|href|action|srcset|poster|data)\s*=\s*
 
 
 def test_no_page_loads_anything_from_the_internet_or_runs_javascript(app):
-    client = app.test_client()
+    client = visitor(app)
     token = act_as(client, "50")
     _, selects = cold_start_form(client)
     replies = [client.get(path) for path in ("/", "/device/50", "/device/51", "/new", "/device/100000",
                                              "/no/such/page", "/static/style.css", "/plot.png")]
     replies += [client.post("/new", data={"csrf": token, selects[0]: "9"}),  # refused: a page with #error
                 client.post("/new", data={"csrf": token, **{n: "4" for n in selects[:5]}}),  # the result page
-                client.post("/device/50/consent", data={}), app.test_client().get("/device/50")]  # 400, 403
+                client.post("/device/50/consent", data={}), visitor(app).get("/device/50"),  # 400, 403
+                app.test_client().get("/")]  # no session: the one-line 403
     assert {r.status_code for r in replies} == {200, 400, 403, 404}
     for reply in replies:
         body = reply.get_data(as_text=True) if reply.mimetype != "image/png" else ""
@@ -502,3 +530,156 @@ def test_no_page_loads_anything_from_the_internet_or_runs_javascript(app):
         assert policy["default-src"] == "'self'" and "http" not in reply.headers["Content-Security-Policy"]
     assert 'href="/static/style.css"' in replies[0].get_data(as_text=True)  # the one stylesheet: this server's
     assert EXTERNAL.search('<img src="https://x.org/a.png">') and EXTERNAL.search("a{background:url( //x.org/b)}")
+
+
+def refused(reply) -> bool:
+    """The gate's answer: one line of plain text, nothing of the page, no cookie."""
+    from fedrec.simulations.serve.access import NO_ACCESS
+
+    return (reply.status_code == 403 and reply.mimetype == "text/plain" and reply.get_data(as_text=True) ==
+            NO_ACCESS + "\n" and "Set-Cookie" not in reply.headers)
+
+
+def test_without_the_token_every_route_is_a_one_line_403(app):
+    stranger = app.test_client()
+    gets = ["/", "/device/7", "/device?user=7", "/new", "/static/style.css", "/plot.png", "/plot.png?user=7",
+            "/no/such/page", "/?token=", "/?token=wrong", f"/?token={TOKEN[:-1]}", f"/?token={TOKEN}x",
+            "/?token=%C3%A9"]  # a wrong token, empty, one short, one long, not ASCII
+    posts = ["/device/7/consent", "/device/7/forget", "/device/7/claim", "/new", f"/device/7/claim?token={TOKEN}"]
+    for path in gets:
+        assert refused(stranger.get(path)), path
+    for path in posts:
+        assert refused(stranger.post(path, data={"csrf": "x", "train": "0"})), path
+    # positive control: the same routes answer a visitor who came in with the token
+    client = visitor(app)
+    for path in ("/", "/device/7", "/static/style.css", "/plot.png", "/no/such/page"):
+        reply = client.get(path)
+        assert reply.status_code in (200, 404) and reply.mimetype != "text/plain", path
+
+
+def test_the_token_opens_a_session_and_is_dropped_from_the_url_by_redirect(app, demo):
+    client = app.test_client()
+    login = client.get(f"/device/7?token={TOKEN}&x=1")
+    assert login.status_code == 303 and login.headers["Location"] == "/device/7?x=1"
+    assert login.headers["Cache-Control"] == "no-store" and TOKEN not in login.get_data(as_text=True)
+    cookie = client.get_cookie("fedrec_session")
+    assert cookie.http_only and cookie.same_site == "Lax" and TOKEN not in cookie.value
+    page = client.get(login.headers["Location"])
+    assert page.status_code == 200 and 'id="claim-button"' in page.get_data(as_text=True)
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    # the printed URL opened again keeps the session, and with it the device held
+    act_as(client, "7")
+    again = client.get(f"/?token={TOKEN}")
+    assert again.status_code == 303 and again.headers["Location"] == "/" and "Set-Cookie" not in again.headers
+    assert client.get_cookie("fedrec_session").value == cookie.value
+    assert 'id="forget-button"' in client.get("/device/7").get_data(as_text=True)
+    # the redirect stays on this server whatever the path
+    for path, location in (("//evil.example/", "/evil.example/"), ("/device/a b", "/device/a%20b")):
+        reply = app.test_client().get(f"/?token={TOKEN}", environ_overrides={"PATH_INFO": path})
+        assert reply.status_code == 303 and reply.headers["Location"] == location, path
+
+
+def test_a_chosen_visitor_cookie_never_becomes_the_victims_identity(app, demo, monkeypatch):
+    """Fixation. On main the server adopted any 16-64 character cookie as the visitor id, so this script
+    succeeded: plant a chosen id in the victim's browser (any page on any 127.0.0.1 port can set it,
+    cookies ignore ports), let the victim claim a device, then send the same cookie: the victim's
+    device page came back 200 with its forget form, and a consent post 303. Here ids are issued and
+    signed by the server: the chosen cookie is never adopted, and the attacker gets the one-line 403.
+    Positive control: a copy of the victim's own signed cookie is accepted (that is all that
+    identifies a visitor), while an unsigned, tampered or foreign-signed copy of it is not."""
+    import fedrec.simulations.serve.app as serve_app
+    from fedrec.simulations.serve.app import create_app
+
+    calls = []
+
+    class DeviceSide:
+        set_consent = staticmethod(lambda run_dir, user, train: calls.append(("consent", user)))
+        erase_device = staticmethod(lambda run_dir, user: calls.append(("erase", user)))
+
+    monkeypatch.setattr(serve_app, "device_side", lambda: DeviceSide)
+    chosen = "fixed-visitor-" + "a" * 30
+    victim = app.test_client()
+    for name in ("fedrec_visitor", "fedrec_session"):  # main's cookie name, and this server's
+        victim.set_cookie(name, chosen)
+    assert victim.get(f"/?token={TOKEN}").status_code == 303
+    signed = victim.get_cookie("fedrec_session").value
+    session = app.session_interface.get_signing_serializer(app).loads(signed)
+    assert set(session) == {"visitor"} and session["visitor"] != chosen  # a fresh id, the chosen one not adopted
+    victim_token = act_as(victim, "7")
+    assert 'id="forget-button"' in victim.get("/device/7").get_data(as_text=True)
+
+    attacker = app.test_client()
+    for name in ("fedrec_visitor", "fedrec_session"):
+        attacker.set_cookie(name, chosen)
+    assert refused(attacker.get("/device/7"))
+    assert refused(attacker.post("/device/7/consent", data={"csrf": victim_token, "train": "0"}))
+    # a token holder with the chosen cookie gets a fresh id too: the victim's device is held, nothing of it shown
+    assert attacker.get(f"/?token={TOKEN}").status_code == 303
+    held = attacker.get("/device/7")
+    assert held.status_code == 403 and 'id="forget-button"' not in held.get_data(as_text=True)
+    assert attacker.post("/device/7/consent", data={"csrf": victim_token, "train": "0"}).status_code == 400
+
+    payload, signature = signed.rsplit(".", 1)
+    other_key = create_app(demo, TOKEN)  # another server (another port, or an earlier start): its own key
+    forgeries = {"the bare id, as main took it": session["visitor"], "unsigned": payload,
+                 "tampered": payload + "." + signature[::-1],
+                 "signed by another server": other_key.session_interface.get_signing_serializer(other_key).dumps(
+                     session)}
+    for what, value in forgeries.items():
+        copy = app.test_client()
+        copy.set_cookie("fedrec_session", value)
+        assert refused(copy.get("/device/7")), what
+        assert refused(copy.post("/device/7/consent", data={"csrf": victim_token, "train": "0"})), what
+    assert calls == []
+    copy = app.test_client()
+    copy.set_cookie("fedrec_session", signed)
+    assert 'id="forget-button"' in copy.get("/device/7").get_data(as_text=True)
+    assert copy.post("/device/7/consent", data={"csrf": victim_token, "train": "0"}).status_code == 303
+    assert calls == [("consent", "7")]
+
+
+def claim_everything(app, users: list[str], token: str | None) -> tuple[int, int]:
+    """The script from the review: for each device, a fresh client with a fresh id claims it; (claimed, refused
+    logins). With `token` it logs in each time, as a token holder's script would."""
+    import secrets
+
+    claimed = rationed = 0
+    for user in users:
+        client = app.test_client()
+        client.set_cookie("fedrec_visitor", secrets.token_urlsafe(32))  # main's cookie: any id was taken
+        if token is not None:
+            login = client.get(f"/?token={token}")
+            rationed += login.status_code == 429
+            if login.status_code != 303:
+                continue
+        form = re.search(r'name="csrf" value="([^"]+)"', client.get("/").get_data(as_text=True))
+        reply = client.post(f"/device/{user}/claim", data={"csrf": form.group(1) if form else "x"})
+        claimed += reply.status_code == 303
+    return claimed, rationed
+
+
+def test_a_script_cycling_fresh_ids_cannot_claim_the_devices(demo):
+    """On main a script cycling fresh ids claimed 199 of 200 devices, after which a new visitor got 403
+    everywhere. Without the token it claims none; with it, logins are rationed (NEW_SESSIONS_AT_ONCE, then one
+    every NEW_SESSION_EVERY seconds) and a visitor holds one device, so it gets that many. Positive control: the
+    same script where logins are not rationed takes every device, and a new visitor then can claim none."""
+    from fedrec.simulations.serve.access import NEW_SESSION_EVERY, NEW_SESSIONS_AT_ONCE, Allowance
+    from fedrec.simulations.serve.app import create_app
+
+    users = [str(u) for u in demo.user_ids]
+    now = [0.0]
+    app = create_app(demo, TOKEN, new_sessions=Allowance(clock=lambda: now[0]))
+    assert claim_everything(app, users, token=None) == (0, 0)
+    assert len(users) == 80 and claim_everything(app, users, TOKEN) == (NEW_SESSIONS_AT_ONCE, 80 - NEW_SESSIONS_AT_ONCE)
+    late = app.test_client()
+    rationed = late.get(f"/?token={TOKEN}")
+    assert rationed.status_code == 429 and rationed.mimetype == "text/plain"
+    assert rationed.get_data(as_text=True).count("\n") == 1 and rationed.headers["Retry-After"] == "10"
+    assert late.get("/").status_code == 403  # no session was issued
+    now[0] += NEW_SESSION_EVERY
+    assert claim_everything(app, users[-1:], TOKEN) == (1, 0)  # after the wait a new visitor gets a free device
+
+    unrationed = create_app(demo, TOKEN, new_sessions=Allowance(at_once=10**6))
+    assert claim_everything(unrationed, users, TOKEN) == (80, 0)
+    newcomer = visitor(unrationed)
+    assert all(newcomer.get(f"/device/{u}").status_code == 403 for u in users)  # every device held

@@ -3,5 +3,6 @@
 demo.py loads the run once (global item model, data, titles, metrics); device.py is what a
 device computes (its view, its recommendations, a cold-start fit); plot.py draws the
 federation's accuracy and privacy budget; replay.py runs `fedrec forget` in the background;
-claims.py says which visitor acts as which device; app.py is the Flask app; server.py runs it.
+access.py lets in only whoever opened the printed URL with its token; claims.py says which
+visitor acts as which device; app.py is the Flask app; server.py runs it.
 """

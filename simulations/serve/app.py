@@ -1,10 +1,12 @@
 """The Flask app: server-rendered pages and plain HTML forms (they work with JavaScript off).
 
-Each visitor gets a random id in an HttpOnly, SameSite=Lax cookie; a visitor's cold-start
-device is kept server-side under that id, so concurrent visitors never see each other's.
-Every POST form carries a token derived from the visitor id with a per-process secret: a
-page on another site cannot post to this one on the visitor's behalf. A device's controls and
-private status belong to the visitor who holds it, one device per visitor (claims.py).
+Only a visitor who opened the URL with the access token gets in (access.py): the server then
+issues them a random id in a signed, HttpOnly, SameSite=Lax session cookie. A visitor's
+cold-start device is kept server-side under that id, so concurrent visitors never see each
+other's. Every POST form carries a token derived from the server-issued id with a per-process
+secret: a page on another site, or on another port of this host, cannot post to this one on the
+visitor's behalf. A device's controls and private status belong to the visitor who holds it,
+one device per visitor (claims.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from fedrec.datasets import DataError
 from fedrec.run.config import ConfigError
 
+from .access import Allowance, Gate, cookie_name, visitor
 from .claims import HELD_MESSAGE, Access, Claims
 from .demo import Demo, UnknownUser
 from .device import (
@@ -39,7 +42,6 @@ from .device import (
 from .plot import plot_png
 from .replay import Replays
 
-COOKIE = "fedrec_visitor"
 COLD_START_ITEMS = 15
 MAX_VISITORS = 1000  # cold-start devices kept; the oldest go first
 # the browser fetches nothing but this server's own files and runs no script at all
@@ -71,11 +73,16 @@ class ColdStarts:
             self._devices.pop(visitor, None)
 
 
-def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
-    """The page for `demo`; `replay_command` runs `fedrec` for the forget replay (default: the installed one)."""
+def create_app(demo: Demo, token: str, replay_command: list[str] | None = None, cookie: str = cookie_name(),
+               new_sessions: Allowance | None = None) -> Flask:
+    """The page for `demo`, opened with `token` (access.py); `replay_command` runs `fedrec` for the forget
+    replay (default: the installed one); `cookie` names the session cookie; `new_sessions` rations logins."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a rating form is a few hundred bytes
-    secret = secrets.token_bytes(32)
+    app.secret_key = secrets.token_bytes(32)  # signs the session cookie: visitor ids only this process issued
+    app.config.update(SESSION_COOKIE_NAME=cookie, SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax")
+    gate = Gate(token, new_sessions)
+    secret = secrets.token_bytes(32)  # derives the form tokens
     devices = ColdStarts()
     claims = Claims()
     device_lock = threading.Lock()  # consent and erasure write the device's state: one at a time
@@ -89,19 +96,18 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
 
     @app.before_request
     def identify_visitor():
-        visitor = request.cookies.get(COOKIE, "")
-        g.new_visitor = not (16 <= len(visitor) <= 64 and visitor.replace("-", "").replace("_", "").isalnum())
-        g.visitor = secrets.token_urlsafe(32) if g.new_visitor else visitor
+        answer = gate.admit()  # no session and no token: one line of 403, nothing of the page
+        if answer is not None:
+            return answer
+        g.visitor = visitor()
         g.csrf = hmac.new(secret, g.visitor.encode(), hashlib.sha256).hexdigest()
-        if request.method == "POST" and (g.new_visitor or not hmac.compare_digest(
-                request.form.get("csrf", ""), g.csrf)):
+        if request.method == "POST" and not same(request.form.get("csrf", ""), g.csrf):
             abort(400, "this form is out of date or came from another page; reload the page and try again")
 
     @app.after_request
-    def remember_visitor(response: Response) -> Response:
-        if g.get("new_visitor"):
-            response.set_cookie(COOKIE, g.visitor, httponly=True, samesite="Lax")
+    def secure_headers(response: Response) -> Response:
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["Content-Security-Policy"] = CSP
         return response
 
@@ -140,7 +146,7 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
         if not user:
             return index_page("type a user id, or pick one of the examples", 400)
         demo.row_of(user)
-        if not g.new_visitor and hmac.compare_digest(request.args.get("csrf", ""), g.csrf):
+        if same(request.args.get("csrf", ""), g.csrf):
             claims.claim(user, g.visitor)  # the index form picks the device to act as
         return redirect(url_for("device", user=user))
 
@@ -238,6 +244,11 @@ def create_app(demo: Demo, replay_command: list[str] | None = None) -> Flask:
         return redirect(url_for("new_device"), code=303)
 
     return app
+
+
+def same(given: str, expected: str) -> bool:
+    """Constant-time equality; as bytes, so a non-ASCII value is a mismatch, not a TypeError."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _choices(scale: tuple[float, float]) -> list[str]:

@@ -5,9 +5,12 @@ replay). A visitor holds at most one device at a time: claiming another releases
 one, which the next visitor to claim it then sees in full. While a visitor holds a device, other
 visitors see only that it is held, nothing of its state.
 
-So the page is a presenter's demo on loopback, not a multi-tenant service: it keeps no one's
-device private from whoever reaches the server. Claims live in this process's memory only and
-end with the server; who claimed what is written nowhere.
+Only a visitor who opened the printed URL with its access token is a visitor at all (access.py);
+reaching the server without it shows nothing. But every token holder is a visitor: the page is a
+presenter's demo on loopback, not a multi-tenant service, and it keeps no device private from
+whoever holds the token, only each held device from the other visitors. One token holder's
+script gets sessions, and so devices, at a rationed pace (access.py), not all at once. Claims
+live in this process's memory only and end with the server; who claimed what is written nowhere.
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""Sparse recovery from one round's SecAgg+ sum: what the server reads when it can regenerate
+the devices' starting vectors.
+
+In the first MF round each sampled user u changes the row of every item i it rated by
+s_u (-2 lr reg_item q_i - 2 lr e_ui p_u) and the item's bias by s_u (-2 lr e_ui), where
+e_ui = mu + b_i + p_u . q_i - r_ui and s_u <= 1 is the user's clipping scale. So the sum
+over users of item i's row is a q_i + sum_u c_ui p_u with c_ui = -2 lr s_u e_ui, and the
+bias sum is sum_u c_ui. The server sent q_i; if it also knows every sampled user's p_u
+(a starting vector derived from the run seed), each item's row of the unmasked sum is a
+sparse combination of K + 1 known vectors in K + 1 equations: orthogonal matching pursuit
+finds which users rated the item, and their coefficients give the ratings. Starting
+vectors drawn from OS entropy on the device leave the server a dictionary of wrong vectors,
+and the same pursuit finds next to nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedrec.client.app import app as client_app
+from fedrec.models import ItemParams, UserState, initial_global_bias
+from fedrec.run import schema
+from fedrec.run.build import ensure_shards, hyper, load_data, num_nodes
+from fedrec.run.config import RunConfig
+from fedrec.server.directory import discover
+from fedrec.server.sampling import sample_users, sampling_rng
+from fedrec.server.secagg import SecureGrid, secagg_setup
+from fedrec.server.strategy import array_record
+
+from .inprocess import InProcessGrid
+
+MAX_RATERS = 12  # atoms the pursuit may use per item (an item's raters among ~100 sampled users)
+FIT = 2e-2  # relative residual below which a support counts as recovered: SecAgg+'s rounding is ~1e-3 of a
+# rated row; K + 1 random directions leave ~0.8 of a row unexplained by 12 atoms
+
+
+@dataclass
+class SecureRound:
+    """What the server holds after one SecAgg+ round, and the truth to score an attack against."""
+
+    sums: dict[str, np.ndarray]  # the unmasked sum (item rows, item biases, global bias)
+    items: ItemParams  # what it sent
+    users: np.ndarray  # who it sampled (global ids)
+    population: int
+    rated: set[tuple[int, int]]  # (user, item) pairs of the sampled users' training ratings
+
+
+def secure_first_round(cfg: RunConfig) -> SecureRound:
+    """Round 1 of `cfg` (SecAgg+, MF) through the real ClientApp and Flower's SecAgg+ in process."""
+    cfg = cfg.resolved().validate()
+    split = load_data(cfg)
+    nodes = num_nodes(cfg, split.n_users)
+    ensure_shards(cfg, nodes)
+    grid = InProcessGrid(client_app, nodes, data_dir=cfg.data_dir)
+    directory = discover(grid, ConfigRecord(cfg.to_dict()))
+    users = sample_users(directory.population, cfg.users_per_round, cfg.sampling, sampling_rng(cfg, 1))
+    groups, _ = directory.group(users)
+    items = ItemParams.init(directory.num_items, hyper(cfg),
+                            initial_global_bias(cfg.implicit, directory.rating_scale))
+    messages = []
+    for node, node_users in groups.items():
+        config = ConfigRecord(cfg.to_dict())
+        config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = 1, [int(u) for u in node_users], 0.0
+        messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
+                                dst_node_id=node, message_type=MessageType.TRAIN))
+    setup = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), directory.num_items,
+                         cfg.dim, 0.0, cfg.users_per_round or directory.population, directory.population)
+    reply = SecureGrid(grid, cfg, setup).send_and_receive(messages)[0]
+    record = reply.content[schema.ARRAYS]
+    sums = {k: record[k].numpy().astype(np.float64) for k in schema.ITEM_ARRAYS}
+    picked = np.isin(split.train.user, users)
+    rated = set(zip(split.train.user[picked].tolist(), split.train.item[picked].tolist()))
+    return SecureRound(sums, items, users, directory.population, rated)
+
+
+def recover_pairs(observed: SecureRound, cfg: RunConfig) -> set[tuple[int, int]]:
+    """The (user, item) pairs the server claims from the sum, given the starting vectors it
+    believes the sampled users had: the seeded population matrix every plain run starts from."""
+    h = hyper(cfg.resolved())
+    guess = UserState.init(observed.users, observed.population, h).emb.double().numpy()  # [sampled, K]
+    q = observed.items.emb.double().numpy()
+    # Flower's dequantization leaves one constant offset on every coordinate: the value shared by the
+    # rows no sampled user rated (exactly equal), removed before the pursuit
+    sums = {k: v - _mode(v) for k, v in observed.sums.items() if k != schema.GLOBAL_BIAS}
+    found = set()
+    for item in np.flatnonzero(np.abs(sums[schema.ITEM_BIAS]) > 0):
+        # rows: the K embedding coordinates, then the bias; atoms: q_i (reg term), then each user
+        atoms = np.zeros((h.dim + 1, len(observed.users) + 1))
+        atoms[:h.dim, 0] = q[item]
+        atoms[:h.dim, 1:] = guess.T
+        atoms[h.dim, 1:] = 1.0
+        target = np.append(sums[schema.ITEM_EMB][item], sums[schema.ITEM_BIAS][item])
+        support = _pursuit(atoms, target)
+        found.update((int(observed.users[a - 1]), int(item)) for a in support if a > 0)
+    return found
+
+
+def _mode(values: np.ndarray) -> float:
+    found, counts = np.unique(values, return_counts=True)
+    return float(found[np.argmax(counts)])
+
+
+def _pursuit(atoms: np.ndarray, target: np.ndarray) -> list[int]:
+    """Orthogonal matching pursuit: the fewest atoms (at most MAX_RATERS) that fit `target` to
+    FIT; none where no such support exists (the item is left unclaimed)."""
+    norms = np.linalg.norm(atoms, axis=0) + 1e-300
+    support: list[int] = [0]  # the reg term rides along with every rated item
+    scale = np.linalg.norm(target) + 1e-300
+    for _ in range(MAX_RATERS):
+        coef, *_ = np.linalg.lstsq(atoms[:, support], target, rcond=None)
+        residual = target - atoms[:, support] @ coef
+        if np.linalg.norm(residual) <= FIT * scale:
+            return support
+        scores = np.abs(atoms.T @ residual) / norms
+        scores[support] = -1
+        support.append(int(np.argmax(scores)))
+    return []
+
+
+def attack_precision(observed: SecureRound, cfg: RunConfig) -> tuple[float, int]:
+    """Share of claimed pairs that are true ratings (0 when nothing is claimed), and how many were claimed."""
+    claimed = recover_pairs(observed, cfg)
+    if not claimed:
+        return 0.0, 0
+    return len(claimed & observed.rated) / len(claimed), len(claimed)
+
+
+def secagg_only(cfg: RunConfig, **changes) -> RunConfig:
+    """`cfg` as a SecAgg+ run without DP: what the attack targets."""
+    return dataclasses.replace(cfg, secure_aggregation="secagg+", dp="none", update_mode="dense", model="mf",
+                               **changes)
