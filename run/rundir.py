@@ -39,6 +39,8 @@ def make_run_dir(cfg: RunConfig, mode: str) -> Path:
     if cfg.resume and not Path(cfg.resume).expanduser().is_dir():
         raise ConfigError(f"--resume {cfg.resume}: no such run directory")
     resuming = bool(cfg.resume) and path.resolve() == Path(cfg.resume).expanduser().resolve()
+    made = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)  # the first folder made here
+    probe = path / ".fedrec-write-check"
     try:
         if path.is_dir() and any(path.iterdir()) and not resuming:
             finished = [name for name in FINISHED if (path / name).exists()]
@@ -47,11 +49,15 @@ def make_run_dir(cfg: RunConfig, mode: str) -> Path:
             raise ConfigError(f"--out {path} already holds {what}; choose a new directory (results are never "
                               f"mixed){hint}")
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".fedrec-write-check"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"--out {path} cannot be written ({error.strerror}); choose another directory") from None
+    except BaseException as error:  # refused, unwritable or interrupted (Ctrl-C): nothing made here stays
+        if made is not None and path.is_dir():
+            probe.unlink(missing_ok=True)
+            remove_if_empty(path, keep=made.parent)
+        if isinstance(error, OSError):
+            raise ConfigError(f"--out {path} cannot be written ({error.strerror}); choose another directory") from None
+        raise
     return path.resolve()
 
 

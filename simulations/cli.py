@@ -12,7 +12,9 @@ import dataclasses
 import inspect
 import math
 import os
+import signal
 import sys
+import threading
 import typing
 import warnings
 from dataclasses import fields
@@ -109,10 +111,11 @@ def _fail(message: str) -> typing.NoReturn:
     raise typer.Exit(2)
 
 
-def _interrupted(run_dir: Path | None) -> typing.NoReturn:
-    """Ctrl-C: one line, the conventional exit code 130; what the run had written, if anything, stays."""
+def _interrupted(run_dir: Path | None, writes: bool = False) -> typing.NoReturn:
+    """Ctrl-C: one line, the conventional exit code 130; what the run had written, if anything, stays
+    (`writes`: the command makes a run directory, maybe not yet)."""
     kept = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
-    where = f"; what it wrote so far is in {run_dir}" if kept else (", nothing written" if run_dir else "")
+    where = f"; what it wrote so far is in {run_dir}" if kept else (", nothing written" if writes else "")
     console.print(f"interrupted{where}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(130)
 
@@ -197,7 +200,7 @@ def _config_command(fn):
                     remove_if_empty(run_dir, keep)  # a failed or interrupted run leaves no empty directory behind
                 raise
         except KeyboardInterrupt:
-            _interrupted(run_dir)
+            _interrupted(run_dir, writes=fn.__name__ in RUN_DIR_NAMES)
         except (ConfigError, DataError) as error:
             _fail(str(error))
         except MemoryError:
@@ -288,6 +291,7 @@ def _tracker(progress: Progress, task, key: str, first=None):
     pending = [first] if first else []
 
     def update(row: dict) -> None:
+        _raise_if_interrupted()
         while pending:
             pending.pop()()
         shown = {k: v for k, v in row.items() if (k in ("rmse", "train_loss") or k.startswith("hr@")) and v == v}
@@ -394,6 +398,7 @@ def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
         best: dict[str, float] = {}
 
         def on_trial(side: str, entry: dict) -> None:
+            _raise_if_interrupted()
             value = next(v for k, v in entry.items() if k.startswith("val_"))
             if value is not None:
                 best[side] = value if side not in best else (max if cfg.implicit else min)(best[side], value)
@@ -853,7 +858,26 @@ def serve(run: Path = typer.Option(..., "--run", help="a finished central, feder
         _fail(str(error))
 
 
+# Ctrl-C raises KeyboardInterrupt, but a library's catch-all (e.g. around a lazy import) can swallow it:
+# it is also remembered, and the next progress update raises it again. A second Ctrl-C leaves at once.
+_ctrl_c = threading.Event()
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    if _ctrl_c.is_set():
+        os.write(2, b"interrupted\n")  # not through rich: the main thread may hold its console's lock
+        os._exit(130)
+    _ctrl_c.set()
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _ctrl_c.is_set():
+        raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         cli()
     except KeyboardInterrupt:

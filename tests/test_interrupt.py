@@ -92,3 +92,39 @@ def test_remove_if_empty_removes_empty_folders_inside_and_keeps_any_holding_a_fi
     remove_if_empty(run, keep=tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "a", "a/run", "a/run/central", "a/run/central/summary.json"]
+
+
+def test_a_run_directory_interrupted_while_it_is_made_leaves_nothing(tmp_path, monkeypatch):
+    from fedrec.run.config import RunConfig
+    from fedrec.run.rundir import make_run_dir
+
+    assert make_run_dir(RunConfig(out=str(tmp_path / "made" / "run")), "central").is_dir()  # uninterrupted
+
+    def ctrl_c(path, data):  # Ctrl-C between making the folders and proving them writable
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        make_run_dir(RunConfig(out=str(tmp_path / "a" / "b")), "central")
+    assert [p.name for p in tmp_path.iterdir()] == ["made"]
+
+
+def test_a_ctrl_c_a_library_swallowed_is_raised_again_at_the_next_progress_update(monkeypatch):
+    """Seen with a Ctrl-C during numpy's lazy import of numpy.random inside training: something caught the
+    KeyboardInterrupt and training went on. The CLI's handler remembers it; the next update raises it."""
+    import threading
+
+    from rich.progress import Progress
+
+    from fedrec.simulations import cli as fedrec_cli
+
+    monkeypatch.setattr(fedrec_cli, "_ctrl_c", threading.Event())
+    progress = Progress(disable=True)
+    update = fedrec_cli._tracker(progress, progress.add_task("central", total=3), "epoch")
+    update({"epoch": 1, "rmse": 1.0})  # not interrupted: the update goes through
+    try:
+        fedrec_cli._on_ctrl_c(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass  # a catch-all in some library
+    with pytest.raises(KeyboardInterrupt):
+        update({"epoch": 2, "rmse": 1.0})
