@@ -9,8 +9,9 @@ $(BIN)/fedrec: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+	# fedrec itself asks for a range; the pin is repeated so that pip keeps this build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]" "torch==2.13.0"
 	touch $@
 
 install: $(BIN)/fedrec
@@ -28,7 +29,9 @@ demo: install
 serve: install
 	$(BIN)/fedrec serve --run runs/demo
 
+# The browser test needs Debian's chromium + chromedriver: installed with apt-get when missing.
 test: install
+	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest
 
 # The same simulation through `flwr run .` on Flower's managed local SuperLink, offline.

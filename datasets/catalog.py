@@ -1,4 +1,4 @@
-"""Names of data sets and splits, and the one function that turns them into a Split."""
+"""The one function that turns a data set and split name (names.py) into a Split."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ import numpy as np
 
 from .download import dataset_folder
 from .interactions import DataError, Interactions, Ratings, Split
-from .movielens import MOVIELENS, load_movielens
-from .splits import CANONICAL, TEST_FRACTION, TEST_NEGATIVES, canonical_split, leave_one_out, random_holdout
-from .synthetic import BLOCK_USERS, SyntheticSpec, generate, generate_users, stream_seed, user_blocks
-
-DATASETS = ("synthetic", *MOVIELENS)
-SPLITS = ("random", "loo", *CANONICAL)
-DEFAULT_SPLIT = "random"
+from .movielens import load_movielens
+from .names import CANONICAL, DATASETS, DEFAULT_SPLIT, MOVIELENS, SPLITS, TEST_FRACTION, TEST_NEGATIVES, SyntheticSpec
+from .splits import canonical_split, leave_one_out, random_holdout
+from .synthetic import BLOCK_USERS, generate, generate_users, stream_seed, user_blocks
 
 
 def load_ratings(dataset: str, data_dir: str | None = None, synthetic: SyntheticSpec | None = None,

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file/line and says what to do."""
+from .errors import DataError as DataError  # its home is numpy-free; the loaders import it from here too
 
 
 @dataclass(frozen=True)

@@ -8,48 +8,18 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .interactions import DataError, Interactions, Ratings
+from .names import FORMATS, Format
 
 if TYPE_CHECKING:  # pandas is imported where a data set is read: a device opening its shard never needs it
     import pandas as pd
 
 
-@dataclass(frozen=True)
-class Format:
-    folder: str  # directory the official archive extracts to
-    ratings_file: str
-    separator: str  # "\t", "::" or ","
-    header: bool
-    half_stars: bool
-    titles_file: str | None
-    titles_separator: str
-    size: tuple[int, int, int]  # users, items, ratings of the release (ml-latest grows: its 2023 numbers)
-
-    @property
-    def max_bytes(self) -> int:
-        """Largest ratings file accepted: twice the longest plausible line per rating (ml-latest
-        grows, so 4 GB), so that a wrong or corrupt file is refused before it is read into memory."""
-        return 4 * 2**30 if self.folder == "ml-latest" else max(64 * self.size[2], 16 * 2**20)
-
-
-FORMATS: dict[str, Format] = {
-    "ml-100k": Format("ml-100k", "u.data", "\t", False, False, "u.item", "|", (943, 1682, 100_000)),
-    "ml-1m": Format("ml-1m", "ratings.dat", "::", False, False, "movies.dat", "::", (6040, 3706, 1_000_209)),
-    "ml-10m": Format("ml-10M100K", "ratings.dat", "::", False, True, "movies.dat", "::", (69_878, 10_677, 10_000_054)),
-    "ml-20m": Format("ml-20m", "ratings.csv", ",", True, True, "movies.csv", ",", (138_493, 26_744, 20_000_263)),
-    "ml-25m": Format("ml-25m", "ratings.csv", ",", True, True, "movies.csv", ",", (162_541, 59_047, 25_000_095)),
-    "ml-latest-small": Format("ml-latest-small", "ratings.csv", ",", True, True, "movies.csv", ",",
-                              (610, 9724, 100_836)),
-    "ml-latest": Format("ml-latest", "ratings.csv", ",", True, True, "movies.csv", ",", (330_975, 83_239, 33_832_162)),
-}
-MOVIELENS = tuple(FORMATS)
-KNOWN_SIZES = {name: fmt.size for name, fmt in FORMATS.items()}
 _SEP_NAMES = {"\t": "tab", "::": "'::'", ",": "comma"}
 CHUNK_ROWS = 1_000_000  # rows parsed at a time: memory is the compact result plus one chunk
 MAX_LINE = 4096  # no ratings line is longer; a longer one is not a ratings file (and is not read whole)

@@ -15,11 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .interactions import DataError, Interactions, Ratings, Split, UserIndex
-from .movielens import FORMATS, map_ids, read_ratings_file
-
-CANONICAL = ("u1", "u2", "u3", "u4", "u5")
-TEST_FRACTION = 0.2  # random holdout: share of each user's ratings held out
-TEST_NEGATIVES = 99  # leave-one-out: sampled negatives ranked against each test positive
+from .movielens import map_ids, read_ratings_file
+from .names import CANONICAL, FORMATS, TEST_FRACTION, TEST_NEGATIVES
 
 
 def _split(ratings: Ratings, name: str, train: Interactions, test: Interactions, **extra) -> Split:

@@ -13,28 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .interactions import Interactions, Ratings
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    users: int = 2000
-    """Number of users."""
-    items: int = 500
-    """Number of items."""
-    density: float = 0.05
-    """Expected fraction of the user x item matrix that is rated."""
-    rank: int = 8
-    """Rank of the true preference matrix."""
-    noise: float = 0.5
-    """Std of the Gaussian noise added to each true rating before rounding."""
-    min_user_ratings: int = 5
-    """Rating draws per user at least (a few may collapse as duplicates)."""
-    activity_exponent: float = 1.5
-    """Pareto shape of user activity: smaller means a longer tail of heavy users."""
-    popularity_exponent: float = 0.8
-    """Zipf exponent of item popularity: larger means more concentrated on hits."""
-    seed: int = 0
-    """Seed of everything random in the generator."""
+from .names import SyntheticSpec
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .randomness import negatives_key, private_key, private_rng
 if TYPE_CHECKING:  # the data layer's type only; models/ imports no other fedrec package at run time
     from fedrec.datasets import CohortData
 
-    from .settings import Hyper
+    from .defaults import Hyper
 
 # Privacy mechanisms an algorithm's statistics may admit (fedrec.privacy applies them):
 CLIPPING = "clipping"  # each user's statistics scaled to an L2 norm; the bound DP and robust checks rest on

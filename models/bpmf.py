@@ -44,6 +44,7 @@ from .algorithm import (
     Statistic,
     UserState,
 )
+from .defaults import Hyper
 from .factors import (
     GLOBAL_BIAS,
     ITEM_BIAS,
@@ -58,7 +59,6 @@ from .factors import (
     top_n,
 )
 from .randomness import mix64, seeded_rng, uniform01
-from .settings import Hyper
 
 ITEM_GRAM, ITEM_RHS = "item-gram", "item-rhs"
 RESIDUAL_SPANS = 10.0

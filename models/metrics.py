@@ -11,7 +11,8 @@ import math
 
 import torch
 
-DEFAULT_TOP_K = 10  # K of HR@K, NDCG@K and Recall@K
+from .defaults import DEFAULT_TOP_K
+
 SUM_KEYS = ("sse", "sae", "num-ratings", "hits", "ndcg", "num-ranked", "recall-full", "ndcg-full", "num-full")
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .defaults import Hyper
 from .factors import ItemParams, Users
-from .settings import Hyper
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODEL_FILE = "model.npz"
+from .defaults import MODEL_FILE
+
 MODEL_FORMAT = 1
 
 

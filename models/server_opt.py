@@ -15,9 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")
-DEFAULT_SERVER_OPTIMIZER = "fedadam"
-DEFAULT_SERVER_LR = 0.05
+from .defaults import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS  # noqa: F401 (re-exported)
 
 
 class ServerOptimizer:

@@ -21,25 +21,10 @@ from fedrec.models.train import put, take, train_cohort
 
 from .clip import clip
 from .decoys import choose, public_popularity
+from .policy import DevicePolicy
 from .upload import build_upload
 
 ROUNDS = "rounds"  # the users' state entry that counts the rounds each took part in (the participation cap)
-
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    """What a device applies to its users' statistics before anything leaves it."""
-
-    update_mode: str = "dense"  # dense, sparse or padded (fedrec.privacy.upload)
-    pad_ratio: float = 1.0  # padded: decoy rows per rated row
-    clipping_norm: float = 0.0  # C: each user's whole contribution is clipped to this L2 norm (0: off)
-    noise_std: float = 0.0  # local DP: each user's noise std per coordinate; distributed DP: its share
-    max_rounds: int = 0  # local and distributed DP: a user takes part in at most this many rounds (0: no cap)
-    reproducible_seed: int | None = None  # None: decoys and noise from OS entropy (the private default)
-    # Starting vectors and training negatives from OS entropy: where the run claims anything against the
-    # server (DP, SecAgg+, decoys). Seeded, the server regenerates every starting vector and reads each
-    # user's rated items and ratings out of a SecAgg+ sum (fedrec.audit.sum_recovery).
-    private_randomness: bool = False
 
 
 @dataclass

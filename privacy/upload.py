@@ -17,9 +17,9 @@ import numpy as np
 from fedrec.models.algorithm import Statistic, Sums
 
 from .noise import add_device_noise
+from .policy import UPDATE_MODES  # noqa: F401 (part of this stage's vocabulary)
 
 ITEM_INDEX = "item-index"
-UPDATE_MODES = ("dense", "sparse", "padded")
 
 
 def build_upload(sums: Sums, statistics: dict[str, Statistic], mode: str, noise_std: float = 0.0,

@@ -19,9 +19,9 @@ from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_sh
 from fedrec.datasets.splits import validation_split
 from fedrec.datasets.synthetic import stream_seed
 from fedrec.models.algorithm import Algorithm
+from fedrec.models.defaults import Hyper
 from fedrec.models.registry import algorithm_class
-from fedrec.models.settings import Hyper
-from fedrec.privacy.device import DevicePolicy
+from fedrec.privacy.policy import DevicePolicy
 
 from .config import ConfigError, RunConfig
 

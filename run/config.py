@@ -15,26 +15,56 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedrec.datasets import DATASETS, SPLITS, SyntheticSpec
-from fedrec.datasets.catalog import DEFAULT_SPLIT
-from fedrec.datasets.splits import TEST_FRACTION, TEST_NEGATIVES
-from fedrec.models.metrics import DEFAULT_TOP_K
-from fedrec.models.server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
-from fedrec.models.settings import BPMF_DIM, BPMF_REG, DEFAULT_REG, MODELS, Hyper
-from fedrec.privacy.device import DevicePolicy
-from fedrec.privacy.upload import UPDATE_MODES
+# Only the lower layers' plain-Python modules: the command line builds its options from this
+# module, and must not wait for numpy, pandas or torch to print its help.
+from fedrec.datasets.names import (
+    DATASETS,
+    DEFAULT_SPLIT,
+    KNOWN_SIZES,
+    SPLITS,
+    TEST_FRACTION,
+    TEST_NEGATIVES,
+    SyntheticSpec,
+)
+from fedrec.models.defaults import (
+    BPMF_DIM,
+    BPMF_REG,
+    DEFAULT_REG,
+    DEFAULT_SERVER_LR,
+    DEFAULT_SERVER_OPTIMIZER,
+    DEFAULT_TOP_K,
+    MODELS,
+    SERVER_OPTIMIZERS,
+    Hyper,
+)
+from fedrec.privacy.policy import UPDATE_MODES, DevicePolicy
 
 
 class ConfigError(ValueError):
     """A bad setting; the message says which and what to do."""
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+# Each field's group: its panel in the command line's help (and the part of the config it belongs to).
+GROUPS = ("Data", "Synthetic data", "Model", "Training", "Privacy", "Reliability", "Engine", "Output")
 
 
-# Choices and defaults of the data, the model and the device belong to fedrec.datasets and
-# fedrec.models and are read from there; those below are the run's own (the server's).
+def _group(name: str):
+    """The field maker of one group: a default, its help, its allowed values (if a fixed set) and
+    whether it is internal (set by fedrec itself, e.g. in the settings tune writes: not in --help)."""
+    assert name in GROUPS
+
+    def make(default: Any, help: str, choices: tuple | None = None, internal: bool = False) -> Any:
+        return field(default=default, metadata={"help": help, "choices": choices, "group": name,
+                                                "internal": internal})
+    return make
+
+
+_data, _synthetic, _model, _training = _group("Data"), _group("Synthetic data"), _group("Model"), _group("Training")
+_privacy, _reliability, _engine, _output = _group("Privacy"), _group("Reliability"), _group("Engine"), _group("Output")
+
+
+# Choices and defaults of the data, the model and the device belong to fedrec.datasets.names and
+# fedrec.models.defaults and are read from there; those below are the run's own (the server's).
 SAMPLING_CHOICES = ("fixed", "poisson")
 DP_CHOICES = ("none", "central", "local", "distributed")
 SECURE_AGGREGATION = ("none", "secagg+")
@@ -51,123 +81,129 @@ def _reg_help(what: str, name: str) -> str:
 @dataclass(frozen=True)
 class RunConfig:
     # --- data
-    dataset: str = _f("synthetic", "Data set: synthetic (embedded, no download) or a MovieLens name.", DATASETS)
-    data_dir: str = _f("", "Data root holding <name>/ folders; empty: $FEDREC_DATA_DIR, else ~/.cache/fedrec.")
-    split: str = _f(DEFAULT_SPLIT, "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).",
-                    SPLITS)
-    test_fraction: float = _f(TEST_FRACTION, "Share of each user's ratings held out by the random split.")
-    negatives: int = _f(TEST_NEGATIVES, "Sampled negatives per test positive for leave-one-out evaluation.")
-    validation: bool = _f(False, "Score on a validation split cut from the training rows alone (per user: "
-                                 "--test-fraction of them; --split loo: the latest one) instead of the test set, "
-                                 "whose rows are then never used; what `fedrec tune` does.")
-    synthetic_users: int = _f(_SYNTHETIC.users, "Synthetic data: number of users.")
-    synthetic_items: int = _f(_SYNTHETIC.items, "Synthetic data: number of items.")
-    synthetic_density: float = _f(_SYNTHETIC.density, "Synthetic data: expected share of user-item pairs rated.")
-    synthetic_rank: int = _f(_SYNTHETIC.rank, "Synthetic data: rank of the true preference matrix.")
-    synthetic_noise: float = _f(_SYNTHETIC.noise, "Synthetic data: std of rating noise before rounding to stars.")
-    seed: int = _f(0, "Seed of the data, split, init, negatives and non-DP sampling (DP noise, decoys and DP "
-                      "sampling use OS entropy unless --reproducible-noise).")
-    tuned: bool = _f(False, "Set by fedrec tune in the settings it chooses (and by compare --tune): they were chosen "
-                            "on this data's training rows without noise, so a DP run lists them as not covered.")
+    dataset: str = _data("synthetic", "Data set: synthetic (embedded, no download) or a MovieLens name.", DATASETS)
+    data_dir: str = _data("", "Data root holding <name>/ folders; empty: $FEDREC_DATA_DIR, else ~/.cache/fedrec.")
+    split: str = _data(DEFAULT_SPLIT, "random (per-user holdout), loo (leave-one-out, implicit), or u1..u5 (ml-100k).",
+                       SPLITS)
+    test_fraction: float = _data(TEST_FRACTION, "Share of each user's ratings held out by the random split.")
+    negatives: int = _data(TEST_NEGATIVES, "Sampled negatives per test positive for leave-one-out evaluation.")
+    validation: bool = _data(False, "Score on a validation split cut from the training rows alone (per user: "
+                                    "--test-fraction of them; --split loo: the latest one) instead of the test set, "
+                                    "whose rows are then never used; what `fedrec tune` does.")
+    synthetic_users: int = _synthetic(_SYNTHETIC.users, "Synthetic data: number of users.")
+    synthetic_items: int = _synthetic(_SYNTHETIC.items, "Synthetic data: number of items.")
+    synthetic_density: float = _synthetic(_SYNTHETIC.density, "Synthetic data: expected share of user-item pairs "
+                                          "rated.")
+    synthetic_rank: int = _synthetic(_SYNTHETIC.rank, "Synthetic data: rank of the true preference matrix.")
+    synthetic_noise: float = _synthetic(_SYNTHETIC.noise, "Synthetic data: std of rating noise before rounding to "
+                                        "stars.")
+    seed: int = _data(0, "Seed of the data, split, init, negatives and non-DP sampling (DP noise, decoys and DP "
+                         "sampling use OS entropy unless --reproducible-noise).")
+    tuned: bool = _data(False, "Set by fedrec tune in the settings it chooses (and by compare --tune): they were "
+                        "chosen on this data's training rows without noise, so a DP run lists them as not covered.",
+                        internal=True)
     # --- model
-    model: str = _f("auto", "auto: bpmf for ratings where every user takes part each round, without clipping, "
-                            "DP, SecAgg+ or decoys (bpmf won on validation; its statistics need a clipping norm of "
-                            "their own, so auto keeps mf wherever one is set), mf otherwise; mf: biased matrix "
-                            "factorization; svdpp: adds implicit factors y_j of the items a user rated (SVD++; y_j "
-                            "travel like q_i, the rated set stays on the device); bpmf: Bayesian MF by Gibbs "
-                            "sampling, one sweep per round (ratings only; devices send per-item sufficient "
-                            "statistics, which hold the user's vector and ratings: plain runs only, see README).",
-                    ("auto", *MODELS))
-    dim: int = _f(-1, f"Embedding size K of users and items; -1: {BPMF_DIM} for bpmf, {_HYPER.dim} otherwise "
-                      "(chosen on validation).")
-    reg_user: float = _f(-1.0, _reg_help("user embeddings", "reg_user"))
-    reg_item: float = _f(-1.0, _reg_help("item embeddings", "reg_item"))
-    reg_bias: float = _f(-1.0, _reg_help("user and item biases", "reg_bias"))
-    init_std: float = _f(_HYPER.init_std, "Std of the initial embeddings.")
-    train_negatives: int = _f(_HYPER.train_negatives, "Implicit feedback: sampled negatives per positive in training.")
-    recency_items: int = _f(_HYPER.recency_items, "Implicit feedback: a device ranks with its user's latest this many "
-                                                  "training interactions too (by its own timestamps, which never "
-                                                  "leave it; training is unchanged).")
-    recency_decay: float = _f(_HYPER.recency_decay, "Implicit feedback: the k-th latest of those items weighs "
-                                                    "decay^k in the user's recent profile (in [0, 1]).")
-    recency_weight: float = _f(_HYPER.recency_weight, "Implicit feedback: weight of the recent profile's match with "
-                                                      "each item's direction in the device's scores; 0: off.")
-    bpmf_alpha: float = _f(_HYPER.bpmf_alpha, "BPMF: precision of the rating noise (1 / its variance).")
-    burn_in: int = _f(_HYPER.burn_in, "BPMF: first rounds (central: epochs) whose draws are not averaged into the "
-                                      "model that is evaluated and saved.")
+    model: str = _model("auto", "auto: bpmf for ratings where every user takes part each round, without clipping, "
+                                "DP, SecAgg+ or decoys (bpmf won on validation; its statistics need a clipping norm of "
+                                "their own, so auto keeps mf wherever one is set), mf otherwise; mf: biased matrix "
+                                "factorization; svdpp: adds implicit factors y_j of the items a user rated (SVD++; y_j "
+                                "travel like q_i, the rated set stays on the device); bpmf: Bayesian MF by Gibbs "
+                                "sampling, one sweep per round (ratings only; devices send per-item sufficient "
+                                "statistics, which hold the user's vector and ratings: plain runs only, see README).",
+                        ("auto", *MODELS))
+    dim: int = _model(-1, f"Embedding size K of users and items; -1: {BPMF_DIM} for bpmf, {_HYPER.dim} otherwise "
+                          "(chosen on validation).")
+    reg_user: float = _model(-1.0, _reg_help("user embeddings", "reg_user"))
+    reg_item: float = _model(-1.0, _reg_help("item embeddings", "reg_item"))
+    reg_bias: float = _model(-1.0, _reg_help("user and item biases", "reg_bias"))
+    init_std: float = _model(_HYPER.init_std, "Std of the initial embeddings.")
+    train_negatives: int = _model(_HYPER.train_negatives, "Implicit feedback: sampled negatives per positive in "
+                                  "training.")
+    recency_items: int = _model(_HYPER.recency_items, "Implicit feedback: a device ranks with its user's latest this "
+                                "many training interactions too (by its own timestamps, which never leave it; "
+                                "training is unchanged).")
+    recency_decay: float = _model(_HYPER.recency_decay, "Implicit feedback: the k-th latest of those items weighs "
+                                                        "decay^k in the user's recent profile (in [0, 1]).")
+    recency_weight: float = _model(_HYPER.recency_weight, "Implicit feedback: weight of the recent profile's match "
+                                   "with each item's direction in the device's scores; 0: off.")
+    bpmf_alpha: float = _model(_HYPER.bpmf_alpha, "BPMF: precision of the rating noise (1 / its variance).")
+    burn_in: int = _model(_HYPER.burn_in, "BPMF: first rounds (central: epochs) whose draws are not averaged into the "
+                                          "model that is evaluated and saved.")
     # --- training
-    lr: float = _f(_HYPER.lr, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
-    server_lr: float = _f(DEFAULT_SERVER_LR, "Server learning rate of the strategy's optimizer (1.0 with fedavg is "
-                                             "plain FedAvg).")
-    strategy: str = _f(DEFAULT_SERVER_OPTIMIZER, "Server optimizer on the averaged item update.", SERVER_OPTIMIZERS)
-    epochs: int = _f(60, "Central baseline: full-batch epochs.")
-    rounds: int = _f(60, "Federated rounds.")
-    local_epochs: int = _f(_HYPER.local_epochs, "Full-batch passes each sampled user makes over its own ratings per "
-                                                "round.")
-    users_per_round: int = _f(0, "Users sampled per round (expected number under poisson); 0: all users.")
-    sampling: str = _f("fixed", "fixed: that many users without replacement; poisson: each user independently.",
-                       SAMPLING_CHOICES)
-    users_per_node: int = _f(0, "Simulation: users hosted by one SuperNode (1 = deployment shape); 0: auto.")
-    eval_every: int = _f(10, "Evaluate every this many rounds (and after the last).")
-    top_k: int = _f(DEFAULT_TOP_K, "K of HR@K, NDCG@K and Recall@K.")
+    lr: float = _training(_HYPER.lr, "Client learning rate: Adam on the user's own vector, SGD on its item copies.")
+    server_lr: float = _training(DEFAULT_SERVER_LR, "Server learning rate of the strategy's optimizer (1.0 with "
+                                 "fedavg is plain FedAvg).")
+    strategy: str = _training(DEFAULT_SERVER_OPTIMIZER, "Server optimizer on the averaged item update.",
+                              SERVER_OPTIMIZERS)
+    epochs: int = _training(60, "Central baseline: full-batch epochs.")
+    rounds: int = _training(60, "Federated rounds.")
+    local_epochs: int = _training(_HYPER.local_epochs, "Full-batch passes each sampled user makes over its own "
+                                  "ratings per round.")
+    users_per_round: int = _training(0, "Users sampled per round (expected number under poisson); 0: all users.")
+    sampling: str = _training("fixed", "fixed: that many users without replacement; poisson: each user independently.",
+                              SAMPLING_CHOICES)
+    users_per_node: int = _training(0, "Simulation: users hosted by one SuperNode (1 = deployment shape); 0: auto.")
+    eval_every: int = _training(10, "Evaluate every this many rounds (and after the last).")
+    top_k: int = _training(DEFAULT_TOP_K, "K of HR@K, NDCG@K and Recall@K.")
     # --- privacy
-    dp: str = _f("none", "none; central (per-user clipping, server noise); local (noise added on the device); "
-                         "distributed (each device adds a share of the noise; needs secagg+).", DP_CHOICES)
-    noise_multiplier: float = _f(0.0, "z: noise std is z times the clipping norm (per release); 0 with "
-                                      "--target-epsilon: calibrated.")
-    clipping_norm: float = _f(_DEVICE.clipping_norm, "C: each user's item-side update is clipped to this L2 norm "
-                                                 "(0: no clipping).")
-    target_epsilon: float = _f(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round "
-                                    "would exceed it.")
-    target_delta: float = _f(1e-5, "delta at which epsilon is reported.")
-    accountant: str = _f("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
-    update_mode: str = _f(_DEVICE.update_mode, "What a client uploads: dense (all rows), sparse (rated rows), "
-                                               "padded (rated + decoy rows).", UPDATE_MODES)
-    pad_ratio: float = _f(_DEVICE.pad_ratio, "padded mode: decoy rows per rated row.")
-    max_rounds_per_user: int = _f(_DEVICE.max_rounds, "Local and distributed DP: rounds a user may take part in "
-                                                      "(its device enforces it; epsilon against the server is for "
-                                                      "this many); 0: auto, a cap that about 1 in 100 runs would "
-                                                      "reach.")
-    secure_aggregation: str = _f("none", "secagg+: the server learns only the sum of the nodes' updates (Flower's "
-                                         "SecAgg+); uploads are dense.", SECURE_AGGREGATION)
-    secagg_shares: float = _f(0.0, "SecAgg+: neighbours each node shares its keys with; 0: auto, 2 log2(nodes) + 1 "
-                                   "(Bell et al.'s logarithmic degree); below 1 a share of the round's nodes; from 3 a "
-                                   "count (odd).")
-    secagg_threshold: float = _f(0.67, "SecAgg+: shares needed to rebuild a key; up to 1 a share of --secagg-shares, "
-                                       "from 2 a count. Colluding neighbours below it learn nothing.")
-    secagg_min_fraction: float = _f(0.8, "SecAgg+: least share of a round's sampled users that must arrive for the "
-                                         "sum to be unmasked; distributed DP sizes each device's noise share for it.")
-    secagg_timeout: float = _f(0.0, "SecAgg+: seconds to wait for each stage's replies (0: no limit); late nodes "
-                                    "count as dropped and their masks are recovered.")
-    reproducible_noise: bool = _f(False, "Derive DP noise, decoys, DP sampling and the devices' starting vectors "
-                                         "and training negatives from --seed: repeatable, and NOT private (anyone "
-                                         "with the seed can regenerate them).")
+    dp: str = _privacy("none", "none; central (per-user clipping, server noise); local (noise added on the device); "
+                               "distributed (each device adds a share of the noise; needs secagg+).", DP_CHOICES)
+    noise_multiplier: float = _privacy(0.0, "z: noise std is z times the clipping norm (per release); 0 with "
+                                            "--target-epsilon: calibrated.")
+    clipping_norm: float = _privacy(_DEVICE.clipping_norm, "C: each user's item-side update is clipped to this L2 norm "
+                                                       "(0: no clipping).")
+    target_epsilon: float = _privacy(0.0, "Privacy budget: calibrates z for the rounds given, or stops before a round "
+                                          "would exceed it.")
+    target_delta: float = _privacy(1e-5, "delta at which epsilon is reported.")
+    accountant: str = _privacy("rdp", "rdp or pld (both dp-accounting; PLD is usually tighter).", ACCOUNTANTS)
+    update_mode: str = _privacy(_DEVICE.update_mode, "What a client uploads: dense (all rows), sparse (rated rows), "
+                                                     "padded (rated + decoy rows).", UPDATE_MODES)
+    pad_ratio: float = _privacy(_DEVICE.pad_ratio, "padded mode: decoy rows per rated row.")
+    max_rounds_per_user: int = _privacy(_DEVICE.max_rounds, "Local and distributed DP: rounds a user may take part in "
+                                        "(its device enforces it; epsilon against the server is for this many); 0: "
+                                        "auto, a cap that about 1 in 100 runs would reach.")
+    secure_aggregation: str = _privacy("none", "secagg+: the server learns only the sum of the nodes' updates "
+                                       "(Flower's SecAgg+); uploads are dense.", SECURE_AGGREGATION)
+    secagg_shares: float = _privacy(0.0, "SecAgg+: neighbours each node shares its keys with; 0: auto, 2 log2(nodes) "
+                                    "+ 1 (Bell et al.'s logarithmic degree); below 1 a share of the round's nodes; "
+                                    "from 3 a count (odd).")
+    secagg_threshold: float = _privacy(0.67, "SecAgg+: shares needed to rebuild a key; up to 1 a share of "
+                                       "--secagg-shares, from 2 a count. Colluding neighbours below it learn nothing.")
+    secagg_min_fraction: float = _privacy(0.8, "SecAgg+: least share of a round's sampled users that must arrive for "
+                                          "the sum to be unmasked; distributed DP sizes each device's noise share for "
+                                          "it.")
+    secagg_timeout: float = _privacy(0.0, "SecAgg+: seconds to wait for each stage's replies (0: no limit); late nodes "
+                                          "count as dropped and their masks are recovered.")
+    reproducible_noise: bool = _privacy(False, "Derive DP noise, decoys, DP sampling and the devices' starting "
+                                        "vectors and training negatives from --seed: repeatable, and NOT private "
+                                        "(anyone with the seed can regenerate them).")
     # --- reliability
-    round_timeout: float = _f(0.0, "Seconds the server waits for a round's replies; later replies count as failed "
-                                   "(0: until every node answered or failed, at most an hour).")
-    min_reply_fraction: float = _f(0.5, "Least share of a round's sampled users whose updates must arrive and pass the "
-                                        "checks for the round to be applied; otherwise the round is skipped.")
-    dropout: float = _f(0.0, "Simulation: probability that each sampled device fails in a round, to measure "
-                             "robustness.")
-    robust_aggregation: str = _f("norm-bound", "none, or norm-bound: a reply whose norm exceeds --robust-bound times "
-                                               "the round's median per-user update norm per user it sums is dropped "
-                                               "(not under DP, where replies above users x C are rejected instead).",
-                                 ROBUST_CHOICES)
-    robust_bound: float = _f(10.0, "norm-bound: allowed multiple of the round's median per-user update norm.")
-    checkpoint_every: int = _f(10, "Write a checkpoint to the run directory every this many rounds (and on "
-                                   "Ctrl-C/SIGTERM); 0: only on an interrupt.")
-    keep_checkpoints: bool = _f(False, "Keep the server's checkpoint of round 0, of every --checkpoint-every round "
-                                       "and of the last round in RUN_DIR.checkpoints/, and the devices' state at "
-                                       "those rounds in RUN_DIR.devices/ (both beside the run directory, never "
-                                       "released): what `fedrec forget` replays from.")
-    resume: str = _f("", "Run directory of an interrupted run to continue from its last checkpoint, with the run's "
-                         "own saved settings (so nothing else may be passed with it).")
+    round_timeout: float = _reliability(0.0, "Seconds the server waits for a round's replies; later replies count as "
+                                        "failed (0: until every node answered or failed, at most an hour).")
+    min_reply_fraction: float = _reliability(0.5, "Least share of a round's sampled users whose updates must arrive "
+                                             "and pass the checks for the round to be applied; otherwise the round is "
+                                             "skipped.")
+    dropout: float = _reliability(0.0, "Simulation: probability that each sampled device fails in a round, to measure "
+                                       "robustness.")
+    robust_aggregation: str = _reliability("norm-bound", "none, or norm-bound: a reply whose norm exceeds "
+                                           "--robust-bound times the round's median per-user update norm per user it "
+                                           "sums is dropped (not under DP, where replies above users x C are rejected "
+                                           "instead).", ROBUST_CHOICES)
+    robust_bound: float = _reliability(10.0, "norm-bound: allowed multiple of the round's median per-user update norm.")
+    checkpoint_every: int = _reliability(10, "Write a checkpoint to the run directory every this many rounds (and on "
+                                             "Ctrl-C/SIGTERM); 0: only on an interrupt.")
+    keep_checkpoints: bool = _reliability(False, "Keep the server's checkpoint of round 0, of every "
+                                          "--checkpoint-every round and of the last round in RUN_DIR.checkpoints/, "
+                                          "and the devices' state at those rounds in RUN_DIR.devices/ (both beside "
+                                          "the run directory, never released): what `fedrec forget` replays from.")
+    resume: str = _reliability("", "Run directory of an interrupted run to continue from its last checkpoint, with "
+                               "the run's own saved settings (so nothing else may be passed with it).")
     # --- engine
-    ray_address: str = _f("", "Simulation: a running Ray cluster to join (the address `ray start --head` prints, "
-                              "e.g. 10.0.0.5:6379) instead of starting Ray on this machine; each ClientApp actor "
-                              "takes one of the cluster's CPUs.")
+    ray_address: str = _engine("", "Simulation: a running Ray cluster to join (the address `ray start --head` prints, "
+                                   "e.g. 10.0.0.5:6379) instead of starting Ray on this machine; each ClientApp actor "
+                                   "takes one of the cluster's CPUs.")
     # --- output
-    out: str = _f("", "Run directory for results; empty: runs/<mode>-<time>.")
+    out: str = _output("", "Run directory for results; empty: runs/<mode>-<time>.")
 
     # ------------------------------------------------------------------
     @property
@@ -407,8 +443,6 @@ def _physical_memory() -> int | None:
 
 def _check_memory(cfg: RunConfig) -> None:
     """Refuse a run whose data and model alone (a floor: training needs more) exceed this machine's memory."""
-    from fedrec.datasets.movielens import KNOWN_SIZES
-
     if cfg.dataset == "synthetic":
         users, items = cfg.synthetic_users, cfg.synthetic_items
         ratings = min(users * items, max(users * items * cfg.synthetic_density, 5 * users))

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-import pandas as pd
-
-from fedrec.models.metrics import SUM_KEYS, finish
-from fedrec.models.saved import save_model
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # imported where used: the command line makes run directories without loading torch or pandas
+    import pandas as pd
+
 
 # Files whose presence means a run was written here.
 FINISHED = ("summary.json", "metrics.csv", "config.toml")
@@ -37,6 +38,8 @@ def make_run_dir(cfg: RunConfig, mode: str) -> Path:
     if cfg.resume and not Path(cfg.resume).expanduser().is_dir():
         raise ConfigError(f"--resume {cfg.resume}: no such run directory")
     resuming = bool(cfg.resume) and path.resolve() == Path(cfg.resume).expanduser().resolve()
+    made = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)  # the first folder made here
+    probe = path / ".fedrec-write-check"
     try:
         if path.is_dir() and any(path.iterdir()) and not resuming:
             finished = [name for name in FINISHED if (path / name).exists()]
@@ -45,16 +48,25 @@ def make_run_dir(cfg: RunConfig, mode: str) -> Path:
             raise ConfigError(f"--out {path} already holds {what}; choose a new directory (results are never "
                               f"mixed){hint}")
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".fedrec-write-check"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"--out {path} cannot be written ({error.strerror}); choose another directory") from None
+    except BaseException as error:  # refused, unwritable or interrupted (Ctrl-C): nothing made here stays
+        if made is not None and path.is_dir():
+            probe.unlink(missing_ok=True)
+            remove_if_empty(path, keep=made.parent)
+        if isinstance(error, OSError):
+            raise ConfigError(f"--out {path} cannot be written ({error.strerror}); choose another directory") from None
+        raise
     return path.resolve()
 
 
 def remove_if_empty(path: Path, keep: Path | None = None) -> None:
-    """Remove a run directory that a failed run left empty, and its empty parents up to `keep`."""
+    """Remove the empty directories a failed or interrupted run left: inside its run directory (e.g.
+    compare's central/ and federated/), the run directory if that left it empty, and its empty
+    parents up to `keep`. Directories holding any file stay."""
+    for inside, _, _ in sorted(os.walk(path), key=lambda entry: -len(Path(entry[0]).parts)):  # deepest first
+        if Path(inside) != path and not any(Path(inside).iterdir()):
+            Path(inside).rmdir()
     for folder in (path, *path.parents):
         if folder == keep or not folder.is_dir() or any(folder.iterdir()):
             return
@@ -80,6 +92,8 @@ def write_config(directory: Path, cfg: RunConfig, name: str = "config.toml") -> 
 
 
 def write_history(directory: Path, rows: list[dict], name: str = "metrics.csv") -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame(rows)
     frame.to_csv(directory / name, index=False)
     return frame
@@ -122,6 +136,8 @@ def main_metric(implicit: bool, k: int) -> str:
 
 def metric_columns(implicit: bool, top_k: int) -> list[str]:
     """The evaluation metrics a run reports, in the order finish() gives them."""
+    from fedrec.models.metrics import SUM_KEYS, finish
+
     names = list(finish({k: 1.0 for k in SUM_KEYS}, top_k))
     return [n for n in names if (n in ("rmse", "mae")) != implicit]
 
@@ -164,6 +180,10 @@ class RunWriter:
         """The model (with the public item `catalogue`, (ids, titles), where known), and the
         headline metric per `step` ("epoch" or "round") plotted from metrics.csv; `label` (a DP
         run's epsilon, delta and z: dp_label) goes into the plot's title."""
+        import pandas as pd
+
+        from fedrec.models.saved import save_model
+
         save_model(self.path, model, *(catalogue or (None, None)))
         metric = main_metric(self.cfg.implicit, self.cfg.top_k)
         frame = pd.read_csv(self.path / "metrics.csv")

@@ -11,8 +11,6 @@ import json
 import multiprocessing as mp
 import time
 
-import numpy as np
-
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
@@ -48,6 +46,7 @@ def _backend(cpus: int = 2) -> dict:
 
 
 def engine_floor(rounds: int) -> dict:
+    import numpy as np  # here, not at the top: the command line imports this module for CASE_NAMES
     from flwr.app import Array, ArrayRecord, Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
@@ -72,6 +71,8 @@ def engine_floor(rounds: int) -> dict:
 
 
 def fedrec_case(cfg: RunConfig) -> dict:
+    import numpy as np
+
     from fedrec.run.build import ensure_shards, num_nodes, population
 
     from .federated import simulate

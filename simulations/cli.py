@@ -1,5 +1,9 @@
 """The `fedrec` command line. Every run-config setting is a flag (`--users-per-round`),
-and `--config FILE` reads a TOML file first; bad input gives one line and exit code 2."""
+and `--config FILE` reads a TOML file first; bad input gives one line and exit code 2.
+
+Its options are built from RunConfig's field metadata (help, choices, group, internal). This
+module imports no numpy, pandas, torch or Flower: each command imports what it runs, so that
+`fedrec --help` answers at once."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import dataclasses
 import inspect
 import math
 import os
+import signal
 import sys
+import threading
 import typing
 import warnings
 from dataclasses import fields
@@ -19,31 +25,60 @@ import click
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from fedrec.datasets import DataError
+from fedrec.datasets.errors import DataError
 from fedrec.run.config import CENTRAL_SETTINGS, DATA_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
+from fedrec.run.finished import ANY_RUN, locate
 from fedrec.run.rundir import make_run_dir, remove_if_empty
 from fedrec.simulations.bench import CASE_NAMES, DEFAULT_CASES
+from fedrec.simulations.extras import require
 from fedrec.simulations.tune import DEFAULT_TRIALS, SEARCHED
 
 
 class _OneLineErrors(typer.core.TyperGroup):
-    """A bad flag or flag value is one line and exit 2, like every other bad input (not click's panel)."""
+    """A bad flag or flag value is one line and exit 2, like every other bad input (not click's panel);
+    Ctrl-C is one line and exit 130 (typer's own handler would exit silently)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.UsageError as error:
             _fail(error.format_message())
+        except KeyboardInterrupt:
+            _interrupted(None)
 
 
 # Unexpected errors still show a traceback, but without local variables (megabytes of arrays).
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_OneLineErrors,
-                  pretty_exceptions_show_locals=False)
+cli = typer.Typer(no_args_is_help=True, add_completion=False, cls=_OneLineErrors, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 out = Console()
+
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        out.print(f"fedrec {version('fedrec')}", highlight=False)
+        raise typer.Exit()
+
+
+@cli.callback(help=__doc__.split("\n\n")[0])
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Print fedrec's version and exit.")) -> None:
+    pass
+
 
 ALL_SETTINGS = frozenset(f.name for f in fields(RunConfig))
 # tune searches these itself, validates on its own split and runs its trials in this process without privacy
@@ -72,8 +107,17 @@ RESUME_TAKES = {"resume"}  # what may go with --resume: the run continues with i
 
 
 def _fail(message: str) -> typing.NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # [...] is no markup
     raise typer.Exit(2)
+
+
+def _interrupted(run_dir: Path | None, writes: bool = False) -> typing.NoReturn:
+    """Ctrl-C: one line, the conventional exit code 130; what the run had written, if anything, stays
+    (`writes`: the command makes a run directory, maybe not yet)."""
+    kept = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
+    where = f"; what it wrote so far is in {run_dir}" if kept else (", nothing written" if writes else "")
+    console.print(f"interrupted{where}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 def _flags(names) -> str:
@@ -110,6 +154,18 @@ def _settings(name: str, flags: dict, config_file: Path | None) -> RunConfig:
     return cfg.validate()
 
 
+def _option(f: dataclasses.Field, hidden: bool):
+    """A RunConfig field as a flag: its help, its choices, its group's help panel; an internal one hidden."""
+    meta, help, metavar = f.metadata, f.metadata["help"], None
+    shown = "off" if f.default is False else (f.default != "" or "empty")  # click hides a False or '' default
+    choices = meta.get("choices")
+    if choices and len("|".join(choices)) > 20:  # a long list would squeeze its panel's help column: in the help
+        help, metavar = f"{help} One of: {', '.join(choices)}.", "NAME"
+    return typer.Option(f.default, "--" + f.name.replace("_", "-"), help=help, show_default=shown, metavar=metavar,
+                        hidden=hidden or meta.get("internal", False), rich_help_panel=meta.get("group"),
+                        click_type=click.Choice(choices) if choices else None)
+
+
 def _config_command(fn):
     """Give `fn(cfg, **extra)` one CLI option per RunConfig field, plus --config."""
     hints = typing.get_type_hints(fn)  # annotations are strings under `from __future__ import annotations`
@@ -118,11 +174,8 @@ def _config_command(fn):
                                 default=typer.Option(None, "--config", help="TOML file with settings (flags win)."))]
     reads = COMMAND_SETTINGS.get(fn.__name__, (ALL_SETTINGS,))[0]
     for f in fields(RunConfig):
-        shown = "off" if f.default is False else (f.default != "" or "empty")  # click hides a False or '' default
-        params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
-            default=typer.Option(f.default, "--" + f.name.replace("_", "-"), help=f.metadata["help"],
-                                 show_default=shown, hidden=f.name not in reads)))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
+                                        default=_option(f, hidden=f.name not in reads)))
     params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
     def command(**kwargs):
@@ -135,6 +188,7 @@ def _config_command(fn):
                 source = click.get_current_context().get_parameter_source
                 flags = {k: v for k, v in kwargs.items() if source(k) == click.core.ParameterSource.COMMANDLINE}
                 cfg = _settings(fn.__name__, flags, config_file)
+                _fetch_data(cfg)  # a download shows its own progress, before the command's bars start
                 if fn.__name__ in RUN_DIR_NAMES:  # before any work: a bad --out must not cost a finished run
                     target = Path(cfg.out or cfg.resume or "runs/new").expanduser().absolute()
                     keep = next(p for p in (target, *target.parents) if p.exists()).resolve()
@@ -143,8 +197,10 @@ def _config_command(fn):
                 fn(cfg, **extra)
             except BaseException:
                 if run_dir is not None:
-                    remove_if_empty(run_dir, keep)  # a failed run leaves no empty directory behind
+                    remove_if_empty(run_dir, keep)  # a failed or interrupted run leaves no empty directory behind
                 raise
+        except KeyboardInterrupt:
+            _interrupted(run_dir, writes=fn.__name__ in RUN_DIR_NAMES)
         except (ConfigError, DataError) as error:
             _fail(str(error))
         except MemoryError:
@@ -159,6 +215,32 @@ def _config_command(fn):
     command.__doc__ = fn.__doc__
     command.__name__ = fn.__name__
     return command
+
+
+def _located(run: Path, kinds: str = ANY_RUN) -> Path:
+    """The run a command acts on: --run itself, or a compare directory's federated run (said in one line)."""
+    paths = locate(run, kinds)
+    if paths.note:
+        console.print(paths.note, highlight=False, markup=False, soft_wrap=True)
+    return paths.run
+
+
+def _fetch_data(cfg: RunConfig) -> None:
+    """Download the run's MovieLens data set if it is not there yet (saying so, with progress)."""
+    if cfg.dataset == "synthetic":
+        return
+    from fedrec.datasets.download import dataset_folder
+
+    dataset_folder(cfg.dataset, cfg.data_dir or None, progress=_download_bar if console.is_terminal else None)
+
+
+@contextlib.contextmanager
+def _download_bar(title: str, total: int | None):
+    columns = (TextColumn(f"[bold]{title}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("eta"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(title, total=total)
+        yield lambda size: progress.advance(task, size)
 
 
 def _quiet_engines() -> None:
@@ -180,12 +262,16 @@ def _progress(total: int, label: str, timed: bool = True):
     clock = (TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()) if timed else ()
     progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), *clock, console=console, transient=False)
-    with progress:
-        try:
-            yield progress
-        except BaseException:
-            progress.live.transient = True  # a failed run shows its one error line, not a stopped bar
-            raise
+    try:
+        with progress:
+            try:
+                yield progress
+            except BaseException:
+                progress.live.transient = True  # a failed run shows its one error line, not a stopped bar
+                console.quiet = not console.is_terminal  # (on a file or pipe, rich would end it with a blank line)
+                raise
+    finally:
+        console.quiet = False
 
 
 def _show(title: str, rows: dict[str, dict[str, float]]) -> None:
@@ -205,6 +291,7 @@ def _tracker(progress: Progress, task, key: str, first=None):
     pending = [first] if first else []
 
     def update(row: dict) -> None:
+        _raise_if_interrupted()
         while pending:
             pending.pop()()
         shown = {k: v for k, v in row.items() if (k in ("rmse", "train_loss") or k.startswith("hr@")) and v == v}
@@ -311,6 +398,7 @@ def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
         best: dict[str, float] = {}
 
         def on_trial(side: str, entry: dict) -> None:
+            _raise_if_interrupted()
             value = next(v for k, v in entry.items() if k.startswith("val_"))
             if value is not None:
                 best[side] = value if side not in best else (max if cfg.implicit else min)(best[side], value)
@@ -337,6 +425,8 @@ def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="fir
                                                        "a validation split (as fedrec tune), then run with them"),
             tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS) -> None:
     """Central and federated runs with the same model, split and seeds, side by side."""
+    if tune:
+        require("tune", "compare --tune")
     from fedrec.simulations.compare import run_compare
 
     if (tune_trials or tune_seconds) and not tune:
@@ -369,6 +459,7 @@ def tune(cfg: RunConfig, tune_trials: int = _TUNE_TRIALS, tune_seconds: float = 
     """Choose central's and federated's settings on a validation split of the training data (never the
     test set): Optuna's TPE sampler, the same budget per side; writes OUT/tune.json, OUT/trials.csv and
     the chosen settings as OUT/central.toml and OUT/federated.toml (for --config)."""
+    require("tune", "fedrec tune")
     report = run_tune_cli(cfg, tune_trials, tune_seconds, Path(cfg.out))
     out.print(f"results in {report['run_dir']}; run with them: fedrec simulate --config "
               f"{report['run_dir']}/federated.toml (central: --config {report['run_dir']}/central.toml)",
@@ -383,11 +474,13 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
                                                "per data set, and score them against the peers (0: skip)"),
 ) -> None:
     """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
+    if tune_trials < 0:
+        raise ConfigError(f"--tune-trials must be >= 0 (got {tune_trials})")
+    if tune_trials:
+        require("tune", "accuracy --tune-trials")
     _quiet_engines()
     from fedrec.simulations.accuracy import run_accuracy
 
-    if tune_trials < 0:
-        raise ConfigError(f"--tune-trials must be >= 0 (got {tune_trials})")
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
                           tune_trials=tune_trials)
     cases = report["cases"]
@@ -535,10 +628,11 @@ def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central,
                                                               "runs/serve-bench-<time>]")) -> None:
     """The demo page's speed: `fedrec serve` start to first page, and a cold-start fit + top-10
     (in process and through POST /new) for 5, 10, 15 and 20 ratings; writes OUT/serve_bench.json."""
-    from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, model_dir, run_serve_bench
-
     try:
-        model_dir(run)  # before making OUT: a wrong --run leaves nothing behind
+        require("serve", "fedrec serve-bench")
+        _located(run)  # before making OUT: a wrong --run leaves nothing behind
+        from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, run_serve_bench
+
         run_dir = make_run_dir(RunConfig(out=out_dir), "serve-bench")
         report = run_serve_bench(run, run_dir, starts, repeats, http_repeats,
                                  log=lambda line: console.print(line, highlight=False))
@@ -650,7 +744,8 @@ def deploy(nodes: int = typer.Option(3, min=1, help="SuperNodes to start (node I
 
 
 @cli.command()
-def recommend(run: Path = typer.Option(..., "--run", help="a finished central or federated run directory"),
+def recommend(run: Path = typer.Option(..., "--run", help="a finished central, federated or compare run directory "
+                                                          "(of a compare directory: its federated run)"),
               user: str = typer.Option(..., help="the user's id in the data set"),
               n: int = typer.Option(10, min=1, help="how many items"),
               as_json: bool = typer.Option(False, "--json", help="print a JSON list of {item, title, score}"),
@@ -663,9 +758,10 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central or
 
     The user's vector is re-fitted here, as on the user's device, from the user's own
     training ratings against the saved item model (model.npz holds no user vectors)."""
-    from fedrec.simulations.recommend import recommend as top_items
-
     try:
+        run = _located(run)
+        from fedrec.simulations.recommend import recommend as top_items
+
         picks = top_items(run, user, n, str(data_dir) if data_dir else None, include_unrated)
     except (ConfigError, DataError) as error:
         _fail(str(error))
@@ -677,7 +773,8 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central or
 
 
 @cli.command()
-def consent(run: Path = typer.Option(..., "--run", help="a finished federated run directory"),
+def consent(run: Path = typer.Option(..., "--run", help="a finished federated or compare run directory (of a "
+                                                        "compare directory: its federated run)"),
             user: str = typer.Option(..., help="the user's id in the data set"),
             opt_out: bool = typer.Option(False, "--opt-out", help="the device stops training this user"),
             opt_in: bool = typer.Option(False, "--opt-in", help="the device trains this user again")) -> None:
@@ -687,11 +784,12 @@ def consent(run: Path = typer.Option(..., "--run", help="a finished federated ru
     trains the user in earlier rounds as before); from then on the device sends nothing of the
     user, neither training updates nor evaluation sums, like a device that dropped out; it
     still gets recommendations on the device."""
-    from fedrec.simulations.device_view import set_consent
-
     if opt_out == opt_in:
         _fail("pass one of --opt-out and --opt-in")
     try:
+        run = _located(run, "federated or compare")
+        from fedrec.simulations.device_view import set_consent
+
         set_consent(run, user, train=opt_in)
     except (ConfigError, DataError) as error:
         _fail(str(error))
@@ -700,7 +798,8 @@ def consent(run: Path = typer.Option(..., "--run", help="a finished federated ru
 
 
 @cli.command()
-def forget(run: Path = typer.Option(..., "--run", help="a finished federated run that kept its checkpoints"),
+def forget(run: Path = typer.Option(..., "--run", help="a finished federated run that kept its checkpoints, or "
+                                                       "the compare directory holding it"),
            user: str = typer.Option(..., help="the user's id in the data set"),
            verify: bool = typer.Option(False, "--verify", help="also run the never-had-the-user run from "
                                                                "scratch and compare the models")) -> None:
@@ -710,6 +809,10 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
     first took part (needs a run made with --keep-checkpoints); reports what it cost. Under DP it
     erases the device only and says what bounds the user's influence: a replay would release a
     second model from the other users' data that no accounting covers."""
+    try:
+        run = _located(run, "federated or compare")
+    except ConfigError as error:
+        _fail(str(error))
     _quiet_engines()
     from fedrec.simulations.forget import forget as run_forget
 
@@ -744,16 +847,37 @@ def serve(run: Path = typer.Option(..., "--run", help="a finished central, feder
     URL carries a random access token, made afresh each start and shown nowhere else (there is no
     --token option: a command line is visible to every user of the machine); without it every page
     answers 403. A device's controls belong to the visitor who claims it first. Ctrl-C stops it."""
-    from fedrec.simulations.serve.server import serve as serve_page
-
     try:
+        require("serve", "fedrec serve")
+        _located(run)  # the page serves a compare directory's federated run itself (the central one is its reference)
+        from fedrec.simulations.serve.server import serve as serve_page
+
         serve_page(run, host, port, str(data_dir) if data_dir else None,
                    say=lambda line: out.print(line, highlight=False, markup=False, soft_wrap=True))
     except (ConfigError, DataError) as error:
         _fail(str(error))
 
 
+# Ctrl-C raises KeyboardInterrupt, but a library's catch-all (e.g. around a lazy import) can swallow it:
+# it is also remembered, and the next progress update raises it again. A second Ctrl-C leaves at once.
+_ctrl_c = threading.Event()
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    if _ctrl_c.is_set():
+        os.write(2, b"interrupted\n")  # not through rich: the main thread may hold its console's lock
+        os._exit(130)
+    _ctrl_c.set()
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _ctrl_c.is_set():
+        raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         cli()
     except KeyboardInterrupt:

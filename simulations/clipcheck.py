@@ -16,7 +16,8 @@ import torch
 
 from fedrec.datasets import cohort
 from fedrec.models import ItemParams, UserState, initial_global_bias
-from fedrec.models.device import UPDATE_MODES, DevicePolicy, device_step
+from fedrec.models.defaults import UPDATE_MODES
+from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.upload import scatter_upload
 from fedrec.run.build import hyper, load_data
 from fedrec.run.config import ConfigError, RunConfig

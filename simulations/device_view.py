@@ -21,8 +21,8 @@ import pandas as pd
 from fedrec.client import controls, storage, uploads
 from fedrec.datasets import cohort
 from fedrec.models.personal import fit_user
-from fedrec.models.saved import MODEL_FILE, load_model
-from fedrec.run import schema
+from fedrec.models.saved import load_model
+from fedrec.run import finished, schema
 from fedrec.run.build import hyper, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.secagg import COUNT
@@ -86,10 +86,7 @@ class Device:
 
 def locate(run_dir: Path, user: str) -> Device:
     """The device of `user` (the data set's own id) in the run at `run_dir`; ConfigError if none."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    for needed in (MODEL_FILE, "config.toml"):
-        if not (run_dir / needed).is_file():
-            raise ConfigError(f"{run_dir} has no {needed}; pass the directory of a finished federated run")
+    run_dir = finished.locate(Path(run_dir).expanduser().resolve(), "federated or compare").run
     cfg = RunConfig.from_toml(run_dir / "config.toml")
     split = load_data(cfg)
     ids = split.user_ids if split.user_ids is not None else np.arange(split.n_users)

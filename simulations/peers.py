@@ -2,8 +2,8 @@
 the training rows of a split and scored on exactly its test rows (central, pooled data: what a
 researcher would compare a federated recommender against).
 
-Surprise is an optional extra (`pip install -e ".[peers]"`); without it every peer is reported as
-skipped with the reason, never silently left out.
+Surprise is an optional extra, `peers` (simulations/extras.py); without it every peer is reported
+as skipped with the reason and how to install it, never silently left out.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import numpy as np
 
 from fedrec.datasets.interactions import Split
 
-INSTALL_HINT = 'scikit-surprise is not installed: pip install -e ".[peers]"'
+from .extras import install_command
+
+INSTALL_HINT = f"scikit-surprise is not installed (fedrec's peers extra): {install_command('peers')}"
 PEERS = ("SVD", "SVD++", "KNNBaseline")
 
 

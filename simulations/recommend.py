@@ -14,9 +14,10 @@ import numpy as np
 
 from fedrec.datasets import cohort
 from fedrec.models.personal import fit_user, top_n
-from fedrec.models.saved import MODEL_FILE, load_model
+from fedrec.models.saved import load_model
 from fedrec.run.build import hyper, load_data
 from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.finished import locate
 
 
 def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None,
@@ -24,10 +25,7 @@ def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None,
     """[{"item": original id, "title": ..., "score": predicted rating}] for `user` (original id).
     Items no user rated in training are left out (the model never learned them: their score is the
     initial bias, which can top the list) unless `include_unrated`."""
-    run = Path(run)
-    for needed in (MODEL_FILE, "config.toml"):
-        if not (run / needed).is_file():
-            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central or federated run")
+    run = locate(run).run  # a compare directory: its federated run
     cfg = RunConfig.from_toml(run / "config.toml")
     cfg = dataclasses.replace(cfg, data_dir=str(data_dir)) if data_dir else cfg
     if cfg.resolved().implicit:

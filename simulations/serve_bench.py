@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.models.personal import fit_user, top_n
-from fedrec.models.saved import MODEL_FILE, load_model
+from fedrec.models.saved import load_model
 from fedrec.run.build import hyper, load_data
-from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.config import RunConfig
+from fedrec.run.finished import locate
 from fedrec.run.rundir import write_json
 
 FIRST_PAGE_TARGET = 5.0  # seconds, issue 11
@@ -248,13 +249,7 @@ def fit_over_http(run: Path, user: str, counts: list[int], repeats: int, top: in
 def model_dir(run: Path) -> Path:
     """Where the served model is: the run itself, or a `fedrec compare` directory's federated/ run
     (what `fedrec serve` shows for it)."""
-    run = Path(run)
-    model = run / "federated" if (run / "federated" / MODEL_FILE).is_file() else run
-    for needed in (MODEL_FILE, "config.toml"):
-        if not (model / needed).is_file():
-            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central, federated or "
-                              "compare run")
-    return model
+    return locate(run).run
 
 
 def run_serve_bench(run: Path, out: Path, starts: int = 5, repeats: int = 200, http_repeats: int = 30,

@@ -54,7 +54,7 @@ def _error(args):
 
 def test_bad_settings_give_one_line_and_exit_2(tmp_path):
     cases = {
-        ("simulate", "--strategy", "fedfoo"): "strategy='fedfoo' is not valid",
+        ("simulate", "--strategy", "fedfoo"): "'--strategy': 'fedfoo' is not one of 'fedadam'",
         ("simulate", "--rounds", "0"): "rounds must be > 0",
         ("central", "--model", "mf", "--lr", "-0.1"): "lr must be > 0",
         ("central", "--lr", "0.1"): "--lr does not apply with --model bpmf (what --model auto runs here)",
@@ -168,8 +168,10 @@ def test_bad_out_is_found_before_training(in_tmp, monkeypatch):
 
 
 def test_a_run_that_fails_leaves_no_directory(in_tmp):
-    _one_line_exit_2(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"],
-                     "ml-100k is not at")
+    code, output = _error(["central", "--dataset", "ml-100k", "--data-dir", "data/none", "--out", "out/run"])
+    tried, error = output.splitlines()  # the download it tried (said before it starts), then why it failed
+    assert code == 2 and tried.startswith("ml-100k is not at data/none/ml-100k: downloading file://")
+    assert error.startswith("error: ml-100k is not at data/none/ml-100k/u.data and the download failed")
     _one_line_exit_2(["simulate", "--users-per-round", "5000", *SMALL], "is larger than the 80 users")
     assert list(in_tmp.iterdir()) == []  # neither the run directories nor the data directory
 
@@ -248,7 +250,7 @@ def test_recommend_prints_a_users_top_n_unrated_items_refitted_on_the_device(tmp
 
 @pytest.mark.parametrize("args, expected", [
     (["--user", "100000"], "unknown user '100000'"),
-    (["--user", "1", "--run", "nowhere"], "has no model.npz"),
+    (["--user", "1", "--run", "nowhere"], "nowhere is not a directory"),
 ])
 def test_recommend_bad_input_is_one_line_exit_2(tmp_path, args, expected):
     run = tmp_path / "central"
@@ -349,3 +351,23 @@ def test_a_bpmf_run_shorter_than_its_burn_in_averages_its_later_half(tmp_path):
         " ".join(result.output.split())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "bpmf" and summary["burn_in"] == 5
+
+
+def test_recommend_takes_a_compare_directory_and_says_it_uses_its_federated_run(tmp_path):
+    import shutil
+
+    run = tmp_path / "central"
+    assert CliRunner().invoke(cli, ["central", *SMALL, "--epochs", "2", "--eval-every", "2",
+                                    "--out", str(run)]).exit_code == 0
+    compare = tmp_path / "compare"
+    for side in ("central", "federated"):  # the shape of a compare directory (its sides: any finished runs)
+        shutil.copytree(run, compare / side)
+    direct = CliRunner().invoke(cli, ["recommend", "--run", str(run), "--user", "7", "--json"])
+    via = CliRunner().invoke(cli, ["recommend", "--run", str(compare), "--user", "7", "--json"])
+    assert via.exit_code == 0, via.output
+    assert json.loads(via.stdout) == json.loads(direct.stdout)
+    assert via.stderr.splitlines() == [f"note: {compare} is a compare directory; using its federated run, "
+                                       f"{compare / 'federated'}"]
+    (compare / "federated" / "model.npz").unlink()  # an interrupted federated side: said, not a traceback
+    _one_line_exit_2(["recommend", "--run", str(compare), "--user", "7"],
+                     f"{compare} (a compare directory) has no federated/model.npz")

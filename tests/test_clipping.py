@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
-from fedrec.models.device import UPDATE_MODES, DevicePolicy, device_step
+from fedrec.models.defaults import UPDATE_MODES
+from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.upload import scatter_upload
 
 # Few items and dense ratings: implicit negatives often repeat an item (the case the

@@ -238,3 +238,27 @@ def test_consent_on_a_central_run_is_recorded(small_cfg, tmp_path):
     run = run_central(dataclasses.replace(small_cfg, epochs=1, out=str(tmp_path / "central"))).run_dir
     set_consent(run, "3", train=False)  # its metrics.csv counts epochs, not rounds
     assert controls.opt_out_rounds(locate(run, "3").root) == {3: 1}
+
+
+def test_consent_forget_and_the_device_view_take_a_compare_directory(small_cfg, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedrec.simulations.cli import cli
+
+    compare = tmp_path / "compare"
+    cfg = dataclasses.replace(small_cfg, rounds=2, eval_every=2, out=str(compare / "federated"))
+    monkeypatch.setenv(ENV_DIR, str(device_dir(compare / "federated")))
+    run_server(InProcessGrid(client_app, 2), cfg)
+    (compare / "central").mkdir()
+    note = f"note: {compare} is a compare directory; using its federated run, {compare / 'federated'}"
+    result = CliRunner().invoke(cli, ["consent", "--run", str(compare), "--user", "3", "--opt-out"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [note] and "user 3: opted out of training" in result.stdout
+    assert controls.opt_out_rounds(locate(compare / "federated", "3").root) == {3: 3}
+    assert device_view(compare, "3").opted_out  # the device page's account, from the compare directory
+    result = CliRunner().invoke(cli, ["forget", "--run", str(compare), "--user", "4"])  # kept no checkpoints
+    assert result.exit_code == 2 and result.stderr.splitlines()[0] == note
+    assert len(result.stderr.splitlines()) == 2 and "--keep-checkpoints" in result.stderr
+    result = CliRunner().invoke(cli, ["consent", "--run", str(tmp_path), "--user", "3", "--opt-in"])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {tmp_path} has no model.npz; pass the directory of a finished federated or compare run")

@@ -10,8 +10,8 @@ import numpy as np
 
 from fedrec.datasets import SyntheticSpec, load_split
 from fedrec.models import Hyper
+from fedrec.models.defaults import BPMF_DIM, BPMF_REG, DEFAULT_REG
 from fedrec.models.device import DevicePolicy
-from fedrec.models.mf import BPMF_DIM, BPMF_REG, DEFAULT_REG
 from fedrec.run.build import device_policy, hyper, load_data, synthetic_spec
 from fedrec.run.config import RunConfig
 

@@ -110,6 +110,48 @@ def test_download_with_wrong_md5_leaves_nothing_behind(tmp_path, monkeypatch, wr
     assert not (tmp_path / "root").exists()  # not even the folders made for the download
 
 
+def test_a_download_says_what_and_where_before_any_byte_then_shows_progress(tmp_path, monkeypatch,
+                                                                           write_dataset, capsys):
+    folder = write_dataset(tmp_path / "src", "ml-1m")
+    (folder / "padding.bin").write_bytes(np.random.default_rng(0).bytes(int(2.5 * dl.MB)))  # incompressible
+    archive = _archive(tmp_path, "ml-1m", write_dataset)
+    monkeypatch.setenv("FEDREC_MOVIELENS_URL", archive.parent.as_uri())
+    monkeypatch.setitem(dl.MD5, "ml-1m", hashlib.md5(archive.read_bytes()).hexdigest())
+    said_first = []
+    urlopen = dl.urllib.request.urlopen
+
+    def opened(*args, **kwargs):
+        said_first.append(capsys.readouterr().err)  # what was on stderr when the first byte was asked for
+        return urlopen(*args, **kwargs)
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", opened)
+    load_ratings("ml-1m", data_dir=tmp_path / "root")
+    assert said_first == [f"ml-1m is not at {tmp_path / 'root' / 'ml-1m'}: downloading {archive.as_uri()} into "
+                          f"{tmp_path / 'root'}\n"]
+    size = archive.stat().st_size / dl.MB
+    assert capsys.readouterr().err.splitlines() == [f"ml-1m.zip: {done:.1f} of {size:.1f} MB"
+                                                    for done in (1.0, 2.0, size)]  # a line per MB (5% steps)
+    load_ratings("ml-1m", data_dir=tmp_path / "root")
+    assert capsys.readouterr().err == ""  # there already: nothing fetched, nothing said
+
+
+def test_the_command_line_announces_a_download_too(tmp_path, monkeypatch, write_dataset):
+    from typer.testing import CliRunner
+
+    from fedrec.simulations.cli import cli
+
+    archive = _archive(tmp_path, "ml-1m", write_dataset)
+    monkeypatch.setenv("FEDREC_MOVIELENS_URL", archive.parent.as_uri())
+    monkeypatch.setitem(dl.MD5, "ml-1m", hashlib.md5(archive.read_bytes()).hexdigest())
+    result = CliRunner().invoke(cli, ["partition", "--dataset", "ml-1m", "--data-dir", str(tmp_path / "root"),
+                                      "--nodes", "1", "--out", str(tmp_path / "shards")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"ml-1m is not at {tmp_path / 'root' / 'ml-1m'}: downloading {archive.as_uri()} into " \
+                       f"{tmp_path / 'root'}"
+    assert lines[1].startswith("ml-1m.zip: 0.0 of 0.0 MB")  # a file of a few hundred bytes: one line at its end
+
+
 def test_offline_error_names_url_and_path(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDREC_MOVIELENS_URL", (tmp_path / "nowhere").as_uri())
     with pytest.raises(DataError) as info:

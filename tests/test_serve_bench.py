@@ -35,7 +35,7 @@ def test_serve_bench_times_start_up_and_cold_start_fits(tmp_path):
 
 
 def test_serve_bench_without_a_finished_run_is_one_line_exit_2(tmp_path):
-    result = CliRunner().invoke(cli, ["serve-bench", "--run", str(tmp_path / "nowhere"), "--out",
-                                      str(tmp_path / "bench")])
-    assert result.exit_code == 2 and "has no model.npz" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "bench").exists()
+    for run, expected in ((tmp_path / "nowhere", "nowhere is not a directory"), (tmp_path, "has no model.npz")):
+        result = CliRunner().invoke(cli, ["serve-bench", "--run", str(run), "--out", str(tmp_path / "bench")])
+        assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "bench").exists()

@@ -13,7 +13,8 @@ from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import leave_one_out, random_holdout
 from fedrec.models import Hyper, ItemParams, UserState, local_train, predict
-from fedrec.models.device import UPDATE_MODES, DevicePolicy, device_step
+from fedrec.models.defaults import UPDATE_MODES
+from fedrec.models.device import DevicePolicy, device_step
 from fedrec.models.evaluate import evaluate_rows
 from fedrec.models.personal import fit_user, top_n
 from fedrec.models.svdpp import as_mf

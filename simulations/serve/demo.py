@@ -12,41 +12,19 @@ import dataclasses
 import functools
 import json
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedrec.models.saved import MODEL_FILE, load_catalogue, load_model
+from fedrec.models.saved import load_catalogue, load_model
 from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.finished import locate
 
 EXAMPLE_USERS = 5
 
 
 class UnknownUser(ConfigError):
     """A user id the data set does not have (the page answers 404)."""
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    given: Path  # what the visitor passed to --run
-    run: Path  # the run whose model is served
-    central: Path | None  # the central baseline beside it (a compare directory's central/)
-
-
-def locate(run: Path) -> RunPaths:
-    """The model run inside `run`, or a one-line ConfigError saying what to pass instead."""
-    run = Path(run)
-    if not run.is_dir():
-        raise ConfigError(f"{run} is not a directory; pass a finished run (the --out of fedrec central, simulate "
-                          "or compare)")
-    if (run / "federated" / MODEL_FILE).is_file() and (run / "central").is_dir():
-        return RunPaths(run, run / "federated", run / "central")
-    for needed in (MODEL_FILE, "config.toml"):
-        if not (run / needed).is_file():
-            raise ConfigError(f"{run} has no {needed}; pass the directory of a finished central, federated or "
-                              "compare run")
-    return RunPaths(run, run, None)
 
 
 def _read_json(path: Path) -> dict:

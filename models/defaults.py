@@ -1,11 +1,17 @@
-"""The model's settings: what a device needs to train and score, and nothing about privacy or the run.
+"""What the run config reads from the model layer: the models, update modes and server
+optimizers to choose from, and the default hyper-parameters of the model and the device.
 
-Torch-free, so that the command line can list its defaults without importing torch.
+Plain Python (no torch), so that the run config, and the command line built from it, load in
+a fraction of a second; the model code imports these from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# mf: biased MF; svdpp: adds the implicit factors y_j of the items a user rated (models/svdpp.py);
+# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py)
+MODELS = ("mf", "svdpp", "bpmf")
 
 # L2 per rating as (ratings, implicit feedback): the losses differ in scale, so each has its own.
 # Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
@@ -13,13 +19,12 @@ DEFAULT_REG = {"reg_user": (0.1, 0.01), "reg_item": (0.2, 0.001), "reg_bias": (0
 # BPMF reads reg_user and reg_bias as the precisions of its fixed user prior (reg_item is unused:
 # the items' prior is learned). Chosen on ML-100K u1 (prototype: 10 / 1 gave 0.9069, 5 / 1 0.9078).
 BPMF_REG = {"reg_user": 10.0, "reg_item": 0.0, "reg_bias": 1.0}
-MODELS = ("mf", "svdpp", "bpmf")  # the registry's names (models/registry.py; a test keeps them equal)
 BPMF_DIM = 10  # K of BPMF (u1 validation, 60 sweeps: 0.9093 at K=10, 0.9085 at 20, 0.9090 at 32 and 5x the work)
 
 
 @dataclass(frozen=True)
 class Hyper:
-    """Model and local-training settings (built from the run config, whose defaults are these)."""
+    """Model and local-training hyper-parameters (built from the run config, whose defaults are these)."""
 
     model: str = "mf"
     dim: int = 32
@@ -38,3 +43,14 @@ class Hyper:
     recency_weight: float = 16.0  # 0: off
     bpmf_alpha: float = 1.5  # BPMF: precision of the rating noise
     burn_in: int = 20  # BPMF: rounds whose samples are not averaged into the model
+
+
+
+
+
+
+SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")  # models/server_opt.py
+DEFAULT_SERVER_OPTIMIZER = "fedadam"
+DEFAULT_SERVER_LR = 0.05
+DEFAULT_TOP_K = 10  # K of HR@K, NDCG@K and Recall@K
+MODEL_FILE = "model.npz"  # a run's saved model (models/saved.py); named here so that finding a run loads no torch
