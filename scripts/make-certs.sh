@@ -7,4 +7,4 @@
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 [ $# -ge 1 ] || { sed -n '2,7p' "$0"; exit 2; }
-exec "$PYTHON" -m fedrec.simulations.deploy certs "$@"
+exec "$PYTHON" -m fedrec.deploy.deploy certs "$@"

@@ -5,4 +5,4 @@
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 [ $# -eq 1 ] || { sed -n '2,4p' "$0"; exit 2; }
-exec "$PYTHON" -m fedrec.simulations.deploy node-key "$1"
+exec "$PYTHON" -m fedrec.deploy.deploy node-key "$1"

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
 from fedrec.datasets.shards import read_items
+from fedrec.experiments.scaleout import ray_backend, ray_worker_env
 from fedrec.run.build import SHARDS_ENV, ensure_shards, num_nodes
 from fedrec.run.build import population as count_users
 from fedrec.run.config import ConfigError, RunConfig
@@ -28,8 +29,6 @@ from fedrec.run.rundir import make_run_dir
 from fedrec.server.checkpoint import CHECKPOINT
 from fedrec.server.rounds import stop_on_signals
 from fedrec.server.runner import FederatedOutcome, resumed_config, run_server
-
-from .scaleout import ray_backend, ray_worker_env
 
 
 def check_population(cfg: RunConfig) -> int:

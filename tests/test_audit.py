@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from fedrec.audit.attacks import noise_candidates, precision_at_k, roc_auc, seed_attack
+from fedrec.audit.audit import run_audit
+from fedrec.audit.canary import canary_audit
 from fedrec.client.node import load_state, node_data
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
@@ -27,9 +30,6 @@ from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.simulations import canary as canary_module
-from fedrec.simulations.attacks import noise_candidates, precision_at_k, roc_auc, seed_attack
-from fedrec.simulations.audit import run_audit
-from fedrec.simulations.canary import canary_audit
 
 H = Hyper(dim=6, seed=1, lr=0.2)
 SEED, ROUND = 0, 3

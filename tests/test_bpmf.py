@@ -225,7 +225,7 @@ def test_statistics_no_users_could_sum_to_are_rejected_before_the_draw(small_cfg
     """Red-team findings: a negated g g^T cancelled honest raters' precision; a reply scaled 1e20 and one
     with a right-hand side but no g g^T moved items without bound and crashed a later draw. Each is
     refused (robust aggregation off, no clipping: nothing else stands in the way)."""
-    from fedrec.simulations.poisoning import HostileClientApp
+    from fedrec.audit.poisoning import HostileClientApp
 
     cfg = dataclasses.replace(small_cfg, model="bpmf", rounds=3, eval_every=3, robust_aggregation="none")
     assert cfg.dim == DIM_OF_RUN
@@ -243,7 +243,7 @@ def test_statistics_no_users_could_sum_to_are_rejected_before_the_draw(small_cfg
 def test_compare_runs_the_same_model_on_both_sides(small_cfg, users_per_round, model):
     """Regression: under --model auto, the central trainer (which resets --users-per-round, a setting
     it does not read) ran BPMF beside a federated MF in `make demo`."""
-    from fedrec.simulations.compare import run_compare
+    from fedrec.experiments.compare import run_compare
 
     seen = {}
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from fedrec.experiments.serve_bench import Server, fedrec_command, model_dir
 from fedrec.models.saved import load_catalogue
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
-from fedrec.simulations.serve_bench import Server, fedrec_command, model_dir
 
 pytestmark = pytest.mark.engine  # a federated ML-100K run through Flower's engine, then the browser: ~1 min
 

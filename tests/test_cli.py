@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli.main import cli
 from fedrec.run.config import ConfigError
-from fedrec.simulations.cli import cli
 
 SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8"]
 
@@ -185,7 +185,7 @@ def test_memory_and_disk_errors_are_one_line(in_tmp, monkeypatch, error, expecte
     def fail(cfg):
         raise error
 
-    monkeypatch.setattr("fedrec.simulations.cli.run_central_cli", fail)
+    monkeypatch.setattr("fedrec.cli.main.run_central_cli", fail)
     _one_line_exit_2(["central"], expected)
     assert list(in_tmp.iterdir()) == []
 
@@ -197,7 +197,7 @@ def test_config_file_settings_a_command_does_not_use_are_reset_with_a_note(in_tm
         seen["cfg"] = cfg
         raise ConfigError("stop here")
 
-    monkeypatch.setattr("fedrec.simulations.cli.run_central_cli", capture)
+    monkeypatch.setattr("fedrec.cli.main.run_central_cli", capture)
     (in_tmp / "c.toml").write_text('dp = "central"\nclipping-norm = 0.1\ntarget-epsilon = 4.0\nrounds = 5\ndim = 4\n')
     code, output = _error(["central", "--config", "c.toml"])
     assert code == 2 and "note: central does not use --rounds, --dp, --clipping-norm, --target-epsilon" in output

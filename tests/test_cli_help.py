@@ -13,9 +13,9 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from fedrec.cli.main import cli
 from fedrec.run.config import RunConfig
 from fedrec.simulations import extras
-from fedrec.simulations.cli import cli
 
 HEAVY = ("torch", "flwr", "ray", "pandas", "matplotlib", "numpy", "optuna", "flask")
 
@@ -29,9 +29,9 @@ def _loaded_after(code: str) -> set[str]:
 
 
 def test_the_cli_module_and_its_help_import_nothing_heavy():
-    assert _loaded_after("import fedrec.simulations.cli") == set()
+    assert _loaded_after("import fedrec.cli.main") == set()
     for args in ([], ["simulate"], ["compare"], ["serve"]):
-        shown = f"from fedrec.simulations.cli import cli\ncli({[*args, '--help']!r}, standalone_mode=False)"
+        shown = f"from fedrec.cli.main import cli\ncli({[*args, '--help']!r}, standalone_mode=False)"
         assert _loaded_after(shown) == set(), args
     assert {"torch", "numpy"} <= _loaded_after("import fedrec.models.mf")  # the probe sees what is imported
 

@@ -18,13 +18,13 @@ from fedrec.client.app import app as client_app
 from fedrec.client.node import node_data
 from fedrec.client.storage import ENV_DIR
 from fedrec.models import ItemParams
+from fedrec.personal.device_view import device_view, erase_device, locate, set_consent
 from fedrec.run import schema
 from fedrec.run.build import hyper, load_data
 from fedrec.run.config import ConfigError
 from fedrec.server import checkpoint
 from fedrec.server.app import run_server
 from fedrec.server.sampling import sample_users, sampling_rng
-from fedrec.simulations.device_view import device_view, erase_device, locate, set_consent
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -161,8 +161,8 @@ def test_consent_of_an_unknown_user_or_a_run_without_a_model_is_a_config_error(s
 
 @pytest.mark.engine
 def test_through_the_engine_an_opted_out_device_trains_in_no_later_round(tmp_path):
+    from fedrec.personal.forget import replay
     from fedrec.simulations.federated import simulate
-    from fedrec.simulations.forget import replay
 
     run = tmp_path / "run"
     cfg = dataclasses.replace(_engine_cfg(), out=str(run))
@@ -243,7 +243,7 @@ def test_consent_on_a_central_run_is_recorded(small_cfg, tmp_path):
 def test_consent_forget_and_the_device_view_take_a_compare_directory(small_cfg, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from fedrec.simulations.cli import cli
+    from fedrec.cli.main import cli
 
     compare = tmp_path / "compare"
     cfg = dataclasses.replace(small_cfg, rounds=2, eval_every=2, out=str(compare / "federated"))

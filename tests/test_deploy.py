@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
+from fedrec.cli.main import cli
+from fedrec.deploy.certs import make_certs, make_node_key
+from fedrec.deploy.deploy import Federation, deploy
+from fedrec.deploy.loopback import BIN, start_supernode, write_connection
 from fedrec.simulations import deploy as deploy_module
-from fedrec.simulations.certs import make_certs, make_node_key
-from fedrec.simulations.cli import cli
-from fedrec.simulations.deploy import Federation, deploy
-from fedrec.simulations.loopback import BIN, start_supernode, write_connection
 
 FAST = "synthetic-users=40 synthetic-items=30 synthetic-density=0.3 dim=4"
 

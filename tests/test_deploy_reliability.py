@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from fedrec.client.app import app as client_app
+from fedrec.deploy.loopback import BIN, REPO, Processes, flower_env, flwr_run, start_federation, write_connection
 from fedrec.run.config import RunConfig
 from fedrec.server.app import run_server
 from fedrec.simulations.inprocess import InProcessGrid
-from fedrec.simulations.loopback import BIN, REPO, Processes, flower_env, flwr_run, start_federation, write_connection
 
 pytestmark = pytest.mark.engine
 

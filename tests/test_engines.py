@@ -14,11 +14,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.client.app import app as client_app
+from fedrec.deploy.loopback import Processes, flower_env, flwr_run, free_port, start_federation, wait_for_port
 from fedrec.run import schema
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
 from fedrec.server.app import run_server
-from fedrec.simulations.loopback import Processes, flower_env, flwr_run, free_port, start_federation, wait_for_port
 
 pytestmark = pytest.mark.engine
 

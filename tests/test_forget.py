@@ -14,18 +14,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli.main import cli
 from fedrec.client import controls, storage, uploads
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
 from fedrec.models.saved import load_model
+from fedrec.personal.device_view import erase_device, locate
+from fedrec.personal.forget import forget, replay_start
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.server import checkpoint
 from fedrec.server.app import run_server
 from fedrec.server.sampling import sample_users, sampling_rng
-from fedrec.simulations.cli import cli
-from fedrec.simulations.device_view import erase_device, locate
 from fedrec.simulations.federated import device_dir
-from fedrec.simulations.forget import forget, replay_start
 from fedrec.simulations.inprocess import InProcessGrid
 
 
@@ -200,7 +200,7 @@ def _inprocess(monkeypatch, stop_after: int | None = None):
         on_round = (lambda row: stop.set() if row["round"] == stop_after else None) if stop_after else None
         return run_server(InProcessGrid(client_app, 2), cfg, on_round, stop=stop, exclude=exclude)
 
-    monkeypatch.setattr("fedrec.simulations.forget.simulate", simulate)
+    monkeypatch.setattr("fedrec.personal.forget.simulate", simulate)
 
 
 def test_a_replay_cut_short_is_finished_by_the_next_forget_and_equals_the_never_had_run(small_cfg, tmp_path,
@@ -250,7 +250,7 @@ def test_after_a_forget_the_released_files_do_not_tell_who_was_forgotten(small_c
 
         return run_server(InProcessGrid(client_app, 60), resumed_config(cfg), exclude=exclude)
 
-    monkeypatch.setattr("fedrec.simulations.forget.simulate", simulate)
+    monkeypatch.setattr("fedrec.personal.forget.simulate", simulate)
     caplog.clear()
     assert forget(run, str(late))["rounds_replayed"] == 2
     assert not [r for r in caplog.records if "received" in r.getMessage()]  # Flower's reply counts withheld
@@ -271,7 +271,7 @@ def test_after_a_forget_the_released_files_do_not_tell_who_was_forgotten(small_c
 def test_an_opt_out_after_the_run_leaves_forget_exact(small_cfg, tmp_path, monkeypatch):
     """Consent is not retroactive: the replay trains an opted-out user in the rounds before its
     opt-out, as the run did, so forgetting another user still equals the never-had run."""
-    from fedrec.simulations.device_view import set_consent
+    from fedrec.personal.device_view import set_consent
 
     cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
     first = _first_rounds(cfg)
@@ -304,14 +304,14 @@ def test_a_second_forget_while_one_runs_fails_at_once_and_any_error_is_one_line(
         raise PermissionError("node-0")
 
     with monkeypatch.context() as patch:  # fails before any replay began: nothing to run again for
-        patch.setattr("fedrec.simulations.forget.erase_on_device", failing)
+        patch.setattr("fedrec.personal.forget.erase_on_device", failing)
         result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
     assert result.exit_code == 2 and "PermissionError" in result.output and "run it again" not in result.output
 
     def broken(*args, **kwargs):
         raise FileNotFoundError("checkpoint.npz")
 
-    monkeypatch.setattr("fedrec.simulations.forget.simulate", broken)
+    monkeypatch.setattr("fedrec.personal.forget.simulate", broken)
     result = CliRunner().invoke(cli, ["forget", "--run", str(run), "--user", str(late)])
     assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
     assert "FileNotFoundError" in result.output and "run it again to finish" in result.output  # a replay was cut
@@ -336,7 +336,7 @@ def test_consent_and_erasure_wait_for_no_forget_and_an_opt_out_after_a_cut_short
     """A replay cuts metrics.csv back to its start round: an opt-out read from there would land in the run's past."""
     import fcntl
 
-    from fedrec.simulations.device_view import set_consent
+    from fedrec.personal.device_view import set_consent
 
     cfg, run = _kept_run(small_cfg, tmp_path, monkeypatch)
     first = _first_rounds(cfg)

@@ -138,7 +138,7 @@ def test_a_download_says_what_and_where_before_any_byte_then_shows_progress(tmp_
 def test_the_command_line_announces_a_download_too(tmp_path, monkeypatch, write_dataset):
     from typer.testing import CliRunner
 
-    from fedrec.simulations.cli import cli
+    from fedrec.cli.main import cli
 
     archive = _archive(tmp_path, "ml-1m", write_dataset)
     monkeypatch.setenv("FEDREC_MOVIELENS_URL", archive.parent.as_uri())

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from fedrec.simulations.memory import PeakRSS, tree_rss_bytes
+from fedrec.experiments.memory import PeakRSS, tree_rss_bytes
 
 
 def test_tree_rss_includes_children():

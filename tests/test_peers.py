@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedrec.experiments.peers import INSTALL_HINT, PEERS, peer_results
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
-from fedrec.simulations.peers import INSTALL_HINT, PEERS, peer_results
 
 pytest.importorskip("surprise", reason=INSTALL_HINT)
 

@@ -10,11 +10,11 @@ import pytest
 from flwr.app import Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedrec.audit.poisoning import HostileClientApp, run_poisoning
 from fedrec.client.app import app as client_app
 from fedrec.run import schema
 from fedrec.server.app import run_server
 from fedrec.simulations.inprocess import InProcessGrid
-from fedrec.simulations.poisoning import HostileClientApp, run_poisoning
 
 
 @pytest.fixture(autouse=True)

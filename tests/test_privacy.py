@@ -18,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 from typer.testing import CliRunner
 
+from fedrec.cli.main import cli
 from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
@@ -29,7 +30,6 @@ from fedrec.server.app import privacy_plan, run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.privacy import PrivacyPlan
 from fedrec.server.strategy import FedRecStrategy
-from fedrec.simulations.cli import cli
 from fedrec.simulations.inprocess import InProcessGrid
 
 

@@ -118,7 +118,7 @@ def test_the_distributed_dp_ledger_says_the_unmasked_sum_tells_how_many_users_we
 
 
 def test_settings_chosen_by_tune_are_listed_as_not_covered(small_cfg):
-    from fedrec.simulations.tune import apply
+    from fedrec.experiments.tune import apply
 
     chosen = apply(small_cfg, "federated", {"dim": 8, "reg_user": 0.1, "reg_item": 0.2, "reg_bias": 0.01, "lr": 0.05,
                                             "server_lr": 0.05, "model": "mf", "rounds": 2})

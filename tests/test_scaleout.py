@@ -12,9 +12,8 @@ import sys
 
 import pytest
 
-from fedrec.run.config import RunConfig
-from fedrec.simulations.loopback import BIN
-from fedrec.simulations.scaleout import (
+from fedrec.deploy.loopback import BIN
+from fedrec.experiments.scaleout import (
     RAY_JOB_CONFIG,
     RAY_LOOPBACK,
     RayHead,
@@ -23,6 +22,7 @@ from fedrec.simulations.scaleout import (
     ray_backend,
     ray_worker_env,
 )
+from fedrec.run.config import RunConfig
 
 
 def test_ray_backend_joins_a_cluster_without_cpu_counts_and_carries_the_environment():
@@ -87,7 +87,7 @@ def test_cohort_supernodes_match_the_ray_simulation_on_ml100k_u1(tmp_path, share
     """4 flower-supernode processes, each a contiguous quarter of u1's users from its own
     shard, against one SuperLink, the ServerApp through `flwr run`: the RMSE of the Ray
     simulation with the same 4 shares, seeded, to 1e-5."""
-    from fedrec.simulations.scaleout import ray_case
+    from fedrec.experiments.scaleout import ray_case
 
     monkeypatch.setenv("FEDREC_SHARD_CACHE", str(tmp_path / "shard-cache"))  # never beside the shared data
     cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(shared_data), rounds=3, eval_every=3, seed=7)

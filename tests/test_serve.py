@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedrec.simulations.cli import cli
+from fedrec.cli.main import cli
 
 SMALL = ["--synthetic-users", "80", "--synthetic-items", "50", "--synthetic-density", "0.2", "--dim", "8",
          "--model", "mf"]  # the page of an MF run (what --model auto runs under the demo's partial participation)
@@ -33,14 +33,14 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo(run):
-    from fedrec.simulations.serve.demo import Demo
+    from fedrec.demo.demo import Demo
 
     return Demo(run)
 
 
 @pytest.fixture
 def app(demo):
-    from fedrec.simulations.serve.app import create_app
+    from fedrec.demo.app import create_app
 
     return create_app(demo, TOKEN)
 
@@ -115,7 +115,7 @@ def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app
 
 
 def test_a_federated_run_says_never_uploaded_and_lists_what_else_was_sent(app, demo, monkeypatch):
-    import fedrec.simulations.serve.app as serve_app
+    import fedrec.demo.app as serve_app
 
     monkeypatch.setattr(demo, "federated", True)
     monkeypatch.setattr(demo, "cfg", dataclasses.replace(demo.cfg, dp="central"))
@@ -205,7 +205,7 @@ def test_concurrent_visitors_do_not_see_each_others_cold_start_devices(app):
 
 
 def test_consent_and_forget_buttons_act_on_the_device_side(app, monkeypatch):
-    import fedrec.simulations.serve.app as serve_app
+    import fedrec.demo.app as serve_app
 
     calls = []
 
@@ -230,7 +230,7 @@ def test_consent_and_forget_buttons_act_on_the_device_side(app, monkeypatch):
 
 
 def test_an_unexpected_error_is_one_line_on_the_page_not_a_traceback(app, monkeypatch):
-    import fedrec.simulations.serve.app as serve_app
+    import fedrec.demo.app as serve_app
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
@@ -247,7 +247,7 @@ def test_an_unexpected_error_is_one_line_on_the_page_not_a_traceback(app, monkey
 def test_a_compare_directory_serves_its_federated_run_with_the_central_reference(run, tmp_path):
     import shutil
 
-    from fedrec.simulations.serve.demo import Demo
+    from fedrec.demo.demo import Demo
 
     shutil.copytree(run, tmp_path / "cmp" / "central")
     shutil.copytree(run, tmp_path / "cmp" / "federated")
@@ -289,7 +289,7 @@ def test_serve_prints_its_token_url_once_listening_and_stops_cleanly(run):
     and nothing else the process prints carries the token."""
     import http.cookiejar
 
-    command = [sys.executable, "-c", "from fedrec.simulations.cli import main; main()", "serve", "--run", str(run),
+    command = [sys.executable, "-c", "from fedrec.cli.main import main; main()", "serve", "--run", str(run),
                "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -321,8 +321,8 @@ def test_serve_prints_its_token_url_once_listening_and_stops_cleanly(run):
 def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
     import torch
 
+    from fedrec.demo.device import fit_implicit
     from fedrec.models import Hyper, ItemParams
-    from fedrec.simulations.serve.device import fit_implicit
 
     gen = torch.Generator().manual_seed(0)
     items = ItemParams(torch.randn(60, 4, generator=gen), torch.zeros(60), torch.tensor([0.0]))
@@ -358,8 +358,8 @@ def test_opting_out_and_forgetting_show_on_the_device_page(app):
 def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, monkeypatch, exit_code, shown):
     import time
 
-    from fedrec.simulations.serve.app import create_app
-    from fedrec.simulations.serve.demo import Demo
+    from fedrec.demo.app import create_app
+    from fedrec.demo.demo import Demo
 
     monkeypatch.setattr(Demo, "can_replay", True)
     report = "rounds replayed: 3 (from round 2 to 5)" if exit_code == 0 else "error: cannot replay"
@@ -387,7 +387,7 @@ def test_the_forget_replay_runs_in_the_background_and_its_report_shows(demo, mon
 
 
 def test_rating_choices_follow_the_data_sets_scale():
-    from fedrec.simulations.serve.app import _choices
+    from fedrec.demo.app import _choices
 
     assert _choices((1.0, 5.0)) == ["1", "2", "3", "4", "5"]
     assert _choices((0.5, 5.0))[:3] == ["0.5", "1", "1.5"] and _choices((0.5, 5.0))[-1] == "5"
@@ -434,7 +434,7 @@ def test_an_unclaimed_devices_page_reads_the_same_whatever_its_state(app, demo):
                                           ("127.0.0.2", False), ("0.0.0.0", True), ("192.168.1.5", True),
                                           ("example.org", True)])
 def test_serving_beyond_loopback_warns_in_one_line(host, warned):
-    from fedrec.simulations.serve.server import host_warning
+    from fedrec.demo.server import host_warning
 
     line = host_warning(host)
     assert (line is not None) == warned
@@ -477,8 +477,8 @@ def test_a_visitor_holds_one_device_claiming_another_releases_the_first(app):
 
 
 def test_post_forms_without_the_visitors_own_token_are_refused_and_change_nothing(app, demo, monkeypatch):
-    import fedrec.simulations.serve.app as serve_app
-    from fedrec.simulations.serve.demo import Demo
+    import fedrec.demo.app as serve_app
+    from fedrec.demo.demo import Demo
 
     calls = []
 
@@ -534,7 +534,7 @@ def test_no_page_loads_anything_from_the_internet_or_runs_javascript(app):
 
 def refused(reply) -> bool:
     """The gate's answer: one line of plain text, nothing of the page, no cookie."""
-    from fedrec.simulations.serve.access import NO_ACCESS
+    from fedrec.demo.access import NO_ACCESS
 
     return (reply.status_code == 403 and reply.mimetype == "text/plain" and reply.get_data(as_text=True) ==
             NO_ACCESS + "\n" and "Set-Cookie" not in reply.headers)
@@ -587,8 +587,8 @@ def test_a_chosen_visitor_cookie_never_becomes_the_victims_identity(app, demo, m
     signed by the server: the chosen cookie is never adopted, and the attacker gets the one-line 403.
     Positive control: a copy of the victim's own signed cookie is accepted (that is all that
     identifies a visitor), while an unsigned, tampered or foreign-signed copy of it is not."""
-    import fedrec.simulations.serve.app as serve_app
-    from fedrec.simulations.serve.app import create_app
+    import fedrec.demo.app as serve_app
+    from fedrec.demo.app import create_app
 
     calls = []
 
@@ -663,8 +663,8 @@ def test_a_script_cycling_fresh_ids_cannot_claim_the_devices(demo):
     everywhere. Without the token it claims none; with it, logins are rationed (NEW_SESSIONS_AT_ONCE, then one
     every NEW_SESSION_EVERY seconds) and a visitor holds one device, so it gets that many. Positive control: the
     same script where logins are not rationed takes every device, and a new visitor then can claim none."""
-    from fedrec.simulations.serve.access import NEW_SESSION_EVERY, NEW_SESSIONS_AT_ONCE, Allowance
-    from fedrec.simulations.serve.app import create_app
+    from fedrec.demo.access import NEW_SESSION_EVERY, NEW_SESSIONS_AT_ONCE, Allowance
+    from fedrec.demo.app import create_app
 
     users = [str(u) for u in demo.user_ids]
     now = [0.0]

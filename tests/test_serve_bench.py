@@ -8,7 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fedrec.simulations.cli import cli
+from fedrec.cli.main import cli
 
 SMALL = ["--dataset", "synthetic", "--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.3",
          "--dim", "8"]

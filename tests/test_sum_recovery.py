@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedrec.audit.sum_recovery import attack_precision, secagg_only, secure_first_round
 from fedrec.run.config import RunConfig
-from fedrec.simulations.sum_recovery import attack_precision, secagg_only, secure_first_round
 
 
 @pytest.fixture(autouse=True)

@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli.main import cli
 from fedrec.datasets import SyntheticSpec, generate
 from fedrec.datasets.shards import node_name, open_shard
+from fedrec.experiments.tune import BPMF_SPACE, STEP, Budget, defaults, search, space_for, tune
 from fedrec.run import build
 from fedrec.run.build import SHARDS_ENV, ensure_shards, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.simulations import cli as cli_module
 from fedrec.simulations.central import run_central
-from fedrec.simulations.cli import cli
-from fedrec.simulations.tune import BPMF_SPACE, STEP, Budget, defaults, search, space_for, tune
 
 SMALL = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.25"]
 FAST = [*SMALL, "--epochs", "6", "--rounds", "6", "--eval-every", "3"]

@@ -52,7 +52,7 @@ def engine_floor(rounds: int) -> dict:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from .federated import pull_often
+    from fedrec.simulations.federated import pull_often
 
     timing = {}
     server = ServerApp()
@@ -74,8 +74,7 @@ def fedrec_case(cfg: RunConfig) -> dict:
     import numpy as np
 
     from fedrec.run.build import ensure_shards, num_nodes, population
-
-    from .federated import simulate
+    from fedrec.simulations.federated import simulate
 
     # Partitioning happens once per data set, split and node count (cached); measured apart
     # from training so the training peak is what every later run of the case costs.

@@ -8,12 +8,11 @@ import dataclasses
 
 import pandas as pd
 
+from fedrec.audit.audit import run_audit
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
-
-from .audit import run_audit
-from .central import run_central
-from .federated import simulate
+from fedrec.simulations.central import run_central
+from fedrec.simulations.federated import simulate
 
 
 def run_sweep(cfg: RunConfig, epsilons: list[float], targets: int = 30, log=print) -> dict:

@@ -19,13 +19,12 @@ import pandas as pd
 
 import fedrec.client.app as client_module
 from fedrec.client.app import app as client_app
+from fedrec.deploy.loopback import Processes, flower_env, flwr_run, start_federation
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.server.app import run_server
-
-from .federated import simulate
-from .inprocess import InProcessGrid
-from .loopback import Processes, flower_env, flwr_run, start_federation
+from fedrec.simulations.federated import simulate
+from fedrec.simulations.inprocess import InProcessGrid
 
 
 def payload_bytes(content) -> int:

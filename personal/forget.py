@@ -40,9 +40,9 @@ from fedrec.models.saved import load_model
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import write_json
 from fedrec.server import checkpoint
+from fedrec.simulations.federated import device_dir, simulate
 
 from .device_view import erase_on_device, locate
-from .federated import device_dir, simulate
 from .forget_lock import forget_lock, pending_path
 
 

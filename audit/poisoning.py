@@ -29,8 +29,7 @@ from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
 from fedrec.server import strategy as strategy_module
 from fedrec.server.app import run_server
-
-from .inprocess import InProcessGrid
+from fedrec.simulations.inprocess import InProcessGrid
 
 
 class HostileClientApp(ClientApp):

@@ -4,7 +4,7 @@ Three cases, each against a clean run of the same settings and seed:
 - dropouts: every sampled device fails with probability --dropout-rate each round;
 - stop and resume: the run stops half-way (as on Ctrl-C), fresh devices that kept their
   state on their own disks continue it from the checkpoint: is the result identical?
-- poisoning: one client in 100 sends -1000 x its update (fedrec.simulations.poisoning).
+- poisoning: one client in 100 sends -1000 x its update (fedrec.audit.poisoning).
 Runs go through the in-process grid (the ClientApp and strategy the engines run, without
 Ray's per-message cost); test_resume_engines.py shows the same resume through Ray.
 """
@@ -26,9 +26,8 @@ from fedrec.run.build import num_nodes
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
 from fedrec.server.app import run_server
-
-from .federated import _environment, check_population, device_dir
-from .inprocess import InProcessGrid
+from fedrec.simulations.federated import _environment, check_population, device_dir
+from fedrec.simulations.inprocess import InProcessGrid
 
 
 def _run(cfg: RunConfig, run_dir: Path, name: str, nodes: int, **kwargs):
@@ -75,7 +74,7 @@ def run_robustness(cfg: RunConfig, dropout: float = 0.3, poisoning: bool = True,
 
     shutil.rmtree(device_dir(run_dir), ignore_errors=True)
     if poisoning:
-        from .poisoning import run_poisoning
+        from fedrec.audit.poisoning import run_poisoning
 
         report["cases"]["poisoning"] = run_poisoning(dataclasses.replace(cfg, out=str(run_dir / "poisoning")), log=log)
     write_json(run_dir / "robustness.json", report)

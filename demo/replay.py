@@ -26,7 +26,7 @@ def fedrec_command() -> list[str]:
     script = Path(sys.executable).with_name("fedrec")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "from fedrec.simulations.cli import main; main()"]
+    return [sys.executable, "-c", "from fedrec.cli.main import main; main()"]
 
 
 @dataclass

@@ -38,13 +38,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedrec.cli.extras import require
 from fedrec.datasets.errors import DataError
+from fedrec.experiments.bench import CASE_NAMES, DEFAULT_CASES
+from fedrec.experiments.tune import DEFAULT_TRIALS, SEARCHED
 from fedrec.run.config import CENTRAL_SETTINGS, DATA_SETTINGS, ConfigError, RunConfig, ignored_settings, with_defaults
 from fedrec.run.finished import ANY_RUN, locate
 from fedrec.run.rundir import make_run_dir, remove_if_empty
-from fedrec.simulations.bench import CASE_NAMES, DEFAULT_CASES
-from fedrec.simulations.extras import require
-from fedrec.simulations.tune import DEFAULT_TRIALS, SEARCHED
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -389,8 +389,8 @@ _TUNE_SECONDS = typer.Option(0.0, "--tune-seconds", help="seconds per side: no t
 def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
     """Both sides' searches with a progress bar each; prints the chosen settings."""
     _quiet_engines()
-    from fedrec.simulations.tune import SIDES, Budget
-    from fedrec.simulations.tune import tune as run_tune
+    from fedrec.experiments.tune import SIDES, Budget
+    from fedrec.experiments.tune import tune as run_tune
 
     budget = Budget.of(trials, seconds)
     with _progress(budget.trials or 0, "tune") as progress:
@@ -427,7 +427,7 @@ def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="fir
     """Central and federated runs with the same model, split and seeds, side by side."""
     if tune:
         require("tune", "compare --tune")
-    from fedrec.simulations.compare import run_compare
+    from fedrec.experiments.compare import run_compare
 
     if (tune_trials or tune_seconds) and not tune:
         raise ConfigError("--tune-trials and --tune-seconds apply with --tune; add --tune")
@@ -479,7 +479,7 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
     if tune_trials:
         require("tune", "accuracy --tune-trials")
     _quiet_engines()
-    from fedrec.simulations.accuracy import run_accuracy
+    from fedrec.experiments.accuracy import run_accuracy
 
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
                           tune_trials=tune_trials)
@@ -510,7 +510,7 @@ def bench(cfg: RunConfig,
     --rounds sets the rounds of each case. Pass --dataset ml-100k --data-dir DIR for the
     real ML-100K; otherwise its shape is used with synthetic ratings."""
     _quiet_engines()
-    from fedrec.simulations.bench import run_bench
+    from fedrec.experiments.bench import run_bench
 
     if cfg.dataset not in ("ml-100k", "synthetic"):
         raise ConfigError("bench runs on ml-100k (if you have it) or synthetic data of its shape")
@@ -579,7 +579,7 @@ def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to 
     ("""Leakage audit: item-inference attackers, canary lower bounds on epsilon, the seed attack. """
      """Writes OUT/audit.json.""")
     _quiet_engines()  # the in-process SecAgg+ rounds would log every stage
-    from fedrec.simulations.audit import run_audit
+    from fedrec.audit.audit import run_audit
 
     values = _parse_epsilons(epsilons) if epsilons else None
     report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False), epsilons=values)
@@ -604,7 +604,7 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
                                                              "('' to skip)")) -> None:
     """Seconds per round and bytes per device with and without SecAgg+; writes OUT/secagg_bench.json."""
     _quiet_engines()
-    from fedrec.simulations.secagg_bench import run_secagg_bench
+    from fedrec.experiments.secagg_bench import run_secagg_bench
 
     try:
         inprocess = [int(v) for v in nodes.split(",") if v.strip()]
@@ -631,7 +631,7 @@ def serve_bench(run: Path = typer.Option(..., "--run", help="a finished central,
     try:
         require("serve", "fedrec serve-bench")
         _located(run)  # before making OUT: a wrong --run leaves nothing behind
-        from fedrec.simulations.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, run_serve_bench
+        from fedrec.experiments.serve_bench import FIRST_PAGE_TARGET, FIT_TARGET, run_serve_bench
 
         run_dir = make_run_dir(RunConfig(out=out_dir), "serve-bench")
         report = run_serve_bench(run, run_dir, starts, repeats, http_repeats,
@@ -663,7 +663,7 @@ def robustness(cfg: RunConfig,
                poisoning: bool = typer.Option(True, help="also run the poisoning experiment")) -> None:
     """Dropouts, stop-and-resume and poisoning against clean runs of the same settings; writes OUT/robustness.json."""
     _quiet_engines()
-    from fedrec.simulations.robustness import run_robustness
+    from fedrec.experiments.robustness import run_robustness
 
     if not 0 < dropout_rate < 1:
         raise ConfigError(f"--dropout-rate must be between 0 and 1 (got {dropout_rate})")
@@ -677,7 +677,7 @@ def clip_check(cfg: RunConfig,
                check_negatives: str = typer.Option("1,4", help="implicit: training negatives per positive to check"),
                check_local_epochs: str = typer.Option("1,2", help="local epochs to check, comma-separated")) -> None:
     """Measure every user's contribution norm over C in each upload mode; writes OUT/clip_check.json."""
-    from fedrec.simulations.clipcheck import run_clip_check
+    from fedrec.audit.clipcheck import run_clip_check
 
     try:
         neg = [int(v) for v in check_negatives.split(",")]
@@ -697,7 +697,7 @@ def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", hel
                   targets: int = typer.Option(30, help="users attacked per epsilon")) -> None:
     """Accuracy and audit AUC per target epsilon (central DP), with non-private references."""
     _quiet_engines()
-    from fedrec.simulations.sweep import run_sweep
+    from fedrec.experiments.sweep import run_sweep
 
     values = _parse_epsilons(epsilons)
     if cfg.clipping_norm <= 0:
@@ -731,7 +731,7 @@ def deploy(nodes: int = typer.Option(3, min=1, help="SuperNodes to start (node I
      """one fedrec run.""")
     import time
 
-    from fedrec.simulations.deploy import deploy as run_deploy
+    from fedrec.deploy.deploy import deploy as run_deploy
 
     root = dir or Path("runs") / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
@@ -760,7 +760,7 @@ def recommend(run: Path = typer.Option(..., "--run", help="a finished central, f
     training ratings against the saved item model (model.npz holds no user vectors)."""
     try:
         run = _located(run)
-        from fedrec.simulations.recommend import recommend as top_items
+        from fedrec.personal.recommend import recommend as top_items
 
         picks = top_items(run, user, n, str(data_dir) if data_dir else None, include_unrated)
     except (ConfigError, DataError) as error:
@@ -788,7 +788,7 @@ def consent(run: Path = typer.Option(..., "--run", help="a finished federated or
         _fail("pass one of --opt-out and --opt-in")
     try:
         run = _located(run, "federated or compare")
-        from fedrec.simulations.device_view import set_consent
+        from fedrec.personal.device_view import set_consent
 
         set_consent(run, user, train=opt_in)
     except (ConfigError, DataError) as error:
@@ -814,7 +814,7 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
     except ConfigError as error:
         _fail(str(error))
     _quiet_engines()
-    from fedrec.simulations.forget import forget as run_forget
+    from fedrec.personal.forget import forget as run_forget
 
     try:
         report = run_forget(run, user, verify,
@@ -822,7 +822,7 @@ def forget(run: Path = typer.Option(..., "--run", help="a finished federated run
     except (ConfigError, DataError) as error:
         _fail(str(error))
     except Exception as error:  # e.g. a run directory changed under the replay: one line, no traceback
-        from fedrec.simulations.forget_lock import pending_path
+        from fedrec.personal.forget_lock import pending_path
 
         cut_short = pending_path(run.expanduser().resolve()).is_file()  # else no replay began: nothing to finish
         _fail(f"fedrec forget failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -850,7 +850,7 @@ def serve(run: Path = typer.Option(..., "--run", help="a finished central, feder
     try:
         require("serve", "fedrec serve")
         _located(run)  # the page serves a compare directory's federated run itself (the central one is its reference)
-        from fedrec.simulations.serve.server import serve as serve_page
+        from fedrec.demo.server import serve as serve_page
 
         serve_page(run, host, port, str(data_dir) if data_dir else None,
                    say=lambda line: out.print(line, highlight=False, markup=False, soft_wrap=True))

@@ -7,7 +7,7 @@
     `flower-supernode` processes on 127.0.0.1, each hosting a contiguous share of the users,
     runs fedrec through `flwr run` and reports RMSE, seconds per round and updates/s.
 
-`python -m fedrec.simulations.scaleout --data-dir ../shared/data` measures 1 vs 2 SuperNode
+`python -m fedrec.experiments.scaleout --data-dir ../shared/data` measures 1 vs 2 SuperNode
 processes on ML-100K u1 and writes scaleout.json to its run directory.
 """
 
@@ -29,11 +29,10 @@ import numpy as np
 import pandas as pd
 
 from fedrec.datasets.shards import node_name
+from fedrec.deploy.loopback import BIN, Processes, flower_env, flwr_run, free_port, start_superlink, start_supernode
 from fedrec.run.build import ensure_shards
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
-
-from .loopback import BIN, Processes, flower_env, flwr_run, free_port, start_superlink, start_supernode
 
 # Ray refuses a loopback node IP on Linux ("127.0.0.1" becomes the address of the default
 # route's interface) unless told it is a single-machine setup; this keeps every Ray
@@ -215,7 +214,7 @@ def deploy_case(cfg: RunConfig, supernodes: int, workdir: Path | None = None, ke
 def ray_case(cfg: RunConfig, nodes: int) -> dict:
     """The same run through Flower's simulation engine with `nodes` cohort nodes (the same
     contiguous shares as deploy_case's SuperNodes), for comparison."""
-    from .federated import simulate
+    from fedrec.simulations.federated import simulate
 
     start = time.perf_counter()
     outcome = simulate(dataclasses.replace(cfg, users_per_node=_users_per_node(cfg, nodes)), say=lambda _: None)
@@ -228,7 +227,7 @@ def ray_case(cfg: RunConfig, nodes: int) -> dict:
 
 def _users_per_node(cfg: RunConfig, nodes: int) -> int:
     """users-per-node that makes the simulation split the population into exactly `nodes` shares."""
-    from .federated import check_population
+    from fedrec.simulations.federated import check_population
 
     population = check_population(cfg)
     per_node = -(-population // nodes)
@@ -341,7 +340,7 @@ def cost_model(users_a: float, seconds_a: float, users_b: float, seconds_b: floa
 
 
 def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedrec.simulations.scaleout", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedrec.experiments.scaleout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="", help="data root holding ml-100k/ (default: $FEDREC_DATA_DIR)")
     parser.add_argument("--dataset", default="ml-100k")

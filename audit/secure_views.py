@@ -18,8 +18,7 @@ from fedrec.run.config import RunConfig
 from fedrec.run.secagg import SECURE_ORDER
 from fedrec.server.secagg import SecureGrid, secagg_setup
 from fedrec.server.strategy import array_record
-
-from .inprocess import InProcessGrid
+from fedrec.simulations.inprocess import InProcessGrid
 
 FIRST_NODE = 1000  # InProcessGrid's node id of partition 0
 

@@ -12,9 +12,8 @@ import time
 
 import numpy as np
 
+from fedrec.cli.extras import install_command
 from fedrec.datasets.interactions import Split
-
-from .extras import install_command
 
 INSTALL_HINT = f"scikit-surprise is not installed (fedrec's peers extra): {install_command('peers')}"
 PEERS = ("SVD", "SVD++", "KNNBaseline")

@@ -30,8 +30,7 @@ from fedrec.server.directory import discover
 from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.server.secagg import SecureGrid, secagg_setup
 from fedrec.server.strategy import array_record
-
-from .inprocess import InProcessGrid
+from fedrec.simulations.inprocess import InProcessGrid
 
 MAX_RATERS = 12  # atoms the pursuit may use per item (an item's raters among ~100 sampled users)
 FIT = 2e-2  # relative residual below which a support counts as recovered: SecAgg+'s rounding is ~1e-3 of a

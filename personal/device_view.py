@@ -28,9 +28,9 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.secagg import COUNT
 from fedrec.server import checkpoint
 from fedrec.server.validation import train_array_names
+from fedrec.simulations.federated import device_dir
 
 from .device_sent import also_sent
-from .federated import device_dir
 from .forget_lock import forget_lock, last_round
 
 FROM_STATE = "device state of the run"

@@ -114,7 +114,7 @@ def protocol(cfg: RunConfig) -> str:
 
 
 def _central_trial(cfg: RunConfig) -> list[dict]:
-    from .central import run_central
+    from fedrec.simulations.central import run_central
 
     return run_central(cfg, write=False).result.history
 
@@ -123,9 +123,8 @@ def _federated_trial(cfg: RunConfig, nodes: int, shards: Path) -> list[dict]:
     from fedrec.client.app import app as client_app
     from fedrec.run.build import SHARDS_ENV
     from fedrec.server.app import run_server
-
-    from .federated import _environment
-    from .inprocess import InProcessGrid
+    from fedrec.simulations.federated import _environment
+    from fedrec.simulations.inprocess import InProcessGrid
 
     # A trial's run directory (metrics, model) is scratch: only tune.json and trials.csv are released.
     with tempfile.TemporaryDirectory(prefix="fedrec-tune-") as scratch, _environment({SHARDS_ENV: str(shards)}):
@@ -178,8 +177,7 @@ def tune(cfg: RunConfig, budget: Budget, on_trial: Callable[[str, dict], None] |
     import pandas as pd
 
     from fedrec.run.build import ensure_shards, load_data, num_nodes
-
-    from .federated import check_population
+    from fedrec.simulations.federated import check_population
 
     start = time.perf_counter()
     if cfg.dp != "none":

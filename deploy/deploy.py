@@ -2,7 +2,7 @@
 authentication and the SuperLink's state in a database file, then one fedrec run through
 `flwr run`. Exits non-zero unless the run completed, and stops what it started.
 
-`python -m fedrec.simulations.deploy certs DIR HOST...` and `... node-key FILE` make the
+`python -m fedrec.deploy.deploy certs DIR HOST...` and `... node-key FILE` make the
 files of a multi-host deployment (scripts/make-certs.sh, scripts/make-node-key.sh)."""
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def deploy(nodes: int, root: Path, run_config: str = "", insecure: bool = False,
 
 
 def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedrec.simulations.deploy", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedrec.deploy.deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     certs = sub.add_parser("certs", help="CA + SuperLink certificate (on the SuperLink host)")

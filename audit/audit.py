@@ -10,8 +10,8 @@ Observers:
   averaged over the rounds an average user takes part in.
 Updates are real: a model trained centrally for `epochs` epochs, then one round of
 `device_step` per target, the same function the ClientApp runs, with the same private
-noise streams. Attackers: fedrec.simulations.attacks (prior, norm, direction, seed) and
-fedrec.simulations.canary (empirical epsilon lower bounds).
+noise streams. Attackers: fedrec.audit.attacks (prior, norm, direction, seed) and
+fedrec.audit.canary (empirical epsilon lower bounds).
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ class Recommendation:
 
 
 def device_side():
-    """fedrec.simulations.device_view, the device's own account and controls; imported on first
+    """fedrec.personal.device_view, the device's own account and controls; imported on first
     use (it pulls in the server's reply validation and Flower: seconds the first page need not wait)."""
-    from fedrec.simulations import device_view
+    from fedrec.personal import device_view
 
     return device_view
 
@@ -49,7 +49,7 @@ def own_ratings(demo: Demo, user: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def view_of(demo: Demo, user: str):
-    """The device's own account of itself (fedrec.simulations.device_view.DeviceView)."""
+    """The device's own account of itself (fedrec.personal.device_view.DeviceView)."""
     demo.row_of(user)  # an unknown user is a 404 of the page, whichever side would notice
     return device_side().device_view(demo.paths.run, user)
 

@@ -12,9 +12,9 @@ from fedrec.datasets import generate
 from fedrec.run.build import load_data, synthetic_spec
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
+from fedrec.simulations.central import run_central
+from fedrec.simulations.federated import simulate
 
-from .central import run_central
-from .federated import simulate
 from .peers import peer_results
 
 
