@@ -17,11 +17,11 @@ from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
 from fedrec.models.bpmf import draw_items, draw_key, draw_users, user_statistics
-from fedrec.models.device import DevicePolicy, device_step
+from fedrec.privacy.policy import DevicePolicy, device_step
 from fedrec.models.personal import fit_user
 from fedrec.models.upload import scatter_upload
 from fedrec.run.config import ConfigError
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
 

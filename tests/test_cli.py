@@ -267,7 +267,7 @@ def _in_process_simulate(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrec.client.app import app as client_app
-    from fedrec.server.app import run_server
+    from fedrec.server.runner import run_server
     from fedrec.simulations.inprocess import InProcessGrid
 
     def simulate(cfg, on_round=None, say=print, **_):

@@ -18,7 +18,7 @@ from fedrec.deploy.loopback import Processes, flower_env, flwr_run, free_port, s
 from fedrec.run import schema
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 
 pytestmark = pytest.mark.engine
 

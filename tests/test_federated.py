@@ -14,7 +14,7 @@ import torch
 from fedrec.client.app import app as client_app
 from fedrec.run.build import load_data
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.federated import check_population
 from fedrec.simulations.inprocess import InProcessGrid

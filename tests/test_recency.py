@@ -18,13 +18,13 @@ from fedrec.client.app import app as client_app
 from fedrec.datasets import DataError, cohort
 from fedrec.datasets.shards import node_name, open_shard
 from fedrec.models import Hyper, ItemParams, UserState, evaluate_rows
-from fedrec.models.device import DevicePolicy, device_step
+from fedrec.privacy.policy import DevicePolicy, device_step
 from fedrec.models.mf import predict
 from fedrec.models.recency import Recency, latest_items, with_recency
 from fedrec.run import schema
 from fedrec.run.build import ensure_shards, hyper, load_data
 from fedrec.run.config import RunConfig, ignored_settings
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
 

@@ -19,7 +19,7 @@ from fedrec.models.randomness import dropped
 from fedrec.models.saved import load_model
 from fedrec.run.config import RunConfig
 from fedrec.server import checkpoint
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 
@@ -158,7 +158,7 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
     from fedrec.run import schema
     from fedrec.run.config import RunConfig
     from fedrec.server.directory import NodeDirectory
-    from fedrec.server.privacy import PrivacyPlan, add_central_noise
+    from fedrec.privacy.accountant import PrivacyPlan, add_central_noise
     from fedrec.server.strategy import FedRecStrategy, array_record
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -214,7 +214,7 @@ def test_rounds_released_after_the_last_checkpoint_are_accounted_on_resume(small
     resumed = run_server(InProcessGrid(client_app, 3), dataclasses.replace(cfg, resume=cfg.out))
     privacy = resumed.summary["privacy"]
     assert privacy["rounds"] == 7
-    from fedrec.server.app import privacy_plan
+    from fedrec.server.runner import privacy_plan
     assert privacy["epsilon"] == pytest.approx(privacy_plan(cfg, 60)[1].epsilon(7))
 
 
@@ -252,7 +252,7 @@ def test_a_resumed_run_that_stops_on_its_budget_evaluates_the_checkpoints_timeli
     """Red-team finding: the final evaluation after a budget stop carried no resumed-from, so the
     devices evaluated with the state of the round the crash cut off."""
     import fedrec.client.node as node_mod
-    from fedrec.server.app import privacy_plan
+    from fedrec.server.runner import privacy_plan
 
     monkeypatch.setenv("FEDREC_DEVICE_STATE_DIR", str(tmp_path / "devices"))
     monkeypatch.delenv("FEDREC_SHARDS", raising=False)

@@ -14,13 +14,13 @@ from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import leave_one_out, random_holdout
 from fedrec.models import Hyper, ItemParams, UserState, local_train, predict
 from fedrec.models.defaults import UPDATE_MODES
-from fedrec.models.device import DevicePolicy, device_step
+from fedrec.privacy.policy import DevicePolicy, device_step
 from fedrec.models.evaluate import evaluate_rows
 from fedrec.models.personal import fit_user, top_n
 from fedrec.models.svdpp import as_mf
 from fedrec.models.upload import scatter_upload
 from fedrec.run.config import ConfigError
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
 

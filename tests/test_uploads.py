@@ -12,10 +12,10 @@ from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState, local_train, training_rows
-from fedrec.models.device import DevicePolicy, device_step
+from fedrec.privacy.policy import DevicePolicy, device_step
 from fedrec.models.upload import build_upload, scatter_upload
 from fedrec.run import schema
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 H = Hyper(dim=6, seed=1)

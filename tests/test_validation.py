@@ -18,11 +18,11 @@ from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
 from fedrec.models import Hyper, ItemParams, UserState
-from fedrec.models.device import DevicePolicy, device_step
+from fedrec.privacy.policy import DevicePolicy, device_step
 from fedrec.models.upload import scatter_upload
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.server.directory import NodeDirectory
 from fedrec.server.robust import reply_scales
 from fedrec.server.secagg import secagg_setup
