@@ -26,10 +26,13 @@ runs without DP or SecAgg+ (run/config.py refuses both): a trusted aggregator's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import scipy.sparse
 import torch
 
-from .local import USERS_PER_CHUNK, LocalUpdate, clip_per_user
+from .local import USERS_PER_CHUNK, LocalUpdate, clip_scales
 from .mf import Hyper, ItemParams, UserState
 from .randomness import mix64, uniform01
 
@@ -37,8 +40,46 @@ from .randomness import mix64, uniform01
 PRIOR_BETA = 2.0
 
 
-def _triangle(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.as_tensor(t) for t in np.triu_indices(dim + 1))
+def _upper(g: np.ndarray) -> np.ndarray:
+    """[rows, w (w + 1) / 2]: the upper triangle of each row's g g^T, in np.triu_indices' order."""
+    i, j = np.triu_indices(g.shape[1])
+    return g[:, i] * g[:, j]
+
+
+def _symmetric(upper: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, width, width]: the symmetric matrices whose upper triangles are the rows of `upper`."""
+    i, j = np.triu_indices(width)
+    position = np.empty((width, width), np.int64)
+    position[i, j] = position[j, i] = np.arange(len(i))  # entry (a, b) of a matrix is its triangle's entry here
+    return upper.double()[:, torch.as_tensor(position.ravel())].reshape(-1, width, width)
+
+
+def _with_ones(emb: torch.Tensor) -> np.ndarray:
+    """(v, 1) for each row v of `emb`, in float64."""
+    return np.concatenate([emb.double().numpy(), np.ones((emb.shape[0], 1))], axis=1)
+
+
+class _Rows:
+    """A batch's rating rows grouped by user, summed by segment as sparse products in both directions:
+    per user, its rows' weights times their items' vectors; per item, its rows' weights times their
+    users' vectors. Since g g^T depends on the item alone on the user's side, and on the user alone on
+    the item's, no (K + 1)^2 array per row is built."""
+
+    def __init__(self, segment, item, n_users: int, n_items: int):
+        segment = np.asarray(segment, dtype=np.int64)
+        self.order = np.argsort(segment, kind="stable")  # linear where rows come grouped, as a cohort's do
+        self.segment, self.item = segment[self.order], np.asarray(item, dtype=np.int64)[self.order]
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(segment, minlength=n_users))])
+        self.shape = (n_users, n_items)
+
+    def _matrix(self, weight: np.ndarray) -> scipy.sparse.csr_array:
+        return scipy.sparse.csr_array((weight, self.item, self.indptr), shape=self.shape)
+
+    def per_user(self, weight: np.ndarray, of_item: np.ndarray) -> np.ndarray:
+        return self._matrix(weight) @ of_item
+
+    def per_item(self, weight: np.ndarray, of_user: np.ndarray) -> np.ndarray:
+        return self._matrix(weight).T @ of_user
 
 
 def normal_draws(users: np.ndarray, count: int, key: int) -> torch.Tensor:
@@ -73,39 +114,82 @@ def _gaussian(precision: torch.Tensor, rhs: torch.Tensor, z: torch.Tensor) -> to
     return (vectors @ inside[..., None])[..., 0]
 
 
+@dataclass
+class _Batch:
+    """A batch's rating rows grouped by user, and the per-user sums its users' conditionals need:
+    with g = (q_i, 1), gram = sum of g g^T (upper triangles) and rhs = sum of (r - mu - c_i) g."""
+
+    rows: _Rows
+    centred: np.ndarray  # r - mu of each row, in `rows`' order
+    residual: np.ndarray  # r - mu - c_i
+    gram: np.ndarray  # [users, (dim + 1) (dim + 2) / 2]
+    rhs: np.ndarray  # [users, dim + 1]
+
+
+def _batch(items: ItemParams, segment, item, rating, n_users: int) -> _Batch:
+    rows = _Rows(segment, item, n_users, items.emb.shape[0])
+    g = _with_ones(items.emb)  # (q_i, 1) of every item
+    centred = np.asarray(rating, np.float64)[rows.order] - float(items.global_bias)
+    residual = centred - items.bias.double().numpy()[rows.item]
+    return _Batch(rows, centred, residual, rows.per_user(np.ones(len(residual)), _upper(g)),
+                  rows.per_user(residual, g))
+
+
+def _draw(batch: _Batch, users: np.ndarray, hyper: Hyper, key: int) -> torch.Tensor:
+    dim, alpha = hyper.dim, hyper.bpmf_alpha
+    prior = torch.tensor([hyper.reg_user] * dim + [hyper.reg_bias], dtype=torch.float64)
+    precision = torch.diag(prior) + _symmetric(torch.as_tensor(alpha * batch.gram), dim + 1)
+    return _gaussian(precision, torch.as_tensor(alpha * batch.rhs), normal_draws(users, dim + 1, key))
+
+
 def draw_users(items: ItemParams, segment: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
                users: np.ndarray, hyper: Hyper, key: int) -> torch.Tensor:
     """[users, dim + 1] draws of (p_u, b_u) from each user's conditional given the items."""
-    n, dim = len(users), hyper.dim
-    g = torch.cat([items.emb[item].double(), torch.ones(len(item), 1, dtype=torch.float64)], dim=1)
-    residual = rating.double() - items.global_bias.double() - items.bias[item].double()
-    prior = torch.tensor([hyper.reg_user] * dim + [hyper.reg_bias], dtype=torch.float64)
-    precision = torch.diag(prior).expand(n, dim + 1, dim + 1).clone()
-    precision.index_add_(0, segment, hyper.bpmf_alpha * g[:, :, None] * g[:, None, :])
-    rhs = torch.zeros(n, dim + 1, dtype=torch.float64).index_add_(0, segment, hyper.bpmf_alpha * residual[:, None] * g)
-    return _gaussian(precision, rhs, normal_draws(users, dim + 1, key))
+    return _draw(_batch(items, segment, item, rating, len(users)), users, hyper, key)
+
+
+@dataclass
+class _Sums:
+    emb: np.ndarray  # [items, upload width] float64: per item, the summed triangles, then alpha r~ p_u
+    bias: np.ndarray  # [items] float64: alpha r~ summed
+    norms: np.ndarray  # [users] each user's statistics' L2 norm before clipping
+    loss: float
+
+
+def _statistics(batch: _Batch, x: torch.Tensor, hyper: Hyper, clip_norm: float) -> _Sums:
+    """user_statistics' sums in float64. A row uploads (alpha tri(g g^T), alpha t p_u) and alpha t, with
+    g = (p_u, 1) the same on all of a user's rows and t = r - mu - b_u: so the per-item sums are sparse
+    products with per-user vectors, and a user's norm follows from its row count and its sum of t^2."""
+    dim, alpha, n, rows = hyper.dim, hyper.bpmf_alpha, x.shape[0], batch.rows
+    x = x.double().numpy()
+    g = np.concatenate([x[:, :dim], np.ones((n, 1))], axis=1)
+    target = batch.centred - x[rows.segment, dim]  # what the item's (q_i, c_i) explains
+    upper = _upper(g)
+    target_sq = np.bincount(rows.segment, weights=target ** 2, minlength=n)
+    norms = alpha * np.sqrt(np.diff(rows.indptr) * (upper ** 2).sum(axis=1) + target_sq * (g ** 2).sum(axis=1))
+    scale = np.ones(n) if clip_norm <= 0 else clip_scales(torch.as_tensor(norms), clip_norm).numpy()
+    kept = scale > 0  # clip_scales fails closed: a user it cannot scale sends zeros (0 x inf would be nan)
+    user_upper, user_g = np.zeros_like(upper), np.zeros_like(g)
+    user_upper[kept] = alpha * scale[kept, None] * upper[kept]
+    user_g[kept] = scale[kept, None] * g[kept]
+    per_item = rows.per_item(np.where(kept[rows.segment], alpha * target, 0.0), user_g)  # alpha t (p_u, 1)
+    emb = np.concatenate([rows.per_item(np.ones(len(target)), user_upper), per_item[:, :dim]], axis=1)
+    # sum of (r - mu - c_i - (q_i, 1).x_u)^2 over a user's rows, from the sums its draw used
+    i, j = np.triu_indices(dim + 1)
+    loss = ((batch.residual ** 2).sum() - 2 * (x * batch.rhs).sum()
+            + (batch.gram * _upper(x) * np.where(i == j, 1.0, 2.0)).sum())  # x^T gram x, off-diagonals twice
+    return _Sums(emb, per_item[:, dim], norms, max(float(loss), 0.0))  # a perfect fit may round below 0
 
 
 def user_statistics(items: ItemParams, x: torch.Tensor, segment: torch.Tensor, item: torch.Tensor,
                     rating: torch.Tensor, hyper: Hyper, clip_norm: float) -> LocalUpdate:
     """The users' summed item statistics for their rated rows (each (user, item) once), each
     user's whole statistics vector clipped to L2 norm `clip_norm` first (0: off)."""
-    dim, n_items = hyper.dim, items.emb.shape[0]
-    upper = _triangle(dim)
-    g = torch.cat([x[segment, :dim], torch.ones(len(segment), 1, dtype=x.dtype)], dim=1)
-    outer = (g[:, :, None] * g[:, None, :])[:, upper[0], upper[1]]
-    target = rating.double() - items.global_bias.double() - x[segment, dim]  # what the item's (q_i, c_i) explains
-    residual = target - items.bias[item].double() - (x[segment, :dim] * items.emb[item].double()).sum(dim=1)
-    alpha = hyper.bpmf_alpha
-    rows = torch.cat([alpha * outer, alpha * target[:, None] * g[:, :dim]], dim=1).float()
-    row_bias = (alpha * target).float()
-    n = x.shape[0]
-    rows, row_bias, _, norms = clip_per_user(segment, rows, row_bias, torch.zeros(n), clip_norm)
-    loss = float((residual ** 2).sum())
-    return LocalUpdate(emb_delta=torch.zeros(n_items, rows.shape[1]).index_add_(0, item, rows),
-                       bias_delta=torch.zeros(n_items).index_add_(0, item, row_bias),
-                       global_bias_delta=torch.zeros(1), num_users=n, loss_sum=loss, num_rows=len(item),
-                       norms=norms, pair_item=item, pair_user=segment)
+    sums = _statistics(_batch(items, segment, item, rating, x.shape[0]), x, hyper, clip_norm)
+    return LocalUpdate(emb_delta=torch.as_tensor(sums.emb).float(), bias_delta=torch.as_tensor(sums.bias).float(),
+                       global_bias_delta=torch.zeros(1), num_users=x.shape[0], loss_sum=sums.loss,
+                       num_rows=len(item), norms=torch.as_tensor(sums.norms).float(),
+                       pair_item=torch.as_tensor(np.asarray(item)), pair_user=torch.as_tensor(np.asarray(segment)))
 
 
 def averaged_state(state: UserState, x: torch.Tensor, round_: int, hyper: Hyper) -> UserState:
@@ -129,32 +213,31 @@ def averaged_state(state: UserState, x: torch.Tensor, round_: int, hyper: Hyper)
 
 def device_draw(items: ItemParams, state: UserState, rows, hyper: Hyper, clip_norm: float, round_: int,
                 key: int) -> tuple[UserState, LocalUpdate]:
-    """A device's round for the users of `rows`: draw, average, and their clipped statistics,
-    USERS_PER_CHUNK users at a time (a row's outer product is (dim + 1)^2 floats)."""
-    segment = torch.as_tensor(rows.train_segment)
-    order = torch.argsort(segment, stable=True)
-    n = len(rows.users)
-    bounds = torch.searchsorted(segment[order], torch.arange(0, n + USERS_PER_CHUNK, USERS_PER_CHUNK).clamp(max=n))
-    states, updates = [], []
+    """A device's round for the users of `rows`: draw, average, and their clipped statistics (summed in
+    float64, sent in float32), USERS_PER_CHUNK users at a time (to bound the per-row arrays)."""
+    segment = np.asarray(rows.train_segment, dtype=np.int64)
+    order = np.argsort(segment, kind="stable")
+    n, n_items = len(rows.users), items.emb.shape[0]
+    bounds = np.searchsorted(segment[order], np.minimum(np.arange(0, n + USERS_PER_CHUNK, USERS_PER_CHUNK), n))
+    emb, bias = np.zeros((n_items, hyper.upload_width)), np.zeros(n_items)
+    states, norms, loss = [], [], 0.0
     for k, lo in enumerate(range(0, max(n, 1), USERS_PER_CHUNK)):
         picked = order[bounds[k]:bounds[k + 1]]
-        seg, item = segment[picked] - lo, torch.as_tensor(rows.train_item)[picked]
-        rating = torch.as_tensor(rows.train_rating, dtype=torch.float64)[picked]
+        seg, item = segment[picked] - lo, np.asarray(rows.train_item)[picked]
+        rating = np.asarray(rows.train_rating, np.float64)[picked]
         users = np.arange(lo, min(n, lo + USERS_PER_CHUNK))
-        x = draw_users(items, seg, item, rating, rows.users[users], hyper, key)
+        batch = _batch(items, seg, item, rating, len(users))
+        x = _draw(batch, rows.users[users], hyper, key)
         states.append(averaged_state(state.take(torch.as_tensor(users)), x, round_, hyper))
-        update = user_statistics(items, x, seg, item, rating, hyper, clip_norm)
-        update.pair_user += lo
-        updates.append(update)
-    first = updates[0]
-    for other in updates[1:]:
-        first.emb_delta += other.emb_delta
-        first.bias_delta += other.bias_delta
+        sums = _statistics(batch, x, hyper, clip_norm)
+        emb += sums.emb
+        bias += sums.bias
+        norms.append(sums.norms)
+        loss += sums.loss
     return (UserState(*(torch.cat([getattr(s, f) for s in states]) for f in ("emb", "bias", "m", "v", "step"))),
-            LocalUpdate(first.emb_delta, first.bias_delta, first.global_bias_delta, n,
-                        sum(u.loss_sum for u in updates), sum(u.num_rows for u in updates),
-                        torch.cat([u.norms for u in updates]), torch.cat([u.pair_item for u in updates]),
-                        torch.cat([u.pair_user for u in updates])))
+            LocalUpdate(torch.as_tensor(emb).float(), torch.as_tensor(bias).float(), torch.zeros(1), n, loss,
+                        len(segment), torch.as_tensor(np.concatenate(norms)).float(),
+                        torch.as_tensor(np.asarray(rows.train_item)[order]), torch.as_tensor(segment[order])))
 
 
 def draw_item_prior(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,10 +267,7 @@ def _wishart(df: float, scale: torch.Tensor, rng: np.random.Generator) -> torch.
 
 def item_matrices(emb: torch.Tensor, dim: int) -> torch.Tensor:
     """[items, dim + 1, dim + 1]: the summed alpha g g^T of each item, from its upper triangle in `emb`."""
-    upper = _triangle(dim)
-    outer = torch.zeros(emb.shape[0], dim + 1, dim + 1, dtype=torch.float64)
-    outer[:, upper[0], upper[1]] = torch.as_tensor(emb)[:, :upper[0].numel()].double()
-    return outer + outer.mT - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
+    return _symmetric(torch.as_tensor(emb)[:, :(dim + 1) * (dim + 2) // 2].double(), dim + 1)
 
 
 def inconsistent_items(emb: torch.Tensor, bias: torch.Tensor, dim: int, alpha: float, users: float,
@@ -201,23 +281,54 @@ def inconsistent_items(emb: torch.Tensor, bias: torch.Tensor, dim: int, alpha: f
     right-hand side with no precision behind it, or scale its statistics far past its user count."""
     matrices = item_matrices(emb, dim)
     rhs = torch.cat([torch.as_tensor(emb)[:, -dim:].double(), torch.as_tensor(bias)[:, None].double()], dim=1)
-    values, vectors = torch.linalg.eigh(matrices)
     scale = torch.diagonal(matrices, dim1=1, dim2=2).abs().sum(dim=1) + 1e-30
     corner = matrices[:, dim, dim]
-    checks = (("its g g^T is not positive semi-definite", values[:, 0] < -1e-5 * scale),
-              (f"its g g^T counts more than the reply's {users:g} user(s)", corner > alpha * users * (1 + 1e-5)))
+    # b^T M^+ b, with M's eigenvalues floored at float32 rounding: an honest b has little along a direction
+    # M barely spans (it is made of the same g's), a right-hand side sent without its g g^T has everything
+    floor = 1e-6 * scale
+    limit = corner * max_residual ** 2 * (1 + 1e-3) + 1e-6
+    # Most items need no eigenvalues: a Cholesky factor of M + floor I exists only if M's eigenvalues pass
+    # -floor (then M passes the first test), and b^T (M + floor I)^-1 b is then at least half the floored
+    # energy (max(v, floor) >= (v + floor) / 2). Items it does not clear get the eigendecomposition.
+    chol, failed = torch.linalg.cholesky_ex(matrices + floor[:, None, None] * torch.eye(dim + 1, dtype=torch.float64))
+    bound = 2 * (1 + 1e-6) * (rhs * torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]).sum(dim=1)
+    unsure = torch.nonzero((failed != 0) | ~(bound <= limit))[:, 0]
+    smallest, energy = torch.zeros(len(scale), dtype=torch.float64), torch.zeros(len(scale), dtype=torch.float64)
+    if len(unsure):
+        values, vectors = torch.linalg.eigh(matrices[unsure])
+        smallest[unsure] = values[:, 0]
+        along = (vectors.mT @ rhs[unsure, :, None])[:, :, 0]
+        energy[unsure] = (along ** 2 / values.clamp(min=floor[unsure, None])).sum(dim=1)
+    checks = (("its g g^T is not positive semi-definite", smallest < -1e-5 * scale),
+              (f"its g g^T counts more than the reply's {users:g} user(s)", corner > alpha * users * (1 + 1e-5)),
+              (f"its right-hand side is more than its g g^T carries (residuals beyond {max_residual:g} stars, or "
+               "outside its range)", energy > limit))
     for why, bad in checks:
         if bool(bad.any()):
             return torch.nonzero(bad)[:, 0], why
-    # b^T M^+ b, with M's eigenvalues floored at float32 rounding: an honest b has little along a direction
-    # M barely spans (it is made of the same g's), a right-hand side sent without its g g^T has everything
-    along = (vectors.mT @ rhs[:, :, None])[:, :, 0]
-    energy = (along ** 2 / values.clamp(min=1e-6 * scale[:, None])).sum(dim=1)
-    excess = energy > corner * max_residual ** 2 * (1 + 1e-3) + 1e-6
-    if bool(excess.any()):
-        return torch.nonzero(excess)[:, 0], (f"its right-hand side is more than its g g^T carries (residuals "
-                                             f"beyond {max_residual:g} stars, or outside its range)")
     return torch.zeros(0, dtype=torch.long), ""
+
+
+PSD_SLACK = 1e-8
+"""_psd leaves a matrix as it is where its eigenvalues are above -PSD_SLACK x its trace. An honest sum's
+negative eigenvalues are the float32 rounding of its uploads (each entry's 6e-8, so at most about
+6e-8 x the trace; 2.5e-8 at most on ML-100K u1, on a third of the items): projecting them away moves
+the draw no more than that rounding did, and costs an eigendecomposition of every item."""
+
+
+def _psd(matrices: torch.Tensor) -> torch.Tensor:
+    """The symmetric `matrices` projected onto the positive semi-definite cone (those within
+    PSD_SLACK of it, shown by a Cholesky factor of M + PSD_SLACK trace(M) I, as they are)."""
+    shift = PSD_SLACK * torch.diagonal(matrices, dim1=1, dim2=2).sum(dim=1).abs() + 1e-300
+    _, failed = torch.linalg.cholesky_ex(matrices + shift[:, None, None] * torch.eye(matrices.shape[1],
+                                                                                     dtype=matrices.dtype))
+    outside = torch.nonzero(failed)[:, 0]
+    if len(outside) == 0:
+        return matrices
+    values, vectors = torch.linalg.eigh(matrices[outside])
+    matrices = matrices.clone()
+    matrices[outside] = (vectors * values.clamp(min=0)[:, None, :]) @ vectors.mT
+    return matrices
 
 
 def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tensor, hyper: Hyper,
@@ -226,17 +337,15 @@ def draw_items(current: ItemParams, emb_sum: torch.Tensor, bias_sum: torch.Tenso
     dim, n_items = hyper.dim, current.emb.shape[0]
     x = torch.cat([current.emb.double(), current.bias[:, None].double()], dim=1)
     prior_mean, prior_precision = draw_item_prior(x, rng)
-    upper = _triangle(dim)
+    width = (dim + 1) * (dim + 2) // 2
     outer = item_matrices(emb_sum, dim)
     # Noise (DP) can make the summed g g^T indefinite; an honest sum is positive semi-definite, so it is
-    # projected onto that cone, and the precision's eigenvalues kept at least the prior's smallest (Weyl:
-    # an honest sum never goes below it). Both are post-processing; eigenvectors instead of a Cholesky
-    # factor, so that no reply, however large, can make the draw fail.
-    values, vectors = torch.linalg.eigh(outer)
-    outer = (vectors * values.clamp(min=0)[:, None, :]) @ vectors.mT
-    values, vectors = torch.linalg.eigh(prior_precision + outer)
+    # projected onto that cone (_psd), and the precision's eigenvalues kept at least the prior's smallest
+    # (Weyl: an honest sum never goes below it). Both are post-processing; eigenvectors instead of a
+    # Cholesky factor, so that no reply, however large, can make the draw fail.
+    values, vectors = torch.linalg.eigh(prior_precision + _psd(outer))
     values = values.clamp(min=float(torch.linalg.eigvalsh(prior_precision)[0]))
-    rhs = prior_precision @ prior_mean + torch.cat([emb_sum[:, upper[0].numel():].double(),
+    rhs = prior_precision @ prior_mean + torch.cat([emb_sum[:, width:].double(),
                                                     bias_sum[:, None].double()], dim=1)
     z = torch.as_tensor(rng.standard_normal((n_items, dim + 1)))
     # in the eigenbasis; z is rotated into it too, so the draw does not depend on the eigenvectors' signs

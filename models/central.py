@@ -43,8 +43,9 @@ def train_central(rows: UserRows, n_users: int, n_items: int, hyper: Hyper, epoc
     start = time.perf_counter()
     items = ItemParams.init(n_items, hyper, initial_global_bias(hyper.implicit, rating_scale))
     users = UserState.init(np.asarray(rows.users), n_users, hyper)
-    opt = ServerOptimizer(items, optimizer, server_lr)
     sampler = Sampler(items, hyper, hyper.seed) if hyper.model == "bpmf" else None  # items: the draws' mean
+    # BPMF steps by draws: no optimizer (torch.optim's first one imports torch._dynamo: 1.8-3.7 s here, loaded)
+    opt = ServerOptimizer(items, optimizer, server_lr) if sampler is None else None
     result = CentralResult(items, users)
     for epoch in range(1, epochs + 1):
         if sampler is not None:  # one Gibbs sweep, the same draws as a federated round (models/bpmf.py)

@@ -190,18 +190,23 @@ def clip_per_user(pair_user: torch.Tensor, pair_dq: torch.Tensor, pair_db: torch
     norms = (sq + dmu.double() ** 2).sqrt()  # float64: the bound must not rest on float32 sums
     if clip_norm <= 0:
         return pair_dq, pair_db, dmu, norms.to(pair_dq.dtype)
-    # A target a hair under C, so that float32 rounding of the scaled values cannot pass C.
-    scale64 = torch.clamp(clip_norm * (1 - 1e-6) / norms.clamp(min=1e-300), max=1.0)
-    # Fail closed where float32 cannot carry the scale: a non-finite update, or one so large that
-    # the factor is subnormal (rounding could pass C) contributes nothing.
-    scale64 = torch.where(torch.isfinite(norms) & (scale64 >= 1e-30), scale64, torch.zeros_like(scale64))
-    scale = scale64.to(pair_dq.dtype)
+    scale = clip_scales(norms, clip_norm).to(pair_dq.dtype)
     row_scale = scale[pair_user]
     if not bool(torch.all(scale > 0)):  # 0 * inf is nan: zero such rows outright
         kept = (row_scale > 0)[:, None]
         return (torch.where(kept, pair_dq * row_scale[:, None], 0.0), torch.where(kept[:, 0], pair_db * row_scale, 0.0),
                 torch.where(scale > 0, dmu * scale, 0.0), norms.to(pair_dq.dtype))
     return pair_dq * row_scale[:, None], pair_db * row_scale, dmu * scale, norms.to(pair_dq.dtype)
+
+
+def clip_scales(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """The factor (float64) that brings each user's update of L2 norm `norms` (float64) within
+    `clip_norm` (> 0): 1 where it already is, 0 where it cannot be carried (see below)."""
+    # A target a hair under C, so that float32 rounding of the scaled values cannot pass C.
+    scale64 = torch.clamp(clip_norm * (1 - 1e-6) / norms.clamp(min=1e-300), max=1.0)
+    # Fail closed where float32 cannot carry the scale: a non-finite update, or one so large that
+    # the factor is subnormal (rounding could pass C) contributes nothing.
+    return torch.where(torch.isfinite(norms) & (scale64 >= 1e-30), scale64, torch.zeros_like(scale64))
 
 
 def _adam_rows(state: UserState, grad: torch.Tensor, lr: float) -> None:
