@@ -104,14 +104,19 @@ class MF(Algorithm):
         """Each user's `local_epochs` full-batch steps on its rows (and decoy rows, which never touch its
         own vector, its bias, mu or the loss: they are trained like real rows so that their item changes
         look alike). Returns the new state and each user's change of the item rows it touched."""
-        s = self.settings
         seg, item, target = self.training_rows(rows, round_, keys)
         decoy = None
         if decoys is not None:
             decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
             seg, item = torch.cat([seg, torch.as_tensor(decoys.segment)]), torch.cat([item, torch.as_tensor(decoys.item)])
             target = torch.cat([target, self.decoy_targets(shared, state, rows, decoys)])
-        n = len(rows.users)
+        return self.fit_rows(shared, state, seg, item, target, decoy, len(rows.users))
+
+    def fit_rows(self, shared: dict[str, torch.Tensor], state: UserState, seg: torch.Tensor, item: torch.Tensor,
+                 target: torch.Tensor, decoy: torch.Tensor | None, n: int) -> tuple[UserState, RowContributions]:
+        """`local_epochs` steps of `n` users on the given rows (user position, item, target; `decoy` True on
+        decoy rows): the gradient written out by hand, one batched expression for every user's rows."""
+        s = self.settings
         copies = {name: shared[name][item] for name in self.row_arrays()}  # each user's own copy of its rows
         mu0 = shared[GLOBAL_BIAS].expand(n)
         deltas = {name: torch.zeros_like(value) for name, value in copies.items()}
