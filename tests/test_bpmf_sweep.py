@@ -11,14 +11,39 @@ import torch
 
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
-from fedrec.models import Hyper, ItemParams, UserState, bpmf
-from fedrec.models.local import clip_per_user
+from fedrec.models import bpmf
+from fedrec.models.algorithm import DeviceKeys
+from fedrec.models.defaults import Hyper
+from fedrec.models.factors import ItemParams, init_items
+from fedrec.privacy.clip import clip_scales
 
 SPLIT = random_holdout(generate(SyntheticSpec(users=60, items=40, density=0.3, seed=11))[0], 0.2, 11)
 HYPER = Hyper(model="bpmf", dim=4, seed=5, burn_in=2)
 
 
 # ------------------------------------------------- the row-by-row sweep, as it was before vectorizing
+
+def clip_per_user(pair_user, pair_dq, pair_db, dmu, clip_norm):
+    """The per-user clipping of the row-by-row sweep: rows scaled in float32 by factors from float64 norms."""
+    row_sq = torch.linalg.vector_norm(pair_dq, dim=1, dtype=torch.float64).square() + pair_db.double() ** 2
+    norms = (torch.zeros(len(dmu), dtype=torch.float64).index_add_(0, pair_user, row_sq) + dmu.double() ** 2).sqrt()
+    scale = clip_scales(norms, clip_norm).to(pair_dq.dtype)
+    return pair_dq * scale[pair_user][:, None], pair_db * scale[pair_user], dmu * scale, norms.to(pair_dq.dtype)
+
+
+def _width(dim):
+    return (dim + 1) * (dim + 2) // 2
+
+
+def to_new(emb, bias, dim):
+    """The old upload layout (triangles then alpha t p_u in one array, alpha t in another) as the new
+    statistics: item-gram, item-rhs = alpha t (p_u, 1)."""
+    return emb[:, :_width(dim)], torch.cat([emb[:, _width(dim):], bias[:, None]], dim=1)
+
+
+def to_old(gram, rhs, dim):
+    return torch.cat([gram, rhs[:, :dim]], dim=1), rhs[:, dim]
+
 
 def _triangle(dim):
     return tuple(torch.as_tensor(t) for t in np.triu_indices(dim + 1))
@@ -94,8 +119,12 @@ def old_inconsistent_items(emb, bias, dim, alpha, users, max_residual):
 
 # ------------------------------------------------------------------------------------------------ tests
 
+def _init():
+    return init_items(SPLIT.n_items, HYPER.dim, HYPER.init_std, HYPER.seed, 3.0)
+
+
 def _sweep_inputs(seed=3):
-    items = ItemParams.init(SPLIT.n_items, HYPER, 3.0)
+    items = _init()
     items.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
     rows = cohort(SPLIT, np.arange(SPLIT.n_users))
     args = (torch.as_tensor(rows.train_segment), torch.as_tensor(rows.train_item),
@@ -104,14 +133,25 @@ def _sweep_inputs(seed=3):
 
 
 def _statistics(items, rows, clip_norm, old):
-    state = UserState.init(rows.users, SPLIT.n_users, HYPER)
     key = bpmf.draw_key(HYPER.seed, 4)
     if old:
         x = old_draw_users(items, *_sweep_inputs()[2], rows.users, HYPER, key)
         return x, old_user_statistics(items, x, *_sweep_inputs()[2], HYPER, clip_norm)
-    new_state, update = bpmf.device_draw(items, state, rows, HYPER, clip_norm, 4, key)
-    x = torch.cat([new_state.emb, new_state.bias[:, None]], dim=1)  # round 4 > burn-in 2: the draw is the mean
-    return x, (update.emb_delta, update.bias_delta, update.norms, update.loss_sum)
+    new_state, update, norms = _new_sweep(items, rows, 4, clip_norm)
+    x = torch.cat([new_state["emb"], new_state["bias"][:, None]], dim=1)  # round 4 > burn-in 2: the draw is the mean
+    return x, (*to_old(update[bpmf.ITEM_GRAM].float(), update[bpmf.ITEM_RHS].float(), HYPER.dim), norms.float(),
+               update["loss"])
+
+
+def _new_sweep(items, rows, round_, clip_norm, state=None):
+    """The algorithm's round for every user: their state, the summed statistics (clipped to clip_norm),
+    each user's norm."""
+    algorithm = bpmf.BPMF(HYPER, SPLIT.n_items, SPLIT.rating_scale)
+    state = state if state is not None else algorithm.new_users(rows.users, SPLIT.n_users, None)
+    new_state, contributions = algorithm.train(items.tensors(), state, rows, round_, DeviceKeys(HYPER.seed))
+    norms = contributions.user_norms()
+    sums = contributions.summed(clip_scales(norms, clip_norm), algorithm.statistics(), SPLIT.n_items)
+    return new_state, {**sums, "loss": contributions.loss_sum}, norms
 
 
 @pytest.mark.parametrize("clip_norm", [0.0, 80.0])
@@ -140,19 +180,20 @@ def _sums(noise: float):
 @pytest.mark.parametrize("noise", [0.0, 0.5])
 def test_item_draws_are_the_old_ones_on_honest_and_on_noised_sums(noise, monkeypatch):
     items, (emb, bias) = _sums(noise)
-    projected = bpmf._psd(bpmf.item_matrices(emb, HYPER.dim))
-    moved = (projected - bpmf.item_matrices(emb, HYPER.dim)).abs().amax(dim=(1, 2))
+    gram, rhs = to_new(emb, bias, HYPER.dim)
+    matrices = bpmf._symmetric(gram, HYPER.dim + 1)
+    moved = (bpmf._psd(matrices) - matrices).abs().amax(dim=(1, 2))
     if noise:  # the projection is at work on the noised sums (DP noise makes them indefinite) ...
         assert int((moved > 1e-3).sum()) >= 5
     else:  # ... and honest ones are left as they are
         assert float(moved.max()) == 0.0
     old = old_draw_items(items, emb, bias, HYPER, np.random.default_rng(4))
-    new = bpmf.draw_items(items, emb, bias, HYPER, np.random.default_rng(4))
+    new = bpmf.draw_items(items, gram, rhs, HYPER, np.random.default_rng(4))
     torch.testing.assert_close(new.emb, old.emb, rtol=0, atol=1e-6)
     torch.testing.assert_close(new.bias, old.bias, rtol=0, atol=1e-6)
     if noise:  # positive control: drawn from the unprojected sums, the noised items come out elsewhere
         monkeypatch.setattr(bpmf, "_psd", lambda matrices: matrices)
-        raw = bpmf.draw_items(items, emb, bias, HYPER, np.random.default_rng(4))
+        raw = bpmf.draw_items(items, gram, rhs, HYPER, np.random.default_rng(4))
         assert float((raw.emb - old.emb).abs().max()) > 1e-3
 
 
@@ -170,7 +211,8 @@ def test_hostile_statistics_get_the_old_verdict(attack):
     elif attack == "tight residual":  # a bound that some honest items pass and some do not: the slow path's test
         max_residual = 0.8
     old_bad, old_why = old_inconsistent_items(emb, bias, HYPER.dim, HYPER.bpmf_alpha, users, max_residual)
-    new_bad, new_why = bpmf.inconsistent_items(emb, bias, HYPER.dim, HYPER.bpmf_alpha, users, max_residual)
+    new_bad, new_why = bpmf.inconsistent_items(*to_new(emb, bias, HYPER.dim), HYPER.dim, HYPER.bpmf_alpha, users,
+                                               max_residual)
     assert torch.equal(new_bad, old_bad) and (old_why in new_why if old_why else new_why == "")
     assert (len(old_bad) == 0) == (attack == "honest")
     if attack == "tight residual":
@@ -183,8 +225,7 @@ def test_a_chain_of_sweeps_stays_with_the_old_chain():
     _, rows, args = _sweep_inputs()
     chains = {}
     for name in ("old", "new"):
-        current = ItemParams.init(SPLIT.n_items, HYPER, 3.0)
-        state = UserState.init(rows.users, SPLIT.n_users, HYPER)
+        current, state = _init(), None
         for round_ in range(1, 11):
             key, rng = bpmf.draw_key(HYPER.seed, round_), np.random.default_rng(round_)
             if name == "old":
@@ -192,8 +233,8 @@ def test_a_chain_of_sweeps_stays_with_the_old_chain():
                 emb, bias, _, _ = old_user_statistics(current, x, *args, HYPER, 0.0)
                 current = old_draw_items(current, emb.double(), bias.double(), HYPER, rng)
             else:
-                state, update = bpmf.device_draw(current, state, rows, HYPER, 0.0, round_, key)
-                current = bpmf.draw_items(current, update.emb_delta.double(), update.bias_delta.double(), HYPER, rng)
+                state, update, _ = _new_sweep(current, rows, round_, 0.0, state)
+                current = bpmf.draw_items(current, update[bpmf.ITEM_GRAM], update[bpmf.ITEM_RHS], HYPER, rng)
         chains[name] = current
     torch.testing.assert_close(chains["new"].emb, chains["old"].emb, rtol=0, atol=1e-5)
     torch.testing.assert_close(chains["new"].bias, chains["old"].bias, rtol=0, atol=1e-5)
