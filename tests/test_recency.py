@@ -19,9 +19,9 @@ from fedrec.datasets import DataError, cohort
 from fedrec.datasets.shards import node_name, open_shard
 from fedrec.models.defaults import Hyper
 from fedrec.models.factors import ItemParams, Users, evaluate_view, init_items, predict, seeded_vectors
+from fedrec.models.recency import Recency, latest_items, with_recency
 from fedrec.privacy.device import device_step, new_users
 from fedrec.privacy.policy import DevicePolicy
-from fedrec.models.recency import Recency, latest_items, with_recency
 from fedrec.run import schema
 from fedrec.run.build import ensure_shards, hyper, load_data, make_algorithm
 from fedrec.run.config import RunConfig, ignored_settings

@@ -12,11 +12,11 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
+from fedrec.privacy.accountant import PrivacyPlan
+from fedrec.privacy.ledger import is_evaluation, listed_locations
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 from fedrec.server.runner import run_server
-from fedrec.privacy.accountant import PrivacyPlan
-from fedrec.privacy.ledger import is_evaluation, listed_locations
 from fedrec.simulations.inprocess import InProcessGrid
 
 from .conftest import federation

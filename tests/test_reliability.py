@@ -155,10 +155,10 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
 
     from fedrec.models import Hyper, ItemParams
     from fedrec.models.randomness import private_rng
+    from fedrec.privacy.accountant import PrivacyPlan, add_central_noise
     from fedrec.run import schema
     from fedrec.run.config import RunConfig
     from fedrec.server.directory import NodeDirectory
-    from fedrec.privacy.accountant import PrivacyPlan, add_central_noise
     from fedrec.server.strategy import FedRecStrategy, array_record
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1

@@ -14,13 +14,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from fedrec.client.app import app as client_app
+from fedrec.privacy.accountant import PrivacyPlan
 from fedrec.run import schema
 from fedrec.run.build import make_algorithm
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.server.runner import run_server
-from fedrec.privacy.accountant import PrivacyPlan
-from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup
 from fedrec.server.federation import array_record
+from fedrec.server.runner import run_server
+from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup
 from fedrec.simulations.inprocess import InProcessGrid
 
 NODES = 10

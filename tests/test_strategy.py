@@ -15,8 +15,8 @@ from fedrec.models.randomness import seeded_rng
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 from fedrec.server.directory import NodeDirectory
-from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.server.federation import Federation
+from fedrec.server.sampling import sample_users, sampling_rng
 
 N_ITEMS, DIM = 6, 2
 
