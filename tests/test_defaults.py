@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 
 from fedrec.datasets import SyntheticSpec, load_split
-from fedrec.models import Hyper
+from fedrec.models.defaults import Hyper
 from fedrec.models.defaults import BPMF_DIM, BPMF_REG, DEFAULT_REG
 from fedrec.privacy.policy import DevicePolicy
 from fedrec.run.build import device_policy, hyper, load_data, synthetic_spec
