@@ -44,7 +44,7 @@ from .algorithm import (
     Statistic,
     UserState,
 )
-from .defaults import Hyper
+from .defaults import BPMF_DIM, BPMF_REG, Hyper
 from .factors import (
     GLOBAL_BIAS,
     ITEM_BIAS,
@@ -376,6 +376,11 @@ class BPMF(Algorithm):
     settings_read = frozenset({"dim", "reg_user", "reg_bias", "init_std", "bpmf_alpha", "burn_in"})
     implicit_feedback = False
     comparable_norms = False  # a heavy user's honest statistics are far above the round's median
+
+    @classmethod
+    def defaults(cls, implicit: bool) -> dict:
+        """K = 10 and its fixed user prior's precisions (reg_item unused: the items' prior is learned)."""
+        return {"dim": BPMF_DIM, **BPMF_REG}
 
     def statistics(self) -> dict[str, Statistic]:
         dim = self.settings.dim

@@ -81,7 +81,8 @@ class MF(Algorithm):
         return {ITEM_EMB: Statistic(self.settings.dim), ITEM_BIAS: Statistic(1),
                 GLOBAL_BIAS: Statistic(1, per_item=False)}
 
-    def init_server(self, strategy: str = DEFAULT_SERVER_OPTIMIZER, server_lr: float = DEFAULT_SERVER_LR) -> FactorServer:
+    def init_server(self, strategy: str = DEFAULT_SERVER_OPTIMIZER,
+                    server_lr: float = DEFAULT_SERVER_LR) -> FactorServer:
         """Public starting items, and the server optimizer (--strategy, --server-lr) that moves them."""
         s = self.settings
         items = init_items(self.n_items, s.dim, s.init_std, s.seed, initial_global_bias(s.implicit, self.rating_scale))
@@ -108,7 +109,8 @@ class MF(Algorithm):
         decoy = None
         if decoys is not None:
             decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
-            seg, item = torch.cat([seg, torch.as_tensor(decoys.segment)]), torch.cat([item, torch.as_tensor(decoys.item)])
+            seg = torch.cat([seg, torch.as_tensor(decoys.segment)])
+            item = torch.cat([item, torch.as_tensor(decoys.item)])
             target = torch.cat([target, self.decoy_targets(shared, state, rows, decoys)])
         return self.fit_rows(shared, state, seg, item, target, decoy, len(rows.users))
 

@@ -117,3 +117,15 @@ def mf_reply(users: float, n_items: int, dim: int, value: float = 0.0, node: int
         metrics if metrics is not None else {schema.WEIGHT: users, "loss-sum": 0.0, "num-rows": 1})})
     reply.metadata.src_node_id = node
     return reply
+
+
+def round_config(cfg: RunConfig, round_: int, users, noise_share: float = 0.0):
+    """A round's config record as the server sends it: the device's part of `cfg` and the round's keys."""
+    from flwr.app import ConfigRecord
+
+    from fedrec.run import schema
+    from fedrec.run.device_config import DeviceConfig
+
+    config = ConfigRecord(DeviceConfig.of(cfg.resolved(), noise_share).record())
+    config[schema.ROUND], config[schema.USERS] = round_, [int(u) for u in users]
+    return config

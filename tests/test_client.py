@@ -13,6 +13,9 @@ from fedrec.client import storage
 from fedrec.client.app import app
 from fedrec.run import schema
 from fedrec.run.build import load_data, make_algorithm
+from fedrec.run.device_config import DeviceConfig
+
+from .conftest import round_config
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +32,7 @@ def _message(content: RecordDict, kind: str) -> Message:
 def _request(cfg, users, rnd=1, kind=MessageType.TRAIN):
     split = load_data(cfg)
     shared = make_algorithm(cfg, split.n_items, split.rating_scale).init_server("fedavg", 1.0).broadcast()
-    config = ConfigRecord(cfg.to_dict())
-    config[schema.ROUND] = rnd
-    config[schema.USERS] = list(users)
+    config = round_config(cfg, rnd, users)
     arrays = ArrayRecord({k: Array(v) for k, v in shared.items()})
     return _message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), kind), split
 
@@ -96,7 +97,8 @@ def test_a_node_reads_data_where_its_own_config_says_never_where_the_server_says
 
     server_pick = tmp_path / "chosen-by-the-server"
     cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(server_pick))
-    hello = _message(RecordDict({schema.CONFIG: ConfigRecord(cfg.to_dict())}), MessageType.QUERY)
+    hello = _message(RecordDict({schema.CONFIG: ConfigRecord(DeviceConfig.of(cfg.resolved()).record())}),
+                     MessageType.QUERY)
     node_config = {"partition-id": 0, "num-partitions": 1, "data-dir": str(shared_data)}
     reply = app(hello, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={}))
     assert reply.content[schema.METRICS]["population"] == 943

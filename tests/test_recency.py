@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
@@ -28,6 +28,8 @@ from fedrec.run.config import RunConfig, ignored_settings
 from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import round_config
 
 
 @pytest.fixture
@@ -168,8 +170,7 @@ def test_federated_equals_central_with_recency_on(loo_cfg):
 
 def _message(cfg: RunConfig, users, kind: str, n_items: int) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    config = ConfigRecord(cfg.to_dict())
-    config[schema.ROUND], config[schema.USERS] = 1, list(users)
+    config = round_config(cfg, 1, users)
     shared = make_algorithm(cfg, n_items, (1.0, 5.0)).init_server("fedavg", 1.0).broadcast()
     arrays = ArrayRecord({k: Array(v) for k, v in shared.items()})
     meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7,

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
@@ -22,6 +22,8 @@ from fedrec.server.federation import array_record
 from fedrec.server.runner import run_server
 from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import round_config
 
 NODES = 10
 
@@ -62,8 +64,7 @@ def _round_messages(cfg: RunConfig, grid: InProcessGrid, users_per_node: dict[in
     items = _algorithm(cfg).init_server("fedavg", 1.0).broadcast()
     messages = []
     for node, users in users_per_node.items():
-        config = ConfigRecord(cfg.to_dict())
-        config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, users, noise_share
+        config = round_config(cfg, round_, users, noise_share)
         messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
                                 dst_node_id=node, message_type=MessageType.TRAIN))
     return messages
