@@ -368,7 +368,7 @@ class BPMF(Algorithm):
             "synthetic data, where MF gets 0.86)",
         SECURE_AGGREGATION: "an item's summed g g^T has the rank of its rater count, and the server reads users off "
                             "it even through SecAgg+",
-        DECOYS: "a decoy's statistics would need a made-up vector and rating",
+        DECOYS: "it takes no decoys: a decoy's statistics would need a made-up vector and rating",
         CLIPPING: "its statistics grow with a user's ratings, so a clipping norm sized for MF's updates would crush "
                   "them",
         PARTIAL: "it draws each item from all its raters' statistics every round (use every user each round)",

@@ -157,7 +157,7 @@ def test_one_plain_upload_gives_the_users_vector_and_residuals_away():
     ({"split": "loo"}, "models ratings"), ({"update_mode": "padded"}, "no decoys"),
     ({"users_per_round": 10}, "every user"), ({"sampling": "poisson"}, "every user"),
     ({"dp": "central", "clipping_norm": 1.0, "noise_multiplier": 1.0}, "does not hold up to DP noise"),
-    ({"secure_aggregation": "secagg+", "clipping_norm": 1.0}, "reads users off them")])
+    ({"secure_aggregation": "secagg+", "clipping_norm": 1.0}, "reads users off it")])
 def test_settings_bpmf_cannot_honour_are_refused(small_cfg, settings, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(small_cfg, model="bpmf", **settings).validate()

@@ -291,21 +291,23 @@ def test_the_cap_survives_a_crash_between_a_devices_first_state_and_its_counts(t
 
     import fedrec.client.node as node_mod
     from fedrec.client import storage
+    from fedrec.run.device_config import DeviceConfig
 
     monkeypatch.setenv("FEDREC_DEVICE_STATE_DIR", str(tmp_path / "devices"))
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                       run_config={})
-    node = node_mod.node_data(small_cfg, context)
+    device = DeviceConfig.of(small_cfg.resolved())
+    node = node_mod.node_data(device, context)
     config = {"run-series": "00112233445566aa"}
-    node_mod.load_state(context, node, small_cfg, config, 0)
+    node_mod.load_state(context, node, device.policy, config, 0)
     directory = storage.series_dir(tmp_path / "devices" / "node-0", "00112233445566aa")
     (directory / "steps.npy").unlink()  # as if the process died right after writing the base
     node_mod._HELD.clear()
-    node_mod.load_state(context, node, small_cfg, config, 0)
+    node_mod.load_state(context, node, device.policy, config, 0)
     assert (directory / "steps.npy").is_file()
     other = Context(run_id=1, node_id=2, node_config={"state-dir": str(tmp_path / "devices" / "node-0"),
                                                       "partition-id": 1, "num-partitions": 2},
                     state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="belongs to other users"):  # two nodes sharing one state-dir
-        node_mod.load_state(other, node_mod.node_data(small_cfg, other), small_cfg, config, 0)
+        node_mod.load_state(other, node_mod.node_data(device, other), device.policy, config, 0)
     assert oct(directory.stat().st_mode & 0o777) == "0o700"
