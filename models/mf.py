@@ -283,9 +283,10 @@ class MF(Algorithm):
         return self.top_n(model, user, items, n, hide)
 
     def top_n(self, model, user: Users, rated: np.ndarray, n: int, hide=None):
-        """The user's `n` best unrated items (indices, scores clamped to the rating scale)."""
+        """The user's `n` best unrated items (indices, scores clamped to the rating scale; logits, unclamped,
+        for implicit feedback, which has no rating scale)."""
         view, scoring = self._scoring(model, user, rated)
-        return top_n(view, scoring, rated, n, self.rating_scale, hide)
+        return top_n(view, scoring, rated, n, None if self.settings.implicit else self.rating_scale, hide)
 
     def _scoring(self, model, user: Users, rated: np.ndarray) -> tuple[ItemParams, Users]:
         return ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS]), user
