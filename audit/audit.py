@@ -76,7 +76,7 @@ def privacy_plans(cfg: RunConfig, population: int, epsilon: float) -> tuple[Priv
 
 
 def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained: CentralResult | None = None,
-              write: bool = True, epsilons: list[float] | None = None, canaries: int = 2000) -> dict:
+              write: bool = True, epsilons: list[float] | None = None, canaries: int = 200_000) -> dict:
     """The item-inference attackers against `targets` users and the canary audits (no DP, then central, local
     and distributed DP at each target epsilon). `trained`: the central model to audit (else trained here)."""
     cfg = cfg.resolved().validate()
@@ -175,8 +175,9 @@ def run_audit(cfg: RunConfig, targets: int = 50, k: int = 10, log=print, trained
         row = canary_audit(mode_cfg, n_items, population, canaries) | ({"target_epsilon": eps} if eps else {})
         canary_rows.append(row)
         if log:
+            claimed = "none" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
             log(f"canary audit, dp {row['dp']}: epsilon >= {row['epsilon_lower']:.2f} "
-                f"({row['confidence']:.0%} confidence; accountant {row['epsilon']})")
+                f"({row['confidence']:.0%} confidence, {row['canaries']} canaries; accountant: {claimed})")
     report = {"dataset": cfg.dataset, "split": cfg.split, "results": results + canary_rows,
               "delta": cfg.target_delta, "clipping_norm": clip, "rounds": cfg.rounds, "sampling_rate": rate,
               "participations_per_user": participations,

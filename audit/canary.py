@@ -235,7 +235,7 @@ def admitted(cfg: RunConfig) -> None:
                               f"{imitated.refuses[mechanism]}")
 
 
-def canary_audit(cfg: RunConfig, n_items: int, population: int, canaries: int = 2000,
+def canary_audit(cfg: RunConfig, n_items: int, population: int, canaries: int = 200_000,
                  confidence: float = 0.95) -> dict:
     """One audit row: `cfg`'s privacy settings run by a federation of canaries (see the module docstring),
     its empirical epsilon lower bound next to the epsilon its accountant reports. `n_items` and `population`:

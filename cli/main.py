@@ -577,8 +577,9 @@ def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to 
           k: int = typer.Option(10, help="k of precision@k"),
           epsilons: str = typer.Option("", help="target epsilons to audit, comma-separated "
                                                 "(default: --target-epsilon)"),
-          canaries: int = typer.Option(2000, min=10, help="canary users per audit run (local DP: at most 400, "
-                                                          "each on a node of its own)")) -> None:
+          canaries: int = typer.Option(200_000, min=10, help="canary users per audit run, at most one per "
+                                                             "coordinate of the statistics (local DP: at most 400, "
+                                                             "each on a node of its own)")) -> None:
     ("""Leakage audit: item-inference attackers, canary lower bounds on epsilon (federated runs of canary """
      """users through the real server and devices), the seed attack. Writes OUT/audit.json.""")
     _quiet_engines()  # the in-process rounds (SecAgg+ and the canary runs) would log every stage
