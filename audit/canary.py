@@ -28,7 +28,8 @@ Clopper-Pearson. Any (eps, delta)-DP mechanism obeys TPR <= e^eps FPR + delta, s
 
 holds with the stated confidence. Canaries own disjoint coordinates, the noise is independent per
 coordinate, and the noise estimate reads the selection half only, so the held-out canaries are
-independent trials of the per-user mechanism. A lower bound above the accountant's epsilon is a bug.
+independent trials of the per-user mechanism (fixed-size sampling couples who is sampled, weakly).
+A lower bound above the accountant's epsilon is a bug.
 """
 
 from __future__ import annotations
