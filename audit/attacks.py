@@ -5,11 +5,12 @@ items) with ROC AUC and precision@k:
 - prior: item popularity alone, without seeing any update (what needs no data);
 - norm: the L2 size of each item's row in the observation;
 - direction: a generalized likelihood-ratio test per item that knows the shape of an MF
-  update. A rated item's row change lies in the plane spanned by (p_u, 1) and
-  (reg_item q_i, reg_bias b_i); noise spreads over all K+1 coordinates. Projecting on that
-  plane keeps the signal and 2 of K+1 noise dimensions. The attacker is given the target's
-  private vector p_u (stronger than any real server), and adds the popularity prior's
-  log-odds: a Bayesian observer who knows everything but the rated set;
+  update (its "item-emb" and "item-bias" statistics: the factor family's). A rated item's row
+  change lies in the plane spanned by (p_u, 1) and (reg_item q_i, reg_bias b_i); noise spreads
+  over all K+1 coordinates. Projecting on that plane keeps the signal and 2 of K+1 noise
+  dimensions. The attacker is given the target's private vector p_u (stronger than any real
+  server), and adds the popularity prior's log-odds: a Bayesian observer who knows everything
+  but the rated set;
 - seed: regenerates the noise from every seed construction the code has used and
   subtracts it (see `seed_attack`).
 """
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.models import Hyper
-from fedrec.models.mf import ITEM_BIAS, ITEM_EMB, ItemParams
+from fedrec.models.algorithm import Statistic
+from fedrec.models.defaults import Hyper
+from fedrec.models.factors import ITEM_BIAS, ITEM_EMB
 from fedrec.models.randomness import STREAM_TAGS, seeded_rng
-from fedrec.models.upload import add_device_noise
+from fedrec.privacy.noise import add_device_noise
 
 LEGACY_TAGS = (11, 7, 0xD9, 0x5A, 0xA0D, 0xA0D17)  # literals earlier versions seeded noise and decoys with
 
@@ -42,13 +44,20 @@ def precision_at_k(scores: np.ndarray, positive: np.ndarray, k: int) -> float:
 
 
 def norm_scores(dense: dict[str, np.ndarray], uploaded: np.ndarray | None = None) -> np.ndarray:
-    """Size of each item's row; rows absent from a sparse upload score below any present one."""
-    scores = np.sqrt((dense[ITEM_EMB] ** 2).sum(axis=1) + dense[ITEM_BIAS] ** 2)
+    """Size of each item's row (over the factor family's item-emb and item-bias statistics); rows absent from
+    a sparse upload score below any present one."""
+    scores = np.sqrt((item_rows(dense) ** 2).sum(axis=1))
     if uploaded is not None:
         present = np.zeros(len(scores), bool)
         present[uploaded] = True
         scores = np.where(present, scores + 1.0, 0.0)  # +1: present beats absent whatever its size
     return scores
+
+
+def item_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """[items, K + 1] float64: each item's embedding row and its bias, from model arrays or statistics."""
+    bias = np.asarray(arrays[ITEM_BIAS], np.float64)
+    return np.concatenate([np.asarray(arrays[ITEM_EMB], np.float64), bias.reshape(len(bias), -1)], axis=1)
 
 
 def prior_log_odds(popularity: np.ndarray, n_users: int) -> np.ndarray:
@@ -57,14 +66,14 @@ def prior_log_odds(popularity: np.ndarray, n_users: int) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def direction_scores(dense: dict[str, np.ndarray], items: ItemParams, user_vec: np.ndarray, hyper: Hyper,
-                     noise_std: float, prior: np.ndarray, n_rated: int) -> np.ndarray:
+def direction_scores(dense: dict[str, np.ndarray], model: dict[str, np.ndarray], user_vec: np.ndarray,
+                     hyper: Hyper, noise_std: float, prior: np.ndarray, n_rated: int) -> np.ndarray:
     """Posterior log-odds per item: the prior plus the log likelihood ratio of the item's row
     projected on the plane a real update lies in (see module doc), with the update's
     coefficients in that plane taken as N(0, tau^2): tau^2 is the observation's energy above
     the noise floor spread over the target's `n_rated` items (the attacker knows the count)."""
-    rows = np.concatenate([dense[ITEM_EMB], dense[ITEM_BIAS][:, None]], axis=1).astype(np.float64)
-    q = np.concatenate([hyper.reg_item * items.emb.numpy(), hyper.reg_bias * items.bias.numpy()[:, None]], axis=1)
+    rows = item_rows(dense)
+    q = item_rows(model) * np.array([hyper.reg_item] * hyper.dim + [hyper.reg_bias])
     a = np.append(user_vec, 1.0)
     a = a / max(np.linalg.norm(a), 1e-30)
     # Gram-Schmidt per item: e1 = a (shared), e2 = the part of q_i orthogonal to a.
@@ -81,8 +90,8 @@ def direction_scores(dense: dict[str, np.ndarray], items: ItemParams, user_vec: 
 
 def noise_candidates(seed: int, round_: int, user: int) -> list[tuple[str, np.random.Generator]]:
     """Every way the code base has derived a random stream from what the server knows."""
-    candidates = [(f"seeded_rng(seed, {name!r}, round, user)", seeded_rng(seed, name, round_, user))
-                  for name in STREAM_TAGS]
+    candidates = [(f"seeded_rng(seed, {name!r}{tail})", seeded_rng(seed, name, *key)) for name in STREAM_TAGS
+                  for tail, key in (("", ()), (", round", (round_,)), (", round, user", (round_, user)))]
     for tag in (*LEGACY_TAGS, *STREAM_TAGS.values()):
         for key in ([seed, round_, user, tag], [seed, tag], [seed, round_, tag], [seed, tag, round_, user]):
             candidates.append((f"default_rng({key})", np.random.default_rng(key)))
@@ -91,17 +100,18 @@ def noise_candidates(seed: int, round_: int, user: int) -> list[tuple[str, np.ra
     return candidates
 
 
-def seed_attack(upload: dict[str, np.ndarray], noise_std: float, seed: int, round_: int, user: int,
-                truth: np.ndarray) -> tuple[float, str]:
+def seed_attack(upload: dict[str, np.ndarray], statistics: dict[str, Statistic], noise_std: float, seed: int,
+                round_: int, user: int, truth: np.ndarray) -> tuple[float, str]:
     """Regenerate a dense local-DP upload's noise with each candidate stream, subtract it,
     and rank items by what is left (unrated rows come out exactly zero when the guess is
     right). Returns the AUC of the best guess (the one leaving the most zero rows); when no
     guess zeroes a single row, none is subtracted (a wrong guess only adds noise, and a
     fixed one would bias the ranking toward the rows it happens to be large on)."""
     best = (0, roc_auc(norm_scores(upload), truth), "none matched")
+    per_item = {name for name, s in statistics.items() if s.per_item}
     for name, rng in noise_candidates(seed, round_, user):
-        guess = {k: np.zeros_like(v) for k, v in upload.items()}
-        add_device_noise(guess, noise_std, np.ones(len(upload[ITEM_BIAS]), np.int64), 1, rng)
+        guess = {k: np.zeros_like(v) for k, v in upload.items()}  # in the upload's order, as the device draws
+        add_device_noise(guess, noise_std, np.ones(len(upload[ITEM_BIAS]), np.int64), 1, per_item, rng)
         residual = {k: upload[k] - guess[k] for k in (ITEM_EMB, ITEM_BIAS)}
         scores = norm_scores(residual)
         zeros = int((scores < 1e-6 * noise_std).sum())

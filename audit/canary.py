@@ -1,120 +1,307 @@
-"""Canary audit: an empirical lower bound on epsilon (Jagielski et al. 2020; Nasr et al.
-2021; the many-canaries-per-run idea of Steinke, Nasr & Jagielski 2023).
+"""Canary audit: an empirical lower bound on epsilon, measured through the real pipeline (Jagielski et
+al. 2020; Nasr et al. 2021; many canaries per run after Steinke, Nasr & Jagielski 2023).
 
-Canary users are inserted, each with probability 1/2 (OS entropy); each one's update is
-huge and points along one coordinate of its own, so after clipping it should carry norm C
-along a direction the attacker knows. The updates go through the real clipping
-(`clip_per_user`), the real sampling rate, and the real noise functions (the server's
-`add_central_noise`, the device's `add_device_noise`, with their private streams). The
-attacker, who is given everyone else's contribution, tests each canary's presence with the
-likelihood ratio of its coordinate over the rounds, picks a threshold on half of the
-canaries and measures true/false positive rates on the other half. Any (eps, delta)-DP
-mechanism obeys TPR <= e^eps FPR + delta, so with Clopper-Pearson bounds on both rates
+The instrument is an algorithm (`Canaries`) whose statistics are shaped like the audited run's, so that
+SecAgg+'s sizing and the server's norm checks are the run's own. Every user of the federation is a
+canary that owns one coordinate of those statistics. With probability 1/2 (OS entropy) it is a member
+and its update is huge along its coordinate; otherwise it sends nothing (the add/remove neighbour) or
+the opposite update (the replace-one neighbour: fixed-size sampling, local DP). The run is a real one:
+fedrec's server (`run_server`) and ClientApp, in process. `device_step` clips each canary to C and adds
+the device's noise, SecAgg+ quantizes and sums where set, and the Federation checks, weighs, sums,
+noises and steps. The instrument's server step applies sums / weight (FedAvg, lr 1) and records it:
+what the run releases into the model each round. A bug anywhere on that path (clipping that does not
+bind, noise skipped in a round or sized for the wrong count) moves the bound.
+
+Observers:
+- aggregate (central and distributed DP, no DP): the model's steps. The attacker multiplies each back
+  by the round's denominator (public under DP), estimates the round's noise from the release itself
+  (most coordinates carry no canary in a round), and scores each canary by the likelihood ratio of its
+  coordinate over the rounds, with a mixture per round since it does not know who was sampled;
+- upload (local DP): the server reads each device's reply. Each canary has a node of its own (the
+  deployment shape; a cohort's upload would carry its users' noise on every row), and its score is the
+  sum of its coordinate over its uploads: the exact likelihood ratio of +C against -C.
+
+A threshold is chosen on half of the canaries and TPR and FPR are bounded on the other half with
+Clopper-Pearson. Any (eps, delta)-DP mechanism obeys TPR <= e^eps FPR + delta, so
 
     eps_lower = log((TPR_low - delta) / FPR_high)
 
-holds with the stated confidence. Canaries own disjoint coordinates and the noise is
-independent per coordinate, so the canaries are independent trials of the per-user
-mechanism. A lower bound above the accountant's epsilon means a bug: clipping that does
-not bind, noise smaller than claimed, or noise an attacker can predict.
+holds with the stated confidence. Canaries own disjoint coordinates, the noise is independent per
+coordinate, and the noise estimate reads the selection half only, so the held-out canaries are
+independent trials of the per-user mechanism (fixed-size sampling couples who is sampled, weakly).
+A lower bound above the accountant's epsilon is a bug.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
 import numpy as np
 import torch
+from flwr.app import MessageType
 from scipy import stats
 
-from fedrec.models.local import clip_per_user
-from fedrec.models.mf import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
+from fedrec.client.app import app as client_app
+from fedrec.models.algorithm import (
+    CLIPPING,
+    DP,
+    SECURE_AGGREGATION,
+    Algorithm,
+    RowContributions,
+    ServerState,
+    Statistic,
+)
 from fedrec.models.randomness import private_rng
-from fedrec.models.upload import add_device_noise
-from fedrec.server.privacy import PrivacyPlan, add_central_noise
+from fedrec.models.registry import algorithm_class, substituted
+from fedrec.privacy.accountant import participation_cap
+from fedrec.run import schema
+from fedrec.run.build import make_algorithm
+from fedrec.run.config import ConfigError, RunConfig
+from fedrec.server.runner import run_server
+from fedrec.simulations.inprocess import InProcessGrid
 
-OVERSHOOT = 100.0  # a canary's raw update is this many times C: clipping must bring it down
-
-
-def canary_updates(n_items: int, dim: int, clip: float, count: int) -> np.ndarray:
-    """Each canary's clipped value on its own coordinate (canary j owns flat coordinate j of
-    the [n_items, dim + 1] table of item rows and biases), through the real clipping."""
-    j = np.arange(count)
-    col = j % (dim + 1)
-    pair_dq = torch.zeros(count, dim, dtype=torch.float32)
-    pair_db = torch.zeros(count, dtype=torch.float32)
-    in_emb = col < dim
-    pair_dq[torch.as_tensor(j[in_emb]), torch.as_tensor(col[in_emb])] = OVERSHOOT * clip
-    pair_db[torch.as_tensor(j[~in_emb])] = OVERSHOOT * clip
-    pair_dq, pair_db, _, _ = clip_per_user(torch.as_tensor(j), pair_dq, pair_db, torch.zeros(count), clip)
-    full = torch.cat([pair_dq, pair_db[:, None]], dim=1).numpy()
-    return full[j, col].astype(np.float64)
+OVERSHOOT = 1e4  # a member's raw update is this many times C: clipping must bring it down
+NODES = 3  # cohort nodes of the aggregate-observer runs (SecAgg+ needs several)
+LOCAL_CANARIES = 400  # at most, under local DP: each has a node of its own, one ClientApp call per round
+NOISE_FLOOR = 1e-9  # x C: the least noise std the attacker assumes for a round (a round without noise has 0)
 
 
-def _as_arrays(flat: np.ndarray, n_items: int, dim: int) -> dict[str, np.ndarray]:
-    table = np.zeros(n_items * (dim + 1))
-    table[: len(flat)] = flat
-    table = table.reshape(n_items, dim + 1)
-    return {ITEM_EMB: table[:, :dim].astype(np.float32), ITEM_BIAS: table[:, dim].astype(np.float32),
-            GLOBAL_BIAS: np.zeros(1, np.float32)}
+@dataclass
+class Instrument:
+    """What the canaries of one audit run are: shared by the server's and the nodes' instances (one process)."""
+
+    imitated: type[Algorithm]  # the audited algorithm, whose statistics the canaries' are shaped like
+    member: np.ndarray  # [canaries] bool, from OS entropy; canary j is user j and owns coordinate j
+    replace_one: bool  # a non-member sends the opposite update (else nothing)
+    magnitude: float  # a member's raw update along its coordinate
+    released: list[tuple[np.ndarray, float]] = field(default_factory=list)  # per applied round: the canaries'
+    # coordinates of sums / weight, and weight
 
 
-def _flat(arrays: dict[str, np.ndarray], count: int) -> np.ndarray:
-    return np.concatenate([arrays[ITEM_EMB], arrays[ITEM_BIAS][:, None]], axis=1).reshape(-1)[:count].astype(np.float64)
+def per_item(statistics: dict[str, Statistic]) -> list[tuple[str, int]]:
+    """(name, width) of the per-item statistics, in declared order: the canaries' coordinates."""
+    return [(name, s.width) for name, s in statistics.items() if s.per_item]
+
+
+def flat(arrays: dict[str, np.ndarray], statistics: dict[str, Statistic], count: int) -> np.ndarray:
+    """The first `count` coordinates of the per-item statistics laid end to end (float64)."""
+    parts = [np.asarray(arrays[name], np.float64).reshape(-1) for name, _ in per_item(statistics)]
+    return np.concatenate(parts)[:count]
+
+
+def place(coordinates: np.ndarray, statistics: dict[str, Statistic], n_items: int) -> list[tuple]:
+    """Where flat coordinates lie: per per-item statistic, (name, which of `coordinates` lie in it, their items,
+    their columns)."""
+    out, start = [], 0
+    for name, width in per_item(statistics):
+        inside = np.flatnonzero((coordinates >= start) & (coordinates < start + n_items * width))
+        local = coordinates[inside] - start
+        out.append((name, inside, local // width, local % width))
+        start += n_items * width
+    return out
+
+
+class Released(ServerState):
+    """The instrument's server state: the sum of every step released so far, per statistic."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.params = {name: np.zeros(shape) for name, shape in shapes.items()}
+
+    def broadcast(self) -> dict[str, np.ndarray]:
+        return {k: v.astype(np.float32) for k, v in self.params.items()}  # what devices get (they ignore it)
+
+    def model(self) -> dict[str, np.ndarray]:
+        return self.broadcast()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        self.params = {k: np.array(arrays[k], np.float64) for k in self.params}
+
+
+class Canaries(Algorithm):
+    """The audit's instrument (see the module docstring); `instrument_class` binds it to one audit run."""
+
+    name = "canary"
+    title = "canary audit instrument"
+    instrument: ClassVar[Instrument]
+
+    def __init__(self, settings, n_items: int, rating_scale: tuple[float, float]):
+        super().__init__(settings, n_items, rating_scale)
+        self._statistics = self.instrument.imitated(settings, n_items, rating_scale).statistics()
+
+    def statistics(self) -> dict[str, Statistic]:
+        return self._statistics
+
+    def new_users(self, users, population, rng):
+        return {}  # no state of its own (fedrec.privacy.device adds the participation count)
+
+    def train(self, shared, state, rows, round_, keys, decoys=None):
+        inst, users = self.instrument, np.asarray(rows.users)
+        sign = np.where(inst.member[users], 1.0, -1.0 if inst.replace_one else 0.0)
+        sends = np.flatnonzero(sign != 0)  # positions of the users that send something
+        values = torch.as_tensor(sign[sends] * inst.magnitude, dtype=torch.float32)
+        item = np.zeros(len(sends), np.int64)
+        rows_out = {}
+        for name, which, items, column in place(users[sends], self._statistics, self.n_items):
+            table = torch.zeros(len(sends), self._statistics[name].width)
+            table[torch.as_tensor(which), torch.as_tensor(column)] = values[torch.as_tensor(which)]
+            rows_out[name] = table
+            item[which] = items
+        totals = {name: torch.zeros(len(users), s.width) for name, s in self._statistics.items() if not s.per_item}
+        return state, RowContributions(len(users), torch.as_tensor(sends), torch.as_tensor(item), rows_out, totals)
+
+    def init_server(self, strategy: str, server_lr: float) -> Released:
+        return Released({name: (self.n_items, s.width) if s.per_item else (s.width,)
+                         for name, s in self._statistics.items()})
+
+    def server_step(self, state: Released, sums, weight: float, round_: int) -> None:
+        """FedAvg at lr 1, recording the step: exactly what the round releases into the model."""
+        step = {name: sums[name].double().numpy() / weight for name in state.params}
+        for name, value in step.items():
+            state.params[name] += value
+        self.instrument.released.append((flat(step, self._statistics, len(self.instrument.member)), weight))
+
+    def evaluate(self, model, state, rows, k: int) -> dict[str, float]:
+        return {}  # canaries have no held-out ratings
+
+    def recommend(self, model, items, ratings, n, hide=None):
+        raise TypeError("the canary audit's instrument recommends nothing")
+
+
+def instrument_class(instrument: Instrument) -> type[Canaries]:
+    """A Canaries class bound to `instrument`, admitting what the imitated algorithm admits."""
+    imitated = instrument.imitated
+    return type("Canaries", (Canaries,), {"instrument": instrument, "refuses": imitated.refuses,
+                                          "settings_read": imitated.settings_read,
+                                          "implicit_feedback": imitated.implicit_feedback})
+
+
+class UploadObserver(InProcessGrid):
+    """An in-process grid that keeps no message log; with `statistics`, it sums what each one-user node's train
+    replies carry on its canary's coordinate (the server's view of each upload, under local DP)."""
+
+    def __init__(self, num_nodes: int, statistics: dict[str, Statistic] | None = None, n_items: int = 0):
+        super().__init__(client_app, num_nodes)
+        self.uploads = np.zeros(num_nodes)  # per canary (= user = partition): the sum of its coordinate
+        self.where: dict[int, tuple[str, int, int]] = {}  # canary -> (statistic, item, column) of its coordinate
+        for name, which, items, columns in place(np.arange(num_nodes), statistics or {}, n_items):
+            self.where |= {int(w): (name, int(i), int(c)) for w, i, c in zip(which, items, columns)}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.sent.clear()
+        self.replies.clear()
+        for reply in replies:
+            if reply.metadata.message_type != MessageType.TRAIN or reply.has_error() or not self.where:
+                continue
+            user = int(self.contexts[reply.metadata.src_node_id].node_config["partition-id"])
+            name, item, column = self.where[user]
+            self.uploads[user] += float(reply.content[schema.ARRAYS][name].numpy()[item, column])
+        return replies
+
+
+def canary_config(cfg: RunConfig, n_items: int, population: int, count: int) -> RunConfig:
+    """The canary run of `cfg`: its DP mode, noise, C, sampling rate and rounds, with `count` canary users
+    (synthetic data of `n_items` items: the instrument ignores the ratings). Local DP: every user takes part
+    in each of the run's cap rounds on a node of its own; otherwise 3 cohort nodes and cfg's rounds."""
+    cfg = cfg.resolved()
+    rate = (cfg.users_per_round or population) / population
+    changes = dict(dataset="synthetic", split="random", validation=False, synthetic_users=count,
+                   synthetic_items=n_items, synthetic_density=min(1.0, 4 / n_items), update_mode="dense",
+                   clipping_norm=cfg.clipping_norm or 1.0, dropout=0.0, keep_checkpoints=False, resume="",
+                   checkpoint_every=0, users_per_node=-(-count // NODES), eval_every=cfg.rounds,
+                   users_per_round=0 if rate >= 1 else max(1, round(rate * count)))
+    if cfg.dp == "local":
+        cap = min(cfg.rounds, cfg.max_rounds_per_user or participation_cap(cfg.rounds, rate, population))
+        changes |= dict(rounds=cap, eval_every=cap, users_per_round=0, users_per_node=1, max_rounds_per_user=cap)
+    if cfg.dp == "distributed":
+        changes["secure_aggregation"] = "secagg+"
+    return dataclasses.replace(cfg, **changes)
+
+
+def admitted(cfg: RunConfig) -> None:
+    """Refuse (one line) a run whose algorithm does not admit what the audit needs, in its own words."""
+    imitated = algorithm_class(cfg.resolved().model)
+    needs = [CLIPPING] + ([DP] if cfg.dp != "none" else []) + ([SECURE_AGGREGATION] if cfg.dp == "distributed" else [])
+    for mechanism in needs:
+        if mechanism in imitated.refuses:
+            raise ConfigError(f"the canary audit needs {mechanism}, which {imitated.title} refuses: "
+                              f"{imitated.refuses[mechanism]}")
+
+
+def canary_audit(cfg: RunConfig, n_items: int, population: int, canaries: int = 200_000,
+                 confidence: float = 0.95) -> dict:
+    """One audit row: `cfg`'s privacy settings run by a federation of canaries (see the module docstring),
+    its empirical epsilon lower bound next to the epsilon its accountant reports. `n_items` and `population`:
+    the audited data's, which set the statistics' shape and the sampling rate."""
+    admitted(cfg)
+    imitated = algorithm_class(cfg.resolved().model)
+    statistics = make_algorithm(cfg, n_items, (1.0, 5.0)).statistics()  # the audited run's shape
+    local = cfg.dp == "local"
+    most = sum(n_items * width for _, width in per_item(statistics))  # one coordinate each
+    count = min(canaries, most, LOCAL_CANARIES if local else most)
+    run_cfg = canary_config(cfg, n_items, population, count)
+    rng = private_rng("canaries")
+    member, selection = rng.random(count) < 0.5, rng.random(count) < 0.5
+    replace_one = local or run_cfg.sampling == "fixed"
+    instrument = Instrument(imitated, member, replace_one, OVERSHOOT * run_cfg.clipping_norm)
+    nodes = count if local else -(-count // run_cfg.users_per_node)
+    grid = UploadObserver(nodes, statistics if local else None, n_items)
+    with tempfile.TemporaryDirectory() as tmp, substituted(run_cfg.model, instrument_class(instrument)):
+        outcome = run_server(grid, dataclasses.replace(run_cfg, out=str(Path(tmp) / "run")))
+    privacy = outcome.summary["privacy"]
+    if local:
+        score = grid.uploads  # the exact log-likelihood ratio of +C against -C, up to a positive factor
+    else:
+        rate = (run_cfg.users_per_round or count) / count
+        score = aggregate_scores(instrument.released, selection, rate, run_cfg.clipping_norm, replace_one)
+    row = {"attacker": "canary", "observer": "upload" if local else "aggregate", "dp": run_cfg.dp,
+           "secure_aggregation": run_cfg.secure_aggregation, "epsilon": privacy.get("epsilon"),
+           "canaries": count, "rounds": run_cfg.rounds, "noise_multiplier": privacy.get("noise_multiplier", 0.0),
+           "noise_std": privacy.get("noise_multiplier", 0.0) * privacy.get("clipping_norm", 0.0),
+           "relation": "replace-one" if replace_one else "add-remove"}
+    return row | epsilon_lower_bound(score, member, selection, cfg.target_delta, confidence)
+
+
+def aggregate_scores(released: list[tuple[np.ndarray, float]], selection: np.ndarray, rate: float, clip: float,
+                     replace_one: bool) -> np.ndarray:
+    """Log-likelihood ratio of each canary's presence from the model's steps: per round, the step times its
+    denominator is the noised sum; the round's noise std is estimated on the selection half's coordinates
+    (median absolute deviation), and sampling, unknown to the attacker, makes each round a mixture."""
+    score = np.zeros(len(selection))
+    for step, weight in released:
+        o = step * weight
+        reference = o[selection]
+        sigma = max(1.4826 * float(np.median(np.abs(reference - np.median(reference)))), NOISE_FLOOR * clip)
+        present = _log_mix(o, rate, clip, sigma)
+        absent = _log_mix(o, rate, -clip, sigma) if replace_one else -(o**2) / (2 * sigma**2)
+        score += present - absent
+    return score
 
 
 def _log_mix(o: np.ndarray, q: float, shift: float, sigma: float) -> np.ndarray:
     """log((1 - q) N(o; 0, s^2) + q N(o; shift, s^2)) up to a constant shared by both hypotheses."""
-    a = np.log1p(-q) - o**2 / (2 * sigma**2) if q < 1 else np.full(o.shape, -np.inf)
-    b = np.log(q) - (o - shift) ** 2 / (2 * sigma**2)
+    a = math.log1p(-q) - o**2 / (2 * sigma**2) if q < 1 else np.full(o.shape, -np.inf)
+    b = math.log(q) - (o - shift) ** 2 / (2 * sigma**2)
     return np.logaddexp(a, b)
 
 
-def canary_scores(dp: str, plan: PrivacyPlan | None, n_items: int, dim: int, rounds: int, rate: float,
-                  clip: float, member: np.ndarray, replace_one: bool, reproducible_seed: int | None,
-                  min_users: int = 1) -> np.ndarray:
-    """Log-likelihood-ratio score of each canary's presence from what the observer sees."""
-    count = len(member)
-    value = canary_updates(n_items, dim, clip, count)
-    absent = -value if replace_one else np.zeros(count)  # the neighbour that replaces a missing canary
-    own = np.where(member, value, absent)
-    sigma = plan.noise_std if plan is not None else 0.0
-    sampler = private_rng("canaries", reproducible_seed, 1)
-    score = np.zeros(count)
-    if dp == "local":  # the server sees every upload of the device: its max_rounds participations
-        noise_rng = private_rng("device-noise", reproducible_seed, 0)
-        for _ in range(plan.max_rounds):
-            arrays = _as_arrays(own, n_items, dim)
-            add_device_noise(arrays, sigma, np.ones(n_items, np.int64), 1, noise_rng)
-            score += _flat(arrays, count)  # the LR of N(+C) vs N(-C) is monotone in the sum
-        return score
-    noise_rng = private_rng("central-noise", reproducible_seed)
-    share_rng = private_rng("device-noise", reproducible_seed, 1)
-    for _ in range(rounds):
-        sampled = sampler.random(count) < rate
-        release = _as_arrays(np.where(sampled, own, 0.0), n_items, dim)
-        if dp == "central":
-            release = add_central_noise(release, plan, noise_rng)
-        elif dp == "distributed":  # the least accepted number of users each add their share, on their devices
-            add_device_noise(release, sigma / np.sqrt(min_users), np.full(n_items, min_users), min_users, share_rng)
-        o = _flat(release, count)
-        if sigma > 0:  # sampling unknown to the attacker: each round is a mixture
-            score += _log_mix(o, rate, clip, sigma) - (_log_mix(o, rate, -clip, sigma) if replace_one
-                                                       else -(o**2) / (2 * sigma**2))
-        else:
-            score += o
-    return score
-
-
-def epsilon_lower_bound(score: np.ndarray, member: np.ndarray, delta: float, confidence: float,
-                        rng: np.random.Generator) -> dict:
-    """Choose a threshold (and direction) on half of the canaries, bound TPR and FPR on the
-    other half with Clopper-Pearson, and turn them into a lower bound on epsilon."""
+def epsilon_lower_bound(score: np.ndarray, member: np.ndarray, selection: np.ndarray, delta: float,
+                        confidence: float) -> dict:
+    """Choose a threshold (and direction) on the `selection` canaries, bound TPR and FPR on the others with
+    Clopper-Pearson, and turn them into a lower bound on epsilon."""
     alpha = 1 - confidence
-    half = rng.random(len(score)) < 0.5
-    best = _best_test(score[half], member[half], delta, alpha)
-    held_score, held_member = score[~half], member[~half]
-    sign, threshold = best
+    sign, threshold = _best_test(score[selection], member[selection], delta, alpha)
+    held_score, held_member = score[~selection], member[~selection]
     guess = sign * held_score >= threshold
-    pos, neg = held_member if sign > 0 else ~held_member, ~held_member if sign > 0 else held_member
+    pos, neg = (held_member, ~held_member) if sign > 0 else (~held_member, held_member)
     tp, fp = int((guess & pos).sum()), int((guess & neg).sum())
     tpr_low = _cp_low(tp, int(pos.sum()), alpha / 2)
     fpr_high = _cp_high(fp, int(neg.sum()), alpha / 2)
@@ -145,20 +332,3 @@ def _cp_low(k: int, n: int, a: float) -> float:
 
 def _cp_high(k: int, n: int, a: float) -> float:
     return 1.0 if k == n or n == 0 else float(stats.beta.ppf(1 - a, k + 1, n - k))
-
-
-def canary_audit(dp: str, plan: PrivacyPlan | None, n_items: int, dim: int, rounds: int, rate: float, clip: float,
-                 delta: float, max_canaries: int = 200_000, confidence: float = 0.95,
-                 reproducible_seed: int | None = None, min_users: int = 1) -> dict:
-    """One audit row: the empirical epsilon lower bound next to the accountant's."""
-    count = min(n_items * (dim + 1), max_canaries)
-    rng = private_rng("canaries", reproducible_seed, 0)
-    member = rng.random(count) < 0.5
-    replace_one = dp == "local" or (plan is not None and plan.sampling == "fixed")
-    score = canary_scores(dp, plan, n_items, dim, rounds, rate, clip, member, replace_one, reproducible_seed, min_users)
-    row = {"attacker": "canary", "observer": "upload" if dp == "local" else "aggregate", "dp": dp,
-           "secure_aggregation": "secagg+" if dp == "distributed" else "none",
-           "epsilon": None if plan is None else plan.guarantee(rounds), "canaries": count,
-           "noise_std": 0.0 if plan is None else plan.noise_std,
-           "relation": "replace-one" if replace_one else "add-remove"}
-    return row | epsilon_lower_bound(score, member, delta, confidence, rng)

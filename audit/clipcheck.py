@@ -1,9 +1,11 @@
 """Clipping bound, measured: each user's whole contribution to what is summed, over C.
 
 Every user is run alone through `device_step` (a cohort's upload is the sum of its users'
-uploads; tests/test_clipping.py checks that), for every upload mode, implicit negatives
-and local epochs given, and the L2 norm of everything it uploads (rows, item biases,
-global bias, before local noise) is divided by C. The bound holds if the maximum is 1.
+uploads; tests/test_algorithms.py checks that), for every upload mode the run's algorithm
+admits and every implicit negatives and local epochs given, and the L2 norm of everything it
+uploads (every statistic, scattered dense, before device noise) is divided by C. The bound
+holds if the maximum is 1. Users start from the algorithm's initial server state, where
+updates are largest.
 """
 
 from __future__ import annotations
@@ -12,40 +14,50 @@ import dataclasses
 import itertools
 
 import numpy as np
-import torch
 
 from fedrec.datasets import cohort
-from fedrec.models import ItemParams, UserState, initial_global_bias
-from fedrec.models.defaults import UPDATE_MODES
-from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.upload import scatter_upload
-from fedrec.run.build import hyper, load_data
+from fedrec.models.algorithm import CLIPPING, DECOYS
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import UPDATE_MODES, DevicePolicy
+from fedrec.privacy.upload import scatter
+from fedrec.run.build import load_data, make_algorithm
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
 
 
 def contribution_ratios(cfg: RunConfig, mode: str) -> np.ndarray:
-    """Norm of each user's upload over C, at the initial model (where updates are largest)."""
+    """Norm of each user's upload over C, at the initial model."""
     split = load_data(cfg)
-    h = hyper(cfg)
-    items = ItemParams.init(split.n_items, h, initial_global_bias(cfg.implicit, split.rating_scale))
-    state = UserState.init(np.arange(split.n_users), split.n_users, h)
+    algorithm = make_algorithm(cfg, split.n_items, split.rating_scale)
+    statistics = algorithm.statistics()
+    shared = algorithm.init_server(cfg.strategy, cfg.server_lr).broadcast()
     policy = DevicePolicy(mode, cfg.pad_ratio, cfg.clipping_norm)
     ratios = np.empty(split.n_users)
     for user in range(split.n_users):
-        result = device_step(items, state.take(torch.as_tensor([user])), cohort(split, [user]), split.n_items, h,
-                             policy, 1)
-        dense = scatter_upload(result.upload, split.n_items, h.upload_width)
+        rows = cohort(split, [user])
+        result = device_step(algorithm, shared, new_users(algorithm, rows.users, split.n_users, policy), rows, 1,
+                             policy, cfg.seed)
+        dense = scatter(result.upload, statistics, split.n_items)
         ratios[user] = np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in dense.values())) / cfg.clipping_norm
     return ratios
+
+
+def admitted_modes(cfg: RunConfig) -> list[str]:
+    """The upload modes the run's algorithm admits; one line if it admits no clipping."""
+    algorithm = make_algorithm(cfg, 2, (1.0, 5.0))  # what it declares does not depend on the data
+    if CLIPPING in algorithm.refuses:
+        raise ConfigError(f"clip-check measures clipping, which {algorithm.title} refuses: "
+                          f"{algorithm.refuses[CLIPPING]}")
+    return [m for m in UPDATE_MODES if m != "padded" or DECOYS not in algorithm.refuses]
 
 
 def run_clip_check(cfg: RunConfig, negatives: list[int], local_epochs: list[int], log=print) -> dict:
     cfg = cfg.resolved().validate()
     if cfg.clipping_norm <= 0:
         raise ConfigError("clip-check needs --clipping-norm > 0")
+    modes = admitted_modes(cfg)
+    run_dir = make_run_dir(cfg, "clip-check")
     rows = []
-    modes = [m for m in UPDATE_MODES if m != "padded" or cfg.model == "mf"]  # SVD++ and BPMF refuse decoys
     for mode, neg, epochs in itertools.product(modes, negatives if cfg.implicit else [0], local_epochs):
         case = dataclasses.replace(cfg, train_negatives=max(neg, 1), local_epochs=epochs)
         ratios = contribution_ratios(case, mode)
@@ -55,9 +67,8 @@ def run_clip_check(cfg: RunConfig, negatives: list[int], local_epochs: list[int]
         rows.append(row)
         log(f"{mode:7s} negatives {row['train_negatives']} local epochs {epochs}: max contribution/C "
             f"{row['max_ratio']:.7f}, {row['share_at_bound']:.0%} of users clipped, {row['over_bound']} over")
-    report = {"dataset": cfg.dataset, "split": cfg.split, "clipping_norm": cfg.clipping_norm, "results": rows,
-              "max_ratio": max(r["max_ratio"] for r in rows), "config": cfg.to_dict()}
-    run_dir = make_run_dir(cfg, "clip-check")
+    report = {"dataset": cfg.dataset, "split": cfg.split, "model": cfg.model, "clipping_norm": cfg.clipping_norm,
+              "results": rows, "max_ratio": max(r["max_ratio"] for r in rows), "config": cfg.to_dict()}
     write_json(run_dir / "clip_check.json", report)
     report["run_dir"] = str(run_dir)
     return report

@@ -27,8 +27,8 @@ from fedrec.run import schema
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
-from fedrec.server import strategy as strategy_module
-from fedrec.server.app import run_server
+from fedrec.server import federation as federation_module
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 
@@ -72,9 +72,9 @@ class LeanGrid(InProcessGrid):
 
 @contextlib.contextmanager
 def checks_off():
-    """The strategy without its reply checks: every well-formed reply is applied, as on main before them."""
-    with mock.patch.object(strategy_module, "check_train_reply", lambda *a, **k: None), \
-         mock.patch.object(strategy_module, "check_reply_norm", lambda *a, **k: None):
+    """The federation without its reply checks: every well-formed reply is applied, as before they existed."""
+    with mock.patch.object(federation_module, "check_train_reply", lambda *a, **k: None), \
+         mock.patch.object(federation_module, "check_reply_norm", lambda *a, **k: None):
         yield
 
 
@@ -102,12 +102,14 @@ def run_poisoning(cfg: RunConfig, log=print, hostile_every: int = 100, factor: f
     norm and noise multiplier when set, else `clipping_norm` and `noise_multiplier`.
     """
     cfg = cfg.resolved().validate()
-    run_dir = make_run_dir(cfg, "poisoning")
-    population = load_data(cfg).n_users
     base = dataclasses.replace(cfg, users_per_round=cfg.users_per_round or 100, dp="none", noise_multiplier=0.0,
                                clipping_norm=0.0, robust_aggregation="none")
     central = dataclasses.replace(base, dp="central", clipping_norm=cfg.clipping_norm or clipping_norm,
                                   noise_multiplier=cfg.noise_multiplier or noise_multiplier, reproducible_noise=True)
+    for checked in (base, central):  # a model that refuses DP or partial participation fails here, before any run
+        checked.validate()
+    run_dir = make_run_dir(cfg, "poisoning")
+    population = load_data(cfg).n_users
     hostile = set(range(0, population, hostile_every))
     log(f"{cfg.dataset} {cfg.split}: {population} one-user nodes, {len(hostile)} hostile (x{factor:g}), "
         f"{base.users_per_round} users per round, {cfg.rounds} rounds")

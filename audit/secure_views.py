@@ -12,12 +12,13 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedrec.client.app import app as client_app
-from fedrec.models import ItemParams
+from fedrec.models.algorithm import Algorithm
+from fedrec.privacy.secagg import secure_order
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
-from fedrec.run.secagg import SECURE_ORDER
+from fedrec.server.federation import array_record
+from fedrec.server.runner import coordinates
 from fedrec.server.secagg import SecureGrid, secagg_setup
-from fedrec.server.strategy import array_record
 from fedrec.simulations.inprocess import InProcessGrid
 
 FIRST_NODE = 1000  # InProcessGrid's node id of partition 0
@@ -39,27 +40,29 @@ class _MaskRecorder(InProcessGrid):
         return replies
 
 
-def masked_views(cfg: RunConfig, items: ItemParams, users: np.ndarray, population: int, round_: int,
-                 group: int = 10) -> dict[int, dict[str, np.ndarray]]:
-    """For each user, its masked vector read the only way the server can: as quantized values."""
+def masked_views(cfg: RunConfig, algorithm: Algorithm, model: dict[str, np.ndarray], users: np.ndarray,
+                 population: int, round_: int, group: int = 10) -> dict[int, dict[str, np.ndarray]]:
+    """For each user, its masked vector read the only way the server can: as quantized values, by the name of
+    `algorithm`'s statistics (each device masks its dense upload; `model`: the shared arrays it is sent)."""
     secure_cfg = dataclasses.replace(cfg, secure_aggregation="secagg+", dp="none", update_mode="dense",
                                      clipping_norm=cfg.clipping_norm or 1.0)
+    statistics = algorithm.statistics()
+    coords = coordinates(algorithm, algorithm.n_items)
     views = {}
     for start in range(0, len(users), group):
         chunk = [int(u) for u in users[start:start + group]]
         if len(chunk) < 3:  # SecAgg+ needs a few participants: borrow the previous users
             chunk = [int(u) for u in users[max(0, start - 3):start]] + chunk
         grid = _MaskRecorder(population, chunk)
-        setup = secagg_setup(secure_cfg, len(chunk), 1, items.emb.shape[0], items.emb.shape[1], 0.0, len(chunk),
-                             len(chunk))
+        setup = secagg_setup(secure_cfg, len(chunk), 1, coords, 0.0, len(chunk), len(chunk))
         messages = []
         for user in chunk:
             config = ConfigRecord(secure_cfg.to_dict())
             config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, [user], 0.0
-            messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
+            messages.append(Message(RecordDict({schema.ARRAYS: array_record(model), schema.CONFIG: config}),
                                     dst_node_id=FIRST_NODE + user, message_type=MessageType.TRAIN))
-        SecureGrid(grid, secure_cfg, setup).send_and_receive(messages)
+        SecureGrid(grid, secure_cfg, setup, statistics).send_and_receive(messages)
         for node, vector in grid.masked.items():
             values = [v.astype(np.float64) * setup.step - setup.clip_range for v in vector[1:]]  # [0]: the weight
-            views[node - FIRST_NODE] = dict(zip(SECURE_ORDER, values))
+            views[node - FIRST_NODE] = dict(zip(secure_order(statistics), values))
     return views

@@ -22,14 +22,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedrec.client.app import app as client_app
-from fedrec.models import ItemParams, UserState, initial_global_bias
+from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
 from fedrec.run import schema
-from fedrec.run.build import ensure_shards, hyper, load_data, num_nodes
+from fedrec.run.build import ensure_shards, hyper, load_data, make_algorithm, num_nodes
 from fedrec.run.config import RunConfig
 from fedrec.server.directory import discover
+from fedrec.server.federation import array_record
+from fedrec.server.runner import coordinates
 from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.server.secagg import SecureGrid, secagg_setup
-from fedrec.server.strategy import array_record
 from fedrec.simulations.inprocess import InProcessGrid
 
 MAX_RATERS = 12  # atoms the pursuit may use per item (an item's raters among ~100 sampled users)
@@ -41,8 +42,8 @@ FIT = 2e-2  # relative residual below which a support counts as recovered: SecAg
 class SecureRound:
     """What the server holds after one SecAgg+ round, and the truth to score an attack against."""
 
-    sums: dict[str, np.ndarray]  # the unmasked sum (item rows, item biases, global bias)
-    items: ItemParams  # what it sent
+    sums: dict[str, np.ndarray]  # the unmasked sum (MF's statistics: item rows, item biases, global bias)
+    shared: dict[str, np.ndarray]  # what it sent
     users: np.ndarray  # who it sampled (global ids)
     population: int
     rated: set[tuple[int, int]]  # (user, item) pairs of the sampled users' training ratings
@@ -58,41 +59,45 @@ def secure_first_round(cfg: RunConfig) -> SecureRound:
     directory = discover(grid, ConfigRecord(cfg.to_dict()))
     users = sample_users(directory.population, cfg.users_per_round, cfg.sampling, sampling_rng(cfg, 1))
     groups, _ = directory.group(users)
-    items = ItemParams.init(directory.num_items, hyper(cfg),
-                            initial_global_bias(cfg.implicit, directory.rating_scale))
+    algorithm = make_algorithm(cfg, directory.num_items, directory.rating_scale)
+    shared = algorithm.init_server(cfg.strategy, cfg.server_lr).broadcast()
     messages = []
     for node, node_users in groups.items():
         config = ConfigRecord(cfg.to_dict())
         config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = 1, [int(u) for u in node_users], 0.0
-        messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
+        messages.append(Message(RecordDict({schema.ARRAYS: array_record(shared), schema.CONFIG: config}),
                                 dst_node_id=node, message_type=MessageType.TRAIN))
-    setup = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), directory.num_items,
-                         cfg.dim, 0.0, cfg.users_per_round or directory.population, directory.population)
-    reply = SecureGrid(grid, cfg, setup).send_and_receive(messages)[0]
+    setup = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()),
+                         coordinates(algorithm, directory.num_items), 0.0, cfg.users_per_round or directory.population,
+                         directory.population)
+    reply = SecureGrid(grid, cfg, setup, algorithm.statistics()).send_and_receive(messages)[0]
     record = reply.content[schema.ARRAYS]
-    sums = {k: record[k].numpy().astype(np.float64) for k in schema.ITEM_ARRAYS}
+    sums = {k: record[k].numpy().astype(np.float64) for k in record.keys()}
     picked = np.isin(split.train.user, users)
     rated = set(zip(split.train.user[picked].tolist(), split.train.item[picked].tolist()))
-    return SecureRound(sums, items, users, directory.population, rated)
+    return SecureRound(sums, shared, users, directory.population, rated)
 
 
 def recover_pairs(observed: SecureRound, cfg: RunConfig) -> set[tuple[int, int]]:
     """The (user, item) pairs the server claims from the sum, given the starting vectors it
     believes the sampled users had: the seeded population matrix every plain run starts from."""
-    h = hyper(cfg.resolved())
-    guess = UserState.init(observed.users, observed.population, h).emb.double().numpy()  # [sampled, K]
-    q = observed.items.emb.double().numpy()
+    cfg = cfg.resolved()
+    h = hyper(cfg)
+    algorithm = make_algorithm(cfg, len(observed.shared[ITEM_EMB]), (1.0, 5.0))
+    guess = algorithm.new_users(observed.users, observed.population, None)["emb"].double().numpy()  # [sampled, K]
+    q = observed.shared[ITEM_EMB].astype(np.float64)
     # Flower's dequantization leaves one constant offset on every coordinate: the value shared by the
     # rows no sampled user rated (exactly equal), removed before the pursuit
-    sums = {k: v - _mode(v) for k, v in observed.sums.items() if k != schema.GLOBAL_BIAS}
+    sums = {k: v - _mode(v) for k, v in observed.sums.items() if k != GLOBAL_BIAS}
+    sums[ITEM_BIAS] = sums[ITEM_BIAS].reshape(-1)
     found = set()
-    for item in np.flatnonzero(np.abs(sums[schema.ITEM_BIAS]) > 0):
+    for item in np.flatnonzero(np.abs(sums[ITEM_BIAS]) > 0):
         # rows: the K embedding coordinates, then the bias; atoms: q_i (reg term), then each user
         atoms = np.zeros((h.dim + 1, len(observed.users) + 1))
         atoms[:h.dim, 0] = q[item]
         atoms[:h.dim, 1:] = guess.T
         atoms[h.dim, 1:] = 1.0
-        target = np.append(sums[schema.ITEM_EMB][item], sums[schema.ITEM_BIAS][item])
+        target = np.append(sums[ITEM_EMB][item], sums[ITEM_BIAS][item])
         support = _pursuit(atoms, target)
         found.update((int(observed.users[a - 1]), int(item)) for a in support if a > 0)
     return found

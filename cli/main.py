@@ -577,14 +577,18 @@ def _parse_epsilons(text: str) -> list[float]:
 def audit(cfg: RunConfig, targets: int = typer.Option(50, help="target users to attack"),
           k: int = typer.Option(10, help="k of precision@k"),
           epsilons: str = typer.Option("", help="target epsilons to audit, comma-separated "
-                                                "(default: --target-epsilon)")) -> None:
-    ("""Leakage audit: item-inference attackers, canary lower bounds on epsilon, the seed attack. """
-     """Writes OUT/audit.json.""")
-    _quiet_engines()  # the in-process SecAgg+ rounds would log every stage
+                                                "(default: --target-epsilon)"),
+          canaries: int = typer.Option(200_000, min=10, help="canary users per audit run, at most one per "
+                                                             "coordinate of the statistics (local DP: at most 400, "
+                                                             "each on a node of its own)")) -> None:
+    ("""Leakage audit: item-inference attackers, canary lower bounds on epsilon (federated runs of canary """
+     """users through the real server and devices), the seed attack. Writes OUT/audit.json.""")
+    _quiet_engines()  # the in-process rounds (SecAgg+ and the canary runs) would log every stage
     from fedrec.audit.audit import run_audit
 
     values = _parse_epsilons(epsilons) if epsilons else None
-    report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False), epsilons=values)
+    report = run_audit(cfg, targets, k, log=lambda line: console.print(line, highlight=False), epsilons=values,
+                       canaries=canaries)
     table = Table(title=f"leakage audit: {cfg.dataset}, {targets} target users")
     for column in ("attacker", "observer", "mode", "dp", "secagg", "epsilon", "AUC", f"precision@{k}",
                    "epsilon lower bound"):

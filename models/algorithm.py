@@ -90,13 +90,15 @@ class RowContributions(Contributions):
         return sq.sqrt()
 
     def summed(self, scale, statistics, n_items):
-        row_scale = scale.to(torch.float32)[self.pair_user][:, None]
+        # A user scaled by 0 (clipping failed closed on a non-finite norm) adds exactly nothing: inf x 0 is NaN.
+        user_scale = scale.to(torch.float32)[:, None]
+        row_scale = user_scale[self.pair_user]
         out = {}
         for name, value in self.rows.items():  # scaled in float32 as they are sent, summed in float64
             out[name] = torch.zeros(n_items, value.shape[1], dtype=torch.float64).index_add_(
-                0, self.pair_item, (value * row_scale).double())
+                0, self.pair_item, (value * row_scale).masked_fill(row_scale == 0, 0.0).double())
         for name, value in self.totals.items():
-            out[name] = (value * scale.to(torch.float32)[:, None]).double().sum(dim=0)
+            out[name] = (value * user_scale).masked_fill(user_scale == 0, 0.0).double().sum(dim=0)
         return out
 
 

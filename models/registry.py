@@ -7,6 +7,9 @@ statistics, what it refuses, whether it models implicit feedback).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from .algorithm import Algorithm
 from .bpmf import BPMF
 from .mf import MF
@@ -39,3 +42,17 @@ def auto(implicit: bool, asked: dict[str, str]) -> tuple[str, str]:
             return name, "; ".join(passed_over)
         passed_over.append(f"{name} refuses {', '.join(refused)}")
     raise AssertionError("AUTO_ORDER is empty")
+
+
+@contextlib.contextmanager
+def substituted(name: str, cls: type[Algorithm]) -> Iterator[None]:
+    """Build `cls` wherever algorithm `name` is asked for, in this process, until the block ends. The canary
+    audit's hook (fedrec.audit.canary): the real server and ClientApp build their algorithm from here, so an
+    in-process run of a config that names `name` trains the audit's instrument through the real pipeline,
+    while the config, its checks and the command line's --model choices stay those of `name`. No run uses it."""
+    previous = ALGORITHMS[name]
+    ALGORITHMS[name] = cls
+    try:
+        yield
+    finally:
+        ALGORITHMS[name] = previous

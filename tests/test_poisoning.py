@@ -12,8 +12,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.audit.poisoning import HostileClientApp, run_poisoning
 from fedrec.client.app import app as client_app
+from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
 from fedrec.run import schema
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 
@@ -35,13 +36,13 @@ def test_a_hostile_node_scales_its_train_upload_and_nothing_else(small_cfg, tmp_
     good, bad = _train_reply(honest, 1003), _train_reply(hostile, 1003)
     np.testing.assert_array_equal(bad.content[schema.ARRAYS][schema.ITEM_INDEX].numpy(),
                                   good.content[schema.ARRAYS][schema.ITEM_INDEX].numpy())
-    for key in schema.ITEM_ARRAYS:
+    for key in (ITEM_EMB, ITEM_BIAS, GLOBAL_BIAS):  # MF's statistics
         np.testing.assert_allclose(bad.content[schema.ARRAYS][key].numpy(),
                                    -1000 * good.content[schema.ARRAYS][key].numpy(), rtol=1e-6)
     assert dict(bad.content[schema.METRICS]) == dict(good.content[schema.METRICS])
     for node in (1002, 1004):  # the others are untouched
-        assert _train_reply(hostile, node).content[schema.ARRAYS][schema.ITEM_EMB].numpy().tolist() == \
-            _train_reply(honest, node).content[schema.ARRAYS][schema.ITEM_EMB].numpy().tolist()
+        assert _train_reply(hostile, node).content[schema.ARRAYS][ITEM_EMB].numpy().tolist() == \
+            _train_reply(honest, node).content[schema.ARRAYS][ITEM_EMB].numpy().tolist()
 
 
 def test_the_attack_hurts_and_the_defences_undo_it(small_cfg, tmp_path):
