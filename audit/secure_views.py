@@ -16,6 +16,7 @@ from fedrec.models.algorithm import Algorithm
 from fedrec.privacy.secagg import secure_order
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
+from fedrec.run.device_config import round_config
 from fedrec.server.federation import array_record
 from fedrec.server.runner import coordinates
 from fedrec.server.secagg import SecureGrid, secagg_setup
@@ -57,8 +58,7 @@ def masked_views(cfg: RunConfig, algorithm: Algorithm, model: dict[str, np.ndarr
         setup = secagg_setup(secure_cfg, len(chunk), 1, coords, 0.0, len(chunk), len(chunk))
         messages = []
         for user in chunk:
-            config = ConfigRecord(secure_cfg.to_dict())
-            config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, [user], 0.0
+            config = ConfigRecord(round_config(secure_cfg, round_, [user]))
             messages.append(Message(RecordDict({schema.ARRAYS: array_record(model), schema.CONFIG: config}),
                                     dst_node_id=FIRST_NODE + user, message_type=MessageType.TRAIN))
         SecureGrid(grid, secure_cfg, setup, statistics).send_and_receive(messages)

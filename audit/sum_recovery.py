@@ -26,6 +26,7 @@ from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
 from fedrec.run import schema
 from fedrec.run.build import ensure_shards, hyper, load_data, make_algorithm, num_nodes
 from fedrec.run.config import RunConfig
+from fedrec.run.device_config import DeviceConfig, round_config
 from fedrec.server.directory import discover
 from fedrec.server.federation import array_record
 from fedrec.server.runner import coordinates
@@ -56,15 +57,14 @@ def secure_first_round(cfg: RunConfig) -> SecureRound:
     nodes = num_nodes(cfg, split.n_users)
     ensure_shards(cfg, nodes)
     grid = InProcessGrid(client_app, nodes, data_dir=cfg.data_dir)
-    directory = discover(grid, ConfigRecord(cfg.to_dict()))
+    directory = discover(grid, ConfigRecord(DeviceConfig.of(cfg).record()))
     users = sample_users(directory.population, cfg.users_per_round, cfg.sampling, sampling_rng(cfg, 1))
     groups, _ = directory.group(users)
     algorithm = make_algorithm(cfg, directory.num_items, directory.rating_scale)
     shared = algorithm.init_server(cfg.strategy, cfg.server_lr).broadcast()
     messages = []
     for node, node_users in groups.items():
-        config = ConfigRecord(cfg.to_dict())
-        config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = 1, [int(u) for u in node_users], 0.0
+        config = ConfigRecord(round_config(cfg, 1, node_users))
         messages.append(Message(RecordDict({schema.ARRAYS: array_record(shared), schema.CONFIG: config}),
                                 dst_node_id=node, message_type=MessageType.TRAIN))
     setup = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()),

@@ -1,6 +1,7 @@
 """What a device receives from the server: its part of the run's config, and nothing else.
 
-The data part (to find its shard and check it was cut for this run), the model it trains (resolved:
+The data part without paths (which public data set and split: a node cuts its shard from its own
+copy, or checks the shard it was given was cut for this run), the model it trains (resolved:
 the algorithm `--model auto` chose, its defaults filled in), what it applies to its users' statistics
 (the privacy pipeline's device policy, with the z the server calibrated), and the simulated failure
 rate. Not the server's rounds or sampling, the accountant, SecAgg+'s parameters or the output paths.
@@ -17,6 +18,7 @@ from fedrec.datasets.config import DataConfig
 from fedrec.models.defaults import Hyper
 from fedrec.privacy.policy import DevicePolicy
 
+from . import schema
 from .build import hyper
 from .config import ConfigError, RunConfig
 from .setting import coerce
@@ -35,8 +37,9 @@ class DeviceConfig:
     def of(cls, cfg: RunConfig, noise_share: float = 0.0) -> DeviceConfig:
         """A validated run's device part: `cfg` with the z the server calibrated, `noise_share` the
         distributed-DP noise each user adds (sized by the server for the least survivors SecAgg+ accepts)."""
-        return cls(cfg.part(DataConfig), hyper(cfg), cfg.device_policy(cfg.seed, noise_share), cfg.top_k,
-                   cfg.dropout, cfg.keep_checkpoints)
+        data = dataclasses.replace(cfg.part(DataConfig), data_dir="")  # a node reads its own, never the server's
+        return cls(data, hyper(cfg), cfg.device_policy(cfg.seed, noise_share), cfg.top_k, cfg.dropout,
+                   cfg.keep_checkpoints)
 
     def record(self) -> dict[str, Any]:
         """Flat and typed for a ConfigRecord (None, the private default of a seed, is left out)."""
@@ -72,3 +75,9 @@ class DeviceConfig:
 
 
 _MISSING = object()
+
+
+def round_config(cfg: RunConfig, round_: int, users, noise_share: float = 0.0) -> dict[str, Any]:
+    """A train round's config for one node, as the server sends it: the device's part of the resolved,
+    validated `cfg` and the round's keys (its number, the node's sampled users)."""
+    return DeviceConfig.of(cfg, noise_share).record() | {schema.ROUND: round_, schema.USERS: [int(u) for u in users]}

@@ -123,9 +123,6 @@ def round_config(cfg: RunConfig, round_: int, users, noise_share: float = 0.0):
     """A round's config record as the server sends it: the device's part of `cfg` and the round's keys."""
     from flwr.app import ConfigRecord
 
-    from fedrec.run import schema
-    from fedrec.run.device_config import DeviceConfig
+    from fedrec.run import device_config
 
-    config = ConfigRecord(DeviceConfig.of(cfg.resolved(), noise_share).record())
-    config[schema.ROUND], config[schema.USERS] = round_, [int(u) for u in users]
-    return config
+    return ConfigRecord(device_config.round_config(cfg.resolved(), round_, users, noise_share))

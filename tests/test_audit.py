@@ -32,7 +32,7 @@ from fedrec.privacy.device import device_step, new_users
 from fedrec.privacy.noise import add_central_noise
 from fedrec.privacy.policy import DevicePolicy
 from fedrec.privacy.upload import ITEM_INDEX
-from fedrec.run.build import device_policy, hyper, load_data, make_algorithm
+from fedrec.run.build import hyper, load_data, make_algorithm
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.server import federation as federation_module
 from fedrec.server.federation import Federation
@@ -279,7 +279,7 @@ def test_decoys_imply_ratings_as_plausible_as_real_ones():
     for user in range(30):
         rows = cohort(split, [user])
         state = new_users(algorithm, rows.users, split.n_users, DevicePolicy())  # the attacker is given this vector
-        upload = device_step(algorithm, shared, state, rows, 1, device_policy(cfg), cfg.seed).upload
+        upload = device_step(algorithm, shared, state, rows, 1, cfg.device_policy(cfg.seed), cfg.seed).upload
         p = state["emb"][0].double().numpy()
         index, dq = upload[ITEM_INDEX], upload[ITEM_EMB].astype(np.float64)
         db = upload[ITEM_BIAS].astype(np.float64).reshape(-1)

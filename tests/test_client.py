@@ -137,3 +137,21 @@ def test_a_process_reuses_the_state_it_holds_only_while_its_journal_entry_exists
     assert storage.load(directory, 1, held)[2]["bias"].tolist() == [0.0, 1.0]  # read again from disk
 
 
+
+
+def test_a_device_receives_only_its_part_of_the_config():
+    from fedrec.run.config import ConfigError, RunConfig
+
+    cfg = RunConfig(out="/srv/runs/x", ray_address="10.0.0.5:6379", data_dir="/srv/data", dp="local",
+                    clipping_norm=0.5, noise_multiplier=1.5, rounds=7, target_delta=1e-6).resolved().validate()
+    device = DeviceConfig.of(cfg)
+    record = device.record()
+    assert DeviceConfig.from_record(record) == device  # the wire format round-trips
+    assert not any("/srv" in str(v) or "10.0.0.5" in str(v) for v in record.values())  # no paths, no addresses
+    names = {key.rpartition(".")[2] for key in record}
+    assert not names & {"rounds", "target_delta", "accountant", "secagg_shares", "out", "resume", "ray_address",
+                        "users_per_round", "sampling"}
+    assert record["data.data_dir"] == ""  # a node reads its own data directory
+    assert device.policy.noise_std == 1.5 * 0.5 and device.model.model == cfg.model  # resolved on the server
+    with pytest.raises(ConfigError, match="unknown device setting 'policy.nope'"):
+        DeviceConfig.from_record(record | {"policy.nope": 1})
