@@ -12,7 +12,6 @@ UPDATE_MODES = ("dense", "sparse", "padded")  # the upload's shape (fedrec.priva
 class DevicePolicy:
     """What a device applies to its users' statistics before anything leaves it."""
 
-    dp: str = "none"  # none, central (the server's noise), local (each user's own), distributed (a share each)
     update_mode: str = "dense"  # dense, sparse or padded (fedrec.privacy.upload)
     pad_ratio: float = 1.0  # padded: decoy rows per rated row
     clipping_norm: float = 0.0  # C: each user's whole contribution is clipped to this L2 norm (0: off)
@@ -23,6 +22,7 @@ class DevicePolicy:
     # server (DP, SecAgg+, decoys). Seeded, the server regenerates every starting vector and reads each
     # user's rated items and ratings out of a SecAgg+ sum (fedrec.audit.sum_recovery).
     private_randomness: bool = False
+    dp: str = "none"  # none, central (the server's noise), local (each user's own), distributed (a share each)
 
     @property
     def sends_diagnostics(self) -> bool:

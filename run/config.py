@@ -99,7 +99,7 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
             raise ConfigError(f"--model {name} models ratings; for --split loo use --model {others}")
         for mechanism, flag in self.asked().items():
             if mechanism in cls.refuses:
-                raise ConfigError(f"--model {name} with {flag}: {cls.refuses[mechanism]}")
+                raise ConfigError(f"--model {name} refuses {flag}: {cls.refuses[mechanism]}")
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod

@@ -34,6 +34,7 @@ from fedrec.privacy.policy import DevicePolicy
 from fedrec.privacy.upload import ITEM_INDEX
 from fedrec.run.build import hyper, load_data, make_algorithm
 from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.device_config import DeviceConfig
 from fedrec.server import federation as federation_module
 from fedrec.server.federation import Federation
 
@@ -239,7 +240,7 @@ def test_audit_report_reads_attacks_against_the_prior(small_cfg):
 
 
 def test_the_audit_refuses_an_algorithm_whose_update_its_attackers_cannot_read(small_cfg):
-    cfg = dataclasses.replace(small_cfg, model="bpmf", clipping_norm=0.1)
+    cfg = dataclasses.replace(small_cfg, model="bpmf")  # with --clipping-norm, the config itself refuses it
     with pytest.raises(ConfigError, match="factor family's update"):
         run_audit(cfg, targets=5, log=None)
     assert not Path(cfg.out).exists()  # nothing half-written
@@ -298,12 +299,12 @@ def test_decoys_imply_ratings_as_plausible_as_real_ones():
 def test_private_runs_start_each_user_from_a_vector_the_server_cannot_know(small_cfg):
     hosting = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 12},
                       state=RecordDict(), run_config={})
-    node = node_data(small_cfg, hosting)  # users 0..4 of 60
+    node = node_data(DeviceConfig.of(small_cfg.resolved()), hosting)  # users 0..4 of 60
     seeded = node.algorithm.new_users(np.arange(5), small_cfg.synthetic_users, None)["emb"]
 
     def start(cfg):
         context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-        return load_state(context, node, cfg, {}, 0)["emb"]
+        return load_state(context, node, cfg.device_policy(cfg.seed), {}, 0)["emb"]
 
     np.testing.assert_array_equal(start(small_cfg), seeded)  # non-private runs repeat exactly
     for private in (dict(update_mode="padded"), dict(dp="central", clipping_norm=0.1, noise_multiplier=1.0)):

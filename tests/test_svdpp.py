@@ -155,7 +155,7 @@ def test_padded_uploads_are_refused_under_svdpp(small_cfg):
     """Decoys would not hide the ratings: every row's y step is |N(u)|^-1/2 sum over the REAL rows of
     dloss q_i, so the server can solve for the subset of rows that sums to it (the red-team review
     recovered the exact rated set of users with <= 48 ratings on ML-100K)."""
-    with pytest.raises(ConfigError, match="svdpp with --update-mode padded"):
+    with pytest.raises(ConfigError, match="svdpp refuses --update-mode padded"):
         dataclasses.replace(small_cfg, model="svdpp", update_mode="padded").validate()
     svdpp = SVDPP(Hyper(model="svdpp", dim=4, seed=2), SPLIT.n_items, SPLIT.rating_scale)
     rows = cohort(SPLIT, np.arange(2))
