@@ -20,7 +20,7 @@ from fedrec.experiments.tune import BPMF_SPACE, STEP, Budget, defaults, search, 
 from fedrec.run import build
 from fedrec.run.build import SHARDS_ENV, ensure_shards, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.simulations import cli as cli_module
+from fedrec.cli import main as cli_module
 from fedrec.simulations.central import run_central
 
 SMALL = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.25"]
@@ -167,7 +167,7 @@ def test_a_poisoned_u1_test_file_changes_nothing_in_tuning(tmp_path):
 def _federated_in_process(cfg: RunConfig):
     """compare's federated side through the in-process grid (the code the engines run, no Ray)."""
     from fedrec.client.app import app as client_app
-    from fedrec.server.app import run_server
+    from fedrec.server.runner import run_server
     from fedrec.simulations.federated import _environment, check_population
     from fedrec.simulations.inprocess import InProcessGrid
 
