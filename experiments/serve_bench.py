@@ -4,8 +4,9 @@ fit + top-10, in process and through the page's own form (POST /new).
 Start-up is timed on the real command in a fresh process (interpreter start, imports,
 loading the run and its data, the web server's start), from spawning it until GET / answers
 200, and until a device page does too, each through the printed URL's token login as a
-browser opens it (one redirect). The fit is timed on fedrec.models.personal, the code
-the page runs for a new device, against the run's saved model.
+browser opens it (one redirect). The fit is timed on the run's algorithm (its `recommend`: the
+device's refit from its own ratings, then its top-N), what the page runs for a new device,
+against the run's saved model.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.models.personal import fit_user, top_n
+from fedrec.models.central import tensors
 from fedrec.models.saved import load_model
-from fedrec.run.build import hyper, load_data
+from fedrec.run.build import load_data, make_algorithm
 from fedrec.run.config import RunConfig
 from fedrec.run.finished import locate
 from fedrec.run.rundir import write_json
@@ -173,11 +174,13 @@ def start_up(run: Path, user: str, repeats: int, log=print) -> dict:
 
 
 def fit_in_process(run: Path, cfg: RunConfig, counts: list[int], repeats: int, seed: int = 0) -> dict:
-    """fit_user + top_n(10) for a new device with `k` random ratings of random items, `repeats` times per k."""
-    items, split = load_model(run), load_data(cfg)
-    params, rng = hyper(cfg), np.random.default_rng(seed)
+    """The run's algorithm's refit + top-10 for a new device with `k` random ratings of random items,
+    `repeats` times per k."""
+    split = load_data(cfg)
+    algorithm, model = make_algorithm(cfg, split.n_items, split.rating_scale), tensors(load_model(run))
+    rng = np.random.default_rng(seed)
     low, high = split.rating_scale
-    fit_user(items, np.arange(5), np.full(5, high), params)  # first call pays torch's lazy initialisation
+    algorithm.recommend(model, np.arange(5), np.full(5, high), 10)  # the first call pays torch's lazy initialisation
     per_count, every = {}, []
     for k in counts:
         seconds = []
@@ -185,13 +188,14 @@ def fit_in_process(run: Path, cfg: RunConfig, counts: list[int], repeats: int, s
             rated = rng.choice(split.n_items, size=k, replace=False)
             ratings = rng.integers(int(low), int(high) + 1, size=k).astype(np.float64)
             start = time.perf_counter()
-            best, _ = top_n(items, fit_user(items, rated, ratings, params), rated, 10, split.rating_scale)
+            best, _ = algorithm.recommend(model, rated, ratings, 10)
             seconds.append(time.perf_counter() - start)
             if len(best) != 10 or set(best) & set(rated):
                 raise RuntimeError(f"top_n gave {len(best)} items or a rated one for {k} ratings")
         per_count[str(k)] = stats(seconds)
         every += seconds
-    return {"all": stats(every), "by_ratings": per_count, "items": int(split.n_items), "dim": int(items.emb.shape[1])}
+    return {"all": stats(every), "by_ratings": per_count, "items": int(split.n_items),
+            "dim": int(algorithm.settings.dim)}
 
 
 def _post(opener, target: str, fields: dict, k: int) -> tuple[float, float | None]:
