@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from fedrec.run.config import RunConfig
 from fedrec.experiments import accuracy
+from fedrec.run.config import RunConfig
 
 
 def test_the_federated_curve_follows_the_runs_own_top_k(monkeypatch):

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli import main as cli_module
 from fedrec.cli.main import cli
 from fedrec.datasets import SyntheticSpec, generate
 from fedrec.datasets.shards import node_name, open_shard
@@ -20,7 +21,6 @@ from fedrec.experiments.tune import BPMF_SPACE, STEP, Budget, defaults, search, 
 from fedrec.run import build
 from fedrec.run.build import SHARDS_ENV, ensure_shards, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.cli import main as cli_module
 from fedrec.simulations.central import run_central
 
 SMALL = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.25"]
