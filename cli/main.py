@@ -523,21 +523,22 @@ def bench(cfg: RunConfig,
                        log=lambda line: console.print(line, highlight=False))
     floor = report.get("engine_floor_seconds_per_round")
     table = Table(title="fedrec bench" + (f" (engine floor {floor:.3f} s/round)" if floor else ""))
-    for column in ("case", "updates/s", "s/round", "end-to-end s", "peak RSS MB", "users", "nodes"):
+    for column in ("case", "model", "K", "updates/s", "s/round", "end-to-end s", "peak RSS MB", "users", "nodes"):
         table.add_column(column, justify="right")
     for name, c in report["cases"].items():
         if "rmse_deployment" in c:  # the Deployment Engine against Ray: a line of its own
             continue
-        table.add_row(name, f"{c['updates_per_second']:.0f}", f"{c['seconds_per_round']:.3f}",
-                      f"{c['end_to_end_seconds']:.1f}", f"{c['peak_rss_mb']:.0f}", str(c["num_users"]),
-                      str(c["num_nodes"]))
+        table.add_row(name, c["model"], str(c["dim"]), f"{c['updates_per_second']:.0f}",
+                      f"{c['seconds_per_round']:.3f}", f"{c['end_to_end_seconds']:.1f}", f"{c['peak_rss_mb']:.0f}",
+                      str(c["num_users"]), str(c["num_nodes"]))
     if table.row_count:
         out.print(table)
     for name, c in report["cases"].items():
         if "rmse_deployment" in c:
-            out.print(f"{name}: RMSE {c['rmse_deployment']:.6f} (Deployment Engine, {c['supernodes']} SuperNodes) vs "
-                      f"{c['rmse_ray']:.6f} (Ray), difference {c['rmse_difference']:.1e}; s/round "
-                      f"{c['seconds_per_round_deployment']:.2f} vs {c['seconds_per_round_ray']:.3f}")
+            out.print(f"{name} ({c['model']}, K={c['dim']}): RMSE {c['rmse_deployment']:.6f} (Deployment Engine, "
+                      f"{c['supernodes']} SuperNodes) vs {c['rmse_ray']:.6f} (Ray), difference "
+                      f"{c['rmse_difference']:.1e}; s/round {c['seconds_per_round_deployment']:.2f} vs "
+                      f"{c['seconds_per_round_ray']:.3f}")
     out.print(f"results in {report['run_dir']}/bench.json")
 
 

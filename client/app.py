@@ -20,8 +20,7 @@ from fedrec.models.randomness import dropped, private_rng
 from fedrec.privacy.device import DeviceResult, device_step
 from fedrec.privacy.noise import add_device_noise
 from fedrec.run import schema
-from fedrec.run.build import device_policy
-from fedrec.run.config import RunConfig
+from fedrec.run.device_config import DeviceConfig
 
 from . import controls, uploads
 from .node import NodeData, load_state, node_data, save_state
@@ -39,13 +38,13 @@ class DeviceDropped(RuntimeError):
     users still send their noise shares."""
 
 
-def _run_config(record) -> RunConfig:
-    """The run's settings from a round's config (a ConfigRecord, or a dict in SecAgg+ rounds)."""
-    return RunConfig.from_mapping({k: v for k, v in record.items() if k not in schema.ROUND_KEYS})
+def _device_config(record) -> DeviceConfig:
+    """This device's settings from a round's config (a ConfigRecord, or a dict in SecAgg+ rounds)."""
+    return DeviceConfig.from_record(record, ignore=schema.ROUND_KEYS)
 
 
-def _config(msg: Message) -> RunConfig:
-    return _run_config(msg.content[schema.CONFIG])
+def _config(msg: Message) -> DeviceConfig:
+    return _device_config(msg.content[schema.CONFIG])
 
 
 def _shared(msg: Message) -> dict[str, np.ndarray]:
@@ -70,33 +69,31 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if is_secure_round(msg):  # a SecAgg+ round: FitIns in, a FitRes for the mod to mask out
         return secure_reply(msg, lambda shared, config: _train(shared, config, context))
-    result, cfg = _train(_shared(msg), msg.content[schema.CONFIG], context)
+    result, device = _train(_shared(msg), msg.content[schema.CONFIG], context)
     metrics = {schema.WEIGHT: int(result.took_part.sum())}
-    # Diagnostics only where they reveal nothing the upload does not: not under local DP (the
-    # server is the adversary and they are not noised), not with decoys (the real row count).
-    if cfg.dp != "local" and cfg.update_mode != "padded":
+    if device.policy.sends_diagnostics:  # only where they reveal nothing the upload does not
         metrics |= {"loss-sum": result.sums.loss_sum, "num-rows": result.sums.num_rows}
     return Message(RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in result.upload.items()}),
                                schema.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _train(shared: dict[str, np.ndarray], config, context: Context) -> tuple[DeviceResult, RunConfig]:
+def _train(shared: dict[str, np.ndarray], config, context: Context) -> tuple[DeviceResult, DeviceConfig]:
     """One round of this node's sampled users (config: the round's ConfigRecord or dict)."""
-    cfg = _run_config(config)
-    node = node_data(cfg, context)
+    device = _device_config(config)
+    node = node_data(device, context)
     round_ = int(config[schema.ROUND])
-    state = load_state(context, node, cfg, config, up_to=round_ - 1)
+    state = load_state(context, node, device.policy, config, up_to=round_ - 1)
     sent = sampled = np.asarray(config[schema.USERS], dtype=np.int64)
-    if cfg.dropout > 0:  # simulated failures: these devices go silent this round
-        sampled = sampled[~dropped(cfg.seed, round_, sampled, cfg.dropout)]
+    if device.dropout > 0:  # simulated failures: these devices go silent this round
+        sampled = sampled[~dropped(device.data.seed, round_, sampled, device.dropout)]
     if not len(sampled):
         raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
     sampled = sampled[~controls.withheld(state_root(context), sampled, round_)]  # opted out or erased: silent
-    policy = device_policy(cfg, float(config.get(schema.NOISE_SHARE, 0.0)))
+    policy = device.policy
     if not len(sampled):
-        if cfg.dp != "distributed":
+        if policy.dp != "distributed":
             raise DeviceDropped(f"every sampled device of this node dropped out in round {round_}")
-        return _noise_only(node, len(sent), policy, round_, int(sent[0])), cfg
+        return _noise_only(node, len(sent), policy, round_, int(sent[0])), device
     if len(np.unique(sampled)) != len(sampled):  # a user trained twice would upload twice its clipped update
         raise ValueError(f"round {round_}: the server sent a user more than once")
     positions = np.searchsorted(node.users, sampled)  # where the sampled users are on this node
@@ -104,15 +101,15 @@ def _train(shared: dict[str, np.ndarray], config, context: Context) -> tuple[Dev
         raise ValueError(f"round {round_}: the server sampled users this node does not host")
     local = torch.as_tensor(positions)
     result = device_step(node.algorithm, shared, {k: v[local] for k, v in state.items()}, node.shard.cohort(positions),
-                         round_, policy, cfg.seed)
-    if cfg.dp == "distributed":  # users held back (dropout, consent, erasure, cap) still add their shares
+                         round_, policy, device.data.seed)
+    if policy.dp == "distributed":  # users held back (dropout, consent, erasure, cap) still add their shares
         _add_shares(node, result.upload, len(sent) - int(result.took_part.sum()), policy, round_, int(sent[0]))
     for name, value in result.state.items():
         state[name][local] = value
-    save_state(context, state, config, round_, positions, keep_bases=cfg.keep_checkpoints)
-    if cfg.keep_checkpoints and state_root(context) and config.get(schema.SERIES):
-        _log_uploads(context, config, round_, sampled[result.took_part], result, cfg.clipping_norm)
-    return result, cfg
+    save_state(context, state, config, round_, positions, keep_bases=device.keep_checkpoints)
+    if device.keep_checkpoints and state_root(context) and config.get(schema.SERIES):
+        _log_uploads(context, config, round_, sampled[result.took_part], result, policy.clipping_norm)
+    return result, device
 
 
 def _add_shares(node: NodeData, upload: dict, users: int, policy, round_: int, first_user: int) -> None:
@@ -145,10 +142,10 @@ def _log_uploads(context: Context, config, round_: int, users: np.ndarray, resul
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score every hosted user on its own held-out rows; reply with sums only."""
-    cfg = _config(msg)
+    device = _config(msg)
     config = msg.content[schema.CONFIG]
-    node = node_data(cfg, context)
-    state = load_state(context, node, cfg, config, up_to=int(config[schema.ROUND]))
+    node = node_data(device, context)
+    state = load_state(context, node, device.policy, config, up_to=int(config[schema.ROUND]))
     model, sums = {k: torch.as_tensor(v) for k, v in _shared(msg).items()}, {}
     # opted out (from its opt-out round) or erased: nothing of the user leaves the device, not even sums
     scored = np.flatnonzero(~controls.withheld(state_root(context), node.users, int(config[schema.ROUND])))
@@ -158,7 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         chunk = scored[start:start + EVAL_CHUNK]
         index = torch.as_tensor(chunk)
         add_sums(sums, node.algorithm.evaluate(model, {k: v[index] for k, v in state.items()},
-                                               node.shard.cohort(chunk), cfg.top_k))
+                                               node.shard.cohort(chunk), device.top_k))
     metrics = MetricRecord({schema.WEIGHT: len(scored), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

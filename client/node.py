@@ -16,8 +16,9 @@ from fedrec.datasets import DataError
 from fedrec.datasets.shards import Shard, ShardMeta, node_name, open_shard
 from fedrec.models.algorithm import Algorithm, UserState
 from fedrec.privacy.device import ROUNDS, new_users
-from fedrec.run.build import SHARDS_ENV, data_key, device_policy, ensure_shards, make_algorithm
-from fedrec.run.config import RunConfig
+from fedrec.privacy.policy import DevicePolicy
+from fedrec.run.build import SHARDS_ENV, data_key, ensure_shards, make_algorithm
+from fedrec.run.device_config import DeviceConfig
 from fedrec.run.schema import CHECKPOINT_ROUND, RESUMED_FROM, SERIES, STATE_KEY
 
 from .storage import (
@@ -47,7 +48,7 @@ class NodeData:
         return self.shard.meta
 
 
-def node_data(cfg: RunConfig, context: Context) -> NodeData:
+def node_data(device: DeviceConfig, context: Context) -> NodeData:
     """This node's shard, from where the node's own config says (never a path the server
     sent): node config `shard` (deployment: `fedrec partition` wrote it), else the set the
     simulation driver built ($FEDREC_SHARDS), else cut on first use from node config
@@ -60,10 +61,10 @@ def node_data(cfg: RunConfig, context: Context) -> NodeData:
             shard_set = Path(os.environ[SHARDS_ENV])
         else:
             data_dir = str(context.node_config.get("data-dir", ""))
-            shard_set = ensure_shards(dataclasses.replace(cfg, data_dir=data_dir, out="", resume=""), num_partitions)
+            shard_set = ensure_shards(dataclasses.replace(device.data, data_dir=data_dir), num_partitions)
         path = shard_set / node_name(partition_id)
-    shard = _open(str(path), data_key(cfg))
-    return NodeData(shard, make_algorithm(cfg, shard.meta.n_items, shard.meta.rating_scale))
+    shard = _open(str(path), data_key(device.data))
+    return NodeData(shard, make_algorithm(device.model, shard.meta.n_items, shard.meta.rating_scale))
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,7 +91,7 @@ arrays): a simulated node that trains again in the same worker reads only the ne
 _HOLD_AT_MOST = 4
 
 
-def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: int) -> UserState:
+def load_state(context: Context, node: NodeData, policy: DevicePolicy, config, up_to: int) -> UserState:
     """The node's users' private state as of round `up_to`: from the device's own disk (base
     and journal, see storage.py) if it has one, else from context.state, else new. Where
     privacy is on, a user's starting vector is drawn from OS entropy: seeded, the server
@@ -98,7 +99,7 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
     root, series = state_root(context), str(config.get(SERIES, ""))
     if not (root and series):
         if STATE_KEY not in context.state:
-            _keep(context, _new_state(node, cfg))
+            _keep(context, _new_state(node, policy))
         record = context.state[STATE_KEY]
         return {k: torch.as_tensor(record[k].numpy()) for k in record.keys()}
     directory = series_dir(root, series)
@@ -108,13 +109,13 @@ def load_state(context: Context, node: NodeData, cfg: RunConfig, config, up_to: 
     held = _HELD.pop(str(directory), None)
     loaded = load(directory, up_to, held)
     if loaded is None:  # a device's first round in this series
-        arrays = {k: v.numpy() for k, v in _new_state(node, cfg).items()}
+        arrays = {k: v.numpy() for k, v in _new_state(node, policy).items()}
         start_steps(directory, arrays[ROUNDS])  # before the base: a crash in between cannot lose the cap
         loaded = (0, save_base(directory, 0, arrays), arrays)
     steps = rounds_taken(directory)
     if steps is None:
         start_steps(directory, loaded[2][ROUNDS])
-    elif cfg.dp in ("local", "distributed") and len(steps) == len(loaded[2][ROUNDS]):
+    elif policy.caps_rounds and len(steps) == len(loaded[2][ROUNDS]):
         # the cap counts every round this device ever uploaded, also in a timeline cut off by a crash
         np.maximum(loaded[2][ROUNDS], steps.astype(loaded[2][ROUNDS].dtype), out=loaded[2][ROUNDS])
     _hold(directory, loaded)
@@ -144,9 +145,9 @@ def _hold(directory: Path, entry: tuple[int, str, dict]) -> None:
         _HELD.pop(next(iter(_HELD)))
 
 
-def _new_state(node: NodeData, cfg: RunConfig) -> UserState:
-    # private starting vectors where the run claims anything against the server (device_policy says)
-    return new_users(node.algorithm, node.users, node.meta.population, device_policy(cfg))
+def _new_state(node: NodeData, policy: DevicePolicy) -> UserState:
+    # private starting vectors where the run claims anything against the server (the policy says)
+    return new_users(node.algorithm, node.users, node.meta.population, policy)
 
 
 def _keep(context: Context, state: UserState) -> None:

@@ -40,11 +40,11 @@ def secure_reply(msg: Message, train: Callable) -> Message:
     parameters = compat.arrayrecord_to_parameters(msg.content.array_records[FITINS_PARAMETERS], keep_input=True)
     config = msg.content.config_records[FITINS_CONFIG]
     shared = dict(zip(config[schema.SHARED_NAMES], parameters_to_ndarrays(parameters)))
-    result, cfg = train(shared, config)
-    if cfg.update_mode != "dense":
+    result, device = train(shared, config)
+    if device.policy.update_mode != "dense":
         raise ValueError("secure aggregation sums dense uploads only")
     vector = dict(result.upload)  # the algorithm's statistics, in its order (fedrec.privacy.secagg.secure_order)
-    vector[COUNT] = np.array([result.took_part.sum() * cfg.clipping_norm], np.float64)
+    vector[COUNT] = np.array([result.took_part.sum() * device.policy.clipping_norm], np.float64)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector[k] for k in secure_order(result.upload)]),
                     1, {})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.models.saved import load_catalogue, load_model
+from fedrec.models.saved import load_catalogue
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.finished import locate
 
@@ -38,7 +38,8 @@ class Demo:
     """Everything the page reads, loaded once; shared read-only by the server's threads."""
 
     def __init__(self, run: Path, data_dir: str | None = None):
-        from fedrec.run.build import hyper, load_data  # torch and pandas: only once a run was found
+        from fedrec.personal.model import run_model  # torch and pandas: only once a run was found
+        from fedrec.run.build import load_data
 
         self.paths = locate(run)
         cfg = RunConfig.from_toml(self.paths.run / "config.toml")
@@ -46,12 +47,8 @@ class Demo:
         self.implicit = self.cfg.resolved().implicit
         self.summary = _read_json(self.paths.run / "summary.json")
         self.federated = self.summary.get("mode", "federated") != "central"
-        self.items = load_model(self.paths.run)
         self.split = load_data(self.cfg)
-        if self.items.emb.shape[0] != self.split.n_items:
-            raise ConfigError(f"the model has {self.items.emb.shape[0]} items but {self.cfg.dataset} has "
-                              f"{self.split.n_items}; pass the --data-dir the run used")
-        self.hyper = hyper(self.cfg)
+        self.algorithm, self.model = run_model(self.paths.run, self.cfg, self.split)  # the run's, as a device has it
         saved_ids, saved_titles = load_catalogue(self.paths.run)
         ids = self.split.item_ids if self.split.item_ids is not None else saved_ids
         self.item_ids = np.asarray(ids) if ids is not None else np.arange(self.split.n_items)
@@ -68,7 +65,9 @@ class Demo:
 
     def reload_model(self) -> None:
         """Read model.npz and summary.json again (after a forget replay rewrote them)."""
-        self.items = load_model(self.paths.run)
+        from fedrec.personal.model import run_model
+
+        self.algorithm, self.model = run_model(self.paths.run, self.cfg, self.split)
         self.summary = _read_json(self.paths.run / "summary.json")
 
     @property
@@ -82,13 +81,23 @@ class Demo:
         if not self.federated:
             return ("a central run trained on everyone's pooled ratings: removing a user's influence means training "
                     "again without the user")
-        from fedrec.simulations import forget
+        from fedrec.personal import forget
 
         if self.cfg.dp != "none":  # fedrec forget erases the device and replays nothing: what it says instead
             return (f"under {self.cfg.dp} differential privacy, fedrec forget erases the device and does not replay "
                     "the federation (a replay would release a second model from the other users' data that no "
                     f"privacy accounting covers); {forget.dp_bound(self.cfg, self.summary.get('privacy') or {})}")
         return forget.no_replay(self.summary, self.paths.run)
+
+    @property
+    def refused_protections(self) -> list[str]:
+        """What the run's algorithm says of secure aggregation and DP where it admits neither (its own reasons):
+        the page must not promise the server could be kept from reading a device's statistics."""
+        from fedrec.models.algorithm import DP, SECURE_AGGREGATION
+
+        refuses = self.algorithm.refuses
+        return [f"no {what}: {refuses[mechanism]}" for mechanism, what in
+                ((SECURE_AGGREGATION, "secure aggregation"), (DP, "differential privacy")) if mechanism in refuses]
 
     @property
     def metric(self) -> str:

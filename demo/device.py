@@ -1,8 +1,8 @@
 """What a device computes for the page: its view, its top-10, and a new device's cold start.
 
 The server process stands in for the phone: recommendations come from the global item
-model and the device's own vector (fedrec.models.personal), never from anything the server
-knows about the user.
+model and the device's own vector, scored and refitted by the run's algorithm (its `top_n` and
+`fit_user`), never from anything the server knows about the user.
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ def epsilon_caveat(demo: Demo, view) -> str | None:
 
 def recommend(demo: Demo, vector: np.ndarray, bias: float, rated_rows, n: int = TOP) -> list[Recommendation]:
     """The n best unrated items for a device's own (vector, bias) under the global model."""
-    from fedrec.models.personal import UserFit, top_n
+    import torch
 
-    best, scores = top_n(demo.items, UserFit(np.asarray(vector, dtype=np.float32), float(bias)),
-                         np.asarray(rated_rows, dtype=np.int64), n, None if demo.implicit else demo.scale)
+    from fedrec.models.factors import Users
+
+    user = Users(torch.as_tensor(np.asarray(vector, dtype=np.float32))[None, :], torch.tensor([float(bias)]))
+    best, scores = demo.algorithm.top_n(demo.model, user, np.asarray(rated_rows, dtype=np.int64), n)
     return [Recommendation(str(demo.item_ids[i]), demo.titles[i], float(s)) for i, s in zip(best, scores)]
 
 
@@ -117,69 +119,43 @@ class ColdStart:
 
 
 def cold_start(demo: Demo, ratings: dict[int, float], opt_in: bool) -> ColdStart:
-    from fedrec.models.personal import fit_user
-
+    """A new device's fit (the run's algorithm's, on implicit feedback too) and its top-10, timed."""
     rows = np.fromiter(ratings, dtype=np.int64)
     values = np.array([ratings[r] for r in rows.tolist()], dtype=np.float32)
     start = time.perf_counter()
-    fit = fit_implicit(demo, rows) if demo.implicit else fit_user(demo.items, rows, values, demo.hyper)
-    picks = recommend(demo, fit.emb, fit.bias, rows)
+    fit = demo.algorithm.fit_user(demo.model, rows, values)
+    vector, bias = fit.emb[0].numpy(), float(fit.bias[0])
+    picks = recommend(demo, vector, bias, rows)
     seconds = time.perf_counter() - start
-    return ColdStart([(demo.titles[r], float(v)) for r, v in zip(rows.tolist(), values.tolist())], fit.emb,
-                     fit.bias, picks, seconds, opt_in, next_upload(demo, rows, values, fit) if opt_in else None)
+    return ColdStart([(demo.titles[r], float(v)) for r, v in zip(rows.tolist(), values.tolist())], vector, bias,
+                     picks, seconds, opt_in, next_upload(demo, rows, values) if opt_in else None)
 
 
-def fit_implicit(demo: Demo, positives: np.ndarray):
-    """A new device's (p_u, b_u) on implicit feedback: every rated movie is a positive, with
-    train-negatives x as many unrated movies drawn from OS entropy as negatives, and local
-    training's loss (BCE on the logits plus reg per row) minimized with the items fixed. The
-    loss is convex in (p_u, b_u): Newton's method reaches its minimum in a few steps."""
-    import torch
-
-    from fedrec.models.personal import UserFit, scoring_vector
-
-    unrated = np.setdiff1d(np.arange(demo.split.n_items), positives)
-    negatives = np.random.default_rng().choice(unrated, len(positives) * max(1, demo.hyper.train_negatives))
-    item = torch.as_tensor(np.concatenate([positives, negatives]))
-    target = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))]).double()
-    q = demo.items.emb.detach().double()[item, :demo.hyper.dim]
-    features = torch.cat([q, torch.ones(len(item), 1, dtype=torch.float64)], 1)
-    implicit = scoring_vector(demo.items, torch.zeros(demo.hyper.dim, dtype=torch.float64), positives)
-    offset = demo.items.global_bias.double() + demo.items.bias.detach().double()[item] + q @ implicit
-    penalty = 2 * len(item) * torch.tensor([demo.hyper.reg_user] * demo.hyper.dim + [demo.hyper.reg_bias]).double()
-    weights = torch.zeros(features.shape[1], dtype=torch.float64)
-    for _ in range(50):
-        prob = torch.sigmoid(features @ weights + offset)
-        gradient = features.T @ (prob - target) + penalty * weights
-        hessian = features.T @ (features * (prob * (1 - prob))[:, None]) + torch.diag(penalty)
-        step = torch.linalg.solve(hessian, gradient)
-        weights -= step
-        if float(step.abs().max()) < 1e-9:
-            break
-    return UserFit(weights[:-1].float().numpy(), float(weights[-1]))
-
-
-def next_upload(demo: Demo, rows: np.ndarray, values: np.ndarray, fit) -> dict:
-    """The upload this device would send if the federation ran one more round: the run's own
-    device step on its ratings (clipping, noise and upload shape as the run's settings say)."""
-    import torch
-
+def next_upload(demo: Demo, rows: np.ndarray, values: np.ndarray) -> dict:
+    """What this device would send if the federation ran one more round: the run's own device step
+    (fedrec.privacy.device: training, clipping, noise and upload shape as the run's settings say) for a
+    new user, on its ratings."""
     from fedrec.datasets.partition import CohortData
-    from fedrec.models.device import device_step
-    from fedrec.models.mf import UserState
+    from fedrec.privacy.clip import clip_scales
+    from fedrec.privacy.device import device_step, new_users
     from fedrec.run.build import device_policy
 
     empty = np.zeros(0, dtype=np.int64)
-    cohort = CohortData(np.zeros(1, dtype=np.int64), np.zeros(len(rows), dtype=np.int64), rows, values,
-                        empty, empty, np.zeros(0, dtype=np.float32), None)
-    dim = demo.hyper.dim
-    state = UserState(torch.as_tensor(fit.emb).reshape(1, dim), torch.tensor([fit.bias]), torch.zeros(1, dim + 1),
-                      torch.zeros(1, dim + 1), torch.zeros(1))
+    population = demo.split.n_users
+    user = np.array([population])  # the next id after the run's users: this device joins as a new one
+    cohort = CohortData(user, np.zeros(len(rows), dtype=np.int64), rows, values, empty, empty,
+                        np.zeros(0, dtype=np.float32), None)
     policy = device_policy(demo.cfg)
-    result = device_step(demo.items, state, cohort, demo.split.n_items, demo.hyper, policy,
-                         int(demo.summary.get("rounds", 0)) + 1)
-    norm = float(result.update.norms[0])
-    return {"arrays": [(name, tuple(a.shape), int(a.nbytes)) for name, a in result.upload.items()],
-            "norm": norm, "clipped_norm": min(norm, policy.clip_norm) if policy.clip_norm > 0 else norm,
-            "noise": device_side().NOISE[demo.cfg.dp],
-            "secure_aggregation": demo.cfg.secure_aggregation != "none"}
+    state = new_users(demo.algorithm, user, population + 1, policy)
+    shared = {name: value.numpy() for name, value in demo.model.items()}
+    result = device_step(demo.algorithm, shared, state, cohort, int(demo.summary.get("rounds", 0)) + 1, policy,
+                         demo.cfg.seed)
+    norms = result.sums.norms[0]
+    norm = float(norms[0])
+    side = device_side()
+    secure = demo.cfg.secure_aggregation != "none"
+    arrays = (side.upload_arrays(demo.cfg, demo.algorithm.statistics(), demo.split.n_items, len(rows)) if secure
+              else [(name, tuple(a.shape), int(a.nbytes)) for name, a in result.upload.items()])
+    return {"arrays": arrays, "norm": norm,
+            "clipped_norm": norm * float(clip_scales(norms.double(), policy.clipping_norm)[0]),
+            "noise": side.NOISE[demo.cfg.dp], "secure_aggregation": secure}

@@ -17,9 +17,10 @@ from fedrec.run.rundir import main_metric, make_run_dir, write_json
 from .memory import PeakRSS
 
 # Flower and Ray are imported inside the cases: the CLI imports this module for its case names.
-CASE_NAMES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k", "synthetic-1m",
-              "ml100k-deploy-4-supernodes")
-DEFAULT_CASES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts", "synthetic-100k")
+CASE_NAMES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts-mf", "ml100k-cohorts-bpmf", "synthetic-100k",
+              "synthetic-1m", "ml100k-deploy-4-supernodes")
+DEFAULT_CASES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts-mf", "ml100k-cohorts-bpmf",
+                 "synthetic-100k")
 
 
 def _empty_client():
@@ -91,7 +92,7 @@ def fedrec_case(cfg: RunConfig) -> dict:
     train_rounds = [r for r in outcome.history[1:] if metric not in r] or outcome.history
     seconds = float(np.mean([r["seconds"] for r in train_rounds]))
     per_round = float(np.mean([r["users_sampled"] for r in train_rounds]))
-    return {"updates_per_second": per_round / seconds, "seconds_per_round": seconds,
+    return {**_model_of(cfg), "updates_per_second": per_round / seconds, "seconds_per_round": seconds,
             "max_seconds_per_round": float(np.max([r["seconds"] for r in train_rounds])),
             "end_to_end_seconds": end_to_end, "peak_rss_mb": peak.mb, "rounds": cfg.rounds,
             "users_per_round": per_round, "num_users": users, "num_nodes": outcome.summary["num_nodes"],
@@ -106,10 +107,16 @@ def deploy_vs_ray(cfg: RunConfig, supernodes: int = 4) -> dict:
     from .scaleout import deploy_case, ray_case
 
     ray, deployed = ray_case(cfg, supernodes), deploy_case(cfg, supernodes)
-    return {"supernodes": supernodes, "rmse_deployment": deployed["rmse"], "rmse_ray": ray["rmse"],
+    return {**_model_of(cfg), "supernodes": supernodes, "rmse_deployment": deployed["rmse"], "rmse_ray": ray["rmse"],
             "rmse_difference": abs(deployed["rmse"] - ray["rmse"]),
             "seconds_per_round_deployment": deployed["seconds_per_round"],
             "seconds_per_round_ray": ray["seconds_per_round"], "deployment": deployed, "ray": ray}
+
+
+def _model_of(cfg: RunConfig) -> dict:
+    """The model a case timed and its K, as the run resolved them."""
+    resolved = cfg.resolved()
+    return {"model": resolved.model, "dim": resolved.dim}
 
 
 def _size_mb(folder) -> float:
@@ -124,8 +131,10 @@ def _in_child(target, *args) -> dict:
 
 
 def cases(base: RunConfig, rounds: int, one_user_rounds: int) -> dict[str, RunConfig]:
-    """The named cases of `fedrec bench --cases` (besides `engine-floor`)."""
-    common = dict(dim=32, local_epochs=1, rounds=rounds, eval_every=rounds, out="")
+    """The named cases of `fedrec bench --cases` (besides `engine-floor`). Each pins the model it times,
+    at that model's default K (dim -1: 32 for MF, models/mf.py's BPMF_DIM for BPMF); ML-100K's cohort
+    case runs under both, so that what the default (BPMF, where every user takes part) costs shows."""
+    common = dict(model="mf", dim=-1, local_epochs=1, rounds=rounds, eval_every=rounds, out="")
     ml = dataclasses.replace(base, **common, split="u1" if base.dataset == "ml-100k" else "random")
     if base.dataset == "synthetic":  # ML-100K's shape, with synthetic ratings
         ml = dataclasses.replace(ml, synthetic_users=943, synthetic_items=1682, synthetic_density=0.063)
@@ -134,7 +143,8 @@ def cases(base: RunConfig, rounds: int, one_user_rounds: int) -> dict[str, RunCo
     return {
         "ml100k-one-user-per-node": dataclasses.replace(ml, users_per_node=1, rounds=one_user_rounds,
                                                         eval_every=one_user_rounds),
-        "ml100k-cohorts": dataclasses.replace(ml, users_per_node=0),
+        "ml100k-cohorts-mf": dataclasses.replace(ml, users_per_node=0),
+        "ml100k-cohorts-bpmf": dataclasses.replace(ml, users_per_node=0, model="bpmf"),
         "synthetic-100k": dataclasses.replace(synthetic, synthetic_users=100_000, synthetic_items=5_000,
                                               synthetic_density=0.01, users_per_round=10_000),
         # ~50 ratings per user after duplicate draws collapse; 10% of the users per round
@@ -167,9 +177,10 @@ def run_bench(base: RunConfig, rounds: int, one_user_rounds: int, names=DEFAULT_
     if "ml100k-one-user-per-node" in found and "synthetic-100k" in found:
         report["speedup_synthetic_vs_one_user_per_node"] = (found["synthetic-100k"]["updates_per_second"]
                                                             / found["ml100k-one-user-per-node"]["updates_per_second"])
-    if "ml100k-cohorts" in found and "engine_floor_seconds_per_round" in report:
-        report["ml100k_cohort_round_minus_floor_seconds"] = (found["ml100k-cohorts"]["seconds_per_round"]
-                                                             - report["engine_floor_seconds_per_round"])
+    for name in ("ml100k-cohorts-mf", "ml100k-cohorts-bpmf"):
+        if name in found and "engine_floor_seconds_per_round" in report:
+            found[name]["seconds_per_round_over_engine_floor"] = (found[name]["seconds_per_round"]
+                                                                  - report["engine_floor_seconds_per_round"])
     write_json(run_dir / "bench.json", report)
     report["run_dir"] = str(run_dir)
     return report

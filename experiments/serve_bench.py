@@ -4,9 +4,8 @@ fit + top-10, in process and through the page's own form (POST /new).
 Start-up is timed on the real command in a fresh process (interpreter start, imports,
 loading the run and its data, the web server's start), from spawning it until GET / answers
 200, and until a device page does too, each through the printed URL's token login as a
-browser opens it (one redirect). The fit is timed on the run's algorithm (its `recommend`: the
-device's refit from its own ratings, then its top-N), what the page runs for a new device,
-against the run's saved model.
+browser opens it (one redirect). The fit is timed on the run's algorithm (fit_user + top_n),
+the code the page runs for a new device, against the run's saved model.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.models.central import tensors
-from fedrec.models.saved import load_model
-from fedrec.run.build import load_data, make_algorithm
+from fedrec.personal.model import run_model
+from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
 from fedrec.run.finished import locate
 from fedrec.run.rundir import write_json
@@ -174,13 +172,12 @@ def start_up(run: Path, user: str, repeats: int, log=print) -> dict:
 
 
 def fit_in_process(run: Path, cfg: RunConfig, counts: list[int], repeats: int, seed: int = 0) -> dict:
-    """The run's algorithm's refit + top-10 for a new device with `k` random ratings of random items,
-    `repeats` times per k."""
+    """fit_user + top_n(10) for a new device with `k` random ratings of random items, `repeats` times per k."""
     split = load_data(cfg)
-    algorithm, model = make_algorithm(cfg, split.n_items, split.rating_scale), tensors(load_model(run))
+    algorithm, model = run_model(run, cfg, split)
     rng = np.random.default_rng(seed)
     low, high = split.rating_scale
-    algorithm.recommend(model, np.arange(5), np.full(5, high), 10)  # the first call pays torch's lazy initialisation
+    algorithm.fit_user(model, np.arange(5), np.full(5, high))  # first call pays torch's lazy initialisation
     per_count, every = {}, []
     for k in counts:
         seconds = []
@@ -188,7 +185,7 @@ def fit_in_process(run: Path, cfg: RunConfig, counts: list[int], repeats: int, s
             rated = rng.choice(split.n_items, size=k, replace=False)
             ratings = rng.integers(int(low), int(high) + 1, size=k).astype(np.float64)
             start = time.perf_counter()
-            best, _ = algorithm.recommend(model, rated, ratings, 10)
+            best, _ = algorithm.top_n(model, algorithm.fit_user(model, rated, ratings), rated, 10)
             seconds.append(time.perf_counter() - start)
             if len(best) != 10 or set(best) & set(rated):
                 raise RuntimeError(f"top_n gave {len(best)} items or a rated one for {k} ratings")

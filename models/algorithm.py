@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_REG
 from .randomness import negatives_key, private_key, private_rng
 
 if TYPE_CHECKING:  # the data layer's type only; models/ imports no other fedrec package at run time
@@ -178,6 +179,11 @@ class Algorithm(ABC):
 
     def __init__(self, settings: Hyper, n_items: int, rating_scale: tuple[float, float]):
         self.settings, self.n_items, self.rating_scale = settings, n_items, rating_scale
+
+    @classmethod
+    def defaults(cls, implicit: bool) -> dict:
+        """Its K and regularization where the run leaves them at -1 (chosen on validation splits of ML-100K)."""
+        return {"dim": 32, **{k: v[implicit] for k, v in DEFAULT_REG.items()}}
 
     # ------------------------------------------------------------------ device
     @abstractmethod

@@ -44,7 +44,7 @@ from .algorithm import (
     Statistic,
     UserState,
 )
-from .defaults import Hyper
+from .defaults import BPMF_DIM, BPMF_REG, Hyper
 from .factors import (
     GLOBAL_BIAS,
     ITEM_BIAS,
@@ -368,7 +368,7 @@ class BPMF(Algorithm):
             "synthetic data, where MF gets 0.86)",
         SECURE_AGGREGATION: "an item's summed g g^T has the rank of its rater count, and the server reads users off "
                             "it even through SecAgg+",
-        DECOYS: "a decoy's statistics would need a made-up vector and rating",
+        DECOYS: "it takes no decoys: a decoy's statistics would need a made-up vector and rating",
         CLIPPING: "its statistics grow with a user's ratings, so a clipping norm sized for MF's updates would crush "
                   "them",
         PARTIAL: "it draws each item from all its raters' statistics every round (use every user each round)",
@@ -376,6 +376,11 @@ class BPMF(Algorithm):
     settings_read = frozenset({"dim", "reg_user", "reg_bias", "init_std", "bpmf_alpha", "burn_in"})
     implicit_feedback = False
     comparable_norms = False  # a heavy user's honest statistics are far above the round's median
+
+    @classmethod
+    def defaults(cls, implicit: bool) -> dict:
+        """K = 10 and its fixed user prior's precisions (reg_item unused: the items' prior is learned)."""
+        return {"dim": BPMF_DIM, **BPMF_REG}
 
     def statistics(self) -> dict[str, Statistic]:
         dim = self.settings.dim

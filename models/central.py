@@ -43,7 +43,8 @@ def train_central(algorithm: Algorithm, rows, n_users: int, epochs: int, strateg
     for epoch in range(1, epochs + 1):
         users, sums = train_cohort(algorithm, tensors(server.broadcast()), users, rows, epoch, keys)
         algorithm.server_step(server, sums.arrays, float(sums.num_users), epoch)
-        row = {"epoch": epoch, "train_loss": sums.loss_sum / max(sums.num_rows, 1), "seconds": time.perf_counter() - start}
+        row = {"epoch": epoch, "train_loss": sums.loss_sum / max(sums.num_rows, 1),
+               "seconds": time.perf_counter() - start}
         if epoch % eval_every == 0 or epoch == epochs:
             row.update(finish(algorithm.evaluate(tensors(server.model()), users, rows, k), k))
             result.history.append(row)

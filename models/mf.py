@@ -81,7 +81,8 @@ class MF(Algorithm):
         return {ITEM_EMB: Statistic(self.settings.dim), ITEM_BIAS: Statistic(1),
                 GLOBAL_BIAS: Statistic(1, per_item=False)}
 
-    def init_server(self, strategy: str = DEFAULT_SERVER_OPTIMIZER, server_lr: float = DEFAULT_SERVER_LR) -> FactorServer:
+    def init_server(self, strategy: str = DEFAULT_SERVER_OPTIMIZER,
+                    server_lr: float = DEFAULT_SERVER_LR) -> FactorServer:
         """Public starting items, and the server optimizer (--strategy, --server-lr) that moves them."""
         s = self.settings
         items = init_items(self.n_items, s.dim, s.init_std, s.seed, initial_global_bias(s.implicit, self.rating_scale))
@@ -104,14 +105,20 @@ class MF(Algorithm):
         """Each user's `local_epochs` full-batch steps on its rows (and decoy rows, which never touch its
         own vector, its bias, mu or the loss: they are trained like real rows so that their item changes
         look alike). Returns the new state and each user's change of the item rows it touched."""
-        s = self.settings
         seg, item, target = self.training_rows(rows, round_, keys)
         decoy = None
         if decoys is not None:
             decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
-            seg, item = torch.cat([seg, torch.as_tensor(decoys.segment)]), torch.cat([item, torch.as_tensor(decoys.item)])
+            seg = torch.cat([seg, torch.as_tensor(decoys.segment)])
+            item = torch.cat([item, torch.as_tensor(decoys.item)])
             target = torch.cat([target, self.decoy_targets(shared, state, rows, decoys)])
-        n = len(rows.users)
+        return self.fit_rows(shared, state, seg, item, target, decoy, len(rows.users))
+
+    def fit_rows(self, shared: dict[str, torch.Tensor], state: UserState, seg: torch.Tensor, item: torch.Tensor,
+                 target: torch.Tensor, decoy: torch.Tensor | None, n: int) -> tuple[UserState, RowContributions]:
+        """`local_epochs` steps of `n` users on the given rows (user position, item, target; `decoy` True on
+        decoy rows): the gradient written out by hand, one batched expression for every user's rows."""
+        s = self.settings
         copies = {name: shared[name][item] for name in self.row_arrays()}  # each user's own copy of its rows
         mu0 = shared[GLOBAL_BIAS].expand(n)
         deltas = {name: torch.zeros_like(value) for name, value in copies.items()}
@@ -276,9 +283,10 @@ class MF(Algorithm):
         return self.top_n(model, user, items, n, hide)
 
     def top_n(self, model, user: Users, rated: np.ndarray, n: int, hide=None):
-        """The user's `n` best unrated items (indices, scores clamped to the rating scale)."""
+        """The user's `n` best unrated items (indices, scores clamped to the rating scale; logits, unclamped,
+        for implicit feedback, which has no rating scale)."""
         view, scoring = self._scoring(model, user, rated)
-        return top_n(view, scoring, rated, n, self.rating_scale, hide)
+        return top_n(view, scoring, rated, n, None if self.settings.implicit else self.rating_scale, hide)
 
     def _scoring(self, model, user: Users, rated: np.ndarray) -> tuple[ItemParams, Users]:
         return ItemParams(model[ITEM_EMB], model[ITEM_BIAS], model[GLOBAL_BIAS]), user

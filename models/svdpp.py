@@ -49,7 +49,7 @@ class SVDPP(MF):
         member = (target > 0) if self.settings.implicit else torch.ones(len(item), dtype=torch.bool)
         in_sum = member if real is None else member & real
         sum_seg = seg[in_sum]
-        return member, in_sum, sum_seg, torch.bincount(sum_seg, minlength=n).clamp(min=1).float().rsqrt()
+        return member, in_sum, sum_seg, torch.bincount(sum_seg, minlength=n).clamp(min=1).to(target.dtype).rsqrt()
 
     def _offset(self, context, now, seg, n):
         _, in_sum, sum_seg, y_scale = context

@@ -1,5 +1,5 @@
-"""What else left a device in a run, besides the item-side update its upload log lists: short,
-honest sentences for the device page (device_view.DeviceView.also_sent)."""
+"""What else left a device in a run, besides the item-side statistics its upload log lists, and what
+they give away: short, honest sentences for the device page (device_view.DeviceView.also_sent)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from fedrec.run.config import RunConfig
 
 CENTRAL = ("a central run: every rating of this user was pooled on one server, which also trained the user's "
            "vector and bias there; nothing stayed on a device")
+READABLE = ("each upload's statistics are computed from this user's vector and ratings, and the server sees them as "
+            "sent (no secure aggregation, no noise added on the device): from an upload of this user alone it can "
+            "compute both (summary.json, privacy: against_server)")
 LOOKS_LIKE_A_FAILURE = ("to the server (and, in runs without DP, to readers of metrics.csv who recompute the draws "
                         "from the public seed) an opt-out looks like a device that fails whenever it is sampled")
 
@@ -29,6 +32,8 @@ def also_sent(cfg: RunConfig, central: bool, uploaded: bool, opted_out: bool, er
                        "not the ratings)")
         elif cfg.update_mode == "padded":
             out.append("each padded upload's item-index lists the items this user rated among decoy items")
+    if uploaded and not secure and cfg.dp != "local":
+        out.append(READABLE)
     if uploaded and cfg.dp == "central":
         out.append("under central DP the update reached the server un-noised (the server adds the noise to the "
                    "sum): the epsilon holds against readers of the run, not against the server")

@@ -2,9 +2,9 @@
 
 What a phone would show its user, read from where the simulation keeps each device's disk
 (RUN_DIR.devices/node-P/, see fedrec.client.storage): its ratings (the run's data), its
-private vector and bias (the device state a run with --keep-checkpoints keeps, else
-re-fitted on the device from its ratings and the global model), its own upload log and
-consent flags. `set_consent` and `erase_device` act on that device only; the server is
+private vector and bias (the device state a run with --keep-checkpoints keeps, else re-fitted
+on the device from its ratings and the global model by the run's algorithm), its own upload log
+and consent flags. `set_consent` and `erase_device` act on that device only; the server is
 never told (fedrec.client.controls).
 """
 
@@ -20,18 +20,20 @@ import pandas as pd
 
 from fedrec.client import controls, storage, uploads
 from fedrec.datasets import cohort
-from fedrec.models.personal import fit_user
-from fedrec.models.saved import load_model
-from fedrec.run import finished, schema
-from fedrec.run.build import hyper, load_data, num_nodes
+from fedrec.models.algorithm import Statistic
+from fedrec.privacy.device import ROUNDS, new_users
+from fedrec.privacy.secagg import COUNT, secure_order
+from fedrec.privacy.upload import ITEM_INDEX
+from fedrec.run import finished
+from fedrec.run.build import device_policy, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.run.secagg import COUNT
 from fedrec.server import checkpoint
 from fedrec.server.validation import train_array_names
 from fedrec.simulations.federated import device_dir
 
 from .device_sent import also_sent
 from .forget_lock import forget_lock, last_round
+from .model import run_model
 
 FROM_STATE = "device state of the run"
 REFITTED = "re-fitted on the device (the run kept no device state)"
@@ -39,7 +41,7 @@ NEVER_TRAINED = "re-fitted on the device (this user never trained in the run)"
 ERASED = "erased on the device"
 NOISE = {"none": "none", "central": "central (added by the server to the sum)",
          "local": "local (added on this device)", "distributed": "distributed (a share added on this device)"}
-NEVER_UPLOADED = ["ratings", "user vector", "user bias", "optimizer moments (m, v)", "optimizer step count"]
+USER_SIDE = {"emb": "user vector", "bias": "user bias"}  # the user state the family names (fedrec.models.factors)
 
 
 @dataclass
@@ -63,7 +65,7 @@ class DeviceView:
     bytes_stored: int
     uploads: list[Upload]
     epsilon: float | None
-    never_uploaded: list[str]
+    never_uploaded: list[str]  # the ratings and every entry of the user's private state
     audit_evidence: str
     opted_out: bool
     erased: bool
@@ -142,33 +144,43 @@ def device_view(run_dir: Path, user: str) -> DeviceView:
     cfg, split = device.cfg, device.split
     flags = controls.read(device.root)
     erased = device.index in flags["erased"]
-    items = load_model(device.run_dir)
+    algorithm, model = run_model(device.run_dir, cfg, split)
     rows = cohort(split, [device.index])
     titles = split.item_titles
     ratings = [] if erased else [
         (str(titles[i]) if titles is not None else f"item {i}", float(r)) for i, r in zip(rows.train_item,
                                                                                            rows.train_rating)]
     state = None if erased else _kept_state(device)
+    # the entries and sizes of one user's private state, whatever the algorithm keeps (a device starts with these)
+    fresh = {k: v[0].numpy() for k, v in new_users(algorithm, np.zeros(1, np.int64), 1, device_policy(cfg)).items()}
     log = [] if erased else [e for d in controls.series_dirs(device.root) for e in uploads.of_user(d, device.index)]
     if erased:
-        vector, bias, source = np.zeros(cfg.dim, np.float32), 0.0, ERASED
-    elif state is not None and state["step"] > 0:
+        vector, bias, source = np.zeros(0, np.float32), 0.0, ERASED
+    elif state is not None and state[ROUNDS] > 0:  # it trained: the state its device kept
         vector, bias, source = np.asarray(state["emb"], np.float32), float(state["bias"]), FROM_STATE
     else:
-        fit = fit_user(items, rows.train_item, rows.train_rating, hyper(cfg))
-        vector, bias, source = fit.emb, fit.bias, NEVER_TRAINED if state is not None else REFITTED
+        fit = algorithm.fit_user(model, rows.train_item, rows.train_rating)
+        vector, bias = fit.emb[0].numpy(), float(fit.bias[0])
+        source = NEVER_TRAINED if state is not None else REFITTED
     ratings_bytes = 0 if erased else sum(a.nbytes for a in (rows.train_item, rows.train_rating, rows.test_item,
                                                             rows.test_rating))
-    state_bytes = 0 if erased else (sum(np.asarray(v).nbytes for v in state.values()) if state is not None
-                                    else (3 * cfg.dim + 4) * 4)
-    shown = _uploads(device, log, split.n_items)
+    held = fresh if state is None else state  # a device that kept no state holds a fresh one beside its fit
+    state_bytes = 0 if erased else sum(np.asarray(v).nbytes for v in held.values())
+    shown = _uploads(device, log, algorithm.statistics(), split.n_items)
     central = _mode(device.run_dir) == "central"
     opted_out = device.index in flags["opted-out"]
     return DeviceView(user=str(user).strip(), ratings=ratings, vector=vector, bias=bias, vector_source=source,
                       bytes_stored=ratings_bytes + state_bytes + len(log) * 4 * 8, uploads=shown,
-                      epsilon=_epsilon_so_far(device, shown), never_uploaded=[] if central else list(NEVER_UPLOADED),
-                      audit_evidence=audit_evidence(device.run_dir, cfg), opted_out=opted_out, erased=erased,
-                      also_sent=also_sent(cfg, central, bool(log), opted_out, erased))
+                      epsilon=_epsilon_so_far(device, shown), never_uploaded=[] if central else never_uploaded(fresh),
+                      audit_evidence=audit_evidence(device.run_dir, cfg, algorithm.statistics()), opted_out=opted_out,
+                      erased=erased, also_sent=also_sent(cfg, central, bool(log), opted_out, erased))
+
+
+def never_uploaded(state: dict) -> list[str]:
+    """The ratings and every entry of a user's private state (whatever the algorithm keeps there)."""
+    rest = [name for name in state if name not in USER_SIDE]
+    return ["ratings", *(USER_SIDE[name] for name in state if name in USER_SIDE),
+            *([f"the rest of its private state ({', '.join(rest)})"] if rest else [])]
 
 
 def _mode(run_dir: Path) -> str | None:
@@ -187,24 +199,28 @@ def _kept_state(device: Device) -> dict[str, np.ndarray] | None:
     return None
 
 
-def upload_arrays(cfg: RunConfig, n_items: int, rows: int) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape, bytes) of one user's upload (fedrec.models.upload.build_upload): every item
-    row when dense, else the touched rows and their indices; under SecAgg+ the dense update and
-    the user count (fedrec.run.secagg), quantized and masked by Flower into 64-bit integers."""
-    width = hyper(cfg).upload_width
+def upload_arrays(cfg: RunConfig, statistics: dict[str, Statistic], n_items: int,
+                  rows: int) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape, bytes) of one user's upload (fedrec.privacy.upload.build_upload): each statistic the
+    algorithm declares, for every item when dense, else for the touched rows with their indices; under
+    SecAgg+ the dense statistics and the user count (fedrec.privacy.secagg), quantized and masked by
+    Flower into 64-bit integers."""
+    def shape(name: str, n: int) -> tuple[int, ...]:
+        if name == COUNT:
+            return (1,)
+        stat = statistics[name]
+        return (n, stat.width) if stat.per_item else (stat.width,)
+
     if cfg.secure_aggregation != "none":
-        shapes = ((schema.ITEM_EMB, (n_items, width)), (schema.ITEM_BIAS, (n_items,)), (schema.GLOBAL_BIAS, (1,)),
-                  (COUNT, (1,)))
-        return [(name, shape, 8 * int(np.prod(shape))) for name, shape in shapes]
+        return [(name, shape(name, n_items), 8 * int(np.prod(shape(name, n_items))))
+                for name in secure_order(statistics)]
     dense = cfg.update_mode == "dense"
     n = n_items if dense else rows
-    out = [] if dense else [(schema.ITEM_INDEX, (n,), 8 * n)]
-    out += [(schema.ITEM_EMB, (n, width), 4 * n * width), (schema.ITEM_BIAS, (n,), 4 * n),
-            (schema.GLOBAL_BIAS, (1,), 4)]
-    return out
+    out = [] if dense else [(ITEM_INDEX, (n,), 8 * n)]
+    return out + [(name, shape(name, n), 4 * int(np.prod(shape(name, n)))) for name in statistics]
 
 
-def _uploads(device: Device, log: list[uploads.Entry], n_items: int) -> list[Upload]:
+def _uploads(device: Device, log: list[uploads.Entry], statistics: dict[str, Statistic], n_items: int) -> list[Upload]:
     cfg = device.cfg
     plan = _plan(device) if cfg.dp == "local" else None
     run_epsilon = _run_epsilons(device.run_dir) if cfg.dp in ("central", "distributed") else {}
@@ -215,13 +231,13 @@ def _uploads(device: Device, log: list[uploads.Entry], n_items: int) -> list[Upl
             epsilon = plan.epsilon(min(count, plan.max_rounds or count))
         elif cfg.dp != "none":
             epsilon = run_epsilon.get(entry.round)
-        shown.append(Upload(entry.round, upload_arrays(cfg, n_items, entry.rows), entry.norm, entry.clipped,
-                            NOISE[cfg.dp], cfg.secure_aggregation != "none", epsilon))
+        shown.append(Upload(entry.round, upload_arrays(cfg, statistics, n_items, entry.rows), entry.norm,
+                            entry.clipped, NOISE[cfg.dp], cfg.secure_aggregation != "none", epsilon))
     return shown
 
 
 def _plan(device: Device):
-    from fedrec.server.app import privacy_plan  # the run's own plan: z and the cap are in its config.toml
+    from fedrec.server.runner import privacy_plan  # the run's own plan: z and the cap are in its config.toml
 
     return privacy_plan(device.cfg, device.split.n_users)[1]
 
@@ -244,11 +260,11 @@ def _epsilon_so_far(device: Device, shown: list[Upload]) -> float | None:
     return float((summary.get("privacy") or {}).get("epsilon", 0.0))  # local DP: the most active user's, a bound
 
 
-def audit_evidence(run_dir: Path, cfg: RunConfig) -> str:
+def audit_evidence(run_dir: Path, cfg: RunConfig, statistics: dict[str, Statistic]) -> str:
     """One sentence: how the run's audit trail backs "never uploaded"."""
     if _mode(run_dir) == "central":
         return "a central run: every rating was pooled on one server; no device uploaded anything, so there is no trail"
-    allowed = sorted(train_array_names(cfg))
+    allowed = sorted(train_array_names(statistics, cfg))
     path = run_dir / "audit.jsonl"
     if not path.is_file():  # after a forget replay the server keeps it (its lines per round counted replies)
         path = checkpoint.kept_dir(run_dir) / "audit.jsonl"

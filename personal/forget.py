@@ -195,7 +195,7 @@ def never_had(run_dir: Path, cfg: RunConfig, users: list[int], say: Callable[[st
     with tempfile.TemporaryDirectory(prefix="fedrec-forget-verify-") as tmp:
         fresh = dataclasses.replace(cfg, out=str(Path(tmp) / "run"), resume="", keep_checkpoints=False)
         outcome = simulate(fresh, exclude=users, say=say)
-    replayed, reference = load_model(run_dir).numpy(), outcome.items.numpy()
+    replayed, reference = load_model(run_dir), outcome.model
     diffs = {name: float(np.max(np.abs(replayed[name].astype(np.float64) - reference[name])))
              for name in reference}
     return {"max_abs_diff": diffs, "seconds": round(time.perf_counter() - began, 3)}

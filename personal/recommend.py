@@ -1,8 +1,8 @@
 """`fedrec recommend`: a user's top-N from a finished run, computed as the user's device would.
 
-The run's `model.npz` holds only the item side. The user's vector and bias are re-fitted here
-from the user's own training ratings against it (fedrec.models.personal.fit_user), whether
-the run was central or federated: a federated run never had the vector outside the device.
+The run's `model.npz` holds only the item side. The user's side is re-fitted here from the
+user's own training ratings against it by the run's algorithm (its `recommend`), whether the
+run was central or federated: a federated run never had the user's vector outside the device.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.datasets import cohort
-from fedrec.models.personal import fit_user, top_n
-from fedrec.models.saved import load_model
-from fedrec.run.build import hyper, load_data
+from fedrec.run.build import load_data
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.finished import locate
+
+from .model import run_model
 
 
 def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None,
@@ -31,18 +31,18 @@ def recommend(run: Path, user: str, n: int = 10, data_dir: str | None = None,
     if cfg.resolved().implicit:
         raise ConfigError("recommend ranks by predicted rating; this run trained on implicit feedback "
                           f"(--split {cfg.split}); use a rating run")
-    items, split = load_model(run), load_data(cfg)
-    if items.emb.shape[0] != split.n_items:
-        raise ConfigError(f"the model has {items.emb.shape[0]} items but {cfg.dataset} has {split.n_items}; "
-                          "pass the --data-dir the run used")
+    split = load_data(cfg)
+    algorithm, model = run_model(run, cfg, split)
     ids = split.user_ids if split.user_ids is not None else np.arange(split.n_users)
     match = np.flatnonzero(ids.astype(str) == str(user).strip())
     if not len(match):
         raise ConfigError(f"unknown user {user!r}: {cfg.dataset} has users {ids[0]}..{ids[-1]} ({len(ids)} of them)")
     rows = cohort(split, match[:1])
     unrated = None if include_unrated else np.flatnonzero(np.bincount(split.train.item, minlength=split.n_items) == 0)
-    best, scores = top_n(items, fit_user(items, rows.train_item, rows.train_rating, hyper(cfg)), rows.train_item, n,
-                         split.rating_scale, hide=unrated)
+    try:
+        best, scores = algorithm.recommend(model, rows.train_item, rows.train_rating, n, hide=unrated)
+    except ValueError as error:  # e.g. a user with no training ratings: nothing to fit
+        raise ConfigError(f"user {user}: {error}") from None
     item_ids = split.item_ids if split.item_ids is not None else np.arange(split.n_items)
     titles = split.item_titles
     return [{"item": item_ids[i].item(), "title": str(titles[i]) if titles is not None else f"item {item_ids[i]}",

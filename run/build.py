@@ -1,4 +1,5 @@
-"""From a RunConfig to the objects it describes (data split, model hyper-parameters)."""
+"""From a RunConfig (or its data part) to the objects it describes: the data split and its shards, the model's
+hyper-parameters, the algorithm."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from fedrec.datasets import DataError, Split, SyntheticSpec, load_split
 from fedrec.datasets.catalog import synthetic_split
+from fedrec.datasets.config import DataConfig
 from fedrec.datasets.download import dataset_folder
 from fedrec.datasets.movielens import FORMATS
 from fedrec.datasets.partition import cohort
@@ -21,17 +23,16 @@ from fedrec.datasets.synthetic import stream_seed
 from fedrec.models.algorithm import Algorithm
 from fedrec.models.defaults import Hyper
 from fedrec.models.registry import algorithm_class
-from fedrec.privacy.policy import DevicePolicy
 
 from .config import ConfigError, RunConfig
 
 
-def synthetic_spec(cfg: RunConfig) -> SyntheticSpec:
+def synthetic_spec(cfg: DataConfig) -> SyntheticSpec:
     return SyntheticSpec(users=cfg.synthetic_users, items=cfg.synthetic_items, density=cfg.synthetic_density,
                          rank=cfg.synthetic_rank, noise=cfg.synthetic_noise, seed=cfg.seed)
 
 
-def load_data(cfg: RunConfig) -> Split:
+def load_data(cfg: DataConfig) -> Split:
     """The run's split; with cfg.validation, a validation split cut from its training rows alone
     (what the central trainer and, through ensure_shards, every device then train and score on)."""
     split = load_split(cfg.dataset, cfg.split, cfg.data_dir or None, cfg.seed,
@@ -58,22 +59,11 @@ def burn_in(setting: int, steps: int) -> int:
     return min(setting, steps // 2)
 
 
-def make_algorithm(cfg: RunConfig, n_items: int, rating_scale: tuple[float, float]) -> Algorithm:
-    """The run's algorithm (its model settings) for a catalogue of `n_items` rated on `rating_scale`."""
-    return algorithm_class(cfg.resolved().model)(hyper(cfg), n_items, rating_scale)
-
-
-def device_policy(cfg: RunConfig, noise_share: float = 0.0) -> DevicePolicy:
-    """What each device applies to its users' updates; cfg carries the server's calibrated
-    z and participation cap (fedrec.server.app.privacy_plan), `noise_share` the
-    distributed-DP share the server sized for the round's least accepted survivors."""
-    local = cfg.dp == "local"
-    noise = cfg.noise_multiplier * cfg.clipping_norm if local else (noise_share if cfg.dp == "distributed" else 0.0)
-    return DevicePolicy(update_mode=cfg.update_mode, pad_ratio=cfg.pad_ratio, clipping_norm=cfg.clipping_norm,
-                        noise_std=noise,
-                        max_rounds=cfg.max_rounds_per_user if cfg.dp in ("local", "distributed") else 0,
-                        reproducible_seed=cfg.seed if cfg.reproducible_noise else None,
-                        private_randomness=cfg.private_device_randomness)
+def make_algorithm(settings: RunConfig | Hyper, n_items: int, rating_scale: tuple[float, float]) -> Algorithm:
+    """The run's algorithm (a run's model settings, or a device's resolved ones) for a catalogue of
+    `n_items` rated on `rating_scale`."""
+    model = settings if isinstance(settings, Hyper) else hyper(settings)
+    return algorithm_class(model.model)(model, n_items, rating_scale)
 
 
 def num_nodes(cfg: RunConfig, population: int) -> int:
@@ -87,7 +77,7 @@ SHARDS_ENV = "FEDREC_SHARDS"
 """The shard set a simulation driver built for its nodes (set in the engine workers' environment)."""
 
 
-def data_key(cfg: RunConfig) -> str:
+def data_key(cfg: DataConfig) -> str:
     """What data and split a run trains on: a node checks its shard was cut for the same."""
     fields = {"dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed}
     if cfg.split == "random":
@@ -101,14 +91,14 @@ def data_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def population(cfg: RunConfig) -> int:
+def population(cfg: DataConfig) -> int:
     """Number of users, without splitting (synthetic: the setting; MovieLens: its user ids)."""
     if cfg.dataset == "synthetic":
         return cfg.synthetic_users
     return load_data(cfg).n_users
 
 
-def shard_set_dir(cfg: RunConfig, num_partitions: int) -> Path:
+def shard_set_dir(cfg: DataConfig, num_partitions: int) -> Path:
     """Where the shard set for this data, split and node count is cached: $FEDREC_SHARD_CACHE,
     else ~/.cache/fedrec/shards (never inside a data directory, which may be read-only or
     shared). The name also covers the source files (folder, size, time), so a
@@ -123,7 +113,7 @@ def shard_set_dir(cfg: RunConfig, num_partitions: int) -> Path:
     return root.expanduser() / f"{cfg.dataset}-{cfg.split}-{num_partitions}n-{digest}"
 
 
-def ensure_shards(cfg: RunConfig, num_partitions: int, out: str | Path | None = None,
+def ensure_shards(cfg: DataConfig, num_partitions: int, out: str | Path | None = None,
                   progress: Callable[[int], None] | None = None) -> Path:
     """The shard set of `num_partitions` contiguous user shares, written on first use."""
     root = Path(out) if out else shard_set_dir(cfg, num_partitions)

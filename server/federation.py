@@ -223,7 +223,8 @@ class Federation:
                 users = float(reply.content[schema.METRICS][schema.WEIGHT])
                 norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in dense.values())))
                 peak = max(float(np.abs(v).max(initial=0.0)) for v in dense.values())
-                problem = (check_reply_norm(norm, users, self.cfg, self.coords, secure, len(self._sent) if secure else 1)
+                senders = len(self._sent) if secure else 1
+                problem = (check_reply_norm(norm, users, self.cfg, self.coords, secure, senders)
                            or check_reply_peak(peak, users, self.cfg, self.coords)
                            or self.algorithm.check_sums({k: torch.as_tensor(v) for k, v in dense.items()}, users))
             if problem is not None:
@@ -252,7 +253,8 @@ class Federation:
                 total[name] += reply.sums[name] * scale
         return total
 
-    def noise(self, server_round: int, total: dict[str, np.ndarray], users: float) -> tuple[dict[str, np.ndarray], float]:
+    def noise(self, server_round: int, total: dict[str, np.ndarray],
+              users: float) -> tuple[dict[str, np.ndarray], float]:
         """Step 4: the sum as it may be released, and how many users it stands for. Central DP: Gaussian
         noise on every coordinate (an empty Poisson round too: skipping it would tell that nobody was
         sampled), from OS entropy fresh each round, then the expected number of users as denominator, so

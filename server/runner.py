@@ -22,9 +22,9 @@ from flwr.serverapp import Grid
 from fedrec.privacy.accountant import PrivacyPlan, participation_cap
 from fedrec.privacy.guarantee import describe
 from fedrec.privacy.ledger import DP_ROUND_KEYS, WithheldLogLines, is_evaluation, release_ledger
-from fedrec.run import schema
 from fedrec.run.build import hyper, make_algorithm
 from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.device_config import DeviceConfig
 from fedrec.run.rundir import RunWriter, dp_label, metric_columns
 
 from . import checkpoint
@@ -124,7 +124,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         saved = checkpoint.load(Path(cfg.resume))
     cfg = cfg.resolved().validate()
     random.seed(cfg.seed)  # Flower samples with Python's global random; we sample users ourselves
-    directory = discover(grid, ConfigRecord(cfg.to_dict()))
+    directory = discover(grid, ConfigRecord(DeviceConfig.of(cfg).record()))
     if cfg.users_per_round > directory.population:
         raise ValueError(f"users-per-round={cfg.users_per_round} exceeds the {directory.population} users")
     settings = cfg  # what config.toml keeps: a calibrated z is recomputed when the settings are used again
@@ -132,20 +132,21 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if cfg.reproducible_noise:
         log(WARNING, "--reproducible-noise: DP noise, decoys, sampling and starting user vectors derive from the "
                      "seed; this run is NOT private")
-    config = ConfigRecord(cfg.to_dict())  # clients learn the calibrated z from here (local DP)
     algorithm = make_algorithm(cfg, directory.num_items, directory.rating_scale)
     secure = None
     if cfg.secure_aggregation != "none":
         if len(directory.node_ids) < 2:
             raise ConfigError("SecAgg+ needs at least 2 SuperNodes (with one, its update is the sum); "
                               "start more nodes or set --users-per-node")
-        secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()), coordinates(algorithm, directory.num_items),
+        secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()),
+                              coordinates(algorithm, directory.num_items),
                               plan.noise_multiplier if plan else 0.0,
                               cfg.users_per_round or directory.population, directory.population)
         if plan is not None:  # quantization can move the sum a little further than C: account for it
             plan = dataclasses.replace(plan, clipping_norm=secure.sensitivity)
-        config[schema.NOISE_SHARE] = secure.noise_share_std
         grid = SecureGrid(grid, cfg, secure, algorithm.statistics())
+    # all a device learns of the run: its part, with the z calibrated here (local DP) and its noise share
+    config = ConfigRecord(DeviceConfig.of(cfg, secure.noise_share_std if secure else 0.0).record())
     server_state = algorithm.init_server(cfg.strategy, cfg.server_lr)
     out = RunWriter(Path(cfg.resume), settings, "federated") if saved else RunWriter.create(settings, "federated")
     run_dir = out.path
@@ -230,9 +231,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         raise
     state.status("completed", **summary)
     checkpoint.remove(run_dir)  # the server's memory; the run is over
-    return FederatedOutcome({"status": "completed", **state.summary, **summary}, federation.history, server_state.model(),
-                            run_dir,
-                            audit, time.perf_counter() - start)
+    return FederatedOutcome({"status": "completed", **state.summary, **summary}, federation.history,
+                            server_state.model(), run_dir, audit, time.perf_counter() - start)
 
 
 def excluded_users(users: set[int], population: int) -> np.ndarray | None:

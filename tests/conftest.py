@@ -74,3 +74,58 @@ def shard_cache(tmp_path_factory):
 def no_internet_downloads(tmp_path, monkeypatch):
     """Tests never reach GroupLens: downloads point at an empty local folder."""
     monkeypatch.setenv("FEDREC_MOVIELENS_URL", (tmp_path / "no-mirror").as_uri())
+
+
+# ---------------------------------------------------------------- the server's side, without a grid
+def mf_algorithm(n_items: int, dim: int, **settings):
+    """Biased MF for a catalogue of `n_items` on a 1-5 scale (what most server-side tests aggregate)."""
+    from fedrec.models.defaults import Hyper
+    from fedrec.models.mf import MF
+
+    return MF(Hyper(dim=dim, **settings), n_items, (1.0, 5.0))
+
+
+def federation(cfg: RunConfig, n_items: int, dim: int, population: int, privacy=None, init_std: float = 0.1):
+    """A Federation over one node hosting `population` users, with MF's state (cfg's optimizer)."""
+    import numpy as np
+
+    from fedrec.server.directory import NodeDirectory
+    from fedrec.server.federation import Federation
+
+    algorithm = mf_algorithm(n_items, dim, init_std=init_std)
+    directory = NodeDirectory(np.array([1], np.uint64), np.array([0]), np.array([population]), population, n_items,
+                              (1.0, 5.0))
+    return Federation(cfg, algorithm, algorithm.init_server(cfg.strategy, cfg.server_lr), directory, privacy=privacy)
+
+
+def mf_reply(users: float, n_items: int, dim: int, value: float = 0.0, node: int = 1, metrics: dict | None = None):
+    """A train reply as an MF device sends it (dense), every coordinate `value`."""
+    from unittest.mock import Mock
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
+    from fedrec.run import schema
+
+    arrays = ArrayRecord({ITEM_EMB: Array(np.full((n_items, dim), value, np.float32)),
+                          ITEM_BIAS: Array(np.full((n_items, 1), value, np.float32)),
+                          GLOBAL_BIAS: Array(np.full(1, value, np.float32))})
+    reply = Mock(spec=Message)
+    reply.has_error.return_value = False
+    reply.content = RecordDict({schema.ARRAYS: arrays, schema.METRICS: MetricRecord(
+        metrics if metrics is not None else {schema.WEIGHT: users, "loss-sum": 0.0, "num-rows": 1})})
+    reply.metadata.src_node_id = node
+    return reply
+
+
+def round_config(cfg: RunConfig, round_: int, users, noise_share: float = 0.0):
+    """A round's config record as the server sends it: the device's part of `cfg` and the round's keys."""
+    from flwr.app import ConfigRecord
+
+    from fedrec.run import schema
+    from fedrec.run.device_config import DeviceConfig
+
+    config = ConfigRecord(DeviceConfig.of(cfg.resolved(), noise_share).record())
+    config[schema.ROUND], config[schema.USERS] = round_, [int(u) for u in users]
+    return config

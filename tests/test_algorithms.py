@@ -65,7 +65,8 @@ def test_federated_equals_central_on_implicit_feedback(name, tmp_path):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(NAMES), clip=st.floats(1e-4, 10.0), round_=st.integers(1, 5), mode=st.sampled_from(UPDATE_MODES))
+@given(name=st.sampled_from(NAMES), clip=st.floats(1e-4, 10.0), round_=st.integers(1, 5),
+       mode=st.sampled_from(UPDATE_MODES))
 def test_the_clipping_bound_holds_on_what_each_user_adds_to_the_sum(name, clip, round_, mode):
     """Each user alone through the device step: the norm of everything its upload adds (before device
     noise, which is accounted separately) is at most C, whatever the algorithm and upload shape."""

@@ -15,13 +15,24 @@ from flwr.app import Array
 from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
-from fedrec.models import Hyper, ItemParams, UserState
-from fedrec.models.bpmf import draw_items, draw_key, draw_users, user_statistics
-from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.personal import fit_user
-from fedrec.models.upload import scatter_upload
+from fedrec.models.bpmf import (
+    BPMF,
+    ITEM_GRAM,
+    ITEM_RHS,
+    BPMFContributions,
+    _batch,
+    draw_items,
+    draw_key,
+    draw_users,
+)
+from fedrec.models.defaults import Hyper
+from fedrec.models.factors import ItemParams
+from fedrec.models.mf import MF
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import DevicePolicy
+from fedrec.privacy.upload import scatter
 from fedrec.run.config import ConfigError
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -33,6 +44,19 @@ def _items(n_items: int, seed: int = 1, scale: float = 0.7) -> ItemParams:
     gen = torch.Generator().manual_seed(seed)
     return ItemParams(torch.randn(n_items, DIM, generator=gen) * scale, torch.randn(n_items, generator=gen) * 0.3,
                       torch.tensor([3.0]))
+
+
+def _bpmf(hyper: Hyper, split=SPLIT) -> BPMF:
+    return BPMF(hyper, split.n_items, split.rating_scale)
+
+
+def _step(algorithm, users, round_, policy=None, rows=None):
+    """A device round of `users` from a fresh start against the algorithm's starting items."""
+    policy = policy or DevicePolicy()
+    rows = rows if rows is not None else cohort(SPLIT, np.asarray(users))
+    shared = algorithm.init_server("fedavg", 1.0).broadcast()
+    return device_step(algorithm, shared, new_users(algorithm, np.asarray(users), SPLIT.n_users, policy), rows, round_,
+                       policy, algorithm.settings.seed)
 
 
 def test_a_users_draws_follow_its_exact_conditional():
@@ -48,8 +72,9 @@ def test_a_users_draws_follow_its_exact_conditional():
                                     key)[0] for key in range(4000)])
     torch.testing.assert_close(draws.mean(0), mean, atol=4 * float(cov.diagonal().max().sqrt()) / 63, rtol=0)
     torch.testing.assert_close(torch.cov(draws.T), cov, atol=0.1 * float(cov.diagonal().max()), rtol=0)
-    fit = fit_user(items, item.numpy(), rating.numpy(), hyper)  # what a device (or the demo page) scores with
-    torch.testing.assert_close(torch.as_tensor(np.append(fit.emb, fit.bias)).double(), mean, atol=1e-5, rtol=0)
+    model = items.tensors()  # what a device (or the demo page) scores with
+    fit = BPMF(hyper, 6, (1.0, 5.0)).fit_user(model, item.numpy(), rating.numpy())
+    torch.testing.assert_close(torch.cat([fit.emb[0], fit.bias]).double(), mean, atol=1e-5, rtol=0)
 
 
 def test_the_summed_statistics_rebuild_the_items_that_explain_the_ratings():
@@ -64,9 +89,10 @@ def test_the_summed_statistics_rebuild_the_items_that_explain_the_ratings():
     item = torch.arange(n_items).repeat(n_users)
     rating = (3.0 + x[segment, DIM] + truth.bias[item].double()
               + (x[segment, :DIM] * truth.emb[item].double()).sum(1))
-    update = user_statistics(_items(n_items, seed=5), x, segment, item, rating, hyper, clip_norm=0.0)
-    drawn = draw_items(_items(n_items, seed=5), update.emb_delta.double(), update.bias_delta.double(), hyper,
-                       np.random.default_rng(0))
+    bpmf = BPMF(hyper, n_items, (1.0, 5.0))
+    statistics = BPMFContributions(_batch(_items(n_items, seed=5), segment, item, rating, n_users), x, hyper)
+    sums = statistics.summed(torch.ones(n_users, dtype=torch.float64), bpmf.statistics(), n_items)
+    drawn = draw_items(_items(n_items, seed=5), sums[ITEM_GRAM], sums[ITEM_RHS], hyper, np.random.default_rng(0))
     torch.testing.assert_close(drawn.emb, truth.emb, atol=2e-3, rtol=0)
     torch.testing.assert_close(drawn.bias, truth.bias, atol=2e-3, rtol=0)
 
@@ -77,33 +103,32 @@ def test_indefinite_or_huge_sums_give_finite_items_not_a_crash(scale):
     Cholesky factor of an item's precision fail and the server crash; the draw now works in the eigenbasis."""
     hyper = Hyper(model="bpmf", dim=DIM)
     gen = torch.Generator().manual_seed(4)
-    sums = torch.randn(10, hyper.upload_width, generator=gen, dtype=torch.float64) * scale  # no signal
-    drawn = draw_items(_items(10), sums, torch.randn(10, dtype=torch.float64) * scale, hyper, np.random.default_rng(1))
+    widths = BPMF(hyper, 10, (1.0, 5.0)).statistics()
+    gram = torch.randn(10, widths[ITEM_GRAM].width, generator=gen, dtype=torch.float64) * scale  # no signal
+    rhs = torch.randn(10, widths[ITEM_RHS].width, generator=gen, dtype=torch.float64) * scale
+    drawn = draw_items(_items(10), gram, rhs, hyper, np.random.default_rng(1))
     assert torch.isfinite(drawn.emb).all() and torch.isfinite(drawn.bias).all()
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_each_users_statistics_are_clipped_and_a_cohort_sums_them(mode):
-    hyper = Hyper(model="bpmf", dim=DIM, seed=3)
+    bpmf = _bpmf(Hyper(model="bpmf", dim=DIM, seed=3))
     clip = 2.0
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    policy = DevicePolicy(update_mode=mode, clip_norm=clip)
+    policy = DevicePolicy(update_mode=mode, clipping_norm=clip)
     singles, clipped = [], 0
     for user in range(8):
-        result = device_step(items, UserState.init(np.array([user]), SPLIT.n_users, hyper),
-                             cohort(SPLIT, np.array([user])), SPLIT.n_items, hyper, policy, 4)
-        dense = scatter_upload(result.upload, SPLIT.n_items, hyper.upload_width)
+        result = _step(bpmf, [user], 4, policy)
+        dense = scatter(result.upload, bpmf.statistics(), SPLIT.n_items)
         norm = float(np.sqrt(sum((a.astype(np.float64) ** 2).sum() for a in dense.values())))
         assert norm <= clip * (1 + 1e-5)
-        np.testing.assert_allclose(norm, min(float(result.update.norms[0]), clip), rtol=1e-4)
-        clipped += float(result.update.norms[0]) > clip
+        np.testing.assert_allclose(norm, min(float(result.sums.norms[0][0]), clip), rtol=1e-4)
+        clipped += float(result.sums.norms[0][0]) > clip
         rated = cohort(SPLIT, np.array([user])).train_item
-        assert set(np.flatnonzero(np.abs(dense["item-emb"]).sum(1))) == set(rated.tolist())
+        assert set(np.flatnonzero(np.abs(dense[ITEM_GRAM]).sum(1))) == set(rated.tolist())
         singles.append(dense)
     assert clipped >= 2  # the bound is exercised
-    together = device_step(items, UserState.init(np.arange(8), SPLIT.n_users, hyper), cohort(SPLIT, np.arange(8)),
-                           SPLIT.n_items, hyper, policy, 4)
-    for key, value in scatter_upload(together.upload, SPLIT.n_items, hyper.upload_width).items():
+    together = _step(bpmf, np.arange(8), 4, policy)
+    for key, value in scatter(together.upload, bpmf.statistics(), SPLIT.n_items).items():
         np.testing.assert_allclose(value, sum(s[key] for s in singles), atol=1e-6 * clip, err_msg=key)
 
 
@@ -111,21 +136,20 @@ def test_one_plain_upload_gives_the_users_vector_and_residuals_away():
     """The README's warning, attacked: without SecAgg+ or DP the server reads (p_u, 1) off the last
     column of any uploaded g g^T, and alpha (r - mu - b_u) off the item-bias column."""
     hyper = Hyper(model="bpmf", dim=DIM, seed=3)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    bpmf = _bpmf(hyper)
+    items = ItemParams.from_arrays(bpmf.init_server().broadcast())
     rows = cohort(SPLIT, np.array([5]))
-    result = device_step(items, UserState.init(np.array([5]), SPLIT.n_users, hyper), rows, SPLIT.n_items, hyper,
-                         DevicePolicy(update_mode="sparse"), 21)
-    upload = result.upload
+    upload = _step(bpmf, [5], 21, DevicePolicy(update_mode="sparse")).upload
     upper = np.triu_indices(DIM + 1)
     last_column = [k for k, (i, j) in enumerate(zip(*upper)) if j == DIM]  # entries (0..DIM, DIM)
-    row = upload["item-emb"][0]
+    row = upload[ITEM_GRAM][0]
     vector = row[last_column][:DIM] / row[last_column][DIM]  # alpha p_u / alpha
     drawn = draw_users(items, torch.zeros(len(rows.train_item), dtype=torch.long), torch.as_tensor(rows.train_item),
                        torch.as_tensor(rows.train_rating, dtype=torch.float64), rows.users, hyper,
                        draw_key(hyper.seed, 21))[0]
     np.testing.assert_allclose(vector, drawn[:DIM].numpy(), rtol=1e-4, atol=1e-5)
     order = np.argsort(rows.train_item)
-    residual = upload["item-bias"] / hyper.bpmf_alpha  # r - mu - b_u, one per rated item
+    residual = upload[ITEM_RHS][:, DIM] / hyper.bpmf_alpha  # r - mu - b_u, one per rated item
     np.testing.assert_allclose(residual, rows.train_rating[order] - 3.0 - float(drawn[DIM]), rtol=1e-4, atol=1e-4)
 
 
@@ -133,7 +157,7 @@ def test_one_plain_upload_gives_the_users_vector_and_residuals_away():
     ({"split": "loo"}, "models ratings"), ({"update_mode": "padded"}, "no decoys"),
     ({"users_per_round": 10}, "every user"), ({"sampling": "poisson"}, "every user"),
     ({"dp": "central", "clipping_norm": 1.0, "noise_multiplier": 1.0}, "does not hold up to DP noise"),
-    ({"secure_aggregation": "secagg+", "clipping_norm": 1.0}, "reads users off them")])
+    ({"secure_aggregation": "secagg+", "clipping_norm": 1.0}, "reads users off it")])
 def test_settings_bpmf_cannot_honour_are_refused(small_cfg, settings, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(small_cfg, model="bpmf", **settings).validate()
@@ -145,29 +169,35 @@ def test_federated_bpmf_equals_central_and_scores_with_the_mean_of_its_draws(sma
     federated = run_server(InProcessGrid(client_app, 3), cfg)
     central = run_central(dataclasses.replace(cfg, out=cfg.out + "-central"))
     assert federated.summary["metrics"]["rmse"] == pytest.approx(central.summary["metrics"]["rmse"], rel=1e-4)
-    for name, tensor in federated.items.tensors().items():
-        torch.testing.assert_close(tensor, central.result.items.tensors()[name], rtol=1e-3, atol=1e-4)
-    # What is evaluated is the mean of draws 4..30; with burn-in 30 it would be the last draw alone.
-    last = run_central(dataclasses.replace(cfg, burn_in=30, out=cfg.out + "-last"))
-    assert central.summary["metrics"]["rmse"] < last.summary["metrics"]["rmse"] - 1e-3
+    for name, value in federated.model.items():
+        torch.testing.assert_close(torch.as_tensor(value), torch.as_tensor(central.result.model[name]), rtol=1e-3,
+                                   atol=1e-4)
+    # What is evaluated is the mean of draws 4..30; with burn-in 30 it would be the last draw alone (the
+    # algorithm itself: a run caps its burn-in at half its rounds, run/build.burn_in).
+    from fedrec.models.central import train_central
+    from fedrec.run.build import hyper, load_data
+
+    split = load_data(cfg)
+    rows = cohort(split, np.arange(split.n_users))
+    averaged, last = (train_central(BPMF(dataclasses.replace(hyper(cfg), burn_in=b), split.n_items,
+                                         split.rating_scale), rows, split.n_users, 30, eval_every=30)
+                      for b in (3, 30))
+    assert averaged.metrics["rmse"] < last.metrics["rmse"] - 1e-3
 
 
 def test_a_cohort_drawn_a_chunk_at_a_time_gives_the_same_state_and_sums(monkeypatch):
-    import fedrec.models.bpmf as bpmf
+    import fedrec.models.train as training
 
-    hyper = Hyper(model="bpmf", dim=DIM, seed=3, burn_in=0)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    users = np.arange(11)
-    args = (items, UserState.init(users, SPLIT.n_users, hyper), cohort(SPLIT, users), SPLIT.n_items, hyper,
-            DevicePolicy(clip_norm=2.0), 5)
-    whole = device_step(*args)
-    monkeypatch.setattr(bpmf, "USERS_PER_CHUNK", 3)
-    chunked = device_step(*args)
-    for name in ("emb", "bias", "v", "step"):
-        torch.testing.assert_close(getattr(chunked.state, name), getattr(whole.state, name))
+    bpmf = _bpmf(Hyper(model="bpmf", dim=DIM, seed=3, burn_in=0))
+    policy = DevicePolicy(clipping_norm=2.0)
+    whole = _step(bpmf, np.arange(11), 5, policy)
+    monkeypatch.setattr(training, "USERS_PER_CHUNK", 3)
+    chunked = _step(bpmf, np.arange(11), 5, policy)
+    for name, value in whole.state.items():
+        torch.testing.assert_close(chunked.state[name], value)
     for key, value in whole.upload.items():
         np.testing.assert_allclose(chunked.upload[key], value, rtol=1e-6, atol=1e-6, err_msg=key)
-    torch.testing.assert_close(chunked.update.norms, whole.update.norms)
+    torch.testing.assert_close(torch.cat(chunked.sums.norms), torch.cat(whole.sums.norms))
 
 
 @pytest.mark.parametrize("settings,model", [
@@ -187,17 +217,19 @@ def test_a_plain_first_round_mf_upload_gives_the_users_vector_and_ratings_away_t
     is -lr (2 reg q_i + 2 err_i p_u) and its bias change -lr (2 err_i + 2 reg b_i), so the server divides
     out p_u and err_i; in a user's first round b_u = 0, so every rating follows exactly."""
     hyper = Hyper(model="mf", dim=4, lr=0.05, seed=3)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    items.bias.normal_(0, 0.3)
+    mf = MF(hyper, SPLIT.n_items, SPLIT.rating_scale)
+    shared = mf.init_server().broadcast()
+    shared["item-bias"][:] = np.random.default_rng(0).normal(0, 0.3, SPLIT.n_items)
     rows = cohort(SPLIT, np.array([5]))
-    state = UserState.init(np.array([5]), SPLIT.n_users, hyper, np.random.default_rng())  # a private start
-    upload = device_step(items, state, rows, SPLIT.n_items, hyper, DevicePolicy(update_mode="sparse"), 1).upload
+    policy = DevicePolicy(update_mode="sparse", private_randomness=True)  # a private start
+    state = new_users(mf, np.array([5]), SPLIT.n_users, policy)
+    upload = device_step(mf, shared, state, rows, 1, policy, hyper.seed).upload
     index = upload["item-index"]
-    q, b = items.emb[index].double().numpy(), items.bias[index].double().numpy()
-    err = (-upload["item-bias"] / hyper.lr - 2 * hyper.reg_bias * b) / 2
+    q, b = shared["item-emb"][index].astype(np.float64), shared["item-bias"][index].astype(np.float64)
+    err = (-upload["item-bias"][:, 0] / hyper.lr - 2 * hyper.reg_bias * b) / 2
     err_p = (-upload["item-emb"] / hyper.lr - 2 * hyper.reg_item * q) / 2
     vector = np.median(err_p / err[:, None], axis=0)
-    np.testing.assert_allclose(vector, state.emb[0].numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(vector, state["emb"][0].numpy(), rtol=1e-3, atol=1e-4)
     ratings = 3.0 + b + q @ vector - err
     order = np.argsort(rows.train_item)
     np.testing.assert_allclose(ratings, rows.train_rating[order], atol=1e-3)
@@ -211,9 +243,7 @@ class _RightHandSideOnly(InProcessGrid):
         for reply in replies:
             if reply.metadata.src_node_id == min(self.contexts) and "arrays" in reply.content:
                 record = reply.content["arrays"]
-                emb = record["item-emb"].numpy().copy()
-                emb[:, :-DIM_OF_RUN] = 0.0
-                record["item-emb"] = Array(emb)
+                record[ITEM_GRAM] = Array(np.zeros_like(record[ITEM_GRAM].numpy()))
         return replies
 
 
@@ -268,13 +298,16 @@ def test_with_the_public_draws_one_plain_upload_gives_every_rating_away():
     from fedrec.models.bpmf import normal_draws
 
     hyper = Hyper(model="bpmf", dim=DIM, seed=3)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    items.bias.normal_(0, 0.3)
+    bpmf = _bpmf(hyper)
+    shared = bpmf.init_server().broadcast()
+    shared["item-bias"][:] = np.random.default_rng(0).normal(0, 0.3, SPLIT.n_items)
+    items = ItemParams.from_arrays(shared)
     rows = cohort(SPLIT, np.array([5]))
-    upload = device_step(items, UserState.init(np.array([5]), SPLIT.n_users, hyper), rows, SPLIT.n_items, hyper,
-                         DevicePolicy(update_mode="sparse"), 21).upload
+    policy = DevicePolicy(update_mode="sparse")
+    upload = device_step(bpmf, shared, new_users(bpmf, np.array([5]), SPLIT.n_users, policy), rows, 21, policy,
+                         hyper.seed).upload
     rated = torch.as_tensor(upload["item-index"])  # the rated set, in the clear
-    residual = torch.as_tensor(upload["item-bias"]).double() / hyper.bpmf_alpha  # r - mu - b_u
+    residual = torch.as_tensor(upload[ITEM_RHS][:, DIM]).double() / hyper.bpmf_alpha  # r - mu - b_u
     g = torch.cat([items.emb[rated].double(), torch.ones(len(rated), 1, dtype=torch.float64)], dim=1)
     prior = torch.tensor([hyper.reg_user] * DIM + [hyper.reg_bias], dtype=torch.float64)
     precision = torch.diag(prior) + hyper.bpmf_alpha * g.T @ g

@@ -267,7 +267,7 @@ def _in_process_simulate(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrec.client.app import app as client_app
-    from fedrec.server.app import run_server
+    from fedrec.server.runner import run_server
     from fedrec.simulations.inprocess import InProcessGrid
 
     def simulate(cfg, on_round=None, say=print, **_):
@@ -330,10 +330,10 @@ def test_recommend_leaves_out_items_no_one_rated_in_training_unless_asked(tmp_pa
     split = load_data(RunConfig.from_toml(run / "config.toml"))
     unrated = np.flatnonzero(np.bincount(split.train.item, minlength=split.n_items) == 0)
     assert len(unrated)
-    items = load_model(run)
-    items.bias[int(unrated[0])] = 100.0
+    model = load_model(run)
+    model["item-bias"][int(unrated[0])] = 100.0
     with np.load(run / "model.npz") as data:
-        save_model(run, items, data["item-ids"], data["titles"])
+        save_model(run, model, data["item-ids"], data["titles"])
     picked = int(split.item_ids[unrated[0]])
     args = ["recommend", "--run", str(run), "--user", "1", "--n", "3", "--json"]
     assert picked not in [p["item"] for p in json.loads(CliRunner().invoke(cli, args).output)]

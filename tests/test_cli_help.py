@@ -13,9 +13,9 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from fedrec.cli import extras
 from fedrec.cli.main import cli
 from fedrec.run.config import RunConfig
-from fedrec.simulations import extras
 
 HEAVY = ("torch", "flwr", "ray", "pandas", "matplotlib", "numpy", "optuna", "flask")
 

@@ -11,9 +11,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client import storage
 from fedrec.client.app import app
-from fedrec.models import ItemParams
 from fedrec.run import schema
-from fedrec.run.build import hyper, load_data
+from fedrec.run.build import load_data, make_algorithm
+from fedrec.run.device_config import DeviceConfig
+
+from .conftest import round_config
 
 
 @pytest.fixture(autouse=True)
@@ -29,11 +31,9 @@ def _message(content: RecordDict, kind: str) -> Message:
 
 def _request(cfg, users, rnd=1, kind=MessageType.TRAIN):
     split = load_data(cfg)
-    items = ItemParams.init(split.n_items, hyper(cfg), 3.0)
-    config = ConfigRecord(cfg.to_dict())
-    config[schema.ROUND] = rnd
-    config[schema.USERS] = list(users)
-    arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
+    shared = make_algorithm(cfg, split.n_items, split.rating_scale).init_server("fedavg", 1.0).broadcast()
+    config = round_config(cfg, rnd, users)
+    arrays = ArrayRecord({k: Array(v) for k, v in shared.items()})
     return _message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), kind), split
 
 
@@ -48,13 +48,14 @@ def test_train_reply_carries_only_item_side_arrays_and_sums(small_cfg):
     reply = app(msg, _context())
     assert set(reply.content.keys()) == {schema.ARRAYS, schema.METRICS}
     arrays = reply.content[schema.ARRAYS]
-    assert set(arrays.keys()) == set(schema.ITEM_ARRAYS)
-    assert arrays[schema.ITEM_EMB].shape == (split.n_items, cfg.dim)
+    statistics = make_algorithm(cfg, split.n_items, split.rating_scale).statistics()
+    assert set(arrays.keys()) == set(statistics)  # MF's: item rows, item biases, mu
+    assert arrays["item-emb"].shape == (split.n_items, cfg.dim)
     assert set(reply.content[schema.METRICS].keys()) == set(schema.TRAIN_METRICS)
     assert reply.content[schema.METRICS][schema.WEIGHT] == 3
     # Only rows of items that users 3-5 rated can have moved.
     rated = set(split.train.item[np.isin(split.train.user, [3, 4, 5])].tolist())
-    moved = set(np.flatnonzero(np.abs(arrays[schema.ITEM_EMB].numpy()).sum(1) > 0).tolist())
+    moved = set(np.flatnonzero(np.abs(arrays["item-emb"].numpy()).sum(1) > 0).tolist())
     assert moved and moved <= rated
 
 
@@ -64,12 +65,12 @@ def test_private_state_persists_across_rounds_and_stays_in_context(small_cfg):
     msg, _ = _request(cfg, [2], rnd=1)
     app(msg, ctx)
     first = ctx.state[schema.STATE_KEY]["emb"].numpy().copy()
-    step = ctx.state[schema.STATE_KEY]["step"].numpy()
-    assert step[2] == 1 and step.sum() == 1  # only the sampled user trained
+    rounds = ctx.state[schema.STATE_KEY]["rounds"].numpy()
+    assert rounds[2] == 1 and rounds.sum() == 1  # only the sampled user trained
     msg, _ = _request(cfg, [2], rnd=2)
     app(msg, ctx)
     second = ctx.state[schema.STATE_KEY]
-    assert second["step"].numpy()[2] == 2
+    assert second["rounds"].numpy()[2] == 2
     assert not np.allclose(second["emb"].numpy()[2], first[2])  # the user vector moved on-device
 
 
@@ -96,7 +97,8 @@ def test_a_node_reads_data_where_its_own_config_says_never_where_the_server_says
 
     server_pick = tmp_path / "chosen-by-the-server"
     cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(server_pick))
-    hello = _message(RecordDict({schema.CONFIG: ConfigRecord(cfg.to_dict())}), MessageType.QUERY)
+    hello = _message(RecordDict({schema.CONFIG: ConfigRecord(DeviceConfig.of(cfg.resolved()).record())}),
+                     MessageType.QUERY)
     node_config = {"partition-id": 0, "num-partitions": 1, "data-dir": str(shared_data)}
     reply = app(hello, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={}))
     assert reply.content[schema.METRICS]["population"] == 943
@@ -104,7 +106,9 @@ def test_a_node_reads_data_where_its_own_config_says_never_where_the_server_says
 
 
 def _state(n: int, value: float) -> dict[str, np.ndarray]:
-    return {k: np.full((n, 3) if k in ("emb", "m", "v") else n, value, np.float32) for k in storage.FIELDS}
+    """An MF device's state entries, and the participation count the cap reads."""
+    return {k: np.full((n, 3) if k in ("emb", "m", "v") else n, value, np.float32)
+            for k in ("emb", "bias", "m", "v", "step", storage.ROUNDS)}
 
 
 def test_a_device_keeps_its_state_on_its_own_disk_as_a_base_and_a_journal(tmp_path):

@@ -114,10 +114,13 @@ def test_run_dir_is_checked_created_and_never_reused(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-def test_the_readme_settings_table_is_runconfigs():
+def test_the_settings_page_is_the_config_parts():
     import runpy
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    table = runpy.run_path(str(root / "scripts" / "settings_table.py"))["settings_table"]()
-    assert table in (root / "README.md").read_text(), "stale README settings table: python scripts/settings_table.py"
+    page = runpy.run_path(str(root / "scripts" / "settings_table.py"))["settings_table"]()
+    assert (root / "docs" / "settings.md").read_text() == page, \
+        "stale docs/settings.md: python scripts/settings_table.py > docs/settings.md"
+    for part in ("DataConfig", "ModelConfig", "PrivacyConfig", "ServerConfig", "EngineConfig"):
+        assert f"## {part} (" in page

@@ -17,27 +17,30 @@ from fedrec.client import controls, storage, uploads
 from fedrec.client.app import app as client_app
 from fedrec.client.node import node_data
 from fedrec.client.storage import ENV_DIR
-from fedrec.models import ItemParams
 from fedrec.personal.device_view import device_view, erase_device, locate, set_consent
 from fedrec.run import schema
-from fedrec.run.build import hyper, load_data
+from fedrec.run.build import load_data, make_algorithm
 from fedrec.run.config import ConfigError
 from fedrec.server import checkpoint
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
 
 
+def _shared(cfg, n_items: int) -> dict[str, np.ndarray]:
+    """What a round broadcasts before the first: the algorithm's public starting state (mu 3.0 on 1..5)."""
+    return make_algorithm(cfg, n_items, (1.0, 5.0)).init_server(cfg.strategy, cfg.server_lr).broadcast()
+
+
 def _message(cfg, users, kind=MessageType.TRAIN) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    items = ItemParams.init(load_data(cfg).n_items, hyper(cfg), 3.0)
     config = ConfigRecord(cfg.to_dict())
     config[schema.ROUND] = 1
     config[schema.USERS] = list(users)
     meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind)
-    arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
+    arrays = ArrayRecord({k: Array(v) for k, v in _shared(cfg, load_data(cfg).n_items).items()})
     return Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), metadata=meta)
 
 
@@ -200,8 +203,9 @@ def test_under_distributed_dp_every_user_sent_adds_its_noise_share(small_cfg, tm
     counts: two rounds' sums differ by noise of std sqrt(2 x users sent) x share (chi-square)."""
     from scipy import stats
 
+    from fedrec.server.federation import array_record
+    from fedrec.server.runner import coordinates
     from fedrec.server.secagg import SecureGrid, secagg_setup
-    from fedrec.server.strategy import array_record
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     monkeypatch.setenv(ENV_DIR, str(tmp_path / "devices"))
@@ -213,20 +217,21 @@ def test_under_distributed_dp_every_user_sent_adds_its_noise_share(small_cfg, tm
     for partition in range(nodes):  # the first half of the nodes: both users opted out; the rest: one
         for user in (bounds[partition], bounds[partition] + 1)[:2 if partition < nodes // 2 else 1]:
             controls.set_training(tmp_path / "devices" / f"node-{partition}", int(user), train=False)
-    items = ItemParams.init(cfg.synthetic_items, hyper(cfg), 3.0)
+    algorithm = make_algorithm(cfg, cfg.synthetic_items, (1.0, 5.0))
+    shared = _shared(cfg, cfg.synthetic_items)
     for round_ in (1, 2):  # reproducible mode: the round keys the noise, everything else repeats
         grid = InProcessGrid(client_app, nodes)
         users = {node: list(range(bounds[i], bounds[i] + 2)) for i, node in enumerate(sorted(grid.contexts))}
-        setup = secagg_setup(cfg, nodes, 6, cfg.synthetic_items, cfg.dim, share, 20, 60)
+        setup = secagg_setup(cfg, nodes, 6, coordinates(algorithm, cfg.synthetic_items), share, 20, 60)
         messages = []
         for node, sent in users.items():
             config = ConfigRecord(cfg.to_dict())
             config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, sent, share
-            messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
+            messages.append(Message(RecordDict({schema.ARRAYS: array_record(shared), schema.CONFIG: config}),
                                     dst_node_id=node, message_type=MessageType.TRAIN))
-        (reply,) = SecureGrid(grid, cfg, setup).send_and_receive(messages)
+        (reply,) = SecureGrid(grid, cfg, setup, algorithm.statistics()).send_and_receive(messages)
         assert reply.content[schema.METRICS][schema.WEIGHT] == nodes // 2  # the trained count stays masked
-        sums.append(np.concatenate([reply.content[schema.ARRAYS][k].numpy().ravel() for k in schema.ITEM_ARRAYS]))
+        sums.append(np.concatenate([reply.content[schema.ARRAYS][k].numpy().ravel() for k in algorithm.statistics()]))
     diff = (sums[0] - sums[1]).astype(np.float64)
     statistic = (diff**2).sum() / (2 * 2 * nodes * share**2)
     assert stats.chi2.ppf(0.5e-6, len(diff)) < statistic < stats.chi2.ppf(1 - 0.5e-6, len(diff))

@@ -9,10 +9,9 @@ import dataclasses
 import numpy as np
 
 from fedrec.datasets import SyntheticSpec, load_split
-from fedrec.models import Hyper
-from fedrec.models.defaults import BPMF_DIM, BPMF_REG, DEFAULT_REG
-from fedrec.models.device import DevicePolicy
-from fedrec.run.build import device_policy, hyper, load_data, synthetic_spec
+from fedrec.models.defaults import BPMF_DIM, BPMF_REG, DEFAULT_REG, Hyper
+from fedrec.privacy.policy import DevicePolicy
+from fedrec.run.build import hyper, load_data, synthetic_spec
 from fedrec.run.config import RunConfig
 
 
@@ -21,7 +20,7 @@ def test_a_default_run_builds_the_default_model_device_and_data():
     # --model auto runs BPMF on a plain default run: its own K and prior, everything else Hyper()'s
     assert hyper(cfg) == dataclasses.replace(Hyper(), model="bpmf", dim=BPMF_DIM, **BPMF_REG)
     assert hyper(dataclasses.replace(cfg, model="mf")) == Hyper()
-    assert device_policy(cfg) == DevicePolicy()
+    assert cfg.device_policy(cfg.seed) == DevicePolicy()
     assert synthetic_spec(cfg) == SyntheticSpec()
 
 

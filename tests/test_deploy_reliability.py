@@ -16,7 +16,7 @@ import pytest
 from fedrec.client.app import app as client_app
 from fedrec.deploy.loopback import BIN, REPO, Processes, flower_env, flwr_run, start_federation, write_connection
 from fedrec.run.config import RunConfig
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.engine

@@ -9,20 +9,21 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedrec.client import controls, storage, uploads
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
 from fedrec.datasets import cohort
-from fedrec.models.personal import fit_user
+from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
 from fedrec.models.saved import load_model
-from fedrec.run import schema
-from fedrec.run.build import hyper, load_data
+from fedrec.personal import device_sent as dv_sent
+from fedrec.personal import device_view as dv
+from fedrec.privacy.upload import ITEM_INDEX
+from fedrec.run.build import load_data, make_algorithm
 from fedrec.run.config import ConfigError
-from fedrec.server.app import privacy_plan, run_server
+from fedrec.server.runner import privacy_plan, run_server
 from fedrec.server.sampling import sample_users, sampling_rng
-from fedrec.simulations import device_sent as dv_sent
-from fedrec.simulations import device_view as dv
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -57,8 +58,8 @@ def test_a_user_sees_its_ratings_its_kept_vector_and_each_upload(small_cfg, tmp_
     assert view.vector_source == dv.FROM_STATE and not view.opted_out and not view.erased
     assert [u.round for u in view.uploads] == rounds[user]
     n_items = load_data(cfg).n_items
-    assert view.uploads[0].arrays == [(schema.ITEM_EMB, (n_items, cfg.dim), 4 * n_items * cfg.dim),
-                                      (schema.ITEM_BIAS, (n_items,), 4 * n_items), (schema.GLOBAL_BIAS, (1,), 4)]
+    assert view.uploads[0].arrays == [(ITEM_EMB, (n_items, cfg.dim), 4 * n_items * cfg.dim),
+                                      (ITEM_BIAS, (n_items, 1), 4 * n_items), (GLOBAL_BIAS, (1,), 4)]
     assert all(u.norm > 0 and u.clipped_norm <= u.norm and u.noise == "none" and u.epsilon is None
                and not u.secure_aggregation for u in view.uploads)
     assert view.epsilon is None and "user vector" in view.never_uploaded
@@ -73,11 +74,13 @@ def test_a_user_that_never_trained_or_a_run_without_device_state_gets_a_refitted
                                                                                         monkeypatch):
     cfg, run, rounds = _kept_run(small_cfg, tmp_path, monkeypatch)
     never = next(u for u in range(60) if u not in rounds)
-    rows = cohort(load_data(cfg), [never])
-    fit = fit_user(load_model(run), rows.train_item, rows.train_rating, hyper(cfg))
+    split = load_data(cfg)
+    rows = cohort(split, [never])
+    model = {k: torch.as_tensor(v) for k, v in load_model(run).items()}
+    fit = make_algorithm(cfg, split.n_items, split.rating_scale).fit_user(model, rows.train_item, rows.train_rating)
     view = dv.device_view(run, str(never))
     assert view.vector_source == dv.NEVER_TRAINED and view.uploads == []
-    np.testing.assert_allclose(view.vector, fit.emb)
+    np.testing.assert_allclose(view.vector, fit.emb[0])
     shutil.rmtree(device_dir(run))
     view = dv.device_view(run, str(min(rounds)))
     assert view.vector_source == dv.REFITTED and view.uploads == []
@@ -88,7 +91,7 @@ def test_a_sparse_upload_lists_the_rows_it_carried(small_cfg, tmp_path, monkeypa
     user = min(rounds)
     (first, *_) = dv.device_view(run, str(user)).uploads
     n = len(cohort(load_data(cfg), [user]).train_item)  # every rated item's row moves
-    assert first.arrays[0] == (schema.ITEM_INDEX, (n,), 8 * n) and first.arrays[1][1] == (n, cfg.dim)
+    assert first.arrays[0] == (ITEM_INDEX, (n,), 8 * n) and first.arrays[1][1] == (n, cfg.dim)
 
 
 def test_local_dp_epsilon_composes_over_the_users_own_rounds(small_cfg, tmp_path, monkeypatch):
@@ -178,8 +181,11 @@ def test_a_central_run_has_no_device_trail_and_a_refitted_vector(small_cfg):
 
 
 def test_under_secure_aggregation_an_upload_is_the_masked_dense_update_and_the_user_count():
+    from fedrec.privacy.secagg import COUNT, secure_order
     from fedrec.run.config import RunConfig
-    from fedrec.run.secagg import SECURE_ORDER
 
-    arrays = dv.upload_arrays(RunConfig(secure_aggregation="secagg+", update_mode="dense", dim=4), 10, 3)
-    assert [a[0] for a in arrays] == list(SECURE_ORDER) and arrays[0][1:] == ((10, 4), 8 * 40)
+    cfg = RunConfig(secure_aggregation="secagg+", update_mode="dense", dim=4, model="mf")
+    statistics = make_algorithm(cfg, 10, (1.0, 5.0)).statistics()
+    arrays = dv.upload_arrays(cfg, statistics, 10, 3)
+    assert [a[0] for a in arrays] == secure_order(statistics) and arrays[0][1:] == ((10, 4), 8 * 40)
+    assert arrays[-1] == (COUNT, (1,), 8)

@@ -18,7 +18,7 @@ from fedrec.deploy.loopback import Processes, flower_env, flwr_run, free_port, s
 from fedrec.run import schema
 from fedrec.run.build import load_data
 from fedrec.run.config import RunConfig
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 
 pytestmark = pytest.mark.engine
 
@@ -61,8 +61,8 @@ def test_ray_simulation_respects_the_privacy_boundary(tmp_path):
     assert "outcome" in seen, "the ServerApp did not finish"
     replies = seen["replies"]
     assert len(replies) == 1 + 4 + 4 * 3 + 4  # discovery (one node, then all), train, evaluate
-    item_shapes = {schema.ITEM_EMB: (split.n_items, cfg.dim), schema.ITEM_BIAS: (split.n_items,),
-                   schema.GLOBAL_BIAS: (1,)}
+    item_shapes = {"item-emb": (split.n_items, cfg.dim), "item-bias": (split.n_items, 1), "global-bias": (1,),
+                   }  # what MF devices send: its statistics
     allowed_metrics = set(schema.TRAIN_METRICS) | set(schema.EVAL_SUMS) | set(schema.HELLO_METRICS)
     private_rows = {split.n_users, 12}  # population, users per node
     for reply in replies:
@@ -73,13 +73,13 @@ def test_ray_simulation_respects_the_privacy_boundary(tmp_path):
             for name, array in record.items():
                 assert name in item_shapes, f"unexpected array {name!r} left a client"
                 assert tuple(array.shape) == item_shapes[name]
-                assert array.shape[0] not in private_rows or name == schema.GLOBAL_BIAS
+                assert array.shape[0] not in private_rows or name == "global-bias"
                 assert array.dtype == "float32"
         for record in content.metric_records.values():
             assert set(record.keys()) <= allowed_metrics
             assert all(not isinstance(v, list) for v in record.values()), "a list (ids? ratings?) left a client"
     train_keys = {tuple(sorted(r.content[schema.ARRAYS].keys())) for r in replies if schema.ARRAYS in r.content}
-    assert train_keys == {tuple(sorted(schema.ITEM_ARRAYS))}
+    assert train_keys == {("global-bias", "item-bias", "item-emb")}
     assert seen["outcome"].summary["metrics"]["rmse"] > 0
     assert (Path(cfg.out) / "audit.jsonl").read_text().count("\n") == 4 * 3
 
@@ -120,7 +120,7 @@ def test_deployment_one_user_per_supernode_on_loopback(tmp_path, processes):
     assert summary["num_nodes"] == users and summary["num_users"] == users
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     assert len(audit) == 2 * users and {a["node"] for a in audit}.__len__() == users
-    assert all(set(a["arrays"]) == set(schema.ITEM_ARRAYS) for a in audit)
+    assert all(set(a["arrays"]) == {"item-emb", "item-bias", "global-bias"} for a in audit)
     assert np.isfinite(summary["metrics"]["rmse"])
 
 

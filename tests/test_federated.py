@@ -14,7 +14,7 @@ import torch
 from fedrec.client.app import app as client_app
 from fedrec.run.build import load_data
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.federated import check_population
 from fedrec.simulations.inprocess import InProcessGrid
@@ -30,8 +30,8 @@ def test_cohorts_equal_one_user_per_node(small_cfg, sampling):
     users = load_data(cfg).n_users
     single = _run(dataclasses.replace(cfg, out=cfg.out + "-1"), nodes=users)
     cohorts = _run(dataclasses.replace(cfg, out=cfg.out + "-3"), nodes=3)
-    for name, tensor in single.items.tensors().items():
-        torch.testing.assert_close(tensor, cohorts.items.tensors()[name], rtol=1e-5, atol=1e-6)
+    for name, value in single.model.items():
+        torch.testing.assert_close(torch.as_tensor(value), torch.as_tensor(cohorts.model[name]), rtol=1e-5, atol=1e-6)
     for a, b in zip(single.history, cohorts.history):
         assert a["users_sampled"] == b["users_sampled"]
         assert ("rmse" in a) == ("rmse" in b)
@@ -44,8 +44,9 @@ def test_full_participation_federated_equals_central(small_cfg):
     federated = _run(cfg, nodes=4)
     central = run_central(dataclasses.replace(cfg, out=cfg.out + "-central"))
     assert federated.summary["metrics"]["rmse"] == pytest.approx(central.summary["metrics"]["rmse"], rel=1e-5)
-    for name, tensor in federated.items.tensors().items():
-        torch.testing.assert_close(tensor, central.result.items.tensors()[name], rtol=1e-4, atol=1e-5)
+    for name, value in federated.model.items():
+        torch.testing.assert_close(torch.as_tensor(value), torch.as_tensor(central.result.model[name]), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_run_directory_contents(small_cfg):

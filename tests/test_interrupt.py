@@ -116,7 +116,7 @@ def test_a_ctrl_c_a_library_swallowed_is_raised_again_at_the_next_progress_updat
 
     from rich.progress import Progress
 
-    from fedrec.simulations import cli as fedrec_cli
+    from fedrec.cli import main as fedrec_cli
 
     monkeypatch.setattr(fedrec_cli, "_ctrl_c", threading.Event())
     progress = Progress(disable=True)

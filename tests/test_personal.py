@@ -6,49 +6,63 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.models import Hyper, ItemParams
-from fedrec.models.personal import fit_user, top_n
+from fedrec.models.defaults import Hyper
+from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
+from fedrec.models.mf import MF
 
 
-def _items(n_items=30, dim=4, seed=0) -> ItemParams:
+def _model(n_items=30, dim=4, seed=0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return ItemParams(torch.randn(n_items, dim, generator=gen), torch.randn(n_items, generator=gen) * 0.3,
-                      torch.tensor([3.5]))
+    return {ITEM_EMB: torch.randn(n_items, dim, generator=gen), ITEM_BIAS: torch.randn(n_items, generator=gen) * 0.3,
+            GLOBAL_BIAS: torch.tensor([3.5])}
 
 
-def _loss(items, item, rating, hyper, emb, bias):
-    pred = items.global_bias.double() + bias + items.bias.double()[item] + items.emb.double()[item] @ emb
+def _mf(model, **settings) -> MF:
+    return MF(Hyper(**settings), model[ITEM_EMB].shape[0], (1.0, 5.0))
+
+
+def _loss(model, item, rating, hyper, emb, bias):
+    pred = (model[GLOBAL_BIAS].double() + bias + model[ITEM_BIAS].double()[item]
+            + model[ITEM_EMB].double()[item] @ emb)
     n = len(item)
     return float(((pred - torch.as_tensor(rating).double()) ** 2).sum() + n * hyper.reg_user * (emb @ emb)
                  + n * hyper.reg_bias * bias ** 2)
 
 
 def test_the_fit_is_the_minimum_of_local_trainings_objective():
-    items, hyper = _items(), Hyper(dim=4)
+    model = _model()
+    algorithm = _mf(model, dim=4)
     item, rating = np.array([1, 4, 7, 9, 12]), np.array([5.0, 1.0, 4.0, 2.0, 5.0])
-    fit = fit_user(items, item, rating, hyper)
-    best = _loss(items, torch.as_tensor(item), rating, hyper, torch.as_tensor(fit.emb).double(), fit.bias)
+    fit = algorithm.fit_user(model, item, rating)
+    emb, bias = fit.emb[0].double(), float(fit.bias[0])
+    best = _loss(model, torch.as_tensor(item), rating, algorithm.settings, emb, bias)
     rng = np.random.default_rng(0)
     for _ in range(200):  # every nearby point is worse
-        emb = torch.as_tensor(fit.emb).double() + torch.as_tensor(rng.normal(0, 1e-2, 4))
-        assert _loss(items, torch.as_tensor(item), rating, hyper, emb, fit.bias + rng.normal(0, 1e-2)) > best
+        near = emb + torch.as_tensor(rng.normal(0, 1e-2, 4))
+        assert _loss(model, torch.as_tensor(item), rating, algorithm.settings, near, bias + rng.normal(0, 1e-2)) > best
 
 
 def test_recommendations_exclude_what_the_user_rated_and_follow_the_fitted_taste():
-    items, hyper = _items(n_items=40), Hyper(dim=4, reg_user=0.01, reg_bias=0.01)
-    liked = np.argsort(-items.emb[:, 0].numpy())[:6]  # items high on factor 0
-    disliked = np.argsort(items.emb[:, 0].numpy())[:6]
+    model = _model(n_items=40)
+    algorithm = _mf(model, dim=4, reg_user=0.01, reg_bias=0.01)
+    liked = np.argsort(-model[ITEM_EMB][:, 0].numpy())[:6]  # items high on factor 0
+    disliked = np.argsort(model[ITEM_EMB][:, 0].numpy())[:6]
     item = np.concatenate([liked, disliked])
-    fit = fit_user(items, item, np.concatenate([np.full(6, 5.0), np.full(6, 1.0)]), hyper)
-    best, scores = top_n(items, fit, exclude=item, n=10, rating_scale=(1.0, 5.0))
+    rating = np.concatenate([np.full(6, 5.0), np.full(6, 1.0)])
+    fit = algorithm.fit_user(model, item, rating)
+    best, scores = algorithm.top_n(model, fit, item, 10)
     assert len(best) == 10 and not set(best) & set(item)
     assert np.all(np.diff(scores) <= 0) and scores.min() >= 1.0 and scores.max() <= 5.0
-    assert fit.emb[0] > 0  # the fitted vector points at what the user liked
+    assert fit.emb[0, 0] > 0  # the fitted vector points at what the user liked
+    recommended = algorithm.recommend(model, item, rating, 10)  # fit and top-N in one call: the same list
+    np.testing.assert_array_equal(recommended[0], best)
+    np.testing.assert_allclose(recommended[1], scores)
 
 
 def test_a_user_without_ratings_cannot_be_fitted():
+    model = _model()
     with pytest.raises(ValueError, match="no ratings"):
-        fit_user(_items(), np.array([], dtype=np.int64), np.array([]), Hyper(dim=4))
+        _mf(model, dim=4).fit_user(model, np.array([], dtype=np.int64), np.array([]))
 
 
 def test_the_saved_model_carries_the_public_item_catalogue_where_the_writer_has_it(tmp_path, write_dataset, small_cfg):
@@ -57,7 +71,7 @@ def test_the_saved_model_carries_the_public_item_catalogue_where_the_writer_has_
     from fedrec.client.app import app as client_app
     from fedrec.models.saved import load_catalogue, load_model
     from fedrec.run.config import RunConfig
-    from fedrec.server.app import run_server
+    from fedrec.server.runner import run_server
     from fedrec.simulations.central import run_central
     from fedrec.simulations.inprocess import InProcessGrid
 
@@ -68,7 +82,8 @@ def test_the_saved_model_carries_the_public_item_catalogue_where_the_writer_has_
     ids, titles = load_catalogue(tmp_path / "central")
     assert ids.tolist() == [100, 200, 300]
     assert titles.tolist() == ["Toy Story (1995)", "GoldenEye (1995)", "Heat (1995)"]
-    assert load_model(tmp_path / "central").emb.shape == (3, 4)  # the catalogue is not part of the parameters
+    model = load_model(tmp_path / "central")
+    assert not {"item-ids", "titles"} & set(model) and model[ITEM_EMB].shape == (3, 4)  # the catalogue: no parameter
 
     federated = dataclasses.replace(small_cfg, rounds=1, eval_every=1)
     run_server(InProcessGrid(client_app, 2), federated, catalogue=(np.arange(40) + 1000, None))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from unittest.mock import Mock
 
 import dp_accounting
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 from typer.testing import CliRunner
@@ -22,15 +20,15 @@ from fedrec.cli.main import cli
 from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
-from fedrec.models import Hyper, ItemParams, UserState
-from fedrec.models.device import DevicePolicy, device_step
+from fedrec.privacy.accountant import PrivacyPlan
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import DevicePolicy
 from fedrec.run import schema
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.server.app import privacy_plan, run_server
-from fedrec.server.directory import NodeDirectory
-from fedrec.server.privacy import PrivacyPlan
-from fedrec.server.strategy import FedRecStrategy
+from fedrec.server.runner import privacy_plan, run_server
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import federation, mf_algorithm, mf_reply
 
 
 @pytest.fixture(autouse=True)
@@ -78,30 +76,18 @@ def test_calibrated_noise_meets_the_target(small_cfg):
     assert 3.9 < plan.epsilon(20) <= 4.0
 
 
-def _reply(users, n_items, dim, value=0.0):
-    arrays = ArrayRecord({schema.ITEM_EMB: Array(np.full((n_items, dim), value, np.float32)),
-                          schema.ITEM_BIAS: Array(np.full(n_items, value, np.float32)),
-                          schema.GLOBAL_BIAS: Array(np.full(1, value, np.float32))})
-    reply = Mock(spec=Message)
-    reply.has_error.return_value = False
-    reply.content = RecordDict({schema.ARRAYS: arrays, schema.METRICS: MetricRecord(
-        {schema.WEIGHT: users, "loss-sum": 0.0, "num-rows": 1})})
-    reply.metadata.src_node_id = 1
-    return reply
-
-
 def test_server_noise_has_the_configured_std():
     """Zero updates in: what comes out is the noise divided by the expected user count.
     Two-sided chi-square test on 64,000 coordinates; false-alarm rate 1e-6."""
     n_items, dim, z, clip, expected_users = 2000, 31, 1.7, 0.8, 50
     cfg = RunConfig(strategy="fedavg", server_lr=1.0, dp="central", noise_multiplier=z, clipping_norm=clip,
                     users_per_round=expected_users, sampling="poisson", seed=5)
-    items = ItemParams.init(n_items, Hyper(dim=dim, init_std=0.0), 0.0)
     plan = PrivacyPlan("central", z, clip, "poisson", expected_users, 1000, 1e-5, "rdp")
-    directory = NodeDirectory(np.array([1], np.uint64), np.array([0]), np.array([1000]), 1000, n_items, (1.0, 5.0))
-    strategy = FedRecStrategy(cfg, directory, items, privacy=plan)
-    strategy.aggregate_train(1, [_reply(48, n_items, dim)])
-    noise = np.concatenate([items.emb.numpy().ravel(), items.bias.numpy()]).astype(np.float64)
+    fed = federation(cfg, n_items, dim, 1000, plan, init_std=0.0)
+    fed.state.params["global-bias"].zero_()
+    fed.aggregate_train(1, [mf_reply(48, n_items, dim)])
+    model = fed.state.model()
+    noise = np.concatenate([model["item-emb"].ravel(), model["item-bias"]]).astype(np.float64)
     sigma = z * clip / expected_users
     n = len(noise)
     statistic = (noise**2).sum() / sigma**2  # chi-square with n degrees of freedom (mean known: 0)
@@ -117,7 +103,7 @@ def test_every_users_upload_norm_is_at_most_the_clipping_norm(small_cfg):
     for reply in grid.replies:
         if schema.ARRAYS in reply.content:
             record = reply.content[schema.ARRAYS]
-            norms.append(np.sqrt(sum((record[k].numpy().astype(np.float64) ** 2).sum() for k in schema.ITEM_ARRAYS)))
+            norms.append(np.sqrt(sum((record[k].numpy().astype(np.float64) ** 2).sum() for k in record.keys())))
     assert len(norms) == 120 and max(norms) <= 0.05 * (1 + 1e-5)
     assert np.median(norms) == pytest.approx(0.05, rel=1e-4)  # most users were clipped: C binds
 
@@ -142,23 +128,23 @@ def _central_dp_items(cfg, **changes):
     cfg = dataclasses.replace(cfg, **{"dp": "central", "clipping_norm": 0.3, "noise_multiplier": 0.8,
                                       "users_per_round": 20, "sampling": "poisson", "rounds": 3, **changes})
     cfg = dataclasses.replace(cfg, out=f"{cfg.out}-{next(_RUN_DIRS)}")  # a run directory is never reused
-    return run_server(InProcessGrid(client_app, 2), cfg).items
+    return {k: torch.as_tensor(v) for k, v in run_server(InProcessGrid(client_app, 2), cfg).model.items()}
 
 
 def test_reproducible_noise_repeats_a_dp_run_for_a_seed(small_cfg):
     a = _central_dp_items(small_cfg, reproducible_noise=True)
     b = _central_dp_items(small_cfg, reproducible_noise=True)
     c = _central_dp_items(small_cfg, reproducible_noise=True, seed=9)
-    for name in ("emb", "bias", "global_bias"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
-    assert not torch.allclose(a.emb, c.emb)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert not torch.allclose(a["item-emb"], c["item-emb"])
 
 
 def test_dp_noise_is_fresh_by_default_even_for_the_same_seed(small_cfg):
     # The seed is public (config.toml, summary.json): noise derived from it would hide nothing.
     # Everyone takes part each round, so only the noise can tell the two runs apart.
     a, b = _central_dp_items(small_cfg, users_per_round=0), _central_dp_items(small_cfg, users_per_round=0)
-    assert not torch.allclose(a.emb, b.emb)
+    assert not torch.allclose(a["item-emb"], b["item-emb"])
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -188,21 +174,21 @@ def test_device_enforces_its_participation_cap():
     """A device counts its own rounds: past `max_rounds` its user trains and contributes
     nothing, whatever the server asks."""
     split = random_holdout(generate(SyntheticSpec(users=20, items=30, density=0.3, seed=4))[0], 0.2, 4)
-    hyper = Hyper(dim=4, local_epochs=2, seed=1)  # 2 Adam steps per round: the cap counts rounds, not steps
-    policy = DevicePolicy(max_rounds=2, noise_std=0.5, clip_norm=0.1, reproducible_seed=None)
-    items = ItemParams.init(split.n_items, hyper, 3.0)
-    state = UserState.init(np.array([3]), split.n_users, hyper)
+    algorithm = mf_algorithm(split.n_items, 4, local_epochs=2, seed=1)  # 2 Adam steps per round: the cap counts rounds
+    policy = DevicePolicy(max_rounds=2, noise_std=0.5, clipping_norm=0.1, reproducible_seed=None)
+    model = algorithm.init_server("fedavg", 1.0).broadcast()
+    state = new_users(algorithm, np.array([3]), split.n_users, policy)
     results = []
     for round_ in (1, 2, 3):
-        results.append(device_step(items, state, cohort(split, [3]), split.n_items, hyper, policy, round_))
+        results.append(device_step(algorithm, model, state, cohort(split, [3]), round_, policy, seed=1))
         state = results[-1].state
     assert [r.took_part.tolist() for r in results] == [[True], [True], [False]]
-    assert all(float(r.update.emb_delta.abs().sum()) > 0 for r in results[:2])
-    capped = results[2].update
+    assert all(float(r.sums.arrays["item-emb"].abs().sum()) > 0 for r in results[:2])
+    capped = results[2].sums
     assert capped.num_users == 0 and capped.num_rows == 0
-    for delta in (capped.emb_delta, capped.bias_delta, capped.global_bias_delta):
+    for delta in capped.arrays.values():
         assert float(delta.abs().sum()) == 0
-    torch.testing.assert_close(results[2].state.emb, results[1].state.emb, rtol=0, atol=0)  # no training either
+    torch.testing.assert_close(results[2].state["emb"], results[1].state["emb"], rtol=0, atol=0)  # no training
 
 
 def test_budget_stop_ends_training_before_the_target_is_exceeded(small_cfg):

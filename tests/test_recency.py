@@ -11,22 +11,25 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
 from fedrec.datasets import DataError, cohort
 from fedrec.datasets.shards import node_name, open_shard
-from fedrec.models import Hyper, ItemParams, UserState, evaluate_rows
-from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.mf import predict
+from fedrec.models.defaults import Hyper
+from fedrec.models.factors import ItemParams, Users, evaluate_view, init_items, predict, seeded_vectors
 from fedrec.models.recency import Recency, latest_items, with_recency
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import DevicePolicy
 from fedrec.run import schema
-from fedrec.run.build import ensure_shards, hyper, load_data
+from fedrec.run.build import ensure_shards, hyper, load_data, make_algorithm
 from fedrec.run.config import RunConfig, ignored_settings
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import round_config
 
 
 @pytest.fixture
@@ -34,14 +37,25 @@ def loo_cfg(small_cfg) -> RunConfig:
     return dataclasses.replace(small_cfg, split="loo", negatives=20).resolved()
 
 
-def _model(cfg: RunConfig, users: int, seed: int = 1) -> tuple[ItemParams, UserState]:
+def _model(cfg: RunConfig, users: int, seed: int = 1) -> tuple[ItemParams, Users]:
     h = dataclasses.replace(hyper(cfg), seed=seed)
-    items = ItemParams.init(load_data(cfg).n_items, h, 0.0)
+    items = init_items(load_data(cfg).n_items, h.dim, h.init_std, seed, 0.0)
     items.bias.copy_(torch.randn(len(items.bias), generator=torch.Generator().manual_seed(seed)))
-    return items, UserState.init(np.arange(users), users, h)
+    return items, Users(seeded_vectors(np.arange(users), users, h.dim, h.init_std, seed), torch.zeros(users))
 
 
-def _by_hand(items: ItemParams, state: UserState, rows, user: int, item: torch.Tensor, r: Recency) -> torch.Tensor:
+def _take(users: Users, index) -> Users:
+    return Users(users.emb[torch.as_tensor(index)], users.bias[torch.as_tensor(index)])
+
+
+def evaluate_rows(items: ItemParams, users: Users, rows, implicit: bool, recency: Recency | None = None):
+    """Metric sums as a device scores them (MF.evaluate), with the recency term only when given."""
+    if recency is not None:
+        items, users = with_recency(items, users, rows, recency)
+    return evaluate_view(items, users, rows, implicit, 10, (1.0, 5.0))
+
+
+def _by_hand(items: ItemParams, state: Users, rows, user: int, item: torch.Tensor, r: Recency) -> torch.Tensor:
     """The score as models/recency.py defines it, one user at a time with a Python sort."""
     mine = np.flatnonzero(rows.train_segment == user)
     order = sorted(mine, key=lambda j: -int(rows.train_time[j]))[:r.items]  # sorted() is stable too
@@ -91,12 +105,12 @@ def test_a_users_profile_depends_only_on_its_own_rows_and_timestamps(loo_cfg):
     alone = cohort(split, [7])
     _, in_batch = with_recency(items, state, rows, Recency())
     _, with_others_shuffled = with_recency(items, state, shuffled, Recency())
-    _, by_itself = with_recency(items, state.take(torch.tensor([7])), alone, Recency())
+    _, by_itself = with_recency(items, _take(state, [7]), alone, Recency())
     torch.testing.assert_close(in_batch.emb[7], by_itself.emb[0])
     torch.testing.assert_close(in_batch.emb[7], with_others_shuffled.emb[7])
     on = Recency()
-    together = evaluate_rows(items, state.take(torch.tensor([3, 7])), rows.subset(np.array([3, 7])), True, recency=on)
-    apart = [evaluate_rows(items, state.take(torch.tensor([u])), cohort(split, [u]), True, recency=on) for u in (3, 7)]
+    together = evaluate_rows(items, _take(state, [3, 7]), rows.subset(np.array([3, 7])), True, recency=on)
+    apart = [evaluate_rows(items, _take(state, [u]), cohort(split, [u]), True, recency=on) for u in (3, 7)]
     assert together == pytest.approx({k: apart[0][k] + apart[1][k] for k in together})
 
 
@@ -156,9 +170,9 @@ def test_federated_equals_central_with_recency_on(loo_cfg):
 
 def _message(cfg: RunConfig, users, kind: str, n_items: int) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    config = ConfigRecord(cfg.to_dict())
-    config[schema.ROUND], config[schema.USERS] = 1, list(users)
-    arrays = ArrayRecord({k: Array(v) for k, v in ItemParams.init(n_items, hyper(cfg), 0.0).numpy().items()})
+    config = round_config(cfg, 1, users)
+    shared = make_algorithm(cfg, n_items, (1.0, 5.0)).init_server("fedavg", 1.0).broadcast()
+    arrays = ArrayRecord({k: Array(v) for k, v in shared.items()})
     meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind)
     return Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: config}), metadata=meta)
@@ -172,18 +186,20 @@ def _context() -> Context:
 def test_no_timestamp_leaves_the_device(loo_cfg):
     split = load_data(loo_cfg)
     rows = cohort(split, np.arange(10))
-    items, state = _model(loo_cfg, 10)
-    step = device_step(items, state, rows, split.n_items, hyper(loo_cfg), DevicePolicy(), 1)
-    moved = device_step(items, state, dataclasses.replace(rows, train_time=rows.train_time[::-1].copy()),
-                        split.n_items, hyper(loo_cfg), DevicePolicy(), 1)
-    assert set(step.upload) == set(schema.ITEM_ARRAYS)
+    algorithm = make_algorithm(loo_cfg, split.n_items, split.rating_scale)
+    shared, state = algorithm.init_server("fedavg", 1.0).broadcast(), new_users(algorithm, np.arange(10), 10,
+                                                                                 DevicePolicy())
+    step = device_step(algorithm, shared, state, rows, 1, DevicePolicy(), loo_cfg.seed)
+    moved = device_step(algorithm, shared, state, dataclasses.replace(rows, train_time=rows.train_time[::-1].copy()),
+                        1, DevicePolicy(), loo_cfg.seed)
+    assert set(step.upload) == set(algorithm.statistics())
     for name in step.upload:  # training is unchanged: the timestamps do not reach the upload at all
         np.testing.assert_array_equal(step.upload[name], moved.upload[name])
     reply = client_app(_message(loo_cfg, [], MessageType.EVALUATE, split.n_items), _context())
     assert set(reply.content.keys()) == {schema.METRICS}
     assert set(reply.content[schema.METRICS].keys()) == {schema.WEIGHT, *schema.EVAL_SUMS}
     train = client_app(_message(loo_cfg, [0, 1, 2], MessageType.TRAIN, split.n_items), _context())
-    assert set(train.content[schema.ARRAYS].keys()) == set(schema.ITEM_ARRAYS)
+    assert set(train.content[schema.ARRAYS].keys()) == set(algorithm.statistics())
     assert set(train.content[schema.METRICS].keys()) <= set(schema.TRAIN_METRICS)
 
 

@@ -12,15 +12,14 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client.app import app as client_app
-from fedrec.models import Hyper, ItemParams
+from fedrec.privacy.accountant import PrivacyPlan
+from fedrec.privacy.ledger import is_evaluation, listed_locations
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
-from fedrec.server.app import run_server
-from fedrec.server.directory import NodeDirectory
-from fedrec.server.privacy import PrivacyPlan
-from fedrec.server.releases import is_evaluation, listed_locations
-from fedrec.server.strategy import FedRecStrategy
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import federation
 
 
 @pytest.fixture(autouse=True)
@@ -91,14 +90,11 @@ def test_an_empty_poisson_round_still_adds_noise_and_counts():
     n_items, dim = 30, 4
     cfg = RunConfig(strategy="fedavg", server_lr=1.0, dp="central", noise_multiplier=1.0, clipping_norm=1.0,
                     users_per_round=5, sampling="poisson")
-    items = ItemParams.init(n_items, Hyper(dim=dim, init_std=0.0), 0.0)
     plan = PrivacyPlan("central", 1.0, 1.0, "poisson", 5, 100, 1e-5, "rdp")
-    directory = NodeDirectory(np.array([1], np.uint64), np.array([0]), np.array([100]), 100, n_items, (1.0, 5.0))
-    strategy = FedRecStrategy(cfg, directory, items, privacy=plan)
-    arrays, metrics = strategy.aggregate_train(1, [])
-    assert arrays is not None and metrics is None  # nothing but the model leaves
-    assert np.abs(items.emb.numpy()).max() > 0 and strategy.rounds_trained == 1
-    assert strategy.epsilon == pytest.approx(plan.epsilon(1))
+    fed = federation(cfg, n_items, dim, 100, plan, init_std=0.0)
+    assert fed.aggregate_train(1, [])  # the model moved: by the noise alone
+    assert np.abs(fed.state.model()["item-emb"]).max() > 0 and fed.rounds_trained == 1
+    assert fed.epsilon == pytest.approx(plan.epsilon(1))
 
 
 def test_padded_replies_do_not_count_the_real_rows(small_cfg):
@@ -110,7 +106,7 @@ def test_padded_replies_do_not_count_the_real_rows(small_cfg):
 
 
 def test_the_distributed_dp_ledger_says_the_unmasked_sum_tells_how_many_users_were_held_back():
-    from fedrec.server.releases import release_ledger
+    from fedrec.privacy.ledger import release_ledger
 
     entry = release_ledger("distributed")["count of users trained per round (a coordinate of the unmasked sum)"]
     assert entry["status"] == "not covered" and "held back" in entry["why"] and "not which" in entry["why"]
@@ -128,5 +124,5 @@ def test_settings_chosen_by_tune_are_listed_as_not_covered(small_cfg):
     entry = json.loads((outcome.run_dir / "summary.json").read_text())["privacy"]["releases"][
         "config.toml and summary.json settings"]
     assert entry["status"] == "not covered" and "fedrec tune" in entry["why"]
-    from fedrec.server.releases import release_ledger
+    from fedrec.privacy.ledger import release_ledger
     assert release_ledger("central")["config.toml and summary.json settings"]["status"] == "covered"

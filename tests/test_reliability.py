@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from fedrec.client.app import app as client_app
 from fedrec.client.storage import ENV_DIR
@@ -19,7 +18,7 @@ from fedrec.models.randomness import dropped
 from fedrec.models.saved import load_model
 from fedrec.run.config import RunConfig
 from fedrec.server import checkpoint
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 
@@ -48,7 +47,8 @@ def test_a_run_reports_its_status_and_each_round_as_it_ends(small_cfg, devices):
     assert _summary(outcome.run_dir)["status"] == "completed"
     assert not (outcome.run_dir / checkpoint.CHECKPOINT).exists()  # the server's memory is not an output
     saved = load_model(outcome.run_dir)
-    torch.testing.assert_close(saved.emb, outcome.items.emb)
+    for name, value in outcome.model.items():
+        np.testing.assert_array_equal(saved[name], value)
 
 
 def _stopping_after(round_: int, stop: threading.Event):
@@ -72,8 +72,8 @@ def test_stop_and_resume_gives_the_uninterrupted_result(small_cfg, devices, dp):
     # Fresh devices (new processes: empty context.state) that kept their state on their own disks.
     resumed = run_server(InProcessGrid(client_app, 3), dataclasses.replace(cfg, resume=str(first.run_dir)))
     assert resumed.status == "completed" and _summary(resumed.run_dir)["status"] == "completed"
-    for name, tensor in whole.items.tensors().items():
-        torch.testing.assert_close(resumed.items.tensors()[name], tensor, rtol=0, atol=0)
+    for name, value in whole.model.items():
+        np.testing.assert_array_equal(resumed.model[name], value)
     assert resumed.summary["metrics"] == whole.summary["metrics"]
     frame = pd.read_csv(resumed.run_dir / "metrics.csv")
     assert list(frame["round"]) == [1, 2, 3, 4, 5, 6]
@@ -122,8 +122,8 @@ def test_too_few_replies_skip_the_round(small_cfg):
     outcome = run_server(InProcessGrid(client_app, 60), cfg)
     frame = pd.read_csv(outcome.run_dir / "metrics.csv")
     assert frame["skipped"].fillna(0).sum() == 3  # ~3 of 30 replies per round: below half
-    np.testing.assert_array_equal(outcome.items.emb.numpy(), run_server(
-        InProcessGrid(client_app, 60), dataclasses.replace(cfg, rounds=1, out=cfg.out + "-0")).items.emb.numpy())
+    np.testing.assert_array_equal(outcome.model["item-emb"], run_server(
+        InProcessGrid(client_app, 60), dataclasses.replace(cfg, rounds=1, out=cfg.out + "-0")).model["item-emb"])
 
 
 def test_a_node_that_leaves_is_skipped_and_used_again_when_it_rejoins(small_cfg):
@@ -153,31 +153,36 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
     from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedrec.models import Hyper, ItemParams
+    from fedrec.models.defaults import Hyper
+    from fedrec.models.mf import MF
     from fedrec.models.randomness import private_rng
+    from fedrec.privacy.accountant import PrivacyPlan
+    from fedrec.privacy.noise import add_central_noise
     from fedrec.run import schema
     from fedrec.run.config import RunConfig
     from fedrec.server.directory import NodeDirectory
-    from fedrec.server.privacy import PrivacyPlan, add_central_noise
-    from fedrec.server.strategy import FedRecStrategy, array_record
+    from fedrec.server.federation import Federation
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     n_items, dim, z, clip, expected = 5, 2, 1.3, 1.0, 6
     cfg = RunConfig(strategy="fedavg", server_lr=1.0, dp="central", noise_multiplier=z, clipping_norm=clip,
                     users_per_round=expected, sampling="poisson", seed=3, reproducible_noise=True, dim=dim,
                     min_reply_fraction=0.0)
-    items = ItemParams.init(n_items, Hyper(dim=dim, init_std=0.0), 0.0)
+    mf = MF(Hyper(dim=dim, init_std=0.0), n_items, (1.0, 5.0))
     plan = PrivacyPlan("central", z, clip, "poisson", expected, 9, 1e-5, "rdp")
     directory = NodeDirectory(np.array([11, 22, 33], np.uint64), np.array([0, 3, 6]), np.array([3, 3, 3]), 9, n_items,
                               (1.0, 5.0))
-    strategy = FedRecStrategy(cfg, directory, items, privacy=plan)
+    state = mf.init_server("fedavg", 1.0)
+    state.params["global-bias"].zero_()
+    strategy = Federation(cfg, mf, state, directory, privacy=plan)
     grid = Mock(get_node_ids=Mock(return_value=[11, 22, 33]))
-    strategy.configure_train(1, array_record(items), ConfigRecord({"dim": dim}), grid)
+    strategy.begin_round(1)
+    strategy.configure_train(1, ConfigRecord({"dim": dim}), grid)
     sent = dict(strategy._sent)
 
     def reply(node, value):
-        update = {schema.ITEM_EMB: np.full((n_items, dim), value, np.float32),
-                  schema.ITEM_BIAS: np.zeros(n_items, np.float32), schema.GLOBAL_BIAS: np.zeros(1, np.float32)}
+        update = {"item-emb": np.full((n_items, dim), value, np.float32),
+                  "item-bias": np.zeros((n_items, 1), np.float32), "global-bias": np.zeros(1, np.float32)}
         message = Mock(spec=Message)
         message.has_error.return_value = False
         message.content = RecordDict({schema.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}),
@@ -192,10 +197,10 @@ def test_under_central_dp_a_dropped_node_changes_neither_the_noise_nor_the_denom
     live = [n for n in sent if n != 33][:2]
     value = 0.1 / np.sqrt(n_items * dim)  # each reply well inside 1 user x C
     strategy.aggregate_train(1, [reply(n, value) for n in live] + [failed])
-    total = {schema.ITEM_EMB: np.full((n_items, dim), value * len(live)), schema.ITEM_BIAS: np.zeros(n_items),
-             schema.GLOBAL_BIAS: np.zeros(1)}
-    expected_step = add_central_noise(total, plan, private_rng("central-noise", 3, 1))[schema.ITEM_EMB] / expected
-    np.testing.assert_allclose(items.emb.numpy(), expected_step, rtol=1e-5, atol=1e-7)
+    total = {"item-emb": np.full((n_items, dim), value * len(live)), "item-bias": np.zeros((n_items, 1)),
+             "global-bias": np.zeros(1)}
+    expected_step = add_central_noise(total, plan.noise_std, private_rng("central-noise", 3, 1))["item-emb"] / expected
+    np.testing.assert_allclose(state.model()["item-emb"], expected_step, rtol=1e-5, atol=1e-7)
     assert strategy._row["nodes_failed"] == 1
 
 
@@ -214,7 +219,7 @@ def test_rounds_released_after_the_last_checkpoint_are_accounted_on_resume(small
     resumed = run_server(InProcessGrid(client_app, 3), dataclasses.replace(cfg, resume=cfg.out))
     privacy = resumed.summary["privacy"]
     assert privacy["rounds"] == 7
-    from fedrec.server.app import privacy_plan
+    from fedrec.server.runner import privacy_plan
     assert privacy["epsilon"] == pytest.approx(privacy_plan(cfg, 60)[1].epsilon(7))
 
 
@@ -233,17 +238,18 @@ def test_a_resumed_device_never_loads_the_timeline_a_crash_cut_off(tmp_path):
 
     series = "00112233445566aa"
     directory = storage.series_dir(tmp_path, series)
-    step = {k: np.zeros(1, np.float32) for k in ("emb", "bias", "m", "v", "step")}
+    rounds = storage.ROUNDS  # the entry the participation cap counts
+    step = {k: np.zeros(1, np.float32) for k in ("emb", "bias", "m", "v", "step", rounds)}
     storage.save_base(directory, 0, step)
-    storage.start_steps(directory, step["step"])
+    storage.start_steps(directory, step[rounds])
     for round_ in (2, 3, 4):  # checkpoint at 2; the crashed session got to 4
-        storage.save_delta(directory, round_, np.array([0]), step | {"step": np.array([float(round_)])}, keep_from=2)
+        storage.save_delta(directory, round_, np.array([0]), step | {rounds: np.array([float(round_)])}, keep_from=2)
     storage.discard_after(tmp_path, series, "2-0a0b0c0d")
-    assert storage.load(directory, 10)[2]["step"][0] == 2.0
+    assert storage.load(directory, 10)[2][rounds][0] == 2.0
     assert storage.rounds_taken(directory)[0] == 4.0  # the cap still counts the cut-off rounds
-    storage.save_delta(directory, 3, np.array([0]), step | {"step": np.array([3.5])}, keep_from=2)
+    storage.save_delta(directory, 3, np.array([0]), step | {rounds: np.array([3.5])}, keep_from=2)
     storage.discard_after(tmp_path, series, "2-0a0b0c0d")  # the same session again (a device restart): keeps it
-    assert storage.load(directory, 10)[2]["step"][0] == 3.5
+    assert storage.load(directory, 10)[2][rounds][0] == 3.5
 
 
 
@@ -252,7 +258,7 @@ def test_a_resumed_run_that_stops_on_its_budget_evaluates_the_checkpoints_timeli
     """Red-team finding: the final evaluation after a budget stop carried no resumed-from, so the
     devices evaluated with the state of the round the crash cut off."""
     import fedrec.client.node as node_mod
-    from fedrec.server.app import privacy_plan
+    from fedrec.server.runner import privacy_plan
 
     monkeypatch.setenv("FEDREC_DEVICE_STATE_DIR", str(tmp_path / "devices"))
     monkeypatch.delenv("FEDREC_SHARDS", raising=False)
@@ -285,21 +291,23 @@ def test_the_cap_survives_a_crash_between_a_devices_first_state_and_its_counts(t
 
     import fedrec.client.node as node_mod
     from fedrec.client import storage
+    from fedrec.run.device_config import DeviceConfig
 
     monkeypatch.setenv("FEDREC_DEVICE_STATE_DIR", str(tmp_path / "devices"))
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                       run_config={})
-    node = node_mod.node_data(small_cfg, context)
+    device = DeviceConfig.of(small_cfg.resolved())
+    node = node_mod.node_data(device, context)
     config = {"run-series": "00112233445566aa"}
-    node_mod.load_state(context, node, small_cfg, config, 0)
+    node_mod.load_state(context, node, device.policy, config, 0)
     directory = storage.series_dir(tmp_path / "devices" / "node-0", "00112233445566aa")
     (directory / "steps.npy").unlink()  # as if the process died right after writing the base
     node_mod._HELD.clear()
-    node_mod.load_state(context, node, small_cfg, config, 0)
+    node_mod.load_state(context, node, device.policy, config, 0)
     assert (directory / "steps.npy").is_file()
     other = Context(run_id=1, node_id=2, node_config={"state-dir": str(tmp_path / "devices" / "node-0"),
                                                       "partition-id": 1, "num-partitions": 2},
                     state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="belongs to other users"):  # two nodes sharing one state-dir
-        node_mod.load_state(other, node_mod.node_data(small_cfg, other), small_cfg, config, 0)
+        node_mod.load_state(other, node_mod.node_data(device, other), device.policy, config, 0)
     assert oct(directory.stat().st_mode & 0o777) == "0o700"

@@ -8,21 +8,22 @@ import dataclasses
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from fedrec.client.app import app as client_app
-from fedrec.models import ItemParams, initial_global_bias
+from fedrec.privacy.accountant import PrivacyPlan
 from fedrec.run import schema
-from fedrec.run.build import hyper
+from fedrec.run.build import make_algorithm
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.server.app import run_server
-from fedrec.server.privacy import PrivacyPlan
+from fedrec.server.federation import array_record
+from fedrec.server.runner import run_server
 from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup
-from fedrec.server.strategy import array_record
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import round_config
 
 NODES = 10
 
@@ -59,12 +60,11 @@ class DroppingGrid(InProcessGrid):
 
 def _round_messages(cfg: RunConfig, grid: InProcessGrid, users_per_node: dict[int, list[int]], round_: int,
                     noise_share: float = 0.0) -> list[Message]:
-    """One round's train messages, as FedRecStrategy.configure_train builds them."""
-    items = ItemParams.init(cfg.synthetic_items, hyper(cfg), initial_global_bias(False, (1.0, 5.0)))
+    """One round's train messages, as Federation.configure_train builds them."""
+    items = _algorithm(cfg).init_server("fedavg", 1.0).broadcast()
     messages = []
     for node, users in users_per_node.items():
-        config = ConfigRecord(cfg.to_dict())
-        config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, users, noise_share
+        config = round_config(cfg, round_, users, noise_share)
         messages.append(Message(RecordDict({schema.ARRAYS: array_record(items), schema.CONFIG: config}),
                                 dst_node_id=node, message_type=MessageType.TRAIN))
     return messages
@@ -77,7 +77,15 @@ def _users_per_node(grid: InProcessGrid) -> dict[int, list[int]]:
 
 
 def _setup(cfg, noise=0.0):
-    return secagg_setup(cfg, NODES, 6, cfg.synthetic_items, cfg.dim, noise, 20, 60)
+    return secagg_setup(cfg, NODES, 6, cfg.synthetic_items * (cfg.dim + 1) + 1, noise, 20, 60)
+
+
+def _algorithm(cfg):
+    return make_algorithm(cfg, cfg.synthetic_items, (1.0, 5.0))
+
+
+def _grid(grid, cfg, setup):
+    return SecureGrid(grid, cfg, setup, _algorithm(cfg).statistics())
 
 
 @pytest.mark.parametrize("model", ["mf", "svdpp"])  # bpmf is refused with SecAgg+ (tests/test_bpmf.py)
@@ -89,8 +97,8 @@ def test_a_secure_run_trains_the_same_model_as_a_plain_one(cfg, model):
                                                                           out=cfg.out + "-plain"))
     secure = run_server(InProcessGrid(client_app, 6), cfg)
     step = secure.summary["secure_aggregation"]["quantization_step"]
-    for name, tensor in plain.items.tensors().items():
-        diff = (tensor - secure.items.tensors()[name]).abs().max().item()
+    for name, value in plain.model.items():
+        diff = abs(value - secure.model[name]).max()
         assert diff <= 6 * step + 1e-6, name  # every node rounds each coordinate by less than a step
     assert secure.summary["secure_aggregation"]["rounds_halted"] == 0
 
@@ -110,18 +118,19 @@ def test_nodes_killed_after_key_sharing_leave_the_exact_sum_of_the_survivors(cfg
     cfg = dataclasses.replace(cfg, reproducible_noise=True)  # seeded starts: the plain round below trains the same
     grid = DroppingGrid(NODES, drop=set(sorted(range(1000, 1000 + NODES))[:dropped]))
     users = _users_per_node(grid)
-    secure = SecureGrid(grid, cfg, _setup(cfg))
+    secure = _grid(grid, cfg, _setup(cfg))
     (reply,) = secure.send_and_receive(_round_messages(cfg, grid, users, 1))
     # The same round, in the clear, from fresh nodes, for the survivors only.
     plain = InProcessGrid(client_app, NODES)
     survivors = {n: u for n, u in users.items() if n not in grid.drop}
-    expected = {k: 0.0 for k in schema.ITEM_ARRAYS}
+    names = list(_algorithm(cfg).statistics())
+    expected = {k: 0.0 for k in names}
     for r in plain.send_and_receive(_round_messages(dataclasses.replace(cfg, secure_aggregation="none"), plain,
                                                     survivors, 1)):
-        for k in schema.ITEM_ARRAYS:
+        for k in names:
             expected[k] = expected[k] + r.content[schema.ARRAYS][k].numpy().astype(np.float64)
     step = _setup(cfg).step
-    for k in schema.ITEM_ARRAYS:
+    for k in names:
         np.testing.assert_allclose(reply.content[schema.ARRAYS][k].numpy(), expected[k], rtol=0,
                                    atol=len(survivors) * step + 1e-6)
     assert reply.content[schema.METRICS][schema.WEIGHT] == 2 * len(survivors)
@@ -131,7 +140,7 @@ def test_nodes_killed_after_key_sharing_leave_the_exact_sum_of_the_survivors(cfg
 def test_a_round_with_too_few_survivors_is_not_unmasked(cfg):
     cfg = dataclasses.replace(cfg, secagg_shares=0.99, secagg_min_fraction=0.9)  # every node shares with all
     grid = DroppingGrid(NODES, drop={1000, 1001})
-    secure = SecureGrid(grid, cfg, _setup(cfg))  # min users: 0.9 x 20 expected = 18; 16 arrive
+    secure = _grid(grid, cfg, _setup(cfg))  # min users: 0.9 x 20 expected = 18; 16 arrive
     assert secure.send_and_receive(_round_messages(cfg, grid, _users_per_node(grid), 1)) == []
     assert "arrived" in secure.halted[0]
 
@@ -144,9 +153,10 @@ def test_distributed_dp_puts_the_promised_noise_into_the_sum(cfg):
     sums = []
     for round_ in (1, 2):  # reproducible mode: the round keys the noise, everything else repeats
         grid = InProcessGrid(client_app, NODES)
-        (reply,) = SecureGrid(grid, cfg, _setup(cfg)).send_and_receive(
+        (reply,) = _grid(grid, cfg, _setup(cfg)).send_and_receive(
             _round_messages(cfg, grid, _users_per_node(grid), round_, noise_share=share))
-        sums.append(np.concatenate([reply.content[schema.ARRAYS][k].numpy().ravel() for k in schema.ITEM_ARRAYS]))
+        record = reply.content[schema.ARRAYS]
+        sums.append(np.concatenate([record[k].numpy().ravel() for k in record.keys()]))
     users = 2 * NODES
     diff = (sums[0] - sums[1]).astype(np.float64)
     statistic = (diff**2).sum() / (2 * users * share**2)
@@ -200,14 +210,14 @@ def test_against_the_server_distributed_dp_gets_no_amplification(cfg):
 
 def test_the_noise_share_and_sensitivity_solve_the_range_equations_exactly(cfg):
     cfg = dataclasses.replace(cfg, dp="distributed", noise_multiplier=3.0)
-    setup = secagg_setup(cfg, 2, 50_000, 5_000, 32, 3.0, 10_000, 100_000)
+    setup = secagg_setup(cfg, 2, 50_000, 5_000 * 33 + 1, 3.0, 10_000, 100_000)
     coords = 5_000 * 33 + 2
     assert setup.noise_share_std == pytest.approx(3.0 * setup.sensitivity / np.sqrt(setup.min_users))
     assert setup.sensitivity == pytest.approx(cfg.clipping_norm + 2 * setup.step * np.sqrt(coords))
     assert setup.clip_range >= setup.max_sampled * cfg.clipping_norm + 8 * setup.noise_share_std * np.sqrt(
         setup.max_sampled)
     with pytest.raises(ConfigError, match="quantization"):
-        secagg_setup(cfg, 60_000, 1, 200_000, 64, 50.0, 2, 60_000)
+        secagg_setup(cfg, 60_000, 1, 200_000 * 65 + 1, 50.0, 2, 60_000)
 
 
 def test_auto_shares_grow_with_the_log_of_the_nodes():

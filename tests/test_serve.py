@@ -90,6 +90,20 @@ def test_index_shows_the_user_form_the_cold_start_link_and_the_plot(app):
     assert client.get("/static/style.css").status_code == 200
 
 
+def test_the_index_says_which_protections_the_runs_algorithm_refuses_in_its_own_words(app, demo, monkeypatch):
+    from fedrec.models.algorithm import DP, SECURE_AGGREGATION
+
+    client = visitor(app)
+    intro = text_of(client.get("/").get_data(as_text=True), "intro")
+    assert demo.algorithm.refuses == {} and "must be trusted" not in intro  # MF admits both
+    refusing = SimpleNamespace(title="a test algorithm", refuses={SECURE_AGGREGATION: "its sums give users away",
+                                                                  DP: "its chain drowns in noise"})
+    monkeypatch.setattr(demo, "algorithm", refusing)  # what BPMF declares, as any algorithm would
+    intro = text_of(client.get("/").get_data(as_text=True), "intro")
+    assert ("This run's algorithm, a test algorithm, admits no secure aggregation: its sums give users away; and no "
+            "differential privacy: its chain drowns in noise. Its server must be trusted.") in intro
+
+
 def test_device_page_shows_ratings_vector_recommendations_and_never_uploaded(app, demo):
     from fedrec.datasets import cohort
 
@@ -321,17 +335,24 @@ def test_serve_prints_its_token_url_once_listening_and_stops_cleanly(run):
 def test_a_new_device_on_implicit_feedback_fits_towards_what_it_watched():
     import torch
 
-    from fedrec.demo.device import fit_implicit
-    from fedrec.models import Hyper, ItemParams
+    from fedrec.demo.device import cold_start
+    from fedrec.models.defaults import Hyper
+    from fedrec.models.factors import GLOBAL_BIAS, ITEM_BIAS, ITEM_EMB
+    from fedrec.models.mf import MF
 
     gen = torch.Generator().manual_seed(0)
-    items = ItemParams(torch.randn(60, 4, generator=gen), torch.zeros(60), torch.tensor([0.0]))
-    demo = SimpleNamespace(items=items, split=SimpleNamespace(n_items=60),
-                           hyper=Hyper(dim=4, implicit=True, reg_user=0.001, reg_bias=0.001, train_negatives=4))
-    watched = np.argsort(-items.emb[:, 0].numpy())[:8]  # the items highest on factor 0
-    fit = fit_implicit(demo, watched)
-    logits = items.emb.numpy() @ fit.emb + fit.bias
-    assert fit.emb[0] > 0 and logits[watched].mean() > np.delete(logits, watched).mean() + 1
+    model = {ITEM_EMB: torch.randn(60, 4, generator=gen), ITEM_BIAS: torch.zeros(60), GLOBAL_BIAS: torch.tensor([0.0])}
+    algorithm = MF(Hyper(dim=4, implicit=True, reg_user=0.001, reg_bias=0.001, train_negatives=4), 60, (1.0, 5.0))
+    demo = SimpleNamespace(algorithm=algorithm, model=model, titles=[f"item {i}" for i in range(60)],
+                           item_ids=np.arange(60))
+    watched = np.argsort(-model[ITEM_EMB][:, 0].numpy())[:8]  # the items highest on factor 0
+    fit = cold_start(demo, dict.fromkeys(watched.tolist(), 1.0), opt_in=False)  # the page's own fit, on the device
+    logits = model[ITEM_EMB].numpy() @ fit.vector + fit.bias
+    assert fit.vector[0] > 0 and logits[watched].mean() > np.delete(logits, watched).mean() + 1
+    # it recommends by those logits, as they are (implicit feedback has no rating scale to clamp them to)
+    shown = {int(r.item): r.score for r in fit.recommended}
+    assert len(shown) == 10 and not set(shown) & set(watched.tolist())
+    np.testing.assert_allclose(list(shown.values()), logits[list(shown)], rtol=1e-4, atol=1e-5)
 
 
 def test_opting_out_and_forgetting_show_on_the_device_page(app):
@@ -420,7 +441,7 @@ def test_only_the_visitor_who_claimed_a_device_sees_it_or_acts_on_it(app):
 
 
 def test_an_unclaimed_devices_page_reads_the_same_whatever_its_state(app, demo):
-    from fedrec.simulations import device_view
+    from fedrec.personal import device_view
 
     client = visitor(app)
     plain = client.get("/device/23").get_data(as_text=True)

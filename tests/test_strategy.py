@@ -1,4 +1,4 @@
-"""The server strategy on mock replies with known answers, and user-level sampling."""
+"""The federation's round (server/federation.py) on mock replies with known answers, and user-level sampling."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrec.models import Hyper, ItemParams
+from fedrec.models.defaults import Hyper
+from fedrec.models.mf import MF
 from fedrec.models.randomness import seeded_rng
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
 from fedrec.server.directory import NodeDirectory
+from fedrec.server.federation import Federation
 from fedrec.server.sampling import sample_users, sampling_rng
-from fedrec.server.strategy import FedRecStrategy, array_record
 
 N_ITEMS, DIM = 6, 2
 
@@ -34,9 +35,9 @@ _GRID = Mock(get_node_ids=Mock(return_value=[11, 22, 33]))
 
 
 def _reply(node, users, value, loss=1.0):
-    arrays = ArrayRecord({schema.ITEM_EMB: Array(np.full((N_ITEMS, DIM), value, np.float32)),
-                          schema.ITEM_BIAS: Array(np.full(N_ITEMS, value, np.float32)),
-                          schema.GLOBAL_BIAS: Array(np.full(1, value, np.float32))})
+    arrays = ArrayRecord({"item-emb": Array(np.full((N_ITEMS, DIM), value, np.float32)),
+                          "item-bias": Array(np.full((N_ITEMS, 1), value, np.float32)),
+                          "global-bias": Array(np.full(1, value, np.float32))})
     metrics = MetricRecord({schema.WEIGHT: users, "loss-sum": loss, "num-rows": 10 * users})
     reply = Mock(spec=Message)
     reply.has_error.return_value = False
@@ -46,41 +47,46 @@ def _reply(node, users, value, loss=1.0):
 
 
 def _strategy(**cfg):
-    items = ItemParams.init(N_ITEMS, Hyper(dim=DIM), 3.0)
+    run = RunConfig(**cfg)
+    mf = MF(Hyper(dim=DIM), N_ITEMS, (1.0, 5.0))
     audit = []
-    strategy = FedRecStrategy(RunConfig(**cfg), _directory(), items, audit=audit.append)
+    strategy = Federation(run, mf, mf.init_server(run.strategy, run.server_lr), _directory(), audit=audit.append)
     strategy._sent = {11: 4, 22: 4, 33: 2}  # as if every user had been asked to train: replies may count them
-    return strategy, items, audit
+    return strategy, strategy.state.params, audit
 
 
 def test_fedavg_weighs_every_user_equally_across_nodes():
     strategy, items, audit = _strategy(strategy="fedavg", server_lr=1.0)
-    before = items.emb.clone()
+    before = items["item-emb"].clone()
+    strategy.begin_round(1)
     # Node 11 sums 1 user's change (2.0), node 22 sums 3 users' changes (6.0): mean per user 2.0.
-    arrays, metrics = strategy.aggregate_train(1, [_reply(11, 1, 2.0, loss=4.0), _reply(22, 3, 6.0, loss=8.0)])
-    np.testing.assert_allclose(arrays[schema.ITEM_EMB].numpy(), before.numpy() + 2.0, rtol=1e-6)
-    np.testing.assert_allclose(arrays[schema.GLOBAL_BIAS].numpy(), [5.0], rtol=1e-6)
-    assert metrics["users"] == 4 and metrics["train-loss"] == pytest.approx(12.0 / 40)
+    assert strategy.aggregate_train(1, [_reply(11, 1, 2.0, loss=4.0), _reply(22, 3, 6.0, loss=8.0)])
+    model = strategy.state.model()
+    np.testing.assert_allclose(model["item-emb"], before.numpy() + 2.0, rtol=1e-6)
+    np.testing.assert_allclose(model["global-bias"], [5.0], rtol=1e-6)
+    assert strategy._row["train_loss"] == pytest.approx(12.0 / 40)
     assert [line["node"] for line in audit] == [11, 22]
-    assert audit[0]["arrays"][schema.ITEM_EMB]["shape"] == [N_ITEMS, DIM]
+    assert audit[0]["arrays"]["item-emb"]["shape"] == [N_ITEMS, DIM]
 
 
 def test_fedadam_moves_rare_and_popular_rows_alike():
     strategy, items, _ = _strategy(strategy="fedadam", server_lr=0.1)
-    before = items.emb.clone()
+    before = items["item-emb"].clone()
     reply = _reply(11, 1, 0.0)
     delta = np.zeros((N_ITEMS, DIM), np.float32)
     delta[0], delta[1] = 1.0, 1e-3  # a popular row and a rarely rated one
-    reply.content[schema.ARRAYS][schema.ITEM_EMB] = Array(delta)
+    reply.content[schema.ARRAYS]["item-emb"] = Array(delta)
+    strategy.begin_round(1)
     strategy.aggregate_train(1, [reply])
-    step = (items.emb - before).numpy()
+    step = (items["item-emb"] - before).numpy()
     np.testing.assert_allclose(step[0], step[1], rtol=1e-3)  # same first step despite 1000x smaller change
     assert np.abs(step[2:]).max() == 0
 
 
 def test_configure_train_sends_each_node_its_sampled_users():
     strategy, items, _ = _strategy(users_per_round=5, seed=4)
-    messages = list(strategy.configure_train(3, array_record(items), ConfigRecord({"dim": DIM}), grid=_GRID))
+    strategy.begin_round(3)
+    messages = strategy.configure_train(3, ConfigRecord({"dim": DIM}), grid=_GRID)
     # Without DP, who is sampled is the run seed's "sampling" stream for the round.
     sampled = sample_users(10, 5, "fixed", seeded_rng(4, "sampling", 3))
     np.testing.assert_array_equal(sampled, sample_users(10, 5, "fixed", sampling_rng(RunConfig(seed=4), 3)))
@@ -122,7 +128,7 @@ def test_ineligible_users_are_dropped_and_nobody_else_changes(method):
 
 def test_evaluation_only_every_few_rounds_and_at_the_end():
     strategy, items, _ = _strategy(rounds=7, eval_every=3)
-    due = [r for r in range(1, 8) if strategy.configure_evaluate(r, array_record(items), ConfigRecord(), _GRID)]
+    due = [r for r in range(1, 8) if strategy.configure_evaluate(r, ConfigRecord(), _GRID)]
     assert due == [3, 6, 7]
 
 
@@ -150,7 +156,7 @@ def test_a_round_record_is_released_when_the_round_finishes():
     strategy, items, _ = _strategy(users_per_round=5, seed=4)
     strategy.on_round = rows.append
     strategy.begin_round(1)
-    messages = list(strategy.configure_train(1, array_record(items), ConfigRecord({"dim": DIM}), grid=_GRID))
+    messages = strategy.configure_train(1, ConfigRecord({"dim": DIM}), grid=_GRID)
     strategy.aggregate_train(1, [_reply(int(m.metadata.dst_node_id), 1, 0.1) for m in messages[:1]])
     assert strategy.history == []  # still open: evaluation may add to it
     strategy.aggregate_evaluate(1, _eval_replies())

@@ -12,15 +12,14 @@ import torch
 from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import leave_one_out, random_holdout
-from fedrec.models import Hyper, ItemParams, UserState, local_train, predict
-from fedrec.models.defaults import UPDATE_MODES
-from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.evaluate import evaluate_rows
-from fedrec.models.personal import fit_user, top_n
-from fedrec.models.svdpp import as_mf
-from fedrec.models.upload import scatter_upload
+from fedrec.models.defaults import Hyper
+from fedrec.models.factors import ItemParams, Users, predict
+from fedrec.models.svdpp import ITEM_Y, SVDPP
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import UPDATE_MODES, DevicePolicy
+from fedrec.privacy.upload import scatter
 from fedrec.run.config import ConfigError
-from fedrec.server.app import run_server
+from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -35,12 +34,13 @@ def _hyper(implicit: bool, epochs: int = 1) -> Hyper:
 
 
 def _batch(implicit: bool):
+    """SVD++'s shared arrays [q | y] as one table (the loss below reads them so), the users, rows."""
     gen = torch.Generator().manual_seed(3)
     torch.set_default_dtype(torch.float64)
     items = ItemParams(torch.randn(ITEMS, 2 * DIM, generator=gen) * 0.5, torch.randn(ITEMS, generator=gen) * 0.3,
                        torch.tensor([0.0 if implicit else 3.5]))
-    state = UserState(torch.randn(USERS, DIM, generator=gen), torch.randn(USERS, generator=gen) * 0.2,
-                      torch.zeros(USERS, DIM + 1), torch.zeros(USERS, DIM + 1), torch.zeros(USERS))
+    state = {"emb": torch.randn(USERS, DIM, generator=gen), "bias": torch.randn(USERS, generator=gen) * 0.2,
+             "m": torch.zeros(USERS, DIM + 1), "v": torch.zeros(USERS, DIM + 1), "step": torch.zeros(USERS)}
     segment = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
     item = torch.tensor([0, 1, 2, 1, 3, 0, 2, 5, 6, 1])
     if implicit:
@@ -48,6 +48,18 @@ def _batch(implicit: bool):
     else:
         target = torch.randint(1, 6, (len(segment),), generator=gen).double()
     return items, state, segment, item, target
+
+
+def _shared(items: ItemParams) -> dict[str, torch.Tensor]:
+    return {"item-emb": items.emb[:, :DIM], "item-bias": items.bias, "global-bias": items.global_bias,
+            ITEM_Y: items.emb[:, DIM:]}
+
+
+def _fit(items, state, segment, item, target, hyper):
+    """SVD++'s round on these rows: the new state and each statistic summed over users."""
+    svdpp = SVDPP(hyper, ITEMS, (1.0, 5.0))
+    new, contributions = svdpp.fit_rows(_shared(items), state, segment, item, target, None, USERS)
+    return new, contributions.summed(torch.ones(USERS, dtype=torch.float64), svdpp.statistics(), ITEMS)
 
 
 @pytest.fixture
@@ -80,28 +92,31 @@ def _loss(items, emb, bias, segment, item, target, hyper, rows_q, rows_y):
 def test_one_local_step_is_the_autograd_gradient_of_the_svdpp_loss(float64, implicit):
     items, state, segment, item, target = _batch(implicit)
     hyper = _hyper(implicit)
-    _, update = local_train(items, state, segment, item, target, hyper)
+    _, sums = _fit(items, state, segment, item, target, hyper)
     rows_q = items.emb[item, :DIM].clone().requires_grad_()
     rows_y = items.emb[item, DIM:].clone().requires_grad_()
-    g_q, g_y = torch.autograd.grad(_loss(items, state.emb, state.bias, segment, item, target, hyper, rows_q, rows_y),
-                                   [rows_q, rows_y])
-    expected = torch.zeros(ITEMS, 2 * DIM).index_add_(0, item, -hyper.lr * torch.cat([g_q, g_y], dim=1))
-    torch.testing.assert_close(update.emb_delta, expected, rtol=1e-10, atol=1e-12)
+    g_q, g_y = torch.autograd.grad(_loss(items, state["emb"], state["bias"], segment, item, target, hyper, rows_q,
+                                         rows_y), [rows_q, rows_y])
+    torch.testing.assert_close(sums["item-emb"], torch.zeros(ITEMS, DIM).index_add_(0, item, -hyper.lr * g_q),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sums[ITEM_Y], torch.zeros(ITEMS, DIM).index_add_(0, item, -hyper.lr * g_y),
+                               rtol=1e-10, atol=1e-12)
     if implicit:  # negatives are not in N(u): their y rows do not move
-        assert torch.all(update.emb_delta[4, DIM:] == 0) and torch.all(update.emb_delta[3, DIM:] == 0)
+        assert torch.all(sums[ITEM_Y][4] == 0) and torch.all(sums[ITEM_Y][3] == 0)
 
 
 @pytest.mark.parametrize("implicit", [False, True], ids=["ratings", "implicit"])
 def test_the_users_own_step_is_the_autograd_gradient_too(float64, implicit, monkeypatch):
-    import fedrec.models.local as local
+    import fedrec.models.mf as mf_module
 
     items, state, segment, item, target = _batch(implicit)
     hyper = _hyper(implicit)
     seen = []
-    original = local._adam_rows
-    monkeypatch.setattr(local, "_adam_rows", lambda st, grad, lr: (seen.append(grad.clone()), original(st, grad, lr)))
-    local_train(items, state, segment, item, target, hyper)
-    emb, bias = state.emb.clone().requires_grad_(), state.bias.clone().requires_grad_()
+    original = mf_module._adam_rows
+    monkeypatch.setattr(mf_module, "_adam_rows",
+                        lambda st, grad, lr: (seen.append(grad.clone()), original(st, grad, lr)))
+    _fit(items, state, segment, item, target, hyper)
+    emb, bias = state["emb"].clone().requires_grad_(), state["bias"].clone().requires_grad_()
     g_emb, g_bias = torch.autograd.grad(_loss(items, emb, bias, segment, item, target, hyper, items.emb[item, :DIM],
                                               items.emb[item, DIM:]), [emb, bias])
     torch.testing.assert_close(seen[0], torch.cat([g_emb, g_bias[:, None]], dim=1), rtol=1e-10, atol=1e-12)
@@ -113,24 +128,25 @@ def test_each_users_svdpp_upload_is_clipped_on_what_is_summed(mode, implicit):
     split = leave_one_out(RATINGS, 5, 1) if implicit else SPLIT
     hyper = Hyper(model="svdpp", dim=4, lr=0.5, implicit=implicit, train_negatives=2, local_epochs=2, seed=2)
     clip = 0.05
-    policy = DevicePolicy(update_mode=mode, clip_norm=clip, reproducible_seed=9)
-    items = ItemParams.init(split.n_items, hyper, 0.0 if implicit else 3.0)
-    items.emb[:, 4:] = 0.3  # y away from its zero start, so its rows carry weight
+    policy = DevicePolicy(update_mode=mode, clipping_norm=clip, reproducible_seed=9)
+    svdpp = SVDPP(hyper, split.n_items, split.rating_scale)
+    shared = svdpp.init_server().broadcast()
+    shared[ITEM_Y][:] = 0.3  # y away from its zero start, so its rows carry weight
     singles = []
     for user in range(6):
-        state = UserState.init(np.array([user]), split.n_users, hyper)
-        result = device_step(items, state, cohort(split, np.array([user])), split.n_items, hyper, policy, 3)
-        dense = scatter_upload(result.upload, split.n_items, hyper.item_width)
+        state = new_users(svdpp, np.array([user]), split.n_users, policy)
+        result = device_step(svdpp, shared, state, cohort(split, np.array([user])), 3, policy, hyper.seed)
+        dense = scatter(result.upload, svdpp.statistics(), split.n_items)
         norm = float(np.sqrt(sum((a.astype(np.float64) ** 2).sum() for a in dense.values())))
         assert norm <= clip * (1 + 1e-5)
-        np.testing.assert_allclose(norm, min(float(result.update.norms[0]), clip), rtol=1e-4)
-        touched = np.flatnonzero(np.abs(dense["item-emb"][:, 4:]).sum(1) > 0)
+        np.testing.assert_allclose(norm, min(float(result.sums.norms[0][0]), clip), rtol=1e-4)
+        touched = np.flatnonzero(np.abs(dense[ITEM_Y]).sum(1) > 0)
         rated = cohort(split, np.array([user])).train_item
         assert set(touched) <= set(rated.tolist())  # y rows move for the user's own N(u) only
         singles.append(dense)
-    state = UserState.init(np.arange(6), split.n_users, hyper)
-    together = device_step(items, state, cohort(split, np.arange(6)), split.n_items, hyper, policy, 3)
-    dense = scatter_upload(together.upload, split.n_items, hyper.item_width)
+    state = new_users(svdpp, np.arange(6), split.n_users, policy)
+    together = device_step(svdpp, shared, state, cohort(split, np.arange(6)), 3, policy, hyper.seed)
+    dense = scatter(together.upload, svdpp.statistics(), split.n_items)
     for key, value in dense.items():
         np.testing.assert_allclose(value, sum(s[key] for s in singles), atol=1e-6 * clip, err_msg=key)
 
@@ -141,49 +157,50 @@ def test_padded_uploads_are_refused_under_svdpp(small_cfg):
     recovered the exact rated set of users with <= 48 ratings on ML-100K)."""
     with pytest.raises(ConfigError, match="svdpp with --update-mode padded"):
         dataclasses.replace(small_cfg, model="svdpp", update_mode="padded").validate()
-    hyper = Hyper(model="svdpp", dim=4, seed=2)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
+    svdpp = SVDPP(Hyper(model="svdpp", dim=4, seed=2), SPLIT.n_items, SPLIT.rating_scale)
     rows = cohort(SPLIT, np.arange(2))
-    with pytest.raises(ValueError, match="padded uploads cannot hide decoys"):
-        device_step(items, UserState.init(np.arange(2), SPLIT.n_users, hyper), rows, SPLIT.n_items, hyper,
-                    DevicePolicy(update_mode="padded", reproducible_seed=4), 1)
+    policy = DevicePolicy(update_mode="padded", reproducible_seed=4)
+    with pytest.raises(ValueError, match="padded uploads with SVD\\+\\+"):
+        device_step(svdpp, svdpp.init_server().broadcast(), new_users(svdpp, np.arange(2), SPLIT.n_users, policy),
+                    rows, 1, policy, 2)
 
 
 def test_scoring_adds_the_implicit_part_of_the_rated_items():
-    hyper = Hyper(model="svdpp", dim=4, seed=1)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    items.emb[:, 4:] = torch.randn(SPLIT.n_items, 4)
+    svdpp = SVDPP(Hyper(model="svdpp", dim=4, seed=1), SPLIT.n_items, SPLIT.rating_scale)
+    model = {k: torch.as_tensor(v) for k, v in svdpp.init_server().model().items()}
+    model[ITEM_Y] = torch.randn(SPLIT.n_items, 4)
     rows = cohort(SPLIT, np.arange(3))
-    state = UserState.init(np.arange(3), SPLIT.n_users, hyper)
-    mf_items, mf_state = as_mf(items, state, rows.train_segment, rows.train_item)
+    state = svdpp.new_users(np.arange(3), SPLIT.n_users, None)
+    view_items, view_users = svdpp.view(model, state, rows)
     user, item = int(rows.test_segment[0]), int(rows.test_item[0])
     rated = rows.train_item[rows.train_segment == user]
-    vector = state.emb[user] + items.emb[rated, 4:].sum(0) / len(rated) ** 0.5
-    expected = items.global_bias + state.bias[user] + items.bias[item] + vector @ items.emb[item, :4]
-    got = predict(mf_items, mf_state, torch.tensor([user]), torch.tensor([item]))
+    vector = state["emb"][user] + model[ITEM_Y][rated].sum(0) / len(rated) ** 0.5
+    expected = model["global-bias"] + state["bias"][user] + model["item-bias"][item] + vector @ model["item-emb"][item]
+    got = predict(view_items, view_users, torch.tensor([user]), torch.tensor([item]))
     torch.testing.assert_close(got, expected.reshape(1))
-    plain = evaluate_rows(items, state, rows, False)
-    dropped_y = evaluate_rows(ItemParams(items.emb[:, :4], items.bias, items.global_bias), state, rows, False)
+    plain = svdpp.evaluate(model, state, rows, 10)
+    dropped_y = svdpp.evaluate({**model, ITEM_Y: torch.zeros_like(model[ITEM_Y])}, state, rows, 10)
     assert plain["sse"] != pytest.approx(dropped_y["sse"])  # the y part is scored, not ignored
 
 
 def test_the_device_fit_is_the_minimum_with_the_implicit_part_fixed():
-    hyper = Hyper(model="svdpp", dim=4, reg_user=0.1, reg_bias=0.01, seed=1)
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    items.emb[:, 4:] = torch.randn(SPLIT.n_items, 4) * 0.3
+    svdpp = SVDPP(Hyper(model="svdpp", dim=4, reg_user=0.1, reg_bias=0.01, seed=1), SPLIT.n_items, SPLIT.rating_scale)
+    model = {k: torch.as_tensor(v) for k, v in svdpp.init_server().model().items()}
+    model[ITEM_Y] = torch.randn(SPLIT.n_items, 4) * 0.3
     item, rating = np.array([1, 4, 7, 9]), np.array([5.0, 1.0, 4.0, 2.0])
-    fit = fit_user(items, item, rating, hyper)
-    y_part = items.emb[item, 4:].sum(0).double() / 2.0
+    fit = svdpp.fit_user(model, item, rating)
+    y_part = model[ITEM_Y][item].sum(0).double() / 2.0
+    q, b_i, mu = model["item-emb"].double(), model["item-bias"].double(), model["global-bias"].double()
 
     def objective(p, b):
-        pred = items.global_bias.double() + items.bias[item].double() + b + items.emb[item, :4].double() @ (p + y_part)
+        pred = mu + b_i[item] + b + q[item] @ (p + y_part)
         return float(((pred - torch.as_tensor(rating)) ** 2).sum() + 4 * (0.1 * (p ** 2).sum() + 0.01 * b ** 2))
 
-    best = objective(torch.as_tensor(fit.emb).double(), fit.bias)
+    best = objective(fit.emb[0].double(), float(fit.bias[0]))
     for _ in range(20):
         step = torch.randn(4).double() * 1e-3
-        assert objective(torch.as_tensor(fit.emb).double() + step, fit.bias) > best
-    shown, _ = top_n(items, fit, item, 5)
+        assert objective(fit.emb[0].double() + step, float(fit.bias[0])) > best
+    shown, _ = svdpp.top_n(model, Users(fit.emb, fit.bias), item, 5)
     assert not set(shown.tolist()) & set(item.tolist())
 
 
@@ -192,9 +209,10 @@ def test_full_participation_federated_svdpp_equals_central(small_cfg, split):
     cfg = dataclasses.replace(small_cfg, model="svdpp", split=split, negatives=10, rounds=6, epochs=6, eval_every=3)
     federated = run_server(InProcessGrid(client_app, 3), cfg)
     central = run_central(dataclasses.replace(cfg, out=cfg.out + "-central"))
-    assert federated.items.emb.shape[1] == 2 * cfg.dim
+    assert federated.model[ITEM_Y].shape == (federated.model["item-emb"].shape[0], cfg.dim)
     metric = "rmse" if split == "random" else "hr@10"
     assert federated.summary["metrics"][metric] == pytest.approx(central.summary["metrics"][metric], rel=1e-5)
-    assert float(federated.items.emb[:, cfg.dim:].abs().max()) > 1e-4  # the y_j were trained
-    for name, tensor in federated.items.tensors().items():
-        torch.testing.assert_close(tensor, central.result.items.tensors()[name], rtol=1e-4, atol=1e-5)
+    assert float(np.abs(federated.model[ITEM_Y]).max()) > 1e-4  # the y_j were trained
+    for name, value in federated.model.items():
+        torch.testing.assert_close(torch.as_tensor(value), torch.as_tensor(central.result.model[name]), rtol=1e-4,
+                                   atol=1e-5)

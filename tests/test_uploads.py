@@ -11,11 +11,12 @@ import torch
 from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
-from fedrec.models import Hyper, ItemParams, UserState, local_train, training_rows
-from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.upload import build_upload, scatter_upload
-from fedrec.run import schema
-from fedrec.server.app import run_server
+from fedrec.models.defaults import Hyper
+from fedrec.models.mf import MF
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import DevicePolicy
+from fedrec.privacy.upload import ITEM_INDEX, build_upload, scatter
+from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
 H = Hyper(dim=6, seed=1)
@@ -26,49 +27,43 @@ def split():
     return random_holdout(generate(SyntheticSpec(users=200, items=150, density=0.08, seed=3))[0], 0.2, 3)
 
 
-def _update(split, users, clip=0.0):
-    rows = cohort(split, users)
-    items = ItemParams.init(split.n_items, H, 3.0)
-    state = UserState.init(np.asarray(users), split.n_users, H)
-    seg, item, target = training_rows(rows, split.n_items, H, 1)
-    return rows, local_train(items, state, seg, item, target, H, clip_norm=clip)
-
-
-def _device(split, users, mode):
+def _device(split, users, mode, clip=0.0):
     """One round through device_step; a fixed seed makes its decoys reproducible."""
-    policy = DevicePolicy(update_mode=mode, reproducible_seed=5)
-    items = ItemParams.init(split.n_items, H, 3.0)
-    state = UserState.init(np.asarray(users), split.n_users, H)
-    return device_step(items, state, cohort(split, users), split.n_items, H, policy, 1)
+    mf = MF(H, split.n_items, split.rating_scale)
+    policy = DevicePolicy(update_mode=mode, clipping_norm=clip, reproducible_seed=5)
+    state = new_users(mf, np.asarray(users), split.n_users, policy)
+    return mf, device_step(mf, mf.init_server().broadcast(), state, cohort(split, users), 1, policy, H.seed)
 
 
 def test_sparse_upload_is_the_dense_one_without_the_zero_rows(split):
-    rows, (_, update) = _update(split, [1, 2, 3])
-    dense, sparse = build_upload(update, "dense"), build_upload(update, "sparse")
-    assert set(sparse[schema.ITEM_INDEX].tolist()) == set(rows.train_item.tolist())
-    for key, value in scatter_upload(sparse, split.n_items, H.dim).items():
-        np.testing.assert_allclose(value, dense[key], rtol=1e-6)
-    assert sparse[schema.ITEM_EMB].nbytes < dense[schema.ITEM_EMB].nbytes
+    mf, dense = _device(split, [1, 2, 3], "dense")
+    _, sparse = _device(split, [1, 2, 3], "sparse")
+    rows = cohort(split, [1, 2, 3])
+    assert set(sparse.upload[ITEM_INDEX].tolist()) == set(rows.train_item.tolist())
+    for key, value in scatter(sparse.upload, mf.statistics(), split.n_items).items():
+        np.testing.assert_allclose(value, dense.upload[key], rtol=1e-6)
+    assert sparse.upload["item-emb"].nbytes < dense.upload["item-emb"].nbytes
 
 
 def test_padded_upload_adds_unrated_decoys_without_touching_the_user(split):
     rows = cohort(split, [7])
-    plain, padded = _device(split, [7], "dense"), _device(split, [7], "padded")
-    uploaded = padded.upload[schema.ITEM_INDEX]
+    mf, plain = _device(split, [7], "dense")
+    _, padded = _device(split, [7], "padded")
+    uploaded = padded.upload[ITEM_INDEX]
     rated = set(rows.train_item.tolist())
     decoys = set(uploaded.tolist()) - rated
     assert rated <= set(uploaded.tolist()) and len(decoys) == len(rated)
-    torch.testing.assert_close(plain.state.emb, padded.state.emb)  # decoys never move the user's own vector
-    emb = scatter_upload(padded.upload, split.n_items, H.dim)[schema.ITEM_EMB]
+    torch.testing.assert_close(plain.state["emb"], padded.state["emb"])  # decoys never move the user's own vector
+    emb = scatter(padded.upload, mf.statistics(), split.n_items)["item-emb"]
     real_norm = np.linalg.norm(emb[sorted(rated)], axis=1).mean()
     decoy_norm = np.linalg.norm(emb[sorted(decoys)], axis=1).mean()
     assert 0.3 < decoy_norm / real_norm < 3  # decoys look like real rows in size
 
 
 def test_local_noise_has_the_configured_std(split):
-    _, (_, update) = _update(split, [4])
-    clean = build_upload(update, "dense")[schema.ITEM_EMB]
-    noisy = build_upload(update, "dense", local_noise_std=0.7, rng=np.random.default_rng(0))[schema.ITEM_EMB]
+    mf, result = _device(split, [4], "dense")
+    clean = build_upload(result.sums, mf.statistics(), "dense")["item-emb"]
+    noisy = build_upload(result.sums, mf.statistics(), "dense", noise_std=0.7, rng=np.random.default_rng(0))["item-emb"]
     assert np.std(noisy - clean) == pytest.approx(0.7, rel=0.03)
 
 

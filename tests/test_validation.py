@@ -17,22 +17,25 @@ from hypothesis import strategies as st
 from fedrec.client.app import app as client_app
 from fedrec.datasets import SyntheticSpec, cohort, generate
 from fedrec.datasets.splits import random_holdout
-from fedrec.models import Hyper, ItemParams, UserState
-from fedrec.models.device import DevicePolicy, device_step
-from fedrec.models.upload import scatter_upload
+from fedrec.models.defaults import Hyper
+from fedrec.models.mf import MF
+from fedrec.privacy.device import device_step, new_users
+from fedrec.privacy.policy import DevicePolicy
+from fedrec.privacy.upload import scatter
 from fedrec.run import schema
 from fedrec.run.config import RunConfig
-from fedrec.server.app import run_server
 from fedrec.server.directory import NodeDirectory
+from fedrec.server.federation import Federation
 from fedrec.server.robust import reply_scales
+from fedrec.server.runner import run_server
 from fedrec.server.secagg import secagg_setup
-from fedrec.server.strategy import FedRecStrategy
 from fedrec.server.validation import check_eval_reply, check_reply_norm, check_train_reply, reply_norm_bound
 from fedrec.simulations.inprocess import InProcessGrid
 
 N_ITEMS, DIM, C = 6, 2, 0.5
 COORDS = N_ITEMS * (DIM + 1) + 1
-W, EMB, BIAS, MU, INDEX = schema.WEIGHT, schema.ITEM_EMB, schema.ITEM_BIAS, schema.GLOBAL_BIAS, schema.ITEM_INDEX
+W, EMB, BIAS, MU, INDEX = schema.WEIGHT, "item-emb", "item-bias", "global-bias", schema.ITEM_INDEX
+STATISTICS = MF(Hyper(dim=DIM), N_ITEMS, (1.0, 5.0)).statistics()  # what an MF device sends
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +45,7 @@ def task_identity():
 
 def _arrays(mode="dense", rows=(1, 4), value=0.01) -> dict[str, np.ndarray]:
     n = N_ITEMS if mode == "dense" else len(rows)
-    out = {EMB: np.full((n, DIM), value, np.float32), BIAS: np.full(n, value, np.float32),
+    out = {EMB: np.full((n, DIM), value, np.float32), BIAS: np.full((n, 1), value, np.float32),
            MU: np.full(1, value, np.float32)}
     return out if mode == "dense" else {INDEX: np.array(rows, np.int64), **out}
 
@@ -83,7 +86,7 @@ TRAIN_CASES = [  # (id, settings, reply, part of the reason)
     ("another serialization", {}, lambda: _replace(**{EMB: _bad_bytes(stype="torch")}), "cannot be read"),
     ("larger than a dense update", {}, lambda: _replace(**{EMB: np.zeros(10_000, np.float32)}), "bytes"),
     ("integer values", {}, lambda: _replace(**{EMB: np.ones((N_ITEMS, DIM), np.int32)}), "dtype"),
-    ("half precision", {}, lambda: _replace(**{BIAS: np.zeros(N_ITEMS, np.float16)}), "dtype"),
+    ("half precision", {}, lambda: _replace(**{BIAS: np.zeros((N_ITEMS, 1), np.float16)}), "dtype"),
     ("one row too many", {}, lambda: _replace(**{EMB: np.zeros((N_ITEMS + 1, DIM), np.float32)}), "shape"),
     ("flattened", {}, lambda: _replace(**{EMB: np.zeros(N_ITEMS * DIM, np.float32)}), "shape"),
     ("two global biases", {}, lambda: _replace(**{MU: np.zeros(2, np.float32)}), "shape"),
@@ -119,7 +122,7 @@ TRAIN_CASES = [  # (id, settings, reply, part of the reason)
 def test_each_malformed_train_reply_is_rejected_for_its_reason(settings_, reply, reason):
     cfg = RunConfig(**settings_)
     sent = 1 if cfg.dp == "local" else 2  # a local-DP device here hosts one user
-    problem = check_train_reply(reply(), sent, N_ITEMS, DIM, cfg)
+    problem = check_train_reply(reply(), sent, STATISTICS, N_ITEMS, cfg)
     assert problem is not None and reason in problem, problem
 
 
@@ -137,7 +140,7 @@ def test_each_malformed_train_reply_is_rejected_for_its_reason(settings_, reply,
 def test_the_base_replies_of_those_cases_are_accepted(settings_, content):
     """Each rejection above changes one thing in a reply like these, which pass."""
     cfg = RunConfig(**settings_)
-    assert check_train_reply(content(), 1 if cfg.dp == "local" else 2, N_ITEMS, DIM, cfg) is None
+    assert check_train_reply(content(), 1 if cfg.dp == "local" else 2, STATISTICS, N_ITEMS, cfg) is None
 
 
 # ------------------------------------------------------------------ the norm bound
@@ -156,24 +159,24 @@ def test_a_reply_above_n_times_c_is_rejected_and_one_at_it_passes():
 SPLIT = random_holdout(generate(SyntheticSpec(users=40, items=30, density=0.3, seed=5))[0], 0.2, 5)
 
 
-def _local_dp_upload(users: list[int], z: float, hyper: Hyper, round_: int):
-    items = ItemParams.init(SPLIT.n_items, hyper, 3.0)
-    state = UserState.init(np.asarray(users), SPLIT.n_users, hyper)
-    policy = DevicePolicy(clip_norm=C, noise_std=z * C)  # noise from OS entropy, as on a device
-    return device_step(items, state, cohort(SPLIT, np.asarray(users)), SPLIT.n_items, hyper, policy, round_).upload
+def _local_dp_upload(users: list[int], z: float, mf: MF, round_: int):
+    policy = DevicePolicy(clipping_norm=C, noise_std=z * C)  # noise from OS entropy, as on a device
+    state = new_users(mf, np.asarray(users), SPLIT.n_users, policy)
+    return device_step(mf, mf.init_server().broadcast(), state, cohort(SPLIT, np.asarray(users)), round_, policy,
+                       0).upload
 
 
 def test_honest_local_dp_uploads_pass_the_noise_aware_bound_and_scaled_ones_do_not():
-    hyper = Hyper(dim=4, lr=0.5)
+    mf = MF(Hyper(dim=4, lr=0.5), SPLIT.n_items, SPLIT.rating_scale)
     cfg = RunConfig(dp="local", clipping_norm=C, noise_multiplier=2.0, dim=4)
     coords = SPLIT.n_items * 5 + 1
     ratios = []
     for trial in range(200):
         users = [trial % SPLIT.n_users] if trial % 2 else [trial % 40, (trial + 7) % 40, (trial + 19) % 40]
-        upload = _local_dp_upload(sorted(set(users)), cfg.noise_multiplier, hyper, trial + 1)
+        upload = _local_dp_upload(sorted(set(users)), cfg.noise_multiplier, mf, trial + 1)
         content = _content(upload, {W: len(set(users))})
-        assert check_train_reply(content, len(set(users)), SPLIT.n_items, 4, cfg) is None
-        norm = float(np.sqrt(sum((v**2).sum() for v in scatter_upload(upload, SPLIT.n_items, 4).values())))
+        assert check_train_reply(content, len(set(users)), mf.statistics(), SPLIT.n_items, cfg) is None
+        norm = float(np.sqrt(sum((v**2).sum() for v in scatter(upload, mf.statistics(), SPLIT.n_items).values())))
         assert norm > len(set(users)) * C  # the noise is real: n·C alone would reject honest devices
         assert check_reply_norm(norm, len(set(users)), cfg, coords) is None
         ratios.append(norm / reply_norm_bound(len(set(users)), cfg, coords))
@@ -186,22 +189,24 @@ def test_a_secagg_sum_is_checked_against_every_user_sent_and_its_rounding():
     directory = NodeDirectory(np.array([11, 22, 33], dtype=np.uint64), np.array([0, 4, 8]), np.array([4, 4, 2]),
                               population=10, num_items=N_ITEMS, rating_scale=(1.0, 5.0))
     cfg = RunConfig(secure_aggregation="secagg+", clipping_norm=C, dim=DIM, strategy="fedavg", server_lr=1.0)
-    items = ItemParams.init(N_ITEMS, Hyper(dim=DIM), 3.0)
-    strategy = FedRecStrategy(cfg, directory, items)
+    mf = MF(Hyper(dim=DIM), N_ITEMS, (1.0, 5.0))
+    strategy = Federation(cfg, mf, mf.init_server("fedavg", 1.0), directory)
     strategy._sent = {11: 3, 22: 2, 33: 2}  # 7 users on 3 nodes; SecAgg+ hands back one sum, "from" node 11
-    setup = secagg_setup(cfg, 3, 4, N_ITEMS, DIM, 0.0, 10, 10)
+    setup = secagg_setup(cfg, 3, 4, COORDS, 0.0, 10, 10)
     rounding = 3 * setup.step * math.sqrt(COORDS)
     assert reply_norm_bound(7, cfg, COORDS, setup, 3) == pytest.approx(7 * C * (1 + 1e-5) + rounding, rel=1e-9)
     value = 7 * C / math.sqrt(COORDS)  # the largest honest sum, every user pointing the same way
-    before = items.emb.clone()
+    before = strategy.state.params[EMB].clone()
+    strategy.begin_round(1)
     strategy.aggregate_train(1, [_reply(11, _content(_arrays(value=value), {W: 7}))])
     assert "nodes_rejected" not in strategy._row
-    assert np.allclose(items.emb - before, value / 7, rtol=1e-5)
+    assert np.allclose(strategy.state.params[EMB] - before, value / 7, rtol=1e-5)
+    strategy.begin_round(2)
     strategy.aggregate_train(2, [_reply(11, _content(_arrays(value=value * 1.001), {W: 7}))])
     assert strategy._row["nodes_rejected"] == 1
     # distributed DP: every user's noise share rides on the sum too
     noisy = dataclasses.replace(cfg, dp="distributed", noise_multiplier=1.0)
-    setup = secagg_setup(noisy, 3, 4, N_ITEMS, DIM, 1.0, 10, 10)
+    setup = secagg_setup(noisy, 3, 4, COORDS, 1.0, 10, 10)
     noise = setup.noise_share_std * math.sqrt(7) * (math.sqrt(COORDS) + 8)
     assert setup.noise_share_std > 0 and reply_norm_bound(7, noisy, COORDS, setup, 3) == pytest.approx(
         7 * C * (1 + 1e-5) + 3 * setup.step * math.sqrt(COORDS) + noise, rel=1e-9)
@@ -306,13 +311,14 @@ def _reply(node: int, content: RecordDict) -> Mock:
 NODES = list(range(100, 140))
 
 
-def _strategy(mode: str) -> FedRecStrategy:
+def _strategy(mode: str) -> Federation:
     directory = NodeDirectory(np.array(NODES, dtype=np.uint64), np.arange(len(NODES)) * 4, np.full(len(NODES), 4),
                               population=4 * len(NODES), num_items=N_ITEMS, rating_scale=(1.0, 5.0))
     cfg = RunConfig(clipping_norm=C, update_mode=mode, dim=DIM, robust_aggregation="norm-bound")
-    strategy = FedRecStrategy(cfg, directory, ItemParams.init(N_ITEMS, Hyper(dim=DIM, seed=3), 3.0))
+    mf = MF(Hyper(dim=DIM, seed=3), N_ITEMS, (1.0, 5.0))
+    strategy = Federation(cfg, mf, mf.init_server(cfg.strategy, cfg.server_lr), directory)
+    strategy.begin_round(1)
     strategy._sent = {n: 4 for n in NODES}
-    strategy._started = 0.0
     return strategy
 
 
@@ -324,7 +330,7 @@ def honest_train(draw, mode: str) -> RecordDict:
                                     max_size=len(rows) * (DIM + 1) + 1)))
     values *= users * C * 0.99 / max(np.linalg.norm(values), 1.0)  # within n·C
     arrays = {EMB: values[:len(rows) * DIM].reshape(-1, DIM).astype(np.float32),
-              BIAS: values[len(rows) * DIM:-1].astype(np.float32), MU: values[-1:].astype(np.float32)}
+              BIAS: values[len(rows) * DIM:-1].astype(np.float32)[:, None], MU: values[-1:].astype(np.float32)}
     if mode == "sparse":
         arrays[INDEX] = np.array(rows, np.int64)
     return _content(arrays, {W: users, "loss-sum": 1.0, "num-rows": users})
@@ -400,9 +406,9 @@ def test_malformed_replies_change_nothing_the_honest_ones_would_not(data, mode):
     honest_nodes = [n for n, kind in zip(NODES, order) if kind == "h"]
     clean.aggregate_train(1, [_reply(n, c) for n, c in zip(honest_nodes, honest)])
     assert attacked._row["nodes_rejected"] == len(bad) and "skipped" not in attacked._row
-    for key, value in attacked.items.tensors().items():
-        assert np.isfinite(value.numpy()).all()
-        np.testing.assert_array_equal(value.numpy(), clean.items.tensors()[key].numpy(), err_msg=key)
+    for key, value in attacked.state.model().items():
+        assert np.isfinite(value).all()
+        np.testing.assert_array_equal(value, clean.state.model()[key], err_msg=key)
 
     sums = EXPLICIT | {"sse": 3.0, "sae": 3.0, "num-ratings": 4.0}  # what 4 users can hold out of 6 items
     good = [_eval_content(sums) for _ in honest]
@@ -421,10 +427,11 @@ def test_values_beyond_float32_are_rejected_not_applied_as_inf():
     from fedrec.server.validation import check_train_reply
 
     n_items, dim = 4, 2
-    arrays = {s.ITEM_EMB: np.full((n_items, dim), 1e39), s.ITEM_BIAS: np.zeros(n_items), s.GLOBAL_BIAS: np.zeros(1)}
+    arrays = {EMB: np.full((n_items, dim), 1e39), BIAS: np.zeros((n_items, 1)), MU: np.zeros(1)}
     content = RecordDict({s.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           s.METRICS: MetricRecord({s.WEIGHT: 1, "loss-sum": 0.0, "num-rows": 1})})
-    assert "float32" in check_train_reply(content, 1, n_items, dim, RunConfig(dim=dim))
+    statistics = MF(Hyper(dim=dim), n_items, (1.0, 5.0)).statistics()
+    assert "float32" in check_train_reply(content, 1, statistics, n_items, RunConfig(dim=dim))
 
 
 def test_under_local_dp_a_noise_free_poison_on_one_coordinate_is_rejected():
