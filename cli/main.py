@@ -304,11 +304,12 @@ def _announce(cfg: RunConfig, central: bool = False, console: Console = console)
     """The run's model and what it protects, as it starts (stderr, above the progress bar)."""
     from fedrec.privacy.guarantee import describe
     from fedrec.run.build import burn_in
+    from fedrec.run.config import applies
 
     steps, unit = (cfg.epochs, "epochs") if central else (cfg.rounds, "rounds")
     resolved = cfg.resolved()
     console.print(f"model: {resolved.model_reason()}", highlight=False, soft_wrap=True)
-    if resolved.model == "bpmf" and burn_in(cfg.burn_in, steps) < cfg.burn_in:
+    if applies(resolved, "burn_in") and burn_in(cfg.burn_in, steps) < cfg.burn_in:  # the model reads it
         console.print(f"note: --burn-in {cfg.burn_in} is more than half of the {steps} {unit}; the model averages "
                       f"the draws after {burn_in(cfg.burn_in, steps)}", highlight=False, soft_wrap=True)
     console.print(guarantee_line({"guarantee": describe(resolved, central=central)["guarantee"]}), highlight=False,

@@ -138,14 +138,13 @@ def next_upload(demo: Demo, rows: np.ndarray, values: np.ndarray) -> dict:
     from fedrec.datasets.partition import CohortData
     from fedrec.privacy.clip import clip_scales
     from fedrec.privacy.device import device_step, new_users
-    from fedrec.run.build import device_policy
 
     empty = np.zeros(0, dtype=np.int64)
     population = demo.split.n_users
     user = np.array([population])  # the next id after the run's users: this device joins as a new one
     cohort = CohortData(user, np.zeros(len(rows), dtype=np.int64), rows, values, empty, empty,
                         np.zeros(0, dtype=np.float32), None)
-    policy = device_policy(demo.cfg)
+    policy = demo.cfg.device_policy(demo.cfg.seed)
     state = new_users(demo.algorithm, user, population + 1, policy)
     shared = {name: value.numpy() for name, value in demo.model.items()}
     result = device_step(demo.algorithm, shared, state, cohort, int(demo.summary.get("rounds", 0)) + 1, policy,

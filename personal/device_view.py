@@ -25,7 +25,7 @@ from fedrec.privacy.device import ROUNDS, new_users
 from fedrec.privacy.secagg import COUNT, secure_order
 from fedrec.privacy.upload import ITEM_INDEX
 from fedrec.run import finished
-from fedrec.run.build import device_policy, load_data, num_nodes
+from fedrec.run.build import load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
 from fedrec.server import checkpoint
 from fedrec.server.validation import train_array_names
@@ -152,7 +152,8 @@ def device_view(run_dir: Path, user: str) -> DeviceView:
                                                                                            rows.train_rating)]
     state = None if erased else _kept_state(device)
     # the entries and sizes of one user's private state, whatever the algorithm keeps (a device starts with these)
-    fresh = {k: v[0].numpy() for k, v in new_users(algorithm, np.zeros(1, np.int64), 1, device_policy(cfg)).items()}
+    first = new_users(algorithm, np.zeros(1, np.int64), 1, cfg.device_policy(cfg.seed))
+    fresh = {k: v[0].numpy() for k, v in first.items()}
     log = [] if erased else [e for d in controls.series_dirs(device.root) for e in uploads.of_user(d, device.index)]
     if erased:
         vector, bias, source = np.zeros(0, np.float32), 0.0, ERASED

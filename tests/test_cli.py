@@ -134,7 +134,7 @@ def _one_line_exit_2(args, expected):
      "--synthetic-users does not apply with --dataset ml-100k"),
     (["simulate", "--epochs", "5"], "--epochs does not apply to simulate"),
     (["central", "--dp", "central"], "--dp does not apply to central: central trains one model on pooled data"),
-    (["central", "--rounds", "5", "--noise-multiplier", "1"], "--rounds, --noise-multiplier do not apply to central"),
+    (["central", "--rounds", "5", "--noise-multiplier", "1"], "--noise-multiplier, --rounds do not apply to central"),
     (["tune", "--dim", "16"], "--dim does not apply to tune"),
     (["central", "--resume", "runs/x"], "--resume does not apply to central"),
     (["simulate", "--resume", "runs/x", "--dim", "8"],
@@ -200,7 +200,7 @@ def test_config_file_settings_a_command_does_not_use_are_reset_with_a_note(in_tm
     monkeypatch.setattr("fedrec.cli.main.run_central_cli", capture)
     (in_tmp / "c.toml").write_text('dp = "central"\nclipping-norm = 0.1\ntarget-epsilon = 4.0\nrounds = 5\ndim = 4\n')
     code, output = _error(["central", "--config", "c.toml"])
-    assert code == 2 and "note: central does not use --rounds, --dp, --clipping-norm, --target-epsilon" in output
+    assert code == 2 and "note: central does not use --dp, --clipping-norm, --target-epsilon, --rounds" in output
     cfg = seen["cfg"]
     assert (cfg.dp, cfg.clipping_norm, cfg.target_epsilon, cfg.rounds, cfg.dim) == ("none", 0.0, 0.0, 60, 4)
     (in_tmp / "c.toml").write_text("rounds = true\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.client import controls, storage, uploads
@@ -21,11 +21,14 @@ from fedrec.personal.device_view import device_view, erase_device, locate, set_c
 from fedrec.run import schema
 from fedrec.run.build import load_data, make_algorithm
 from fedrec.run.config import ConfigError
+from fedrec.run.device_config import DeviceConfig
 from fedrec.server import checkpoint
 from fedrec.server.runner import run_server
 from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
+
+from .conftest import round_config
 
 
 def _shared(cfg, n_items: int) -> dict[str, np.ndarray]:
@@ -35,9 +38,7 @@ def _shared(cfg, n_items: int) -> dict[str, np.ndarray]:
 
 def _message(cfg, users, kind=MessageType.TRAIN) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    config = ConfigRecord(cfg.to_dict())
-    config[schema.ROUND] = 1
-    config[schema.USERS] = list(users)
+    config = round_config(cfg, 1, users)
     meta = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=7,
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600, message_type=kind)
     arrays = ArrayRecord({k: Array(v) for k, v in _shared(cfg, load_data(cfg).n_items).items()})
@@ -95,8 +96,9 @@ def test_a_one_user_node_whose_user_opted_out_or_was_erased_fails_evaluation_lik
     cfg = small_cfg.resolved()
     one_user = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": cfg.synthetic_users},
                        state=RecordDict(), run_config={})
-    user = int(node_data(cfg, one_user).users[0])
-    assert len(node_data(cfg, one_user).users) == 1
+    device = DeviceConfig.of(cfg)
+    user = int(node_data(device, one_user).users[0])
+    assert len(node_data(device, one_user).users) == 1
     assert schema.WEIGHT in client_app(_message(cfg, [], MessageType.EVALUATE), one_user).content[schema.METRICS]
     root = tmp_path / "devices" / "node-0"
     for withhold in (lambda: controls.set_training(root, user, train=False, from_round=1),
@@ -225,8 +227,7 @@ def test_under_distributed_dp_every_user_sent_adds_its_noise_share(small_cfg, tm
         setup = secagg_setup(cfg, nodes, 6, coordinates(algorithm, cfg.synthetic_items), share, 20, 60)
         messages = []
         for node, sent in users.items():
-            config = ConfigRecord(cfg.to_dict())
-            config[schema.ROUND], config[schema.USERS], config[schema.NOISE_SHARE] = round_, sent, share
+            config = round_config(cfg, round_, sent, share)
             messages.append(Message(RecordDict({schema.ARRAYS: array_record(shared), schema.CONFIG: config}),
                                     dst_node_id=node, message_type=MessageType.TRAIN))
         (reply,) = SecureGrid(grid, cfg, setup, algorithm.statistics()).send_and_receive(messages)
