@@ -510,9 +510,6 @@ def bench(cfg: RunConfig,
 
     --rounds sets the rounds of each case. Pass --dataset ml-100k --data-dir DIR for the
     real ML-100K; otherwise its shape is used with synthetic ratings."""
-    _quiet_engines()
-    from fedrec.experiments.bench import run_bench
-
     if cfg.dataset not in ("ml-100k", "synthetic"):
         raise ConfigError("bench runs on ml-100k (if you have it) or synthetic data of its shape")
     names = [name.strip() for name in cases.split(",") if name.strip()]
@@ -520,6 +517,9 @@ def bench(cfg: RunConfig,
     if unknown or not names:
         raise ConfigError(f"--cases: unknown case(s) {', '.join(unknown) or '(none given)'}; "
                           f"choose from {', '.join(CASE_NAMES)}")
+    _quiet_engines()
+    from fedrec.experiments.bench import run_bench
+
     report = run_bench(cfg, cfg.rounds, one_user_rounds, names,
                        log=lambda line: console.print(line, highlight=False))
     floor = report.get("engine_floor_seconds_per_round")
@@ -609,9 +609,6 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
                  deploy_nodes: str = typer.Option("10", help="SuperNodes of the loopback deployment cases "
                                                              "('' to skip)")) -> None:
     """Seconds per round and bytes per device with and without SecAgg+; writes OUT/secagg_bench.json."""
-    _quiet_engines()
-    from fedrec.experiments.secagg_bench import run_secagg_bench
-
     try:
         inprocess = [int(v) for v in nodes.split(",") if v.strip()]
         deployed = [int(v) for v in deploy_nodes.split(",") if v.strip()]
@@ -619,6 +616,9 @@ def secagg_bench(cfg: RunConfig, nodes: str = typer.Option("10,50,200", help="on
         raise ConfigError("--nodes and --deploy-nodes take comma-separated whole numbers") from None
     if min(inprocess + deployed, default=3) < 3:
         raise ConfigError("SecAgg+ needs at least 3 nodes per case")
+    _quiet_engines()
+    from fedrec.experiments.secagg_bench import run_secagg_bench
+
     report = run_secagg_bench(cfg, inprocess, deployed, cfg.rounds,
                               log=lambda line: console.print(line, highlight=False))
     out.print(f"results in {report['run_dir']}/secagg_bench.json")
@@ -668,11 +668,11 @@ def robustness(cfg: RunConfig,
                dropout_rate: float = typer.Option(0.3, help="share of sampled devices failing each round"),
                poisoning: bool = typer.Option(True, help="also run the poisoning experiment")) -> None:
     """Dropouts, stop-and-resume and poisoning against clean runs of the same settings; writes OUT/robustness.json."""
+    if not 0 < dropout_rate < 1:
+        raise ConfigError(f"--dropout-rate must be between 0 and 1 (got {dropout_rate})")
     _quiet_engines()
     from fedrec.experiments.robustness import run_robustness
 
-    if not 0 < dropout_rate < 1:
-        raise ConfigError(f"--dropout-rate must be between 0 and 1 (got {dropout_rate})")
     report = run_robustness(cfg, dropout_rate, poisoning, log=lambda line: console.print(line, highlight=False))
     out.print(f"results in {report['run_dir']}/robustness.json")
 
@@ -702,12 +702,12 @@ def clip_check(cfg: RunConfig,
 def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", help="target epsilons, comma-separated"),
                   targets: int = typer.Option(30, help="users attacked per epsilon")) -> None:
     """Accuracy and audit AUC per target epsilon (central DP), with non-private references."""
-    _quiet_engines()
-    from fedrec.experiments.sweep import run_sweep
-
     values = _parse_epsilons(epsilons)
     if cfg.clipping_norm <= 0:
         raise ConfigError("privacy-sweep needs --clipping-norm > 0")
+    _quiet_engines()
+    from fedrec.experiments.sweep import run_sweep
+
     report = run_sweep(cfg, values, targets, log=lambda line: console.print(line, highlight=False))
     metric = report["metric"]
     table = Table(title=f"privacy sweep ({metric}; non-private {report['non_private'][metric]:.4f}, "

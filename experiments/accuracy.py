@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from fedrec.datasets import generate
+from fedrec.models.registry import ALGORITHMS, algorithm_class
 from fedrec.run.build import load_data, synthetic_spec
 from fedrec.run.config import RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
@@ -87,11 +88,13 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials
     report: dict = {"settings": cfg.resolved().to_dict(), "users_per_node": users_per_node, "cases": {}}
     report["cases"]["ml100k-u1-u5"] = _folds(ml, users_per_node, log)
     report["cases"]["ml100k-u1"] = report["cases"]["ml100k-u1-u5"]["folds"]["u1"]
-    # BPMF's settings (dim, rounds) are not MF's: beside it, MF and leave-one-out run with the defaults
+    # The other model on u1: the first other registered one. The run's settings go with it only where
+    # both read the same settings (BPMF's dim and regs mean other things than MF's): else it, and
+    # leave-one-out, run with the defaults.
     defaults = RunConfig(dataset="ml-100k", data_dir=cfg.data_dir, seed=cfg.seed)
     model = cfg.resolved().model
-    base = defaults if model == "bpmf" else ml
-    other = "svdpp" if model == "mf" else "mf"  # the other model on u1, same settings otherwise
+    other = next(name for name in ALGORITHMS if name != model)
+    base = ml if algorithm_class(model).settings_read == algorithm_class(other).settings_read else defaults
     u1_other = dataclasses.replace(base, split="u1", model=other)
     report["cases"][f"ml100k-u1-{other}"] = {"central": _central(u1_other, log),
                                               "federated": _fed(u1_other, users_per_node, log)}

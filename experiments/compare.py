@@ -41,7 +41,11 @@ def run_compare(cfg: RunConfig, central_fn, federated_fn, tune_fn=None) -> dict:
     return report
 
 
-NAMES = {"svdpp": "SVD++", "bpmf": "Bayesian MF by Gibbs sampling", "mf": "biased MF"}
+def model_title(model: str) -> str:
+    """What reports call a model: its algorithm's own title."""
+    from fedrec.models.registry import algorithm_class
+
+    return algorithm_class(model).title
 
 
 def comparison_lines(cfg: RunConfig, central_cfg: RunConfig, fed_cfg: RunConfig, central: dict, federated: dict,
@@ -50,10 +54,10 @@ def comparison_lines(cfg: RunConfig, central_cfg: RunConfig, fed_cfg: RunConfig,
     side protects (a DP run's epsilon, delta and z beside it)."""
     lines = [f"# Central vs federated: {cfg.dataset}, split {cfg.split}", ""]
     if central_cfg.model == fed_cfg.model:
-        lines.append(f"Model: {NAMES[fed_cfg.model]} ({fed_cfg.model_reason()}).")
+        lines.append(f"Model: {model_title(fed_cfg.model)} ({fed_cfg.model_reason()}).")
     else:  # tuning may choose each side's model: the gap then mixes model and federation
-        lines.append(f"**The two sides train different models**: central {NAMES[central_cfg.model]}, federated "
-                     f"{NAMES[fed_cfg.model]}; the gap below is not federation's cost alone.")
+        lines.append(f"**The two sides train different models**: central {model_title(central_cfg.model)}, federated "
+                     f"{model_title(fed_cfg.model)}; the gap below is not federation's cost alone.")
     if tuned:
         lines.append("Each side's settings were chosen on a validation split of the training data (tune.json).")
     fed = [f"{fed_cfg.rounds} rounds", f"{cfg.users_per_round or 'all'} users per round ({cfg.sampling})"]

@@ -245,15 +245,14 @@ def clientapp_seconds(cfg: RunConfig, users: int, repeats: int = 5) -> float:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrec.client.app import app
-    from fedrec.models import ItemParams, initial_global_bias
     from fedrec.run import schema
-    from fedrec.run.build import hyper, load_data
+    from fedrec.run.build import load_data, make_algorithm
 
     cfg = cfg.resolved()
     shards = ensure_shards(cfg, 1, out=Path(tempfile.mkdtemp(prefix="fedrec-shard-")) / "set")
     split = load_data(cfg)
-    items = ItemParams.init(split.n_items, hyper(cfg), initial_global_bias(cfg.implicit, split.rating_scale))
-    arrays = ArrayRecord({k: Array(v) for k, v in items.numpy().items()})
+    shared = make_algorithm(cfg, split.n_items, split.rating_scale).init_server(cfg.strategy, cfg.server_lr).broadcast()
+    arrays = ArrayRecord({k: Array(v) for k, v in shared.items()})
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1  # as a flwr-clientapp process has
     context = Context(run_id=1, node_id=7, node_config={"shard": str(shards / node_name(0))}, state=RecordDict(),
                       run_config={})

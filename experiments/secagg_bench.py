@@ -21,8 +21,8 @@ import fedrec.client.app as client_module
 from fedrec.client.app import app as client_app
 from fedrec.deploy.loopback import Processes, flower_env, flwr_run, start_federation
 from fedrec.run.config import RunConfig
-from fedrec.run.rundir import make_run_dir, write_json
-from fedrec.server.app import run_server
+from fedrec.run.rundir import main_metric, make_run_dir, write_json
+from fedrec.server.runner import run_server
 from fedrec.simulations.federated import simulate
 from fedrec.simulations.inprocess import InProcessGrid
 
@@ -66,7 +66,7 @@ def _inprocess(cfg: RunConfig, nodes: int, rounds: int) -> dict:
         outcome = run_server(grid, dataclasses.replace(cfg, synthetic_users=nodes, rounds=rounds, eval_every=rounds,
                                                        users_per_round=0))
         wall = time.perf_counter() - start
-    train_rounds = [r for r in outcome.history if "rmse" not in r]  # rounds without evaluation
+    train_rounds = [r for r in outcome.history if main_metric(cfg.implicit, cfg.top_k) not in r]  # not evaluating
     per_round = float(np.mean([r["seconds"] for r in train_rounds])) if train_rounds else float("nan")
     up = sum(payload_bytes(r.content) for r in grid.replies if _is_train(r))
     down = sum(payload_bytes(m.content) for m in grid.sent if _is_train(m))
@@ -81,7 +81,8 @@ def _is_train(message) -> bool:
 def _ray(cfg: RunConfig, rounds: int) -> dict:
     start = time.perf_counter()
     outcome = simulate(dataclasses.replace(cfg, rounds=rounds, eval_every=rounds, users_per_round=0))
-    train_rounds = [r for r in outcome.history[1:] if "rmse" not in r]  # round 1 warms the engine up
+    metric = main_metric(cfg.implicit, cfg.top_k)
+    train_rounds = [r for r in outcome.history[1:] if metric not in r]  # round 1 warms the engine up
     return {"seconds_per_round": float(np.mean([r["seconds"] for r in train_rounds])),
             "wall_seconds": time.perf_counter() - start, "nodes": outcome.summary["num_nodes"]}
 
@@ -94,7 +95,8 @@ def _deployment(cfg: RunConfig, nodes: int, rounds: int, secure: bool) -> dict:
             port = start_federation(procs, work, nodes)
             out = work / "run"
             settings = (f"rounds={rounds} eval-every={rounds} synthetic-users={nodes} synthetic-items="
-                        f"{cfg.synthetic_items} clipping-norm={cfg.clipping_norm} out='{out}'"
+                        f"{cfg.synthetic_items} model='{cfg.model}' split='{cfg.split}' "
+                        f"clipping-norm={cfg.clipping_norm} out='{out}'"
                         + (" secure-aggregation='secagg+'" if secure else ""))
             start = time.perf_counter()
             run, output = flwr_run(procs.env, "dep", port, settings)
@@ -102,7 +104,8 @@ def _deployment(cfg: RunConfig, nodes: int, rounds: int, secure: bool) -> dict:
             if run.get("status") != "finished:completed":
                 raise RuntimeError(f"deployment run failed: {output}")
             frame = pd.read_csv(out / "metrics.csv")
-            train = frame[frame["rmse"].isna()] if "rmse" in frame else frame
+            metric = main_metric(cfg.implicit, cfg.top_k)
+            train = frame[frame[metric].isna()] if metric in frame else frame
             return {"seconds_per_round": float(train["seconds"].mean()), "wall_seconds": wall}
         finally:
             procs.stop()
@@ -110,9 +113,11 @@ def _deployment(cfg: RunConfig, nodes: int, rounds: int, secure: bool) -> dict:
 
 def run_secagg_bench(cfg: RunConfig, inprocess_nodes: list[int], deploy_nodes: list[int], rounds: int,
                      log=print) -> dict:
-    cfg = dataclasses.replace(cfg.resolved().validate(), dp="none", update_mode="dense",
-                              clipping_norm=cfg.clipping_norm or 0.05)
-    secure = dataclasses.replace(cfg, secure_aggregation="secagg+")
+    # The model is resolved with SecAgg+ on (--model auto runs one that admits it), then the plain cases
+    # run the same model and settings with the sum in the clear.
+    secure = dataclasses.replace(cfg, dp="none", update_mode="dense", clipping_norm=cfg.clipping_norm or 0.05,
+                                 secure_aggregation="secagg+").resolved().validate()
+    cfg = dataclasses.replace(secure, secure_aggregation="none")
     run_dir = make_run_dir(cfg, "secagg-bench")
     report: dict = {"inprocess": {}, "ray_cohorts": {}, "deployment": {}, "rounds": rounds}
     for nodes in inprocess_nodes:

@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedrec.run.config import ConfigError, RunConfig
@@ -25,9 +25,11 @@ from fedrec.run.rundir import main_metric, make_run_dir, write_config, write_jso
 SIDES = ("central", "federated")
 STEP = {"central": "epochs", "federated": "rounds"}  # what a side's best evaluated step sets
 
-# The search space, the one place it is defined: setting -> ("log", low, high) for a number on a
-# log scale, or a tuple of choices. A RunConfig choice field `model` joins as a choice by itself.
-SEARCH_SPACE: dict[str, tuple] = {
+# The search spaces, the one place they are defined: setting -> ("log", low, high) for a number on a
+# log scale, or a tuple of choices. A run's algorithm is searched over the space whose settings it
+# reads (its `settings_read`); where several algorithms read that space, the choice between them
+# (`model`) is searched too.
+SEARCH_SPACE: dict[str, tuple] = {  # the SGD models': K, L2 per rating, the device's and the server's steps
     "dim": (8, 16, 32, 64, 128),
     "reg_user": ("log", 1e-4, 1.0),
     "reg_item": ("log", 1e-4, 1.0),
@@ -35,18 +37,15 @@ SEARCH_SPACE: dict[str, tuple] = {
     "lr": ("log", 0.005, 0.3),
     "server_lr": ("log", 0.005, 0.3),  # both sides: central training steps its items with the same optimizer
 }
-_MODEL = next((f for f in fields(RunConfig) if f.name == "model"), None)
-if _MODEL is not None and _MODEL.metadata.get("choices"):
-    # BPMF has a space of its own (its regs are prior precisions, on another scale): where --model auto
-    # runs it, tune searches BPMF_SPACE; elsewhere the SGD models and the choice between them
-    SEARCH_SPACE["model"] = tuple(c for c in _MODEL.metadata["choices"] if c not in ("auto", "bpmf"))
-
-# Searched only with implicit feedback (--split loo), where the device's recency term applies.
-IMPLICIT_SPACE: dict[str, tuple] = {"recency_weight": (0.0, 4.0, 8.0, 16.0, 32.0)}
-# What BPMF reads (where --model auto runs it): its K, its user prior's precisions, its noise precision.
+# A sampler's (Bayesian MF's): its K, its user prior's precisions (another scale than L2 per rating), its
+# noise precision.
 BPMF_SPACE: dict[str, tuple] = {"dim": (5, 10, 20), "reg_user": ("log", 1.0, 100.0), "reg_bias": ("log", 0.1, 10.0),
                                 "bpmf_alpha": ("log", 0.5, 4.0)}
-SEARCHED = frozenset(SEARCH_SPACE) | frozenset(IMPLICIT_SPACE) | frozenset(BPMF_SPACE)  # every setting tune may choose
+SPACES = (SEARCH_SPACE, BPMF_SPACE)  # the first one an algorithm reads all of is its space
+# Searched only with implicit feedback (--split loo), for algorithms that read it (the device's recency term).
+IMPLICIT_SPACE: dict[str, tuple] = {"recency_weight": (0.0, 4.0, 8.0, 16.0, 32.0)}
+MODEL = "model"  # the RunConfig setting naming the algorithm, searched where a space has several
+SEARCHED = frozenset().union(*SPACES, IMPLICIT_SPACE, {MODEL})  # every setting tune may choose
 
 DEFAULT_TRIALS = 60  # per side when neither --tune-trials nor --tune-seconds is given: with 20 the tuned
 # federated RMSE fell short of the best Surprise peer on ML-100K random and synthetic, with 60 it beat it (README)
@@ -70,11 +69,20 @@ class Budget:
 
 
 def space_for(cfg: RunConfig) -> dict[str, tuple]:
-    """The settings searched for this run's model (BPMF's, or the SGD models' with the choice between
-    them) and kind of feedback."""
-    if cfg.resolved().model == "bpmf":
-        return dict(BPMF_SPACE)
-    return {**SEARCH_SPACE, **(IMPLICIT_SPACE if cfg.implicit else {})}
+    """The settings searched for this run's algorithm, chosen by what it reads (never by its name): the
+    first of SPACES it reads all of, the recency term where the feedback is implicit and it reads that,
+    and the choice between the algorithms that read the same settings (and model this kind of feedback)."""
+    from fedrec.models.registry import ALGORITHMS, algorithm_class
+
+    model = cfg.resolved().model
+    reads = algorithm_class(model).settings_read
+    base = next((space for space in SPACES if set(space) <= reads), None)
+    if base is None:
+        raise ConfigError(f"tune has no search space for --model {model}: it reads none of tune's spaces whole")
+    extra = IMPLICIT_SPACE if cfg.implicit and set(IMPLICIT_SPACE) <= reads else {}
+    alike = tuple(name for name, cls in ALGORITHMS.items()
+                  if set(base) | set(extra) <= cls.settings_read and (cls.implicit_feedback or not cfg.implicit))
+    return {**base, **({MODEL: alike} if len(alike) > 1 else {}), **extra}
 
 
 def distributions(cfg: RunConfig) -> dict:
@@ -92,7 +100,7 @@ def distributions(cfg: RunConfig) -> dict:
 def defaults(cfg: RunConfig) -> dict:
     """The settings a run gets without tuning: the first trial of each side, so tuning never ends
     worse on validation than the defaults."""
-    base = RunConfig(split=cfg.split, model="bpmf" if cfg.resolved().model == "bpmf" else "mf").resolved()
+    base = RunConfig(split=cfg.split, model=cfg.resolved().model).resolved()
     return {name: getattr(base, name) for name in space_for(cfg)}
 
 
@@ -122,7 +130,7 @@ def _central_trial(cfg: RunConfig) -> list[dict]:
 def _federated_trial(cfg: RunConfig, nodes: int, shards: Path) -> list[dict]:
     from fedrec.client.app import app as client_app
     from fedrec.run.build import SHARDS_ENV
-    from fedrec.server.app import run_server
+    from fedrec.server.runner import run_server
     from fedrec.simulations.federated import _environment
     from fedrec.simulations.inprocess import InProcessGrid
 

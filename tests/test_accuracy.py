@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from fedrec.experiments import accuracy
 from fedrec.run.config import RunConfig
-from fedrec.simulations import accuracy
 
 
 def test_the_federated_curve_follows_the_runs_own_top_k(monkeypatch):
@@ -33,7 +33,7 @@ def test_fold_means_cover_every_fold_and_only_peers_that_ran_on_all(monkeypatch)
 
 
 def test_the_tuned_case_runs_federated_with_the_chosen_settings_and_compares_to_the_best_peer(monkeypatch, tmp_path):
-    from fedrec.simulations import tune as tune_module
+    from fedrec.experiments import tune as tune_module
 
     seen = {}
 

@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from fedrec.cli import main as cli_module
 from fedrec.cli.main import cli
 from fedrec.datasets import SyntheticSpec, generate
 from fedrec.datasets.shards import node_name, open_shard
-from fedrec.experiments.tune import BPMF_SPACE, STEP, Budget, defaults, search, space_for, tune
+from fedrec.experiments.tune import BPMF_SPACE, SEARCH_SPACE, STEP, Budget, defaults, search, space_for, tune
 from fedrec.run import build
 from fedrec.run.build import SHARDS_ENV, ensure_shards, load_data, num_nodes
 from fedrec.run.config import ConfigError, RunConfig
-from fedrec.simulations import cli as cli_module
 from fedrec.simulations.central import run_central
 
 SMALL = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-density", "0.25"]
@@ -85,6 +85,31 @@ def test_tune_writes_chosen_settings_and_every_trial_and_chooses_the_best_valida
         assert getattr(saved, STEP[side]) == report["chosen"][side][STEP[side]] and saved.validation is False
     again = CliRunner().invoke(cli, ["central", "--config", str(out / "central.toml"), "--out", str(tmp_path / "c")])
     assert again.exit_code == 0, again.output
+
+
+def test_the_space_follows_what_an_algorithm_reads_not_its_name(tmp_path, monkeypatch):
+    from fedrec.models import registry
+    from fedrec.models.bpmf import BPMF
+    from fedrec.models.mf import MF
+
+    class Twin(MF):  # reads what MF reads, under another name: one more choice in MF's space
+        name = "twin"
+
+    class Sampler(BPMF):  # reads what BPMF reads: BPMF's space, and the choice between the two
+        name = "sampler"
+
+    class Narrow(BPMF):  # reads neither space whole
+        name = "narrow"
+        settings_read = BPMF.settings_read - {"bpmf_alpha"}
+
+    for cls in (Twin, Sampler, Narrow):
+        monkeypatch.setitem(registry.ALGORITHMS, cls.name, cls)
+    assert space_for(_cfg(tmp_path, model="twin")) == {**SEARCH_SPACE, "model": ("mf", "svdpp", "twin")}
+    assert space_for(_cfg(tmp_path, model="sampler")) == {**BPMF_SPACE, "model": ("bpmf", "sampler")}
+    loo = space_for(_cfg(tmp_path, model="twin", split="loo"))
+    assert loo["model"] == ("mf", "svdpp", "twin") and "recency_weight" in loo
+    with pytest.raises(ConfigError, match="tune has no search space for --model narrow"):
+        space_for(_cfg(tmp_path, model="narrow"))
 
 
 def test_tpe_is_seeded_and_a_seconds_budget_still_runs_one_trial(tmp_path):
@@ -167,7 +192,7 @@ def test_a_poisoned_u1_test_file_changes_nothing_in_tuning(tmp_path):
 def _federated_in_process(cfg: RunConfig):
     """compare's federated side through the in-process grid (the code the engines run, no Ray)."""
     from fedrec.client.app import app as client_app
-    from fedrec.server.app import run_server
+    from fedrec.server.runner import run_server
     from fedrec.simulations.federated import _environment, check_population
     from fedrec.simulations.inprocess import InProcessGrid
 
