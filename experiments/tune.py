@@ -49,7 +49,8 @@ BPMF_SPACE: dict[str, tuple] = {"dim": (5, 10, 20), "reg_user": ("log", 1.0, 100
 SEARCHED = frozenset(SEARCH_SPACE) | frozenset(IMPLICIT_SPACE) | frozenset(BPMF_SPACE)  # every setting tune may choose
 
 DEFAULT_TRIALS = 60  # per side when neither --tune-trials nor --tune-seconds is given: with 20 the tuned
-# federated RMSE fell short of the best Surprise peer on ML-100K random and synthetic, with 60 it beat it (README)
+# federated RMSE fell short of the best Surprise peer on ML-100K random and synthetic, with 60 it beat it
+# (docs/results.md, Tuning)
 
 
 @dataclass(frozen=True)
