@@ -48,7 +48,8 @@ MODEL = "model"  # the RunConfig setting naming the algorithm, searched where a 
 SEARCHED = frozenset().union(*SPACES, IMPLICIT_SPACE, {MODEL})  # every setting tune may choose
 
 DEFAULT_TRIALS = 60  # per side when neither --tune-trials nor --tune-seconds is given: with 20 the tuned
-# federated RMSE fell short of the best Surprise peer on ML-100K random and synthetic, with 60 it beat it (README)
+# federated RMSE fell short of the best Surprise peer on ML-100K random and synthetic, with 60 it beat it
+# (docs/results.md, Tuning)
 
 
 @dataclass(frozen=True)

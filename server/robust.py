@@ -14,7 +14,7 @@ node) is its own median and is never touched: the server cannot tell its parts a
 Why drop rather than scale down to the bound: FedAdam (the default) normalizes each
 coordinate, so a reply scaled to the bound still sets the direction of the item rows that
 only it touched this round; on ML-100K that left +1.35% RMSE where dropping leaves none
-(README, Robustness). An attacker who knows the rule can still send up to the bound,
+(docs/results.md, Poisoning). An attacker who knows the rule can still send up to the bound,
 as with scaling. Honest replies stay far inside it (the largest per-user norm of 6,000
 honest ML-100K replies was 7.8 x the round's median, against the default bound of 10).
 

@@ -133,7 +133,7 @@ def test_each_users_statistics_are_clipped_and_a_cohort_sums_them(mode):
 
 
 def test_one_plain_upload_gives_the_users_vector_and_residuals_away():
-    """The README's warning, attacked: without SecAgg+ or DP the server reads (p_u, 1) off the last
+    """docs/privacy.md's warning, attacked: without SecAgg+ or DP the server reads (p_u, 1) off the last
     column of any uploaded g g^T, and alpha (r - mu - b_u) off the item-bias column."""
     hyper = Hyper(model="bpmf", dim=DIM, seed=3)
     bpmf = _bpmf(hyper)
@@ -213,7 +213,7 @@ def test_auto_runs_bpmf_only_where_it_applies(small_cfg, settings, model):
 
 
 def test_a_plain_first_round_mf_upload_gives_the_users_vector_and_ratings_away_too():
-    """Why BPMF's plain upload is not a step back (README): with one local epoch, an MF item row's change
+    """Why BPMF's plain upload is not a step back (docs/privacy.md): with one local epoch, an MF item row's change
     is -lr (2 reg q_i + 2 err_i p_u) and its bias change -lr (2 err_i + 2 reg b_i), so the server divides
     out p_u and err_i; in a user's first round b_u = 0, so every rating follows exactly."""
     hyper = Hyper(model="mf", dim=4, lr=0.05, seed=3)
@@ -292,7 +292,7 @@ def test_compare_runs_the_same_model_on_both_sides(small_cfg, users_per_round, m
 
 
 def test_with_the_public_draws_one_plain_upload_gives_every_rating_away():
-    """The README's b_u sentence, attacked: the server knows the items it sent and the user's normals
+    """docs/privacy.md's b_u sentence, attacked: the server knows the items it sent and the user's normals
     (draw_key from the run seed), so the device's draw x = P^-1 rhs(b_u) + L^-T z is linear in the one
     unknown b_u = x's last entry; with r - mu - b_u read off the upload, every rating follows."""
     from fedrec.models.bpmf import normal_draws

@@ -2,7 +2,7 @@
 chromium-driver; .ci/run installs them): open the printed URL with its access token, pick a
 user, see recommendations with titles, rate 5 movies as a new device, get recommendations, opt
 out, forget. A screenshot of the device page goes to the test's tmp directory and, with
-FEDREC_SCREENSHOT=PATH, to PATH (README: docs/demo.png).
+FEDREC_SCREENSHOT=PATH, to PATH (docs/personalization.md's picture: docs/demo.png).
 
 Without the browser the test fails (CI must not go green without it); FEDREC_ALLOW_NO_BROWSER=1
 turns that into a skip on a machine that cannot have one.
@@ -52,9 +52,9 @@ def _require_browser():
 
 @pytest.fixture
 def finished_run(tmp_path, shared_data) -> Path:
-    """The README's demo run, smaller: `fedrec compare` on ML-100K, the federation under central DP keeping
-    checkpoints; every user takes part in every round, so the device page has an upload row per round, an
-    epsilon, and curves against the central run to plot (the README's picture)."""
+    """The ML-100K demo run of docs/personalization.md, smaller: `fedrec compare` on ML-100K, the federation
+    under central DP keeping checkpoints; every user takes part in every round, so the device page has an
+    upload row per round, an epsilon, and curves against the central run to plot (that page's picture)."""
     run = tmp_path / "runs" / "demo"
     done = subprocess.run([*fedrec_command(), "compare", "--dataset", "ml-100k", "--data-dir", str(shared_data),
                            "--rounds", str(ROUNDS), "--epochs", "10", "--eval-every", "1", "--checkpoint-every", "1",
@@ -67,7 +67,8 @@ def finished_run(tmp_path, shared_data) -> Path:
 @pytest.fixture
 def served(finished_run):
     with Server(finished_run.relative_to(finished_run.parent.parent), cwd=finished_run.parent.parent) as server:
-        # started where runs/ is, so the page (and the screenshot) shows `runs/demo`, as after the README's commands
+        # started where runs/ is, so the page (and the screenshot) shows `runs/demo`, as after the commands of
+        # docs/personalization.md
         server.wait_for("/")
         yield server
 
