@@ -32,6 +32,7 @@ from fedrec.datasets.shards import node_name
 from fedrec.deploy.loopback import BIN, Processes, flower_env, flwr_run, free_port, start_superlink, start_supernode
 from fedrec.run.build import ensure_shards
 from fedrec.run.config import RunConfig
+from fedrec.run.device_config import round_config
 from fedrec.run.rundir import make_run_dir, write_json
 
 # Ray refuses a loopback node IP on Linux ("127.0.0.1" becomes the address of the default
@@ -260,8 +261,7 @@ def clientapp_seconds(cfg: RunConfig, users: int, repeats: int = 5) -> float:
     times = []
     try:
         for rnd in range(1, repeats + 2):
-            config = ConfigRecord(cfg.to_dict())
-            config[schema.ROUND], config[schema.USERS] = rnd, [int(u) for u in chosen]
+            config = ConfigRecord(round_config(cfg, rnd, chosen))
             meta = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
                             group_id="", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
             start = time.perf_counter()

@@ -13,7 +13,7 @@ INTRO = """# Settings
 
 Every setting has one name from its flag (`--clipping-norm`) to its key in a config file
 (`clipping-norm = 1.0`, flat or under `[tool.flwr.app.config]`) and its use in the code
-(`PrivacyConfig.clipping_norm`). Flags win over a file, a file over the defaults. `fedrec run --help`
+(`PrivacyConfig.clipping_norm`). Flags win over a file, a file over the defaults. `fedrec simulate --help`
 groups them in panels; `-1` means "the chosen model's own default". A setting a run would not use
 (say `--pad-ratio` without `--update-mode padded`) is refused on the command line and reset, with a
 warning, when it comes from a file.
