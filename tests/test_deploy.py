@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from typer.testing import CliRunner
 
 from fedrec.cli.main import cli
+from fedrec.deploy import deploy as deploy_module
 from fedrec.deploy.certs import make_certs, make_node_key
 from fedrec.deploy.deploy import Federation, deploy
 from fedrec.deploy.loopback import BIN, start_supernode, write_connection
-from fedrec.simulations import deploy as deploy_module
 
 FAST = "synthetic-users=40 synthetic-items=30 synthetic-density=0.3 dim=4"
 

@@ -14,6 +14,7 @@ from fedrec.datasets.catalog import synthetic_split
 from fedrec.datasets.shards import node_name, open_shard
 from fedrec.datasets.synthetic import BLOCK_USERS, generate, generate_users
 from fedrec.run.build import ensure_shards, load_data
+from fedrec.run.device_config import DeviceConfig
 
 
 def _context(node_config: dict) -> Context:
@@ -42,7 +43,7 @@ def test_a_supernode_with_a_shard_reads_nothing_else(small_cfg, tmp_path, monkey
     empty = tmp_path / "no-data-here"
     monkeypatch.setenv("FEDREC_DATA_DIR", str(empty))  # where a node would look for the data set
     monkeypatch.delenv("FEDREC_SHARDS", raising=False)
-    node = node_data(small_cfg, _context({"shard": str(root / node_name(2))}))
+    node = node_data(DeviceConfig.of(small_cfg.resolved()), _context({"shard": str(root / node_name(2))}))
     assert node.meta.partition_id == 2 and node.users[0] == node.meta.first_user > 0
     assert not empty.exists()
 
@@ -51,7 +52,7 @@ def test_a_shard_cut_for_other_data_is_refused(small_cfg, tmp_path):
     root = ensure_shards(small_cfg, 2, out=tmp_path / "set")
     other = dataclasses.replace(small_cfg, seed=small_cfg.seed + 1)
     with pytest.raises(DataError, match="cut for other data"):
-        node_data(other, _context({"shard": str(root / node_name(0))}))
+        node_data(DeviceConfig.of(other.resolved()), _context({"shard": str(root / node_name(0))}))
     with pytest.raises(DataError, match="other data or another split"):
         ensure_shards(other, 2, out=root)  # an existing set is never mixed with another's
 
