@@ -133,19 +133,32 @@ def worker_env(devices: Path, shards: Path) -> dict[str, str]:
 class MetricsFollower:
     """on_round(row) for each row the server appends to metrics.csv, from row `skip` on (a resumed
     run starts the file afresh with its checkpoint's rows), once the server has started the file
-    anew (before that, a resumed run's file still holds rows of the timeline it cuts off)."""
+    anew (before that, a resumed run's file still holds rows of the timeline it cuts off). Reads
+    only what was appended since the last call."""
 
     def __init__(self, path: Path, on_round: Callable[[dict], None] | None, skip: int = 0):
-        self.path, self.on_round, self.done = path, on_round, skip
+        self.path, self.on_round, self.skip = path, on_round, skip
         self.before, self.started = _stamp(path), False
+        self.offset, self.header, self.rows = 0, None, 0
 
     def __call__(self) -> None:
         if self.on_round is None:
             return
         self.started = self.started or _stamp(self.path) not in (None, self.before)
-        for row in read_rows(self.path)[self.done:] if self.started else ():
-            self.done += 1
-            self.on_round(row)
+        if not self.started:
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(complete)
+        for cells in csv.reader(complete.decode().splitlines()):
+            if self.header is None:
+                self.header = cells
+                continue
+            self.rows += 1
+            if self.rows > self.skip:
+                self.on_round(_row(dict(zip(self.header, cells))))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -157,7 +170,11 @@ def read_rows(path: Path) -> list[dict]:
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines.pop()  # being written
-    return [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(lines)]
+    return [_row(row) for row in csv.DictReader(lines)]
+
+
+def _row(cells: dict) -> dict:
+    return {key: _number(value) for key, value in cells.items() if value not in ("", None)}
 
 
 def read_audit(run_dir: Path) -> list[dict]:
