@@ -37,7 +37,7 @@ CONNECTION = "fedrec"
 POLL_SECONDS = 0.1  # how often the caller's poll() runs while the run goes (the progress bar)
 # SuperExec asks the SuperLink for a new run every 1 s by default (FLWR_SUPEREXEC_TASK_POLL_INTERVAL,
 # flwr/supercore/superexec/run_superexec.py): half a second of waiting on average before a run starts.
-TASK_POLL_SECONDS = "0.1"
+TASK_POLL_SECONDS = "0.25"
 
 
 class RunFailed(RuntimeError):
@@ -75,7 +75,8 @@ class Engine:
         # killed with -9 left running (a ServerApp still writing into the run directory).
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.workdir / "flwr-home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_SECONDS,
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+                                                                        TASK_POLL_SECONDS),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MARK: str(self.workdir)}
         self.children: list[subprocess.Popen] = []
         self.lifeline, self.reaper = None, None

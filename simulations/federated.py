@@ -77,7 +77,7 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
     follow = MetricsFollower(run_dir / "metrics.csv", on_round,
                              skip=len(checkpoint.load(run_dir).history) if cfg.resume else 0)
     devices.mkdir(mode=0o700, exist_ok=True)
-    flower_failed = False
+    keep_log = False
     try:
         with stop_on_signals(stop, say, at_once=lambda: engine.stop(grace=2)), engine:
             engine.start()
@@ -87,36 +87,40 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
             if stop.is_set():  # asked before the control directory existed
                 stop.set()
             app = write_app(private / "app", SERVERAPP, CLIENTAPP, RunConfig().to_dict())
-            run_config = private / "run-config.toml"
-            run_config.write_text(toml_lines(cfg.to_dict()))
-            federation = ray_federation(cfg.ray_address, num_cpus or os.cpu_count() or 2, nodes)
-            listing = engine.run(app, run_config, federation, poll=follow)
-        summary = _read_json(run_dir / "summary.json")
-        if (control / "error.pickle").is_file():
-            raise _server_error(control / "error.pickle", summary)
-        status = summary.get("status", "")
-        if status == "interrupted":
-            items = ItemParams.from_arrays(checkpoint.load(run_dir).items)
-        elif status == "completed" and listing.get("status") == "finished:completed":
-            items = load_model(run_dir)
-        else:
-            flower_failed = True
-            say(engine.tail())
-            raise RunFailed(f"the simulation ended without a result (Flower: {listing.get('status', 'no run')}, "
-                            f"{listing.get('status-details', '')}); Flower's log: {engine.log}")
-        return FederatedOutcome(summary, read_rows(run_dir / "metrics.csv"), items, run_dir, read_audit(run_dir),
-                                time.perf_counter() - started, status=status)
+            (private / "run-config.toml").write_text(toml_lines(cfg.to_dict()))
+            listing = engine.run(app, private / "run-config.toml",
+                                 ray_federation(cfg.ray_address, num_cpus or os.cpu_count() or 2, nodes), follow)
+        return _outcome(run_dir, control, listing, engine, say, started)
+    except RunFailed:
+        keep_log = True  # beside the run, private: it is what explains the failure
+        raise
     finally:
         # The devices' private state is no output: it stays only while the run can be resumed
         # (interrupted, or failed after a checkpoint), or, with --keep-checkpoints, beside the run.
         interrupted = _read_json(run_dir / "summary.json").get("status") == "interrupted"
         if not (interrupted or (run_dir / checkpoint.CHECKPOINT).is_file() or cfg.keep_checkpoints):
             shutil.rmtree(devices, ignore_errors=True)
-        if flower_failed:  # Flower's log stays (beside the run, private): it is what explains the failure
-            for entry in (p for p in private.iterdir() if p != engine.log):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
-        else:
-            shutil.rmtree(private, ignore_errors=True)
+        _clear(private, keep=engine.log if keep_log else None)
+
+
+def _outcome(run_dir: Path, control: Path, listing: dict, engine: Engine, say: Callable[[str], None],
+             started: float) -> FederatedOutcome:
+    """What the ServerApp left in the run directory, or what ended the run: the server's own
+    exception, raised again here, or RunFailed with the end of Flower's log."""
+    summary = _read_json(run_dir / "summary.json")
+    if (control / "error.pickle").is_file():
+        raise _server_error(control / "error.pickle", summary)
+    status = summary.get("status", "")
+    if status == "interrupted":
+        items = ItemParams.from_arrays(checkpoint.load(run_dir).items)
+    elif status == "completed" and listing.get("status") == "finished:completed":  # flwr run exits 0 either way
+        items = load_model(run_dir)
+    else:
+        say(engine.tail())
+        raise RunFailed(f"the simulation ended without a result (Flower: {listing.get('status', 'no run')}, "
+                        f"{listing.get('status-details', '')}); Flower's log: {engine.log}")
+    return FederatedOutcome(summary, read_rows(run_dir / "metrics.csv"), items, run_dir, read_audit(run_dir),
+                            time.perf_counter() - started, status=status)
 
 
 def worker_env(devices: Path, shards: Path) -> dict[str, str]:
@@ -184,6 +188,18 @@ def read_audit(run_dir: Path) -> list[dict]:
         if path.is_file():
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return []
+
+
+def _clear(folder: Path, keep: Path | None = None) -> None:
+    """Remove `folder`, or with `keep`, everything in it but that file."""
+    if keep is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry != keep:
+            entry.unlink()
 
 
 def _number(text: str):
