@@ -42,7 +42,8 @@ def engine_floor(rounds: int) -> dict:
             app = write_app(work / "app", f"{floor_app.__name__}:server", f"{floor_app.__name__}:client",
                             floor_app.CONFIG)
             (work / "run.toml").write_text(toml_lines({"rounds": rounds, "out": str(result)}))
-            listing = engine.run(app, work / "run.toml", ray_federation("", 2, 2))
+            engine.run(app, work / "run.toml", ray_federation("", 2, 2))
+            listing = engine.status()
             if listing.get("status") != "finished:completed" or not result.is_file():
                 raise RunFailed(f"the engine floor run ended {listing.get('status', 'without a run')}:\n"
                                 f"{engine.tail()}")

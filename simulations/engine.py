@@ -7,6 +7,7 @@ SuperLink in simulation mode (`flwr.simulation.run_simulation` is deprecated sin
                                    --federation-config ...`; Flower's SuperExec starts one
                                    `flwr-simulation` process for it: the ServerApp in a thread,
                                    the ClientApps on Ray
+    engine.status()                how Flower says the run ended (`flwr ls --format json`)
     engine.stop()                  every process it started
 
 Flower detaches its processes into sessions of their own, so no one process group holds them:
@@ -94,15 +95,19 @@ class Engine:
         write_connection(self.env, CONNECTION, port)
         return self
 
-    def run(self, app: Path, run_config: Path, federation: dict, poll: Callable[[], None] = lambda: None) -> dict:
-        """Submit the run and wait for it, calling poll() meanwhile and once after; returns its
-        `flwr ls` listing (`flwr run --stream` exits 0 even when the run failed)."""
+    def run(self, app: Path, run_config: Path, federation: dict, poll: Callable[[], None] = lambda: None) -> None:
+        """Submit the run and wait for it, calling poll() meanwhile and once after. `flwr run
+        --stream` exits 0 even when the run failed: status() says how it ended."""
         cli = self._spawn("flwr", "run", str(app), CONNECTION, "--stream", "--run-config", str(run_config),
                           "--federation-config", federation_config(federation))
         while cli.poll() is None:
             poll()
             time.sleep(POLL_SECONDS)
         poll()
+
+    def status(self) -> dict:
+        """The run's `flwr ls` listing ({} if there is none): "status" is "finished:completed" for a
+        run that completed, "status-details" says why one did not."""
         listing = subprocess.run([str(BIN / "flwr"), "ls", CONNECTION, "--format", "json"], env=self.env,
                                  capture_output=True, text=True, timeout=120, start_new_session=True)
         try:

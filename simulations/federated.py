@@ -88,9 +88,9 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
                 stop.set()
             app = write_app(private / "app", SERVERAPP, CLIENTAPP, RunConfig().to_dict())
             (private / "run-config.toml").write_text(toml_lines(cfg.to_dict()))
-            listing = engine.run(app, private / "run-config.toml",
-                                 ray_federation(cfg.ray_address, num_cpus or os.cpu_count() or 2, nodes), follow)
-        return _outcome(run_dir, control, listing, engine, say, started)
+            engine.run(app, private / "run-config.toml",
+                       ray_federation(cfg.ray_address, num_cpus or os.cpu_count() or 2, nodes), follow)
+            return _outcome(run_dir, control, engine, say, started)
     except RunFailed:
         keep_log = True  # beside the run, private: it is what explains the failure
         raise
@@ -103,7 +103,7 @@ def simulate(cfg: RunConfig, on_round: Callable[[dict], None] | None = None,
         _clear(private, keep=engine.log if keep_log else None)
 
 
-def _outcome(run_dir: Path, control: Path, listing: dict, engine: Engine, say: Callable[[str], None],
+def _outcome(run_dir: Path, control: Path, engine: Engine, say: Callable[[str], None],
              started: float) -> FederatedOutcome:
     """What the ServerApp left in the run directory, or what ended the run: the server's own
     exception, raised again here, or RunFailed with the end of Flower's log."""
@@ -111,9 +111,10 @@ def _outcome(run_dir: Path, control: Path, listing: dict, engine: Engine, say: C
     if (control / "error.pickle").is_file():
         raise _server_error(control / "error.pickle", summary)
     status = summary.get("status", "")
+    listing = {} if status == "interrupted" else engine.status()  # interrupted: failed for Flower, no matter
     if status == "interrupted":
         items = ItemParams.from_arrays(checkpoint.load(run_dir).items)
-    elif status == "completed" and listing.get("status") == "finished:completed":  # flwr run exits 0 either way
+    elif status == "completed" and listing.get("status") == "finished:completed":
         items = load_model(run_dir)
     else:
         say(engine.tail())

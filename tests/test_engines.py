@@ -86,8 +86,8 @@ def test_every_reply_of_a_real_simulation_respects_the_privacy_boundary(tmp_path
     (tmp_path / "run.toml").write_text(toml_lines(cfg.to_dict() | {"record-to": str(tmp_path / "replies.json")}))
     with Engine(tmp_path / "engine") as engine:
         engine.start()
-        listing = engine.run(app, tmp_path / "run.toml", ray_federation("", 2, 4))
-        assert listing.get("status") == "finished:completed", engine.tail()
+        engine.run(app, tmp_path / "run.toml", ray_federation("", 2, 4))
+        assert engine.status().get("status") == "finished:completed", engine.tail()
     replies = json.loads((tmp_path / "replies.json").read_text())
     assert len(replies) == 1 + 4 + 4 * 3 + 4  # discovery (one node, then all), train, evaluate
     item_shapes = {schema.ITEM_EMB: [split.n_items, cfg.dim], schema.ITEM_BIAS: [split.n_items],
@@ -118,8 +118,8 @@ def test_flwr_run_accepts_a_run_directorys_config_toml(tmp_path, monkeypatch):
                                      eval_every=2, seed=4))
     with Engine(tmp_path / "engine") as engine:
         engine.start()
-        listing = engine.run(REPO, tmp_path / "config.toml", ray_federation("", 2, 2))
-        assert listing.get("status") == "finished:completed", engine.tail()
+        engine.run(REPO, tmp_path / "config.toml", ray_federation("", 2, 2))
+        assert engine.status().get("status") == "finished:completed", engine.tail()
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["seed"] == 4 and summary["rounds"] == 2 and summary["num_users"] == 120
