@@ -38,6 +38,7 @@ CONNECTION = "fedrec"
 POLL_SECONDS = 0.1  # how often the caller's poll() runs while the run goes (the progress bar)
 # SuperExec asks the SuperLink for a new run every 1 s by default (FLWR_SUPEREXEC_TASK_POLL_INTERVAL,
 # flwr/supercore/superexec/run_superexec.py): half a second of waiting on average before a run starts.
+# It keeps asking while the run goes: at 0.1 s that cost the SuperLink ~4% of a core on ML-100K.
 TASK_POLL_SECONDS = "0.25"
 
 
