@@ -23,52 +23,30 @@ DEFAULT_CASES = ("engine-floor", "ml100k-one-user-per-node", "ml100k-cohorts-mf"
                  "synthetic-100k")
 
 
-def _empty_client():
-    """A ClientApp that does nothing: what is left is the engine's own cost per round."""
-    from flwr.app import Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-
-    @app.train()
-    def _empty_train(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
-                       reply_to=msg)
-
-    return app
-
-
-def _backend(cpus: int = 2) -> dict:
-    import logging
-
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": logging.ERROR, "log_to_driver": False,
-                          "include_dashboard": False}}
-
-
 def engine_floor(rounds: int) -> dict:
-    import numpy as np  # here, not at the top: the command line imports this module for CASE_NAMES
-    from flwr.app import Array, ArrayRecord, Context
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
+    """Seconds per round of an app that does nothing (experiments/floor_app.py) on the engine
+    fedrec's runs use (simulations/engine.py), two nodes, a Ray of two CPUs."""
+    import tempfile
+    from pathlib import Path
 
-    from fedrec.simulations.federated import pull_often
+    from fedrec.simulations.engine import Engine, RunFailed, ray_federation, toml_lines, write_app
 
-    timing = {}
-    server = ServerApp()
+    from . import floor_app
 
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        pull_often(grid)  # the same engine settings as fedrec's own runs
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord({"x": Array(np.zeros(1, np.float32))}), num_rounds=1)
-        start = time.perf_counter()  # after one warm-up round (actors started)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord({"x": Array(np.zeros(1, np.float32))}), num_rounds=rounds)
-        timing["seconds_per_round"] = (time.perf_counter() - start) / rounds
-
-    run_simulation(server_app=server, client_app=_empty_client(), num_supernodes=2, backend_config=_backend())
-    return {"engine_floor_seconds_per_round": timing["seconds_per_round"]}
+    with tempfile.TemporaryDirectory(prefix="fedrec-floor-") as tmp:
+        work = Path(tmp)
+        result = work / "floor.json"
+        with Engine(work / "engine") as engine:
+            engine.start()
+            app = write_app(work / "app", f"{floor_app.__name__}:server", f"{floor_app.__name__}:client",
+                            floor_app.CONFIG)
+            (work / "run.toml").write_text(toml_lines({"rounds": rounds, "out": str(result)}))
+            engine.run(app, work / "run.toml", ray_federation("", 2, 2))
+            listing = engine.status()
+            if listing.get("status") != "finished:completed" or not result.is_file():
+                raise RunFailed(f"the engine floor run ended {listing.get('status', 'without a run')}:\n"
+                                f"{engine.tail()}")
+        return {"engine_floor_seconds_per_round": json.loads(result.read_text())["seconds_per_round"]}
 
 
 def fedrec_case(cfg: RunConfig) -> dict:

@@ -1,7 +1,7 @@
 """Beyond one machine, on Flower's own engines.
 
-(a) The Ray backend joining a running Ray cluster: `ray_backend()` is the backend config
-    `fedrec simulate --ray-address` hands Flower, `RayHead` a `ray start --head` on
+(a) The Ray backend joining a running Ray cluster: `ray_federation()` and `ray_worker_env()`
+    are what `fedrec simulate --ray-address` hands Flower, `RayHead` a `ray start --head` on
     127.0.0.1 for tests.
 (b) The Deployment Engine with cohort SuperNodes: `deploy_case()` starts one SuperLink and N
     `flower-supernode` processes on 127.0.0.1, each hosting a contiguous share of the users,
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import signal
@@ -34,36 +33,15 @@ from fedrec.run.build import ensure_shards
 from fedrec.run.config import RunConfig
 from fedrec.run.device_config import round_config
 from fedrec.run.rundir import make_run_dir, write_json
+from fedrec.simulations.engine import ray_federation, ray_worker_env  # noqa: F401 (what (a) hands Flower)
 
 # Ray refuses a loopback node IP on Linux ("127.0.0.1" becomes the address of the default
 # route's interface) unless told it is a single-machine setup; this keeps every Ray
 # socket of a test cluster on 127.0.0.1.
 RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # ray.init merges this job config's runtime_env into its own
 
 
 # ---------------------------------------------------------------- (a) Ray cluster
-def ray_backend(address: str, cpus: int) -> dict:
-    """Flower's Ray backend config: a Ray started here with `cpus` CPUs, or with an address,
-    that running cluster. Flower's `ray.init(address=…)` must then get no `num_cpus`/`num_gpus`
-    (Ray raises "When connecting to an existing cluster, num_cpus and num_gpus must not be
-    provided"); the actor pool is sized from the cluster, floor(CPUs / 1) per Ray node
-    (`client_resources`)."""
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
-    joining = {"address": address} if address else {"num_cpus": cpus, "num_gpus": 0}
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": joining | quiet}
-
-
-def ray_worker_env(address: str, env: dict[str, str]) -> dict[str, str]:
-    """The environment to run the simulation driver under so that the ClientApp workers see
-    `env`. A Ray started here: its workers inherit the driver's environment. A joined cluster:
-    workers are started by each host's raylet and do not, so `env` also travels in the job's
-    runtime_env (Flower passes its own, PYTHONPATH only; ray.init merges the two per variable)."""
-    if not address:
-        return dict(env)
-    return dict(env) | {RAY_JOB_CONFIG: json.dumps({"runtime_env": {"env_vars": dict(env)}})}
-
-
 class RayHead:
     """`ray start --head --block` on 127.0.0.1 with its own temp dir and ports; stop() ends its
     process group and every process still naming its temp dir (never `ray stop`, which would

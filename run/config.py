@@ -122,6 +122,7 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"cannot read config file {path}: {error}") from None
+        # flat (what fedrec writes, and flwr run --run-config reads), or an older run's [tool.flwr.app.config]
         table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
         return cls.from_mapping(table, base)
 

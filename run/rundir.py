@@ -81,8 +81,10 @@ def write_json(path: Path, data: dict) -> None:
 
 def write_config(directory: Path, cfg: RunConfig, name: str = "config.toml") -> None:
     """The settings that define the experiment: `--config` of this file repeats it into a new
-    directory from anywhere (no `out` or `resume`; `data-dir` absolute)."""
-    lines = ["# Resolved fedrec run config: pass it back with --config to repeat the run.", "[tool.flwr.app.config]"]
+    directory from anywhere (no `out` or `resume`; `data-dir` absolute). Flat `key = value` lines,
+    which `flwr run APP CONNECTION --run-config FILE` reads too (it flattens tables into dotted keys)."""
+    lines = ["# Resolved fedrec run config: repeat the run with `fedrec <command> --config FILE`",
+             "# or `flwr run . CONNECTION --run-config FILE`."]
     values = cfg.resolved().to_dict()
     values["data-dir"] = str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else ""
     for key, value in values.items():

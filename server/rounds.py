@@ -108,7 +108,7 @@ def restore(federation: Federation, saved: checkpoint.Checkpoint, run_dir: Path)
 
 
 def run_rounds(grid: Grid, federation: Federation, config: ConfigRecord, state: RunState,
-               stop: threading.Event | None) -> None:
+               stop: threading.Event | StopRequest | None) -> None:
     """Rounds last_round+1 .. cfg.rounds; checkpoints every cfg.checkpoint_every rounds.
     Raises Interrupted between rounds once `stop` is set."""
     cfg = federation.cfg
@@ -141,10 +141,28 @@ def _last_checkpoint(last_round: int, every: int) -> int:
     return last_round - last_round % every if every else 0
 
 
+class StopRequest:
+    """A request to stop after the current round, made in this process (`set()`) or by another
+    one: fedrec's simulate() runs the ServerApp in Flower's flwr-simulation process and asks it
+    to stop by creating `path`, which run_rounds looks for between rounds."""
+
+    def __init__(self, path: Path | None = None):
+        self.path, self._event = path, threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+        if self.path is not None and self.path.parent.is_dir():  # else the caller sets it again once it is
+            self.path.touch()
+
+    def is_set(self) -> bool:
+        return self._event.is_set() or (self.path is not None and self.path.exists())
+
+
 @contextmanager
-def stop_on_signals(stop: threading.Event, say=print):
+def stop_on_signals(stop: threading.Event | StopRequest, say=print, at_once=None):
     """First Ctrl-C or SIGTERM: finish the current round, checkpoint, end (exit 130 in the CLI).
-    A second one: leave at once, without a traceback. Only the main thread may install handlers."""
+    A second one: `at_once()` (e.g. end the engine's processes), then leave without a traceback.
+    Only the main thread may install handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -152,6 +170,8 @@ def stop_on_signals(stop: threading.Event, say=print):
     def handler(signum, frame):
         if stop.is_set():
             say("stopping now, without a checkpoint of the round in progress")
+            if at_once is not None:
+                at_once()
             os._exit(130)
         stop.set()
         say("stopping after this round and saving a checkpoint (Ctrl-C again to stop at once)")

@@ -124,3 +124,16 @@ def test_the_settings_page_is_the_config_parts():
         "stale docs/settings.md: python scripts/settings_table.py > docs/settings.md"
     for part in ("DataConfig", "ModelConfig", "PrivacyConfig", "ServerConfig", "EngineConfig"):
         assert f"## {part} (" in page
+
+
+def test_saved_config_is_flat_for_flwr_run_and_nested_files_still_load(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    cfg = RunConfig(dataset="synthetic", dim=8, rounds=7, target_delta=1e-6)
+    write_config(tmp_path, cfg)
+    seen = parse_config_args([str(tmp_path / "config.toml")])  # what `flwr run --run-config FILE` submits
+    assert set(seen) == {f.name.replace("_", "-") for f in fields(RunConfig)} - {"out", "resume"}
+    assert RunConfig.from_mapping(seen) == cfg.resolved()
+    (tmp_path / "old.toml").write_text("# a run directory written before\n[tool.flwr.app.config]\ndim = 4\n")
+    assert RunConfig.from_toml(tmp_path / "old.toml").dim == 4
+    assert parse_config_args([str(tmp_path / "old.toml")]) == {"tool.flwr.app.config.dim": 4}  # why it is flat now

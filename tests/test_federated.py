@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 
 import numpy as np
 import pandas as pd
@@ -64,7 +65,8 @@ def test_run_directory_contents(small_cfg):
     audit = [json.loads(line) for line in (run / "audit.jsonl").read_text().splitlines()]
     assert len(audit) == small_cfg.rounds * 2  # one line per client reply
     assert (run / "rmse.png").stat().st_size > 1000
-    assert "[tool.flwr.app.config]" in (run / "config.toml").read_text()
+    # flat keys at the top level: `flwr run --run-config FILE` reads it as well as `--config FILE`
+    assert RunConfig.from_mapping(tomllib.loads((run / "config.toml").read_text())).rounds == small_cfg.rounds
 
 
 def test_federated_training_improves_on_the_initial_model(small_cfg):

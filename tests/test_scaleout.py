@@ -19,23 +19,25 @@ from fedrec.experiments.scaleout import (
     RayHead,
     cost_model,
     deploy_case,
-    ray_backend,
+    ray_federation,
     ray_worker_env,
 )
 from fedrec.run.config import RunConfig
 
 
-def test_ray_backend_joins_a_cluster_without_cpu_counts_and_carries_the_environment():
+def test_ray_federation_joins_a_cluster_without_cpu_counts_and_carries_the_environment():
     env = {"FEDREC_SHARDS": "/data/shards", "OMP_NUM_THREADS": "1"}
-    private = ray_backend("", 2)
-    assert private["init_args"]["num_cpus"] == 2 and "address" not in private["init_args"]
-    assert ray_worker_env("", env) == env  # a Ray started here: its workers inherit the driver's environment
-    joined = ray_backend("10.0.0.5:6379", 2)
+    private = ray_federation("", 2, 4)
+    assert private["init-args-num-cpus"] == 2 and private["num-supernodes"] == 4
+    # a Ray started by the run: its workers inherit the environment; an inherited RAY_ADDRESS is emptied
+    assert ray_worker_env("", env) == env | {"RAY_ADDRESS": ""}
+    joined = ray_federation("10.0.0.5:6379", 2, 4)
     # ray.init(address=…) raises when num_cpus or num_gpus are given
-    assert joined["init_args"]["address"] == "10.0.0.5:6379"
-    assert not {"num_cpus", "num_gpus", "object_store_memory"} & set(joined["init_args"])
-    assert joined["client_resources"] == private["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
-    assert json.loads(ray_worker_env("10.0.0.5:6379", env)[RAY_JOB_CONFIG]) == {"runtime_env": {"env_vars": env}}
+    assert not {"init-args-num-cpus", "init-args-num-gpus"} & set(joined)
+    assert joined["client-resources-num-cpus"] == private["client-resources-num-cpus"] == 1
+    joining = ray_worker_env("10.0.0.5:6379", env)
+    assert joining["RAY_ADDRESS"] == "10.0.0.5:6379"  # what Flower's ray.init() without an address joins
+    assert json.loads(joining[RAY_JOB_CONFIG]) == {"runtime_env": {"env_vars": env}}
 
 
 def test_cost_model_splits_round_time_into_message_overhead_and_per_user_cost():
@@ -46,7 +48,8 @@ def test_cost_model_splits_round_time_into_message_overhead_and_per_user_cost():
 def _cluster_jobs(address: str) -> list[dict]:
     """The cluster's job table, read by a separate driver (this process stays Ray-free)."""
     code = ("import json, ray\nray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n"
-            "jobs = [{'pid': int(j['DriverPid']), 'dead': bool(j['IsDead'])} for j in ray._private.state.jobs()]\n"
+            "jobs = [{'pid': int(j['DriverPid']), 'dead': bool(j['IsDead']), 'entrypoint': j.get('Entrypoint', '')}\n"
+            "        for j in ray._private.state.jobs()]\n"
             "actors = [a['JobID'] for a in ray._private.state.actors().values() "
             "if a.get('ActorClassName', '').endswith('ClientAppActor')]\n"
             "by_job = {j['JobID']: int(j['DriverPid']) for j in ray._private.state.jobs()}\n"
@@ -66,17 +69,21 @@ def test_simulate_joins_a_running_ray_cluster(tmp_path):
         env = dict(os.environ, **RAY_LOOPBACK, FEDREC_SHARD_CACHE=str(tmp_path / "shards"))
         sim = subprocess.Popen([str(BIN / "fedrec"), "simulate", "--dataset", "synthetic", "--synthetic-users", "200",
                                 "--synthetic-items", "50", "--dim", "8", "--rounds", "2", "--eval-every", "2",
-                                "--ray-address", head.address, "--out", str(out)],
+                                "--ray-address", head.address, "--keep-checkpoints", "--out", str(out)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output, _ = sim.communicate(timeout=240)
         assert sim.returncode == 0, output[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2 and summary["metrics"]["rmse"] > 0
-        # It ran on that cluster: the cluster recorded this `fedrec simulate` as a finished
-        # driver, and its ClientApp actors as that driver's.
+        # The cluster's workers got the devices' state directory (kept: --keep-checkpoints)
+        assert sorted(p.name for p in (tmp_path / "run.devices").iterdir()) == ["node-0", "node-1"]
+        # It ran on that cluster: the cluster recorded the run's Flower simulation process (the
+        # driver that `fedrec simulate` had Flower start) as a finished driver, and its ClientApp
+        # actors as that driver's.
         table = _cluster_jobs(head.address)
-        assert {"pid": sim.pid, "dead": True} in table["jobs"], table
-        assert table["actor_pids"] and set(table["actor_pids"]) == {sim.pid}, table
+        drivers = [j for j in table["jobs"] if "flwr-simulation" in j["entrypoint"]]
+        assert len(drivers) == 1 and drivers[0]["dead"], table
+        assert table["actor_pids"] and set(table["actor_pids"]) == {drivers[0]["pid"]}, table
     finally:
         head.stop()
     assert not head.pids(), "a process of the test cluster outlived stop()"
