@@ -33,7 +33,6 @@ from fedrec.run.build import ensure_shards
 from fedrec.run.config import RunConfig
 from fedrec.run.device_config import round_config
 from fedrec.run.rundir import make_run_dir, write_json
-from fedrec.simulations.engine import ray_federation, ray_worker_env  # noqa: F401 (what (a) hands Flower)
 
 # Ray refuses a loopback node IP on Linux ("127.0.0.1" becomes the address of the default
 # route's interface) unless told it is a single-machine setup; this keeps every Ray

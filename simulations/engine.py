@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .loopback import BIN, free_port, wait_for_port, write_connection
+from fedrec.deploy.loopback import BIN, free_port, wait_for_port, write_connection
 
 MARK = "FEDREC_ENGINE"
 CONNECTION = "fedrec"

@@ -13,16 +13,9 @@ import sys
 import pytest
 
 from fedrec.deploy.loopback import BIN
-from fedrec.experiments.scaleout import (
-    RAY_JOB_CONFIG,
-    RAY_LOOPBACK,
-    RayHead,
-    cost_model,
-    deploy_case,
-    ray_federation,
-    ray_worker_env,
-)
+from fedrec.experiments.scaleout import RAY_LOOPBACK, RayHead, cost_model, deploy_case
 from fedrec.run.config import RunConfig
+from fedrec.simulations.engine import RAY_JOB_CONFIG, ray_federation, ray_worker_env
 
 
 def test_ray_federation_joins_a_cluster_without_cpu_counts_and_carries_the_environment():
