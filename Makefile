@@ -29,6 +29,10 @@ demo: install
 serve: install
 	$(BIN)/fedrec serve --run runs/demo
 
+# The tests that start no Flower engine, SuperLink or browser: every layer in process, in minutes.
+test-fast: install
+	$(BIN)/python -m pytest -m "not engine"
+
 # The browser test needs Debian's chromium + chromedriver: installed with apt-get when missing.
 test: install
 	bash scripts/install-browser.sh
@@ -38,4 +42,4 @@ test: install
 flwr-run: install
 	FLWR_HOME=$(CURDIR)/.flwr PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/flwr-run.sh
 
-.PHONY: install demo serve test flwr-run
+.PHONY: install demo serve test test-fast flwr-run

@@ -1,7 +1,7 @@
 """Clipping bound, measured: each user's whole contribution to what is summed, over C.
 
 Every user is run alone through `device_step` (a cohort's upload is the sum of its users'
-uploads; tests/test_algorithms.py checks that), for every upload mode the run's algorithm
+uploads; tests/models/test_algorithms.py checks that), for every upload mode the run's algorithm
 admits and every implicit negatives and local epochs given, and the L2 norm of everything it
 uploads (every statistic, scattered dense, before device noise) is divided by C. The bound
 holds if the maximum is 1. Users start from the algorithm's initial server state, where

@@ -1,4 +1,4 @@
-"""The one interface every recommender in fedrec implements, and the registry that names them.
+"""The one interface every recommender in fedrec implements (models/registry.py names them).
 
 An algorithm says four things (after pfl-research's FederatedAlgorithm, and Flower's task.py):
 - what a device computes for a batch of its users and sends: `train` returns the users' new
@@ -246,11 +246,3 @@ class DeviceKeys:
         """A private stream for new users' vectors, or None for the seeded population matrix."""
         return private_rng("user-init") if self.private else None
 
-
-REGISTRY: dict[str, type[Algorithm]] = {}
-
-
-def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: name an algorithm in the registry (its `name`)."""
-    REGISTRY[cls.name] = cls
-    return cls

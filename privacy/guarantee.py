@@ -4,8 +4,8 @@ Every run says it, plain ones too: `summary.json` carries it under `privacy`, an
 line prints its one line when the run starts and beside the results. Two observers:
 - the server: it runs fedrec's code and sees everything the devices send it;
 - readers of the release: whoever reads the run directory, the logs or the model.
-A sentence here is a claim; each is backed by an attack test (tests/test_sum_recovery.py,
-tests/test_audit.py, tests/test_privacy.py, tests/test_releases.py) that fails if it is false.
+A sentence here is a claim; each is backed by an attack test (tests/audit/test_sum_recovery.py,
+tests/audit/test_audit.py, tests/privacy/test_privacy.py, tests/privacy/test_releases.py) that fails if it is false.
 """
 
 from __future__ import annotations

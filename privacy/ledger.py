@@ -45,7 +45,7 @@ def released_row(row: dict, private: bool) -> dict:
 
 def release_ledger(mode: str, tuned: bool = False) -> dict[str, dict]:
     """Each quantity a DP run releases, with its status, why, and where it appears (`where`: the
-    run directory's files, `summary.json:<key>` and `metrics.csv:<column>`; tests/test_releases.py
+    run directory's files, `summary.json:<key>` and `metrics.csv:<column>`; tests/privacy/test_releases.py
     checks that everything a DP run writes is listed here)."""
     model_why = {
         "central": "every round's update is a sum of per-user clipped updates plus Gaussian noise, accounted",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The browser tests/test_browser.py drives: Debian's headless Chromium and its ChromeDriver
+# The browser tests/demo/test_browser.py drives: Debian's headless Chromium and its ChromeDriver
 # (fonts-liberation: readable text in the screenshot without chromium's other recommends).
 # Run by `make test` (and so by CI, .ci/run) before pytest. Already installed: does nothing.
 # Otherwise installs them with apt-get (as root, or through passwordless sudo); nothing is
@@ -11,12 +11,12 @@ set -euo pipefail
 
 fail() {
     if [ "${FEDREC_ALLOW_NO_BROWSER:-}" = 1 ]; then
-        echo "install-browser: note: $1; tests/test_browser.py will skip (FEDREC_ALLOW_NO_BROWSER=1)" >&2
+        echo "install-browser: note: $1; tests/demo/test_browser.py will skip (FEDREC_ALLOW_NO_BROWSER=1)" >&2
         exit 0
     fi
     echo "install-browser: error: $1; install chromium, chromium-driver and fonts-liberation (Debian/Ubuntu:" \
          "sudo apt-get install chromium chromium-driver fonts-liberation), or set FEDREC_ALLOW_NO_BROWSER=1" \
-         "to skip tests/test_browser.py" >&2
+         "to skip tests/demo/test_browser.py" >&2
     exit 1
 }
 
@@ -28,7 +28,7 @@ if [ "$(id -u)" -ne 0 ]; then
     sudo="sudo -n"
 fi
 echo "install-browser: installing chromium, chromium-driver and fonts-liberation with apt-get" \
-     "(tests/test_browser.py needs them)" >&2
+     "(tests/demo/test_browser.py needs them)" >&2
 log=$(mktemp)
 if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
         && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -1,5 +1,5 @@
 """Write docs/settings.md from the config parts (`python scripts/settings_table.py > docs/settings.md`);
-tests/test_config.py checks that the page is exactly this output."""
+tests/run/test_config.py checks that the page is exactly this output."""
 
 from __future__ import annotations
 

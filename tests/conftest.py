@@ -25,7 +25,7 @@ def shared_data() -> Path:
 def small_cfg(tmp_path) -> RunConfig:
     """A synthetic population small enough for in-process federated runs in ~1 s."""
     # model mf: these tests exercise the SGD path (optimizer, local epochs, partial participation);
-    # --model auto would run BPMF on this plain full-participation set-up (tests/test_bpmf.py covers it)
+    # --model auto would run BPMF on this plain full-participation set-up (tests/models/test_bpmf.py covers it)
     return RunConfig(dataset="synthetic", synthetic_users=60, synthetic_items=40, synthetic_density=0.2,
                      model="mf", dim=8, rounds=6, epochs=6, eval_every=3, out=str(tmp_path / "run"))
 

@@ -28,7 +28,7 @@ from fedrec.server.sampling import sample_users, sampling_rng
 from fedrec.simulations.federated import device_dir
 from fedrec.simulations.inprocess import InProcessGrid
 
-from .conftest import round_config
+from ..conftest import round_config
 
 
 def _shared(cfg, n_items: int) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from fedrec.run.config import RunConfig
 from fedrec.server.runner import run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
-from .conftest import federation
+from ..conftest import federation
 
 
 @pytest.fixture(autouse=True)

@@ -38,7 +38,7 @@ from fedrec.run.device_config import DeviceConfig
 from fedrec.server import federation as federation_module
 from fedrec.server.federation import Federation
 
-from .conftest import federation, mf_reply
+from ..conftest import federation, mf_reply
 
 H = Hyper(dim=6, seed=1, lr=0.2)
 SEED, ROUND = 0, 3

@@ -12,7 +12,7 @@ import pytest
 from fedrec.run.config import CENTRAL_SETTINGS, ConfigError, RunConfig, ignored_settings
 from fedrec.run.rundir import make_run_dir, remove_if_empty, write_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_pyproject_lists_every_setting_with_its_default():
@@ -118,7 +118,7 @@ def test_the_settings_page_is_the_config_parts():
     import runpy
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     page = runpy.run_path(str(root / "scripts" / "settings_table.py"))["settings_table"]()
     assert (root / "docs" / "settings.md").read_text() == page, \
         "stale docs/settings.md: python scripts/settings_table.py > docs/settings.md"

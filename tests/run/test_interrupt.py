@@ -1,5 +1,5 @@
 """Ctrl-C through the real CLI: one line, exit code 130, no empty directory left behind; an
-interrupted federated run still checkpoints and says how to resume (tests/test_resume_engines.py
+interrupted federated run still checkpoints and says how to resume (tests/simulations/test_resume_engines.py
 covers its resume)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The DP guarantee needs the sensitivity bound on what the server actually sums: a user's whole scattered
 upload (every statistic) must have L2 norm <= C, and a cohort's upload must be exactly the sum of its
-users' uploads. tests/test_algorithms.py holds the bound for every algorithm; here it is also tight
+users' uploads. tests/models/test_algorithms.py holds the bound for every algorithm; here it is also tight
 (an unclipped user untouched, a clipped one at C), the cohort sum holds in every upload mode with
 implicit negatives and local epochs, and `fedrec clip-check` measures it on every user.
 """
@@ -58,7 +58,7 @@ def test_each_users_upload_is_clipped_and_the_cohort_sums_them(users, mode, loca
                                                                clip_norm, lr, round_, model):
     cls = ALGORITHMS[model]
     if mode == "padded" and DECOYS in cls.refuses:
-        mode = "sparse"  # refused (tests/test_svdpp.py, tests/test_bpmf.py)
+        mode = "sparse"  # refused (tests/models/test_svdpp.py, tests/models/test_bpmf.py)
     implicit = implicit and cls.implicit_feedback
     hyper = Hyper(model=model, dim=4, lr=lr, local_epochs=local_epochs, implicit=implicit,
                   train_negatives=train_negatives, seed=2)

@@ -29,7 +29,7 @@ from fedrec.server.runner import run_server
 from fedrec.simulations.central import run_central
 from fedrec.simulations.inprocess import InProcessGrid
 
-from .conftest import round_config
+from ..conftest import round_config
 
 
 @pytest.fixture

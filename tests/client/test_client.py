@@ -15,7 +15,7 @@ from fedrec.run import schema
 from fedrec.run.build import load_data, make_algorithm
 from fedrec.run.device_config import DeviceConfig
 
-from .conftest import round_config
+from ..conftest import round_config
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.server.runner import privacy_plan, run_server
 from fedrec.simulations.inprocess import InProcessGrid
 
-from .conftest import federation, mf_algorithm, mf_reply
+from ..conftest import federation, mf_algorithm, mf_reply
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """`fedrec secagg-bench` (experiments/secagg_bench.py) on a tiny synthetic federation: in process and on
 Ray's simulation engine, plain and SecAgg+ side by side. Its loopback-deployment cases are left out: one
-ClientApp process per message makes a SecAgg+ round there take a minute (tests/test_deploy.py covers the
+ClientApp process per message makes a SecAgg+ round there take a minute (tests/deploy/test_deploy.py covers the
 loopback federation)."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from fedrec.server.runner import run_server
 from fedrec.server.secagg import SecureGrid, auto_shares, secagg_setup
 from fedrec.simulations.inprocess import InProcessGrid
 
-from .conftest import round_config
+from ..conftest import round_config
 
 NODES = 10
 
@@ -88,7 +88,7 @@ def _grid(grid, cfg, setup):
     return SecureGrid(grid, cfg, setup, _algorithm(cfg).statistics())
 
 
-@pytest.mark.parametrize("model", ["mf", "svdpp"])  # bpmf is refused with SecAgg+ (tests/test_bpmf.py)
+@pytest.mark.parametrize("model", ["mf", "svdpp"])  # bpmf is refused with SecAgg+ (tests/models/test_bpmf.py)
 def test_a_secure_run_trains_the_same_model_as_a_plain_one(cfg, model):
     # round 2: SVD++'s y rows are no longer 0. Seeded starting vectors on both sides (a SecAgg+ run draws
     # them from OS entropy otherwise): this compares the protocol's sum, not two random starts.
