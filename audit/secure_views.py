@@ -28,13 +28,13 @@ FIRST_NODE = 1000  # InProcessGrid's node id of partition 0
 class _MaskRecorder(InProcessGrid):
     """Delivers like InProcessGrid and keeps each node's masked vector as the server gets it."""
 
-    def __init__(self, population: int, users: list[int]):
-        super().__init__(client_app, population, partitions=users)
+    def __init__(self, population: int, users: list[int], data_dir: str):
+        super().__init__(client_app, population, partitions=users, data_dir=data_dir)
         self.masked: dict[int, list[np.ndarray]] = {}
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = super().send_and_receive(messages, timeout=timeout)
-        for reply in replies:
+        for reply in filter(Message.has_content, replies):  # a failed device's error reply holds no vector
             record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
             if record is not None and Key.MASKED_PARAMETERS in record:
                 self.masked[reply.metadata.src_node_id] = [bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS]]
@@ -54,7 +54,7 @@ def masked_views(cfg: RunConfig, algorithm: Algorithm, model: dict[str, np.ndarr
         chunk = [int(u) for u in users[start:start + group]]
         if len(chunk) < 3:  # SecAgg+ needs a few participants: borrow the previous users
             chunk = [int(u) for u in users[max(0, start - 3):start]] + chunk
-        grid = _MaskRecorder(population, chunk)
+        grid = _MaskRecorder(population, chunk, cfg.data_dir)
         setup = secagg_setup(secure_cfg, len(chunk), 1, coords, 0.0, len(chunk), len(chunk))
         messages = []
         for user in chunk:

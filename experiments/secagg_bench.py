@@ -60,7 +60,7 @@ class _Timed:
 
 
 def _inprocess(cfg: RunConfig, nodes: int, rounds: int) -> dict:
-    grid = InProcessGrid(client_app, nodes)
+    grid = InProcessGrid(client_app, nodes, data_dir=cfg.data_dir)
     with _Timed() as timed:
         start = time.perf_counter()
         outcome = run_server(grid, dataclasses.replace(cfg, synthetic_users=nodes, rounds=rounds, eval_every=rounds,

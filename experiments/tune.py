@@ -138,7 +138,7 @@ def _federated_trial(cfg: RunConfig, nodes: int, shards: Path) -> list[dict]:
     # A trial's run directory (metrics, model) is scratch: only tune.json and trials.csv are released.
     with tempfile.TemporaryDirectory(prefix="fedrec-tune-") as scratch, _environment({SHARDS_ENV: str(shards)}):
         trial_cfg = dataclasses.replace(cfg, out=str(Path(scratch) / "run"), checkpoint_every=0)
-        return run_server(InProcessGrid(client_app, nodes), trial_cfg).history
+        return run_server(InProcessGrid(client_app, nodes, data_dir=trial_cfg.data_dir), trial_cfg).history
 
 
 def _best(history: list[dict], metric: str, step: str, higher: bool) -> tuple[int, float] | None:

@@ -267,6 +267,23 @@ def test_under_secagg_the_server_holds_of_one_device_a_vector_that_hides_its_rat
         assert np.abs(view[ITEM_EMB][unrated]).mean() > 0.1  # masked: spread over many times C
 
 
+def test_the_secure_views_read_the_data_the_run_names(shared_data, tmp_path, monkeypatch):
+    """The in-process devices of `fedrec audit` open the run's --data-dir (their node config, as in a
+    deployment), not the default cache: the device's part of the config carries no path. Without that
+    every device downloaded MovieLens into ~/.cache and the audit died on an error reply."""
+    import fedrec.datasets.download as download
+
+    monkeypatch.setenv("FEDREC_DATA_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr(download, "_fetch", lambda *a, **k: pytest.fail("a device tried to download the data"))
+    cfg = RunConfig(dataset="ml-100k", split="u1", data_dir=str(shared_data), model="mf", dim=4, clipping_norm=0.1,
+                    out=str(tmp_path / "run")).resolved()
+    split = load_data(cfg)
+    algorithm = make_algorithm(cfg, split.n_items, split.rating_scale)
+    model = algorithm.init_server(cfg.strategy, cfg.server_lr).broadcast()
+    views = masked_views(cfg, algorithm, model, np.arange(3), split.n_users, round_=1)
+    assert sorted(views) == [0, 1, 2]
+
+
 def test_decoys_imply_ratings_as_plausible_as_real_ones():
     """The attack a reviewer ran on padded uploads: given the user's vector, solve each row
     for its loss gradient and keep rows whose implied rating is a whole star. Decoys are
