@@ -31,12 +31,12 @@ serve: install
 
 # The tests that start no Flower engine, SuperLink or browser: every layer in process, in minutes.
 test-fast: install
-	$(BIN)/python -m pytest -m "not engine"
+	$(BIN)/python -m pytest -m "not engine" -n 2
 
 # The browser test needs Debian's chromium + chromedriver: installed with apt-get when missing.
 test: install
 	bash scripts/install-browser.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # The same simulation through `flwr run .` on Flower's managed local SuperLink, offline.
 flwr-run: install

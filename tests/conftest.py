@@ -57,6 +57,14 @@ def write_dataset():
     return write_movielens
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`--dist loadgroup`), one worker runs every engine test in turn: each starts Ray or
+    SuperLinks sized for the whole machine, and two at once would only slow each other down."""
+    for item in items:
+        if item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.xdist_group("engine"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shard_cache(tmp_path_factory):
     """Shard sets cut during the tests go to one temporary cache, not ~/.cache (shared by the
