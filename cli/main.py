@@ -882,7 +882,16 @@ def _raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+INTRA_OP_THREADS = "1"
+"""torch's (and BLAS's) threads per process unless OMP_NUM_THREADS says otherwise. fedrec's tensors are
+small (a chunk of users, K <= 64): a second thread gains little, and on a busy 2-core machine its
+OpenMP barriers wait for a descheduled thread. Central ML-100K u1, 60 epochs, load 5-7 on 2 cores,
+back to back: MF 7.5-16.6 s with one thread against 55-74 s with two, BPMF 4.7-8.8 s against
+11.4-30.8 s, the same RMSE. The engine's processes inherit it (the ClientApp actors set it anyway)."""
+
+
 def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", INTRA_OP_THREADS)  # before any command imports torch
     signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         cli()
