@@ -11,6 +11,7 @@ from pathlib import Path
 # (what a process's command line holds, the kind it is counted as): first match wins. Ray names its
 # actors and agents "ray::<class>" in their command lines; its idle pooled workers run default_worker.py.
 KINDS = (
+    ("raylet/raylet", "Ray daemons"),  # before default_worker.py, which its arguments name
     ("ClientAppActor", "ClientApp actors"),
     ("default_worker.py", "Ray idle workers"),
     ("flwr-simulation", "flwr-simulation (ServerApp, Ray driver)"),
@@ -76,13 +77,15 @@ class PeakRSS:
     def __init__(self, interval: float = 0.2, root: int | None = None):
         self.interval, self.root, self.peak = interval, root or os.getpid(), 0
         self.at_peak: dict[int, int] = {}
-        self._kinds: dict[int, str] = {}  # read when a process is first seen: it may be gone at the end
+        self._kinds: dict[int, str] = {}  # as last seen: a pooled Ray worker renames itself when it becomes an actor
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         sizes = tree_rss(self.root)
-        for pid in sizes.keys() - self._kinds.keys():
-            self._kinds[pid] = kind(pid, self.root)
+        for pid in sizes:
+            found = kind(pid, self.root)
+            if found != OTHER or pid not in self._kinds:  # a zombie's empty command line says nothing
+                self._kinds[pid] = found
         total = sum(sizes.values())
         if total > self.peak:
             self.peak, self.at_peak = total, sizes
