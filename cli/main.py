@@ -473,6 +473,8 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
         0, help="users per SuperNode in the federated runs (1 = one user per node; 0 = auto cohorts)"),
         tune_trials: int = typer.Option(0, help="also tune the federated settings on validation, this many trials "
                                                "per data set, and score them against the peers (0: skip)"),
+        sequential: bool = typer.Option(False, help="run the central runs and peers alone, not beside the federated "
+                                                    "runs: slower, and their seconds are each run's own"),
 ) -> None:
     """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
     if tune_trials < 0:
@@ -483,7 +485,7 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
     from fedrec.experiments.accuracy import run_accuracy
 
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
-                          tune_trials=tune_trials)
+                          tune_trials=tune_trials, concurrent=not sequential)
     cases = report["cases"]
     rows = {f"ml100k u1-u5 {side} (mean)": {"rmse": rmse}
             for side, rmse in cases["ml100k-u1-u5"]["mean_rmse"].items()}
