@@ -473,6 +473,8 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
         0, help="users per SuperNode in the federated runs (1 = one user per node; 0 = auto cohorts)"),
         tune_trials: int = typer.Option(0, help="also tune the federated settings on validation, this many trials "
                                                "per data set, and score them against the peers (0: skip)"),
+        sequential: bool = typer.Option(False, help="run the central runs and peers alone, not beside the federated "
+                                                    "runs: slower, and their seconds are each run's own"),
 ) -> None:
     """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
     if tune_trials < 0:
@@ -483,7 +485,7 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
     from fedrec.experiments.accuracy import run_accuracy
 
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
-                          tune_trials=tune_trials)
+                          tune_trials=tune_trials, concurrent=not sequential)
     cases = report["cases"]
     rows = {f"ml100k u1-u5 {side} (mean)": {"rmse": rmse}
             for side, rmse in cases["ml100k-u1-u5"]["mean_rmse"].items()}
@@ -882,7 +884,16 @@ def _raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+INTRA_OP_THREADS = "1"
+"""torch's (and BLAS's) threads per process unless OMP_NUM_THREADS says otherwise. fedrec's tensors are
+small (a chunk of users, K <= 64): a second thread gains little, and on a busy 2-core machine its
+OpenMP barriers wait for a descheduled thread. Central ML-100K u1, 60 epochs, load 5-7 on 2 cores,
+back to back: MF 7.5-16.6 s with one thread against 55-74 s with two, BPMF 4.7-8.8 s against
+11.4-30.8 s, the same RMSE. The engine's processes inherit it (the ClientApp actors set it anyway)."""
+
+
 def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", INTRA_OP_THREADS)  # before any command imports torch
     signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         cli()

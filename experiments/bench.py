@@ -72,7 +72,8 @@ def fedrec_case(cfg: RunConfig) -> dict:
     per_round = float(np.mean([r["users_sampled"] for r in train_rounds]))
     return {**_model_of(cfg), "updates_per_second": per_round / seconds, "seconds_per_round": seconds,
             "max_seconds_per_round": float(np.max([r["seconds"] for r in train_rounds])),
-            "end_to_end_seconds": end_to_end, "peak_rss_mb": peak.mb, "rounds": cfg.rounds,
+            "end_to_end_seconds": end_to_end, "peak_rss_mb": peak.mb, "peak_rss_by_process": peak.breakdown_mb(),
+            "rounds": cfg.rounds,
             "users_per_round": per_round, "num_users": users, "num_nodes": outcome.summary["num_nodes"],
             "metrics": outcome.summary["metrics"], "measured_rounds": len(train_rounds),
             "partition_seconds": partition_seconds, "partition_peak_rss_mb": cut.mb,

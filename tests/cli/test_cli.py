@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -371,3 +372,16 @@ def test_recommend_takes_a_compare_directory_and_says_it_uses_its_federated_run(
     (compare / "federated" / "model.npz").unlink()  # an interrupted federated side: said, not a traceback
     _one_line_exit_2(["recommend", "--run", str(compare), "--user", "7"],
                      f"{compare} (a compare directory) has no federated/model.npz")
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("2", "2")])
+def test_the_command_runs_torch_on_one_thread_unless_told(monkeypatch, preset, expected):
+    import fedrec.cli.main as main_module
+
+    monkeypatch.setenv("OMP_NUM_THREADS", preset or "")  # so that what main() sets is undone after the test
+    if preset is None:
+        monkeypatch.delenv("OMP_NUM_THREADS")
+    seen = {}
+    monkeypatch.setattr(main_module, "cli", lambda: seen.update(threads=os.environ.get("OMP_NUM_THREADS")))
+    main_module.main()
+    assert seen == {"threads": expected}

@@ -52,3 +52,30 @@ def test_the_tuned_case_runs_federated_with_the_chosen_settings_and_compares_to_
     # --model auto runs BPMF on u1, so its settings are the ones tuned
     assert (seen["fed"].dim, seen["fed"].bpmf_alpha, seen["fed"].rounds, seen["fed"].validation) == (20, 2.0, 7, False)
     assert case["best_peer_rmse"] == 0.93 and case["no_worse_than_best_peer"] is False
+
+
+def test_central_runs_and_peers_go_beside_the_federated_runs_and_report_the_same(monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = {"central": set(), "federated": set()}
+
+    def central(cfg, log):
+        threads["central"].add(threading.current_thread().name)
+        return {"metrics": {"rmse": int(cfg.split[1]) / 10}}
+
+    def federated(cfg, n, log):
+        threads["federated"].add(threading.current_thread().name)
+        return {"metrics": {"rmse": int(cfg.split[1]) / 10 + 0.01}}
+
+    monkeypatch.setattr(accuracy, "_central", central)
+    monkeypatch.setattr(accuracy, "_fed", federated)
+    monkeypatch.setattr(accuracy, "_peers", lambda cfg, log: {"SVD": {"rmse": 1.0}})
+    alone = accuracy._folds(RunConfig(dataset="ml-100k"), 0, log=lambda line: None)
+    assert threads["central"] == threads["federated"] == {threading.main_thread().name}  # the control
+    threads["central"].clear()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aside") as aside:
+        beside = accuracy._folds(RunConfig(dataset="ml-100k"), 0, log=lambda line: None, aside=aside)
+    assert beside == alone
+    assert threads["federated"] == {threading.main_thread().name}  # Ctrl-C handling needs the main thread
+    assert all(name.startswith("aside") for name in threads["central"])
