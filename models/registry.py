@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 from .algorithm import Algorithm
 from .bpmf import BPMF
+from .dpstats import DPStats
 from .mf import MF
 from .svdpp import SVDPP
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MF, SVDPP, BPMF)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MF, SVDPP, BPMF, DPStats)}
 AUTO_ORDER = ("bpmf", "mf")
 """--model auto runs the first of these that admits everything the run asks for: Bayesian MF won on
 validation (ML-100K u1: 0.9095 vs MF's 0.9248) but admits no privacy mechanism and needs every user in

@@ -52,7 +52,17 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
     def resolved(self) -> RunConfig:
         """The algorithm --model auto picks, and the algorithm's own defaults where the run says -1."""
         name = self.auto_model() if self.model == "auto" else self.model
-        return dataclasses.replace(self, model=name, **model_defaults(self.part(ModelConfig), name, self.implicit))
+        resolved = dataclasses.replace(self, model=name, **model_defaults(self.part(ModelConfig), name, self.implicit))
+        from fedrec.models.registry import algorithm_class
+
+        # an algorithm of few releases of unequal weight runs exactly that many rounds (epochs centrally)
+        cls = algorithm_class(name)
+        weights = cls.release_weights(self.target_epsilon if self.dp != "none" else 0.0)
+        if weights:
+            resolved = dataclasses.replace(resolved, rounds=len(weights), epochs=len(weights))
+        if cls.bounded_norm and self.clipping_norm == 0:  # its own bound: clipping then changes nothing
+            resolved = dataclasses.replace(resolved, clipping_norm=cls.bounded_norm)
+        return resolved
 
     def auto_model(self) -> str:
         from fedrec.models.registry import auto
@@ -100,6 +110,9 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
         for mechanism, flag in self.asked().items():
             if mechanism in cls.refuses:
                 raise ConfigError(f"--model {name} refuses {flag}: {cls.refuses[mechanism]}")
+        if cls.bounded_norm and self.clipping_norm not in (0.0, cls.bounded_norm):
+            raise ConfigError(f"--model {name} bounds each user's statistics at norm {cls.bounded_norm:g} itself; "
+                              f"leave --clipping-norm unset (or {cls.bounded_norm:g})")
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
 
+from fedrec.models.registry import algorithm_class
 from fedrec.privacy.accountant import PrivacyPlan, participation_cap
 from fedrec.privacy.guarantee import describe
 from fedrec.privacy.ledger import DP_ROUND_KEYS, WithheldLogLines, is_evaluation, release_ledger
@@ -53,8 +54,12 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
         cap = cfg.max_rounds_per_user or participation_cap(cfg.rounds, sample / population, population)
         cap = min(cap, cfg.rounds)
         cfg = dataclasses.replace(cfg, max_rounds_per_user=cap)
+    weights = tuple(algorithm_class(cfg.model).release_weights(cfg.target_epsilon) or ())
+    if weights and cfg.dp == "local":
+        raise ConfigError(f"--dp local with --model {cfg.model}: its {len(weights)} releases carry unequal shares of "
+                          "the budget, which local noise cannot give; use --dp central or --dp distributed")
     plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling, sample, population,
-                       cfg.target_delta, cfg.accountant, max_rounds=cap)
+                       cfg.target_delta, cfg.accountant, max_rounds=cap, weights=weights)
     if plan.noise_multiplier <= 0:
         rounds = cap if cfg.dp == "local" else cfg.rounds  # distributed: calibrated as central DP
         z = plan.calibrate(cfg.target_epsilon, rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
@@ -140,7 +145,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
                               "start more nodes or set --users-per-node")
         secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()),
                               coordinates(algorithm, directory.num_items),
-                              plan.noise_multiplier if plan else 0.0,
+                              plan.widest_z if plan else 0.0,  # unequal releases: the widest round's noise
                               cfg.users_per_round or directory.population, directory.population)
         if plan is not None:  # quantization can move the sum a little further than C: account for it
             plan = dataclasses.replace(plan, clipping_norm=secure.sensitivity)
@@ -178,6 +183,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             on_round(row)
 
     federation = Federation(cfg, algorithm, server_state, directory, on_round=round_done, audit=record, privacy=plan)
+    if secure is not None and plan is not None and plan.mode == "distributed":  # each round's share follows its z_r
+        federation.device_noise = lambda release: secure.noise_share_std * plan.round_z(release) / plan.widest_z
     state = RunState(out, {"mode": "federated", "dataset": cfg.dataset, "split": cfg.split,
                            "model": cfg.model, "model_reason": cfg.model_reason(),
                            **({"burn_in": hyper(cfg).burn_in} if "burn_in" in algorithm.settings_read else {}),
