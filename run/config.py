@@ -87,7 +87,7 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
         self.check_values()
         for kind in PARTS:  # each part on its own, then what spans parts
             getattr(kind, f"check_{kind.__name__.removesuffix('Config').lower()}")(self)
-        if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed":
+        if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed" and self.partial:
             raise ConfigError("--accountant pld does not support fixed-size sampling (replace-one); "
                               "use --sampling poisson or --accountant rdp")
         self._check_refusals()
