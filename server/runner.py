@@ -96,11 +96,25 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, federation: Federa
         summary["epsilon_per_round"] = plan.epsilon(1)
         summary["max_rounds_per_user"] = plan.max_rounds
         summary["epsilon_at_cap"] = plan.epsilon(plan.max_rounds)
+    summary["neighbouring_relation"] = relation_of(plan)
+    if plan.weights:
+        summary["release_weights"] = list(plan.weights)
+        summary["noise_multiplier_per_round"] = [plan.round_z(r) for r in range(1, len(plan.weights) + 1)]
     if plan.mode == "distributed":
         summary["max_rounds_per_user"] = plan.max_rounds
         summary["epsilon_against_server"] = server_epsilon
         summary["epsilon_against_server_at_cap"] = plan.server_epsilon(plan.max_rounds)
     return summary
+
+
+def relation_of(plan: PrivacyPlan) -> str:
+    """The neighbouring relation epsilon is for, in words (docs/privacy.md explains each)."""
+    if plan.full_participation:
+        return ("zero-out: a user's ratings replaced by none (its device still answers with zeros); every user "
+                "takes part in every round")
+    if plan.mode != "local" and plan.sampling == "poisson":
+        return "add-or-remove one user (Poisson sampling)"
+    return "replace one user"
 
 
 @dataclass

@@ -150,7 +150,7 @@ def test_dp_noise_is_fresh_by_default_even_for_the_same_seed(small_cfg):
 @pytest.mark.parametrize("settings,message", [
     (dict(dp="local", update_mode="sparse"), "use --update-mode dense"),
     (dict(dp="local", update_mode="padded"), "use --update-mode dense"),
-    (dict(dp="central", accountant="pld", sampling="fixed"), "use --sampling poisson"),
+    (dict(dp="central", accountant="pld", sampling="fixed", users_per_round=10), "use --sampling poisson"),
 ])
 def test_settings_whose_guarantee_would_be_false_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
