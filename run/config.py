@@ -85,8 +85,10 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
     # ------------------------------------------------------------------ validation
     def validate(self) -> RunConfig:
         self.check_values()
+        # an algorithm that bounds its own statistics fills in --clipping-norm (resolved): check with its C
+        checked = dataclasses.replace(self, clipping_norm=self.resolved().clipping_norm)
         for kind in PARTS:  # each part on its own, then what spans parts
-            getattr(kind, f"check_{kind.__name__.removesuffix('Config').lower()}")(self)
+            getattr(kind, f"check_{kind.__name__.removesuffix('Config').lower()}")(checked)
         if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed" and self.partial:
             raise ConfigError("--accountant pld does not support fixed-size sampling (replace-one); "
                               "use --sampling poisson or --accountant rdp")
