@@ -22,14 +22,14 @@ from pathlib import Path
 
 DEVICE_ONLY = 1.062  # ML-100K u1: the global mean plus the device's own bias, no federation
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic-users", "100000", "--synthetic-items", "5000",
-             "--synthetic-density", "0.01", "--target-delta", "1e-6"]
-ML = ["--dataset", "ml-100k", "--split", "u1", "--target-delta", "1e-4"]
+             "--synthetic-density", "0.01"]
+ML = ["--dataset", "ml-100k", "--split", "u1"]
 
 
 def simulate(name: str, flags: list[str], out: Path) -> dict:
     run_dir = out / name
-    command = [str(Path(sys.executable).parent / "fedrec"), "simulate", "--model", "dpstats", "--accountant", "pld",
-               "--out", str(run_dir), *flags]
+    command = [str(Path(sys.executable).parent / "fedrec"), "simulate", "--model", "dpstats", "--out", str(run_dir),
+               *flags]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -55,15 +55,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, checks = [], {}
-    distributed = ["--dp", "distributed", "--secure-aggregation", "secagg+"]
+    distributed = ["--dp", "distributed", "--secure-aggregation", "secagg+", "--accountant", "pld"]
+    central = ["--dp", "central", "--accountant", "pld"]
     if args.only in (None, "ml"):
         ml = [*ML, "--data-dir", args.data_dir]
         plain = simulate("ml-none", ml, out)
-        found = {eps: simulate(f"ml-distributed-{eps:g}", [*ml, *distributed, "--target-epsilon", str(eps)], out)
+        found = {eps: simulate(f"ml-distributed-{eps:g}", [*ml, *distributed, "--target-delta", "1e-4",
+                                                                 "--target-epsilon", str(eps)], out)
                  for eps in (1, 2, 4, 8, 16)}
         rows += [plain, *found.values()]
         if args.central:
-            rows += [simulate(f"ml-central-{eps:g}", [*ml, "--dp", "central", "--target-epsilon", str(eps)], out)
+            rows += [simulate(f"ml-central-{eps:g}", [*ml, *central, "--target-delta", "1e-4",
+                                                          "--target-epsilon", str(eps)], out)
                      for eps in (1, 2, 4, 8, 16)]
         checks["ml eps=8 rmse <= 0.975, eps_server <= 8"] = (found[8]["rmse"] <= 0.975
                                                              and found[8]["epsilon_against_server"] <= 8)
@@ -71,8 +74,9 @@ def main() -> None:
         checks[f"ml every eps rmse < device-only {DEVICE_ONLY}"] = all(r["rmse"] < DEVICE_ONLY for r in found.values())
     if args.only in (None, "synthetic"):
         plain = simulate("synthetic-none", SYNTHETIC, out)
-        found = {eps: simulate(f"synthetic-distributed-{eps:g}",
-                               [*SYNTHETIC, *distributed, "--target-epsilon", str(eps)], out) for eps in (1, 8)}
+        private = [*SYNTHETIC, *distributed, "--target-delta", "1e-6"]
+        found = {eps: simulate(f"synthetic-distributed-{eps:g}", [*private, "--target-epsilon", str(eps)], out)
+                 for eps in (1, 8)}
         rows += [plain, *found.values()]
         checks["synthetic eps=1 within 2% of non-private dpstats"] = found[1]["rmse"] <= 1.02 * plain["rmse"]
         checks["synthetic eps=8 within 1% of non-private dpstats"] = found[8]["rmse"] <= 1.01 * plain["rmse"]

@@ -186,3 +186,37 @@ def test_dpstats_device_step_adds_only_the_declared_statistics():
     assert set(result.upload) == {"item-weight", "item-offset", "globals"}
     assert not result.upload["item-offset"].any()  # round 1 releases weights and the globals only
     assert result.upload["globals"][1] > 0
+
+
+# ---------------------------------------------------------------- canaries, through the real server and ClientApp
+def _canaries(dp: str) -> dict:
+    """dpstats' rounds (2 at epsilon 2, unequal weights), every user in each, zero-out; 3,000 canaries."""
+    from fedrec.audit.canary import canary_audit
+
+    cfg = RunConfig(model="dpstats", dp=dp, target_epsilon=2.0, accountant="rdp",
+                    secure_aggregation="secagg+" if dp == "distributed" else "none")
+    return canary_audit(cfg, n_items=1500, population=943, canaries=3000)
+
+
+@pytest.mark.parametrize("dp", ["central", "distributed"])
+def test_the_canary_bound_on_dpstats_stays_below_its_epsilon(dp):
+    row = _canaries(dp)
+    assert row["epsilon"] == pytest.approx(2.0, rel=1e-2) and row["rounds"] == 2 and row["relation"] == "zero-out"
+    assert row["epsilon_lower"] <= row["epsilon"]
+
+
+@pytest.mark.parametrize("dp", ["central", "distributed"])
+def test_the_canary_bound_on_dpstats_exceeds_its_epsilon_when_the_noise_is_cut_tenfold(monkeypatch, dp):
+    """Positive control: the noise cut tenfold where it is added (the server's sum, or each device's share) while
+    the accountant is told the original z: the proven bound passes the reported epsilon."""
+    from fedrec.privacy import upload as upload_module
+    from fedrec.server import federation as federation_module
+
+    if dp == "central":
+        real = federation_module.add_central_noise
+        monkeypatch.setattr(federation_module, "add_central_noise", lambda arrays, std, rng: real(arrays, std / 10, rng))
+    else:
+        real = upload_module.add_device_noise
+        monkeypatch.setattr(upload_module, "add_device_noise", lambda arrays, std, *rest: real(arrays, std / 10, *rest))
+    row = _canaries(dp)
+    assert row["epsilon_lower"] > row["epsilon"] == pytest.approx(2.0, rel=1e-2)
