@@ -44,7 +44,11 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
     # ------------------------------------------------------------------ the model the run trains
     def asked(self) -> dict[str, str]:
         """The privacy mechanisms and the participation the run asks for, each with its flag."""
+        from fedrec.models.registry import algorithm_class
+
         asked = self.part(PrivacyConfig).mechanisms()
+        if self.model != "auto" and self.clipping_norm == algorithm_class(self.model).bounded_norm:
+            asked.pop("clipping", None)  # the algorithm's own bound, filled in when resolved: not asked for
         if self.partial:
             asked["partial-participation"] = ("--users-per-round" if self.users_per_round else "--sampling poisson")
         return asked

@@ -214,7 +214,8 @@ def test_the_canary_bound_on_dpstats_exceeds_its_epsilon_when_the_noise_is_cut_t
 
     if dp == "central":
         real = federation_module.add_central_noise
-        monkeypatch.setattr(federation_module, "add_central_noise", lambda arrays, std, rng: real(arrays, std / 10, rng))
+        monkeypatch.setattr(federation_module, "add_central_noise",
+                            lambda arrays, std, rng: real(arrays, std / 10, rng))
     else:
         real = upload_module.add_device_noise
         monkeypatch.setattr(upload_module, "add_device_noise", lambda arrays, std, *rest: real(arrays, std / 10, *rest))
