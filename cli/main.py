@@ -325,8 +325,9 @@ def guarantee_line(privacy: dict) -> str:
 def run_central_cli(cfg: RunConfig):
     from fedrec.simulations.central import run_central
 
-    with _progress(cfg.epochs, "central") as progress:
-        task = progress.add_task("central", total=cfg.epochs, info="")
+    epochs = cfg.resolved().epochs
+    with _progress(epochs, "central") as progress:
+        task = progress.add_task("central", total=epochs, info="")
         outcome = run_central(cfg, on_epoch=_tracker(progress, task, "epoch",
                                                      lambda: _announce(cfg, True, progress.console)))
     return outcome
@@ -339,8 +340,9 @@ def run_federated_cli(cfg: RunConfig):
 
     if cfg.resume:
         cfg = resumed_config(cfg)  # its own settings: the progress bar needs its rounds
-    with _progress(cfg.rounds, "federated", timed=cfg.dp == "none") as progress:
-        task = progress.add_task("federated", total=cfg.rounds, info="starting engine")
+    rounds = cfg.resolved().rounds  # an algorithm of few releases sets its own
+    with _progress(rounds, "federated", timed=cfg.dp == "none") as progress:
+        task = progress.add_task("federated", total=rounds, info="starting engine")
         outcome = simulate_federated(cfg, on_round=_tracker(progress, task, "round",
                                                             lambda: _announce(cfg, False, progress.console)),
                            say=lambda line: progress.console.print(line, highlight=False))
