@@ -36,7 +36,8 @@ DP = "dp"  # Gaussian noise on the clipped sum (central, local or distributed), 
 SECURE_AGGREGATION = "secure-aggregation"  # Flower's SecAgg+: the server sees only the sum over nodes
 DECOYS = "decoys"  # padded uploads: rows of unrated items trained like rated ones (`train(decoys=...)`)
 PARTIAL = "partial-participation"  # a round may train a sample of the users
-MECHANISMS = (CLIPPING, DP, SECURE_AGGREGATION, DECOYS, PARTIAL)
+LOCAL_DP = "local-dp"  # DP noise added on each device to its own upload, one z for every round
+MECHANISMS = (CLIPPING, DP, SECURE_AGGREGATION, DECOYS, PARTIAL, LOCAL_DP)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from scipy.stats import norm
 
 from .algorithm import (
     DECOYS,
+    LOCAL_DP,
     PARTIAL,
     Algorithm,
     DeviceKeys,
@@ -161,6 +162,8 @@ class DPStats(Algorithm):
         PARTIAL: "its few releases need every user in each: a full-participation release is what makes epsilon "
                  "against the server the reported one, and the server's sums assume everyone",
         DECOYS: "it sends per-item sums over every rated item; a decoy would need a made-up rating and weight",
+        LOCAL_DP: "its releases carry unequal shares of the budget, which one noise per device cannot give, and "
+                  "local noise on every user's sum would drown the item statistics; use --dp central or distributed",
     }
     settings_read = frozenset()  # its defaults are a rule of epsilon (Plan.of)
     implicit_feedback = False

@@ -54,7 +54,7 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
         cap = cfg.max_rounds_per_user or participation_cap(cfg.rounds, sample / population, population)
         cap = min(cap, cfg.rounds)
         cfg = dataclasses.replace(cfg, max_rounds_per_user=cap)
-    weights = tuple(algorithm_class(cfg.model).release_weights(cfg.target_epsilon) or ())
+    weights = tuple(algorithm_class(cfg.resolved().model).release_weights(cfg.target_epsilon) or ())
     if weights and cfg.dp == "local":
         raise ConfigError(f"--dp local with --model {cfg.model}: its {len(weights)} releases carry unequal shares of "
                           "the budget, which local noise cannot give; use --dp central or --dp distributed")

@@ -146,8 +146,9 @@ def test_settings_dpstats_cannot_honour_are_refused(tmp_path):
                              (dict(update_mode="padded"), "refuses --update-mode padded")):
         with pytest.raises(ConfigError, match=message):
             _cfg(tmp_path, **changes).resolved().validate()
-    with pytest.raises(ConfigError, match="use --dp central or --dp distributed"):
+    with pytest.raises(ConfigError, match="refuses --dp local"):
         run_server(InProcessGrid(client_app, 2), _cfg(tmp_path, dp="local", target_epsilon=4.0))
+    assert RunConfig(dp="local", target_epsilon=4.0, clipping_norm=0.1).resolved().model == "mf"  # --model auto
 
 
 def test_federated_dpstats_without_noise_equals_its_prototype_rule(tmp_path):

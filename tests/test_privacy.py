@@ -110,7 +110,7 @@ def test_every_users_upload_norm_is_at_most_the_clipping_norm(small_cfg):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(dp="central", clipping_norm=1.0), "needs --noise-multiplier > 0 or --target-epsilon"),
-    (dict(dp="central", noise_multiplier=1.0), "needs --clipping-norm > 0"),
+    (dict(dp="central", noise_multiplier=1.0, model="mf"), "needs --clipping-norm > 0"),
     (dict(dp="local", noise_multiplier=1.0, clipping_norm=0.0), "needs --clipping-norm > 0"),
     (dict(dp="none", noise_multiplier=1.0), "dp is 'none'"),
     (dict(dp="central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=1.0), "target-delta"),
