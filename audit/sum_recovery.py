@@ -140,12 +140,13 @@ def secagg_only(cfg: RunConfig, **changes) -> RunConfig:
 
 
 # ---------------------------------------------------------------- sufficient statistics: a differencing attack
-def differencing_precision(cfg: RunConfig, target: int, nodes: int = 3) -> tuple[float, int]:
+def differencing_precision(cfg: RunConfig, targets: list[int], nodes: int = 3) -> tuple[float, int]:
     """The strongest server against an algorithm of summed statistics (dpstats): it knows every other user's
     ratings, so from the first round's SecAgg+ sum it subtracts their statistics (computed exactly, as their
-    devices would) and reads the rest as `target`'s. It claims the items with the largest remainder in the
-    first per-item statistic, as many as the target rated (which it is even told). Returns the share of the
-    claims that are the target's rated items, and that count. `cfg` runs for real, in process."""
+    devices would) and reads the rest as the target's. It claims the items with the largest remainder in the
+    first per-item statistic, as many as the target rated (which it is even told). Returns the share of all
+    claims, over `targets`, that are the target's rated items, and the number of claims. `cfg` runs for real,
+    in process, once."""
     import tempfile
 
     import torch
@@ -169,13 +170,20 @@ def differencing_precision(cfg: RunConfig, target: int, nodes: int = 3) -> tuple
         run_server(InProcessGrid(client_app, nodes), dataclasses.replace(cfg, out=f"{tmp}/run"))
     split = load_data(cfg)
     algorithm = make_algorithm(cfg, split.n_items, split.rating_scale)
-    others = np.setdiff1d(np.arange(split.n_users), [target])
     policy = DevicePolicy(clipping_norm=cfg.clipping_norm)
     shared = algorithm.init_server(cfg.strategy, cfg.server_lr).broadcast()
-    known = device_step(algorithm, shared, new_users(algorithm, others, split.n_users, policy), cohort(split, others),
-                        1, policy, cfg.seed).sums.arrays
     name = next(n for n, s in algorithm.statistics().items() if s.per_item)
-    remainder = (first[0][name] - torch.as_tensor(known[name]).double().numpy())[:, 0]
-    rated = set(split.train.item[split.train.user == target].tolist())
-    claimed = set(np.argsort(-remainder)[:len(rated)].tolist())
-    return len(claimed & rated) / max(len(claimed), 1), len(rated)
+
+    def first_round(users: np.ndarray) -> np.ndarray:
+        state = new_users(algorithm, users, split.n_users, policy)
+        sums = device_step(algorithm, shared, state, cohort(split, users), 1, policy, cfg.seed).sums.arrays
+        return torch.as_tensor(sums[name]).double().numpy()[:, 0]
+
+    everyone = first_round(np.arange(split.n_users))
+    hits = claims = 0
+    for target in targets:
+        remainder = first[0][name][:, 0] - (everyone - first_round(np.array([target])))
+        rated = set(split.train.item[split.train.user == target].tolist())
+        claimed = set(np.argsort(-remainder)[:len(rated)].tolist())
+        hits, claims = hits + len(claimed & rated), claims + len(claimed)
+    return hits / max(claims, 1), claims
