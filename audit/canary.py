@@ -4,8 +4,9 @@ al. 2020; Nasr et al. 2021; many canaries per run after Steinke, Nasr & Jagielsk
 The instrument is an algorithm (`Canaries`) whose statistics are shaped like the audited run's, so that
 SecAgg+'s sizing and the server's norm checks are the run's own. Every user of the federation is a
 canary that owns one coordinate of those statistics. With probability 1/2 (OS entropy) it is a member
-and its update is huge along its coordinate; otherwise it sends nothing (the add/remove neighbour) or
-the opposite update (the replace-one neighbour: fixed-size sampling, local DP). The run is a real one:
+and its update is huge along its coordinate; otherwise it sends nothing (the add/remove neighbour, and the
+zero-out one where every user takes part in every round) or the opposite update (the replace-one
+neighbour: fixed-size sampling, local DP). The run is a real one:
 fedrec's server (`run_server`) and ClientApp, in process. `device_step` clips each canary to C and adds
 the device's noise, SecAgg+ quantizes and sums where set, and the Federation checks, weighs, sums,
 noises and steps. The instrument's server step applies sums / weight (FedAvg, lr 1) and records it:
@@ -161,7 +162,7 @@ class Canaries(Algorithm):
         return Released({name: (self.n_items, s.width) if s.per_item else (s.width,)
                          for name, s in self._statistics.items()})
 
-    def server_step(self, state: Released, sums, weight: float, round_: int) -> None:
+    def server_step(self, state: Released, sums, weight: float, round_: int, noise_std: float = 0.0) -> None:
         """FedAvg at lr 1, recording the step: exactly what the round releases into the model."""
         step = {name: sums[name].double().numpy() / weight for name in state.params}
         for name, value in step.items():
@@ -180,7 +181,10 @@ def instrument_class(instrument: Instrument) -> type[Canaries]:
     imitated = instrument.imitated
     return type("Canaries", (Canaries,), {"instrument": instrument, "refuses": imitated.refuses,
                                           "settings_read": imitated.settings_read,
-                                          "implicit_feedback": imitated.implicit_feedback})
+                                          "implicit_feedback": imitated.implicit_feedback,
+                                          # the run's rounds, their weights and C are the imitated algorithm's
+                                          "release_weights": imitated.release_weights,
+                                          "bounded_norm": imitated.bounded_norm})
 
 
 class UploadObserver(InProcessGrid):
@@ -250,7 +254,9 @@ def canary_audit(cfg: RunConfig, n_items: int, population: int, canaries: int = 
     run_cfg = canary_config(cfg, n_items, population, count)
     rng = private_rng("canaries")
     member, selection = rng.random(count) < 0.5, rng.random(count) < 0.5
-    replace_one = local or run_cfg.sampling == "fixed"
+    # replace-one where a fixed-size sample is drawn; with every user in every round the relation is zero-out
+    # (a non-member's device answers with zeros), as it is accounted
+    replace_one = local or (run_cfg.sampling == "fixed" and run_cfg.partial)
     instrument = Instrument(imitated, member, replace_one, OVERSHOOT * run_cfg.clipping_norm)
     nodes = count if local else -(-count // run_cfg.users_per_node)
     grid = UploadObserver(nodes, statistics if local else None, n_items)
@@ -266,7 +272,7 @@ def canary_audit(cfg: RunConfig, n_items: int, population: int, canaries: int = 
            "secure_aggregation": run_cfg.secure_aggregation, "epsilon": privacy.get("epsilon"),
            "canaries": count, "rounds": run_cfg.rounds, "noise_multiplier": privacy.get("noise_multiplier", 0.0),
            "noise_std": privacy.get("noise_multiplier", 0.0) * privacy.get("clipping_norm", 0.0),
-           "relation": "replace-one" if replace_one else "add-remove"}
+           "relation": "replace-one" if replace_one else "add-remove" if run_cfg.partial else "zero-out"}
     return row | epsilon_lower_bound(score, member, selection, cfg.target_delta, confidence)
 
 

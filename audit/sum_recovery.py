@@ -137,3 +137,53 @@ def secagg_only(cfg: RunConfig, **changes) -> RunConfig:
     """`cfg` as a SecAgg+ run without DP: what the attack targets."""
     return dataclasses.replace(cfg, secure_aggregation="secagg+", dp="none", update_mode="dense", model="mf",
                                **changes)
+
+
+# ---------------------------------------------------------------- sufficient statistics: a differencing attack
+def differencing_precision(cfg: RunConfig, targets: list[int], nodes: int = 3) -> tuple[float, int]:
+    """The strongest server against an algorithm of summed statistics (dpstats): it knows every other user's
+    ratings, so from the first round's SecAgg+ sum it subtracts their statistics (computed exactly, as their
+    devices would) and reads the rest as the target's. It claims the items with the largest remainder in the
+    first per-item statistic, as many as the target rated (which it is even told). Returns the share of all
+    claims, over `targets`, that are the target's rated items, and the number of claims. `cfg` runs for real,
+    in process, once."""
+    import tempfile
+
+    import torch
+
+    from fedrec.datasets import cohort
+    from fedrec.models.registry import algorithm_class, substituted
+    from fedrec.privacy.device import device_step, new_users
+    from fedrec.privacy.policy import DevicePolicy
+    from fedrec.server.runner import run_server
+
+    cfg = cfg.resolved().validate()
+    imitated, first = algorithm_class(cfg.model), []
+
+    class Recording(imitated):
+        def server_step(self, state, sums, weight, round_, noise_std=0.0):
+            if round_ == 1:
+                first.append({k: v.double().numpy().copy() for k, v in sums.items()})
+            super().server_step(state, sums, weight, round_, noise_std=noise_std)
+
+    with tempfile.TemporaryDirectory() as tmp, substituted(cfg.model, Recording):
+        run_server(InProcessGrid(client_app, nodes), dataclasses.replace(cfg, out=f"{tmp}/run"))
+    split = load_data(cfg)
+    algorithm = make_algorithm(cfg, split.n_items, split.rating_scale)
+    policy = DevicePolicy(clipping_norm=cfg.clipping_norm)
+    shared = algorithm.init_server(cfg.strategy, cfg.server_lr).broadcast()
+    name = next(n for n, s in algorithm.statistics().items() if s.per_item)
+
+    def first_round(users: np.ndarray) -> np.ndarray:
+        state = new_users(algorithm, users, split.n_users, policy)
+        sums = device_step(algorithm, shared, state, cohort(split, users), 1, policy, cfg.seed).sums.arrays
+        return torch.as_tensor(sums[name]).double().numpy()[:, 0]
+
+    everyone = first_round(np.arange(split.n_users))
+    hits = claims = 0
+    for target in targets:
+        remainder = first[0][name][:, 0] - (everyone - first_round(np.array([target])))
+        rated = set(split.train.item[split.train.user == target].tolist())
+        claimed = set(np.argsort(-remainder)[:len(rated)].tolist())
+        hits, claims = hits + len(claimed & rated), claims + len(claimed)
+    return hits / max(claims, 1), claims

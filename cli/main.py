@@ -325,8 +325,9 @@ def guarantee_line(privacy: dict) -> str:
 def run_central_cli(cfg: RunConfig):
     from fedrec.simulations.central import run_central
 
-    with _progress(cfg.epochs, "central") as progress:
-        task = progress.add_task("central", total=cfg.epochs, info="")
+    epochs = cfg.resolved().epochs
+    with _progress(epochs, "central") as progress:
+        task = progress.add_task("central", total=epochs, info="")
         outcome = run_central(cfg, on_epoch=_tracker(progress, task, "epoch",
                                                      lambda: _announce(cfg, True, progress.console)))
     return outcome
@@ -339,8 +340,9 @@ def run_federated_cli(cfg: RunConfig):
 
     if cfg.resume:
         cfg = resumed_config(cfg)  # its own settings: the progress bar needs its rounds
-    with _progress(cfg.rounds, "federated", timed=cfg.dp == "none") as progress:
-        task = progress.add_task("federated", total=cfg.rounds, info="starting engine")
+    rounds = cfg.resolved().rounds  # an algorithm of few releases sets its own
+    with _progress(rounds, "federated", timed=cfg.dp == "none") as progress:
+        task = progress.add_task("federated", total=rounds, info="starting engine")
         outcome = simulate_federated(cfg, on_round=_tracker(progress, task, "round",
                                                             lambda: _announce(cfg, False, progress.console)),
                            say=lambda line: progress.console.print(line, highlight=False))
@@ -702,26 +704,44 @@ def clip_check(cfg: RunConfig,
 @cli.command("privacy-sweep")
 @_config_command
 def privacy_sweep(cfg: RunConfig, epsilons: str = typer.Option("1,2,4,8,16", help="target epsilons, comma-separated"),
-                  targets: int = typer.Option(30, help="users attacked per epsilon")) -> None:
-    """Accuracy and audit AUC per target epsilon (central DP), with non-private references."""
+                  targets: int = typer.Option(30, help="users attacked per epsilon"),
+                  models: str = typer.Option("", help="algorithms to sweep side by side, comma-separated (e.g. "
+                                                      "mf,dpstats; each with what it admits); empty: --model")) -> None:
+    """Accuracy and audit per target epsilon (central DP), per algorithm, with non-private references."""
+    from fedrec.models.registry import algorithm_class
+
     values = _parse_epsilons(epsilons)
-    if cfg.clipping_norm <= 0:
+    names = [m.strip() for m in models.split(",") if m.strip()] or None
+    try:
+        bounded = [algorithm_class(n).bounded_norm for n in (names or [cfg.resolved().model])]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if cfg.clipping_norm <= 0 and not all(bounded):
         raise ConfigError("privacy-sweep needs --clipping-norm > 0")
     _quiet_engines()
     from fedrec.experiments.sweep import run_sweep
 
-    report = run_sweep(cfg, values, targets, log=lambda line: console.print(line, highlight=False))
+    report = run_sweep(cfg, values, targets, log=lambda line: console.print(line, highlight=False), models=names)
     metric = report["metric"]
+    device = "" if report["device_only"] is None else f", device-only {report['device_only']:.4f}"
     table = Table(title=f"privacy sweep ({metric}; non-private {report['non_private'][metric]:.4f}, "
-                        f"central {report['central'][metric]:.4f})")
-    for column in ("target eps", "eps", "delta", "z", metric, "direction AUC", "prior AUC", "canary eps lower"):
+                        f"central {report['central'][metric]:.4f}{device})")
+    for column in ("model", "target eps", "eps", "eps vs server", "delta", "z", metric, "direction AUC", "prior AUC",
+                   "canary eps lower"):
         table.add_column(column, justify="right")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for r in report["results"]:
-        table.add_row(f"{r['target_epsilon']:g}", f"{r['epsilon']:.2f}", f"{r['delta']:g}",
-                      f"{r['noise_multiplier']:.3f}",
-                      f"{r[metric]:.4f}", f"{r['auc']:.3f}", f"{r['prior_auc']:.3f}", f"{r['epsilon_lower']:.2f}")
+        table.add_row(r["model"], f"{r['target_epsilon']:g}", f"{r['epsilon']:.2f}",
+                      fmt(r["epsilon_against_server"], ".2f"), f"{r['delta']:g}", f"{r['noise_multiplier']:.3f}",
+                      f"{r[metric]:.4f}", fmt(r["auc"], ".3f"), fmt(r["prior_auc"], ".3f"), f"{r['epsilon_lower']:.2f}")
     out.print(table)
-    out.print(f"results in {report['run_dir']}/sweep.json")
+    for name, ref in report.get("references", {}).items():
+        out.print(f"{name}: non-private federated {ref['non_private'][metric]:.4f}, "
+                  f"central {ref['central'][metric]:.4f}")
+    out.print(f"results in {report['run_dir']}/sweep.json (and sweep.csv, sweep.png)")
 
 
 @cli.command()

@@ -36,7 +36,8 @@ DP = "dp"  # Gaussian noise on the clipped sum (central, local or distributed), 
 SECURE_AGGREGATION = "secure-aggregation"  # Flower's SecAgg+: the server sees only the sum over nodes
 DECOYS = "decoys"  # padded uploads: rows of unrated items trained like rated ones (`train(decoys=...)`)
 PARTIAL = "partial-participation"  # a round may train a sample of the users
-MECHANISMS = (CLIPPING, DP, SECURE_AGGREGATION, DECOYS, PARTIAL)
+LOCAL_DP = "local-dp"  # DP noise added on each device to its own upload, one z for every round
+MECHANISMS = (CLIPPING, DP, SECURE_AGGREGATION, DECOYS, PARTIAL, LOCAL_DP)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,9 @@ class Algorithm(ABC):
     # Replies of honest users have comparable norms, so a norm far above the round's median is hostile
     # (--robust-aggregation norm-bound). False where a heavy user's honest statistics grow with its ratings.
     comparable_norms: ClassVar[bool] = True
+    # Statistics whose norm per user is at most this by construction (0: unbounded): runs clip at it (a smaller
+    # C would shrink some users' statistics and bias what the server unscales).
+    bounded_norm: ClassVar[float] = 0.0
 
     def __init__(self, settings: Hyper, n_items: int, rating_scale: tuple[float, float]):
         self.settings, self.n_items, self.rating_scale = settings, n_items, rating_scale
@@ -186,6 +190,13 @@ class Algorithm(ABC):
     def defaults(cls, implicit: bool) -> dict:
         """Its K and regularization where the run leaves them at -1 (chosen on validation splits of ML-100K)."""
         return {"dim": 32, **{k: v[implicit] for k, v in DEFAULT_REG.items()}}
+
+    @classmethod
+    def release_weights(cls, epsilon: float) -> tuple[float, ...] | None:
+        """Few releases of unequal weight: each round's share of the privacy budget (summing to 1; their
+        number is the run's rounds) for a run that targets `epsilon` (0: not private, or z set by hand).
+        None: every round is alike, as many as --rounds."""
+        return None
 
     # ------------------------------------------------------------------ device
     @abstractmethod
@@ -209,9 +220,12 @@ class Algorithm(ABC):
         and `server_lr` name the server optimizer of algorithms that average updates (others ignore them)."""
 
     @abstractmethod
-    def server_step(self, state: ServerState, sums: dict[str, torch.Tensor], weight: float, round_: int) -> None:
+    def server_step(self, state: ServerState, sums: dict[str, torch.Tensor], weight: float, round_: int,
+                    noise_std: float = 0.0) -> None:
         """Move `state` with the round's summed statistics; `weight`: how many users the sum stands
-        for (the count of users, or under DP the expected one; algorithms that average divide by it)."""
+        for (the count of users, or under DP the expected one; algorithms that average divide by it);
+        `noise_std`: the std per coordinate of the DP noise in `sums` (0: none), for regularization that
+        knows the noise level (the others ignore it)."""
 
     def check_sums(self, sums: dict[str, torch.Tensor], users: float) -> str | None:
         """Why `sums` cannot be what `users` honest users send (None: it can); beyond the schema and norm

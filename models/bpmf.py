@@ -405,7 +405,7 @@ class BPMF(Algorithm):
         x = _draw(batch, rows.users, self.settings, draw_key(self.settings.seed, round_))
         return averaged_state(state, x, round_, self.settings.burn_in), BPMFContributions(batch, x, self.settings)
 
-    def server_step(self, state: ChainState, sums, weight: float, round_: int) -> None:
+    def server_step(self, state: ChainState, sums, weight: float, round_: int, noise_std: float = 0.0) -> None:
         """Sums, not means: they are the items' sufficient statistics. A draw of the items, then the mean."""
         rng = seeded_rng(self.settings.seed, "bpmf-items", round_)
         state.current = draw_items(state.current, sums[ITEM_GRAM], sums[ITEM_RHS], self.settings, rng)

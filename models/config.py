@@ -27,11 +27,14 @@ def _reg_help(what: str, name: str) -> str:
 class ModelConfig:
     """Which algorithm a device trains and with what: what each device receives, resolved."""
 
-    model: str = _model("auto", "auto: the first of bpmf, mf that admits every privacy option the run asks for "
-                                "(bpmf won on validation but admits none, needs ratings and every user in every "
-                                "round); mf: biased matrix factorization; svdpp: adds implicit factors y_j of the "
-                                "items a user rated; bpmf: Bayesian MF by Gibbs sampling, one sweep per round. "
-                                "docs/design.md lists what each sends.", ("auto", *MODELS))
+    model: str = _model("auto", "auto: the first of bpmf, dpstats, mf that admits every privacy option the run "
+                                "asks for (bpmf won on validation but admits none, needs ratings and every user in "
+                                "every round; dpstats where DP is asked, on ratings, with every user in every round "
+                                "and no --clipping-norm); mf: biased matrix factorization; svdpp: adds implicit "
+                                "factors y_j of the items a user rated; bpmf: Bayesian MF by Gibbs sampling, one sweep "
+                                "per round; dpstats: private sufficient statistics, 2 or 3 releases (its defaults "
+                                "and rounds are a rule of epsilon). docs/design.md lists what each sends.",
+                        ("auto", *MODELS))
     dim: int = _model(-1, f"Embedding size K of users and items; -1: the algorithm's own ({BPMF_DIM} for bpmf, "
                           f"{_HYPER.dim} otherwise; chosen on validation).")
     reg_user: float = _model(-1.0, _reg_help("user embeddings", "reg_user"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # mf: biased MF; svdpp: adds the implicit factors y_j of the items a user rated (models/svdpp.py);
-# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py)
-MODELS = ("mf", "svdpp", "bpmf")
+# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py); dpstats: private sufficient statistics (models/dpstats.py)
+MODELS = ("mf", "svdpp", "bpmf", "dpstats")
 
 # L2 per rating as (ratings, implicit feedback): the losses differ in scale, so each has its own.
 # Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
@@ -43,6 +43,7 @@ class Hyper:
     recency_weight: float = 16.0  # 0: off
     bpmf_alpha: float = 1.5  # BPMF: precision of the rating noise
     burn_in: int = 20  # BPMF: rounds whose samples are not averaged into the model
+    epsilon: float = 0.0  # the run's target epsilon (0: not private, or z by hand): public, for defaults ruled by it
 
 
 

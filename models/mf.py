@@ -223,7 +223,8 @@ class MF(Algorithm):
         return torch.as_tensor(np.clip(guess, ratings.min(), ratings.max()), dtype=torch.float32)
 
     # ------------------------------------------------------------------ server
-    def server_step(self, state: FactorServer, sums: dict[str, torch.Tensor], weight: float, round_: int) -> None:
+    def server_step(self, state: FactorServer, sums: dict[str, torch.Tensor], weight: float, round_: int,
+                    noise_std: float = 0.0) -> None:
         """The mean change over the round's users (`weight`), applied by the server optimizer."""
         state.optimizer.step({name: (sums[name] / max(weight, 1.0)).float() for name in state.params})
 

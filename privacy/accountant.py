@@ -14,6 +14,17 @@ We call it directly because every round here is the same event, so epsilon after
 is one composition of r copies (constant time), whereas Flower's ledger replays each
 round's composition on every query (quadratic over a run; minutes at 60 rounds). It also
 gives PLD, usually tighter, and calibrate_dp_mechanism to find z for a target epsilon.
+
+Releases of unequal weight: an algorithm with few rounds that carry unequal shares of the budget
+declares each round's weight w_r (summing to 1). One z is calibrated for the target on their
+composition, round r is noised with z_r = z / sqrt(w_r), and the accountant composes the rounds'
+events exactly (for Gaussians, z^-2 = sum_r z_r^-2: the same epsilon as one release in noise z).
+
+Full participation (every user in every round, central or distributed DP): nobody is sampled, so the
+neighbouring relation is zero-out (dp-accounting's REPLACE_SPECIAL): a user's data replaced by
+nothing, its device still answering with zeros (plus its noise share), so who answers does not depend
+on the data; the sum moves by at most C, each round is Gaussian(z_r), and since the server learns no
+more than readers do (it knows the participants: everyone), epsilon against the server is epsilon.
 """
 
 from __future__ import annotations
@@ -48,6 +59,28 @@ class PrivacyPlan:
     accountant: str  # "rdp" or "pld"
     max_rounds: int = 0  # local and distributed DP: rounds a user may take part in (its devices enforce it)
     calibrated: bool = False  # z was calibrated to a target epsilon (else set by hand)
+    weights: tuple[float, ...] = ()  # releases of unequal weight w_r (sum 1), one per round; (): every round alike
+
+    @property
+    def full_participation(self) -> bool:
+        """Every user takes part in every round (no sampling to amplify, nothing for the server to choose)."""
+        return self.sample_size >= self.population and self.sampling == "fixed" and self.mode != "local"
+
+    def round_z(self, release: int, z: float | None = None) -> float:
+        """Noise multiplier of the `release`-th round (1-based): z / sqrt(w_r) for releases of unequal weight."""
+        z = self.noise_multiplier if z is None else z
+        if not self.weights:
+            return z
+        return z / math.sqrt(self.weights[min(release, len(self.weights)) - 1])
+
+    def round_noise_std(self, release: int) -> float:
+        """Std of the round's Gaussian noise per coordinate, on the sum (central) or per user (local)."""
+        return self.round_z(release) * self.clipping_norm
+
+    @property
+    def widest_z(self) -> float:
+        """The largest of the rounds' noise multipliers (what sizes SecAgg+'s range)."""
+        return max(self.round_z(r) for r in range(1, len(self.weights) + 1)) if self.weights else self.noise_multiplier
 
     @property
     def rate(self) -> float:
@@ -66,12 +99,18 @@ class PrivacyPlan:
     def server_epsilon(self, rounds_taken: int) -> float:
         """Distributed DP against the server: it chose who takes part, so no amplification;
         each of a user's rounds is a Gaussian release of its clipped update (replace-one,
-        sensitivity 2C) in noise z C, composed over the rounds it took part in (capped)."""
+        sensitivity 2C) in noise z C, composed over the rounds it took part in (capped).
+        With full participation it chose nobody: the zero-out relation holds against it as
+        against readers, and its epsilon is the release's."""
+        if self.full_participation:
+            return self.epsilon(rounds_taken)
         return dataclasses.replace(self, mode="local").epsilon(min(rounds_taken, self.max_rounds or rounds_taken))
 
     def event(self, z: float | None = None) -> dp_event.DpEvent:
         """One round's DpEvent in dp-accounting's terms."""
         z = self.noise_multiplier if z is None else z
+        if self.full_participation:
+            return dp_event.GaussianDpEvent(z)  # zero-out: the sum moves by at most C
         if self.mode == "local":
             return dp_event.GaussianDpEvent(z / 2)
         if self.sampling == "poisson":
@@ -79,9 +118,17 @@ class PrivacyPlan:
         return dp_event.SampledWithoutReplacementDpEvent(self.population, self.sample_size,
                                                          dp_event.GaussianDpEvent(z / 2))
 
+    def composed(self, rounds: int, z: float | None = None) -> dp_event.DpEvent:
+        """The first `rounds` releases: copies of one event, or each round's own for unequal weights."""
+        if not self.weights:
+            return dp_event.SelfComposedDpEvent(self.event(z), rounds)
+        return dp_event.ComposedDpEvent([self.event(self.round_z(r, z)) for r in range(1, rounds + 1)])
+
     def _relation(self):
-        add_remove = self.mode != "local" and self.sampling == "poisson"
         relation = dp_accounting.NeighboringRelation
+        if self.full_participation:
+            return relation.REPLACE_SPECIAL
+        add_remove = self.mode != "local" and self.sampling == "poisson"
         return relation.ADD_OR_REMOVE_ONE if add_remove else relation.REPLACE_ONE
 
     def fresh_accountant(self):
@@ -94,7 +141,7 @@ class PrivacyPlan:
         if rounds <= 0:
             return 0.0
         accountant = self.fresh_accountant()
-        accountant.compose(self.event(z), rounds)
+        accountant.compose(self.composed(rounds, z))
         return float(accountant.get_epsilon(self.delta))
 
     def calibrate(self, target_epsilon: float, rounds: int) -> float:
@@ -106,7 +153,7 @@ class PrivacyPlan:
         if self.epsilon(rounds, high) > target_epsilon:
             raise ValueError(f"epsilon {target_epsilon} is out of reach in {rounds} rounds even with z={high}")
         return float(dp_accounting.calibrate_dp_mechanism(
-            self.fresh_accountant, lambda z: dp_event.SelfComposedDpEvent(self.event(z), rounds),
+            self.fresh_accountant, lambda z: self.composed(rounds, z),
             target_epsilon, self.delta, dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
 
 

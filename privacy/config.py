@@ -73,7 +73,8 @@ class PrivacyConfig:
         asked = {"dp": f"--dp {self.dp}" if self.dp != "none" else "",
                  "secure-aggregation": "--secure-aggregation" if self.secure_aggregation != "none" else "",
                  "decoys": "--update-mode padded" if self.update_mode == "padded" else "",
-                 "clipping": "--clipping-norm" if self.clipping_norm != 0 else ""}
+                 "clipping": "--clipping-norm" if self.clipping_norm != 0 else "",
+                 "local-dp": "--dp local" if self.dp == "local" else ""}
         return {mechanism: flag for mechanism, flag in asked.items() if flag}
 
     def device_policy(self, seed: int, noise_share: float = 0.0) -> DevicePolicy:

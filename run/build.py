@@ -49,7 +49,7 @@ def hyper(cfg: RunConfig) -> Hyper:
                  lr=cfg.lr, local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
                  init_std=cfg.init_std, seed=cfg.seed, recency_items=cfg.recency_items,
                  recency_decay=cfg.recency_decay, recency_weight=cfg.recency_weight, bpmf_alpha=cfg.bpmf_alpha,
-                 burn_in=burn_in(cfg.burn_in, cfg.rounds))
+                 burn_in=burn_in(cfg.burn_in, cfg.rounds), epsilon=cfg.target_epsilon if cfg.dp != "none" else 0.0)
 
 
 def burn_in(setting: int, steps: int) -> int:

@@ -44,7 +44,11 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
     # ------------------------------------------------------------------ the model the run trains
     def asked(self) -> dict[str, str]:
         """The privacy mechanisms and the participation the run asks for, each with its flag."""
+        from fedrec.models.registry import algorithm_class
+
         asked = self.part(PrivacyConfig).mechanisms()
+        if self.model != "auto" and self.clipping_norm == algorithm_class(self.model).bounded_norm:
+            asked.pop("clipping", None)  # the algorithm's own bound, filled in when resolved: not asked for
         if self.partial:
             asked["partial-participation"] = ("--users-per-round" if self.users_per_round else "--sampling poisson")
         return asked
@@ -52,7 +56,17 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
     def resolved(self) -> RunConfig:
         """The algorithm --model auto picks, and the algorithm's own defaults where the run says -1."""
         name = self.auto_model() if self.model == "auto" else self.model
-        return dataclasses.replace(self, model=name, **model_defaults(self.part(ModelConfig), name, self.implicit))
+        resolved = dataclasses.replace(self, model=name, **model_defaults(self.part(ModelConfig), name, self.implicit))
+        from fedrec.models.registry import algorithm_class
+
+        # an algorithm of few releases of unequal weight runs exactly that many rounds (epochs centrally)
+        cls = algorithm_class(name)
+        weights = cls.release_weights(self.target_epsilon if self.dp != "none" else 0.0)
+        if weights:
+            resolved = dataclasses.replace(resolved, rounds=len(weights), epochs=len(weights))
+        if cls.bounded_norm and self.clipping_norm == 0:  # its own bound: clipping then changes nothing
+            resolved = dataclasses.replace(resolved, clipping_norm=cls.bounded_norm)
+        return resolved
 
     def auto_model(self) -> str:
         from fedrec.models.registry import auto
@@ -75,9 +89,11 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
     # ------------------------------------------------------------------ validation
     def validate(self) -> RunConfig:
         self.check_values()
+        # an algorithm that bounds its own statistics fills in --clipping-norm (resolved): check with its C
+        checked = dataclasses.replace(self, clipping_norm=self.resolved().clipping_norm)
         for kind in PARTS:  # each part on its own, then what spans parts
-            getattr(kind, f"check_{kind.__name__.removesuffix('Config').lower()}")(self)
-        if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed":
+            getattr(kind, f"check_{kind.__name__.removesuffix('Config').lower()}")(checked)
+        if self.dp == "central" and self.accountant == "pld" and self.sampling == "fixed" and self.partial:
             raise ConfigError("--accountant pld does not support fixed-size sampling (replace-one); "
                               "use --sampling poisson or --accountant rdp")
         self._check_refusals()
@@ -100,6 +116,9 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
         for mechanism, flag in self.asked().items():
             if mechanism in cls.refuses:
                 raise ConfigError(f"--model {name} refuses {flag}: {cls.refuses[mechanism]}")
+        if cls.bounded_norm and self.clipping_norm not in (0.0, cls.bounded_norm):
+            raise ConfigError(f"--model {name} bounds each user's statistics at norm {cls.bounded_norm:g} itself; "
+                              f"leave --clipping-norm unset (or {cls.bounded_norm:g})")
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod

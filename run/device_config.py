@@ -75,6 +75,8 @@ class DeviceConfig:
 
 
 _MISSING = object()
+NOISE_SHARE_KEY = "policy.noise_std"
+"""The key of a device's noise share in its config record: a round of unequal weight overrides it."""
 
 
 def round_config(cfg: RunConfig, round_: int, users, noise_share: float = 0.0) -> dict[str, Any]:

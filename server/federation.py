@@ -35,6 +35,7 @@ from fedrec.privacy.noise import add_central_noise
 from fedrec.privacy.upload import scatter
 from fedrec.run import schema
 from fedrec.run.config import ConfigError, RunConfig
+from fedrec.run.device_config import NOISE_SHARE_KEY
 
 from .directory import NodeDirectory
 from .robust import reply_scales
@@ -83,6 +84,8 @@ class Federation:
         # users `fedrec forget` removed: drawn like everyone, then dropped, so the others' draws do not change
         self.excluded: np.ndarray | None = None
         self._epsilons: dict[int, float] = {}  # composition count -> epsilon; the budget check and the ledger share it
+        # distributed DP: each user's noise share in the release-th round (set by the runner from SecAgg+'s sizing)
+        self.device_noise: Callable[[int], float] | None = None
 
     # ---------------------------------------------------------------- privacy budget
     def epsilon_after(self, releases: int, participation_max: int) -> float:
@@ -167,6 +170,8 @@ class Federation:
             node_config = ConfigRecord(dict(config))
             node_config[schema.ROUND] = server_round
             node_config[schema.USERS] = [int(u) for u in node_users]
+            if self.device_noise is not None:  # releases of unequal weight: this round's share (z_r, not z)
+                node_config[NOISE_SHARE_KEY] = self.device_noise(self.rounds_trained + 1)
             self._sent[node_id] = len(node_users)
             messages.append(Message(RecordDict({schema.ARRAYS: arrays, schema.CONFIG: node_config}),
                                     dst_node_id=node_id, message_type=MessageType.TRAIN))
@@ -264,14 +269,27 @@ class Federation:
             return total, max(users, 1.0)
         if self.privacy.mode == "central":
             rng = private_rng("central-noise", self.cfg.seed if self.cfg.reproducible_noise else None, server_round)
-            total = add_central_noise(total, self.privacy.noise_std, rng)
+            total = add_central_noise(total, self.privacy.round_noise_std(self.rounds_trained), rng)
         if self.privacy.mode in ("central", "distributed"):
             return total, float(self.privacy.sample_size)
         return total, max(users, 1.0)
 
+    def sum_noise_std(self) -> float:
+        """The std per coordinate of the noise in this round's released sum (0 without DP): public, from the
+        plan and the expected number of users, never from who answered. Algorithms whose regularization
+        knows the noise level read it (server_step's noise_std)."""
+        if self.privacy is None:
+            return 0.0
+        if self.privacy.mode == "central":
+            return self.privacy.round_noise_std(self.rounds_trained)
+        if self.privacy.mode == "distributed" and self.device_noise is not None:
+            return self.device_noise(self.rounds_trained) * float(np.sqrt(self.privacy.sample_size))
+        return self.privacy.round_noise_std(self.rounds_trained) * float(np.sqrt(self.privacy.sample_size))
+
     def step(self, server_round: int, total: dict[str, np.ndarray], weight: float) -> None:
         """Step 5: the algorithm's server step; a non-finite result stops the run with a hint."""
-        self.algorithm.server_step(self.state, {k: torch.as_tensor(v) for k, v in total.items()}, weight, server_round)
+        self.algorithm.server_step(self.state, {k: torch.as_tensor(v) for k, v in total.items()}, weight, server_round,
+                                   noise_std=self.sum_noise_std())
         if not all(np.isfinite(v).all() for v in self.state.broadcast().values()):
             raise ConfigError(f"training diverged in round {server_round} (non-finite shared parameters); "
                               f"lower --server-lr ({self.cfg.server_lr}) or --lr ({self.cfg.lr}), or use "

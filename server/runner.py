@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
 
+from fedrec.models.registry import algorithm_class
 from fedrec.privacy.accountant import PrivacyPlan, participation_cap
 from fedrec.privacy.guarantee import describe
 from fedrec.privacy.ledger import DP_ROUND_KEYS, WithheldLogLines, is_evaluation, release_ledger
@@ -53,8 +54,12 @@ def privacy_plan(cfg: RunConfig, population: int) -> tuple[RunConfig, PrivacyPla
         cap = cfg.max_rounds_per_user or participation_cap(cfg.rounds, sample / population, population)
         cap = min(cap, cfg.rounds)
         cfg = dataclasses.replace(cfg, max_rounds_per_user=cap)
+    weights = tuple(algorithm_class(cfg.resolved().model).release_weights(cfg.target_epsilon) or ())
+    if weights and cfg.dp == "local":
+        raise ConfigError(f"--dp local with --model {cfg.model}: its {len(weights)} releases carry unequal shares of "
+                          "the budget, which local noise cannot give; use --dp central or --dp distributed")
     plan = PrivacyPlan(cfg.dp, cfg.noise_multiplier, cfg.clipping_norm, cfg.sampling, sample, population,
-                       cfg.target_delta, cfg.accountant, max_rounds=cap)
+                       cfg.target_delta, cfg.accountant, max_rounds=cap, weights=weights)
     if plan.noise_multiplier <= 0:
         rounds = cap if cfg.dp == "local" else cfg.rounds  # distributed: calibrated as central DP
         z = plan.calibrate(cfg.target_epsilon, rounds) + 1e-3  # Brent's tolerance is 1e-4: stay inside
@@ -91,11 +96,25 @@ def privacy_summary(cfg: RunConfig, plan: PrivacyPlan | None, federation: Federa
         summary["epsilon_per_round"] = plan.epsilon(1)
         summary["max_rounds_per_user"] = plan.max_rounds
         summary["epsilon_at_cap"] = plan.epsilon(plan.max_rounds)
+    summary["neighbouring_relation"] = relation_of(plan)
+    if plan.weights:
+        summary["release_weights"] = list(plan.weights)
+        summary["noise_multiplier_per_round"] = [plan.round_z(r) for r in range(1, len(plan.weights) + 1)]
     if plan.mode == "distributed":
         summary["max_rounds_per_user"] = plan.max_rounds
         summary["epsilon_against_server"] = server_epsilon
         summary["epsilon_against_server_at_cap"] = plan.server_epsilon(plan.max_rounds)
     return summary
+
+
+def relation_of(plan: PrivacyPlan) -> str:
+    """The neighbouring relation epsilon is for, in words (docs/privacy.md explains each)."""
+    if plan.full_participation:
+        return ("zero-out: a user's ratings replaced by none (its device still answers with zeros); every user "
+                "takes part in every round")
+    if plan.mode != "local" and plan.sampling == "poisson":
+        return "add-or-remove one user (Poisson sampling)"
+    return "replace one user"
 
 
 @dataclass
@@ -140,7 +159,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
                               "start more nodes or set --users-per-node")
         secure = secagg_setup(cfg, len(directory.node_ids), int(directory.num_users.max()),
                               coordinates(algorithm, directory.num_items),
-                              plan.noise_multiplier if plan else 0.0,
+                              plan.widest_z if plan else 0.0,  # unequal releases: the widest round's noise
                               cfg.users_per_round or directory.population, directory.population)
         if plan is not None:  # quantization can move the sum a little further than C: account for it
             plan = dataclasses.replace(plan, clipping_norm=secure.sensitivity)
@@ -178,6 +197,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             on_round(row)
 
     federation = Federation(cfg, algorithm, server_state, directory, on_round=round_done, audit=record, privacy=plan)
+    if secure is not None and plan is not None and plan.mode == "distributed":  # each round's share follows its z_r
+        federation.device_noise = lambda release: secure.noise_share_std * plan.round_z(release) / plan.widest_z
     state = RunState(out, {"mode": "federated", "dataset": cfg.dataset, "split": cfg.split,
                            "model": cfg.model, "model_reason": cfg.model_reason(),
                            **({"burn_in": hyper(cfg).burn_in} if "burn_in" in algorithm.settings_read else {}),

@@ -84,8 +84,8 @@ def test_every_command_builds_and_documents_its_flags_with_defaults():
 
 
 def test_privacy_flags_are_checked_before_any_work(tmp_path):
-    code, output = _error(["simulate", "--dp", "central", "--clipping-norm", "0", "--noise-multiplier", "1",
-                           "--out", str(tmp_path / "x")])
+    code, output = _error(["simulate", "--model", "mf", "--dp", "central", "--clipping-norm", "0",
+                           "--noise-multiplier", "1", "--out", str(tmp_path / "x")])
     assert code == 2 and "needs --clipping-norm > 0" in output
     code, output = _error(["privacy-sweep", "--epsilons", "1,a", "--clipping-norm", "0.1"])
     assert code == 2 and "comma-separated list" in output

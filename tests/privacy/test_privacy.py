@@ -110,7 +110,7 @@ def test_every_users_upload_norm_is_at_most_the_clipping_norm(small_cfg):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(dp="central", clipping_norm=1.0), "needs --noise-multiplier > 0 or --target-epsilon"),
-    (dict(dp="central", noise_multiplier=1.0), "needs --clipping-norm > 0"),
+    (dict(dp="central", noise_multiplier=1.0, model="mf"), "needs --clipping-norm > 0"),
     (dict(dp="local", noise_multiplier=1.0, clipping_norm=0.0), "needs --clipping-norm > 0"),
     (dict(dp="none", noise_multiplier=1.0), "dp is 'none'"),
     (dict(dp="central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=1.0), "target-delta"),
@@ -150,7 +150,7 @@ def test_dp_noise_is_fresh_by_default_even_for_the_same_seed(small_cfg):
 @pytest.mark.parametrize("settings,message", [
     (dict(dp="local", update_mode="sparse"), "use --update-mode dense"),
     (dict(dp="local", update_mode="padded"), "use --update-mode dense"),
-    (dict(dp="central", accountant="pld", sampling="fixed"), "use --sampling poisson"),
+    (dict(dp="central", accountant="pld", sampling="fixed", users_per_round=10), "use --sampling poisson"),
 ])
 def test_settings_whose_guarantee_would_be_false_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
