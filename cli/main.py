@@ -420,15 +420,73 @@ def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
     return report
 
 
+_REPEATS = typer.Option(1, "--repeats", help="runs with seeds seed, seed+1, ... (and on ML-100K u1..u5, the next "
+                                              "folds), reported as mean and 95% interval; their federations run in "
+                                              "this process, sharing its start-up")
+
+
+def run_session_cli(cfg: RunConfig, label: str):
+    """A federation of a repeat (experiments/repeats.py federate_in_session), with a progress bar."""
+    from fedrec.experiments.repeats import federate_in_session
+
+    with _progress(cfg.rounds, label, timed=cfg.dp == "none") as progress:
+        task = progress.add_task(label, total=cfg.rounds, info="")
+        return federate_in_session(cfg, on_round=_tracker(progress, task, "round"))
+
+
+def compare_repeats_cli(cfg: RunConfig, count: int) -> None:
+    from fedrec.experiments.compare_repeats import describe_repeat, interval_table, run_compare_repeats
+    from fedrec.simulations.central import run_central
+
+    _quiet_engines()
+    state = {}
+
+    def on_repeat(rep) -> None:
+        state["label"] = f"{rep.index}/{count}"
+        console.print(describe_repeat(rep), highlight=False)
+        if rep.index == 1:
+            _announce(cfg, False, console)
+
+    def central_side(side_cfg: RunConfig):
+        with _progress(side_cfg.epochs, f"central {state['label']}") as progress:
+            task = progress.add_task("central", total=side_cfg.epochs, info="")
+            return run_central(side_cfg, on_epoch=_tracker(progress, task, "epoch"))
+
+    # A joined Ray cluster is Flower's engine's: there each federation is a run of its own.
+    federated_side = run_federated_cli if cfg.ray_address else \
+        (lambda side_cfg: run_session_cli(side_cfg, f"federated {state['label']}"))
+    report = run_compare_repeats(cfg, count, central_side, federated_side, on_repeat)
+    table = Table(title=f"central vs federated: {cfg.dataset}, {report['model']}, {count} repeats "
+                        "(mean ± 95% interval half-width)")
+    rows = interval_table(report["intervals_frame"], report["difference_frame"])
+    paired = rows.get("central - federated", {})
+    metrics = [m for m in dict.fromkeys(report["intervals_frame"]["metric"]) if m in paired]
+    table.add_column("run")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for side, values in rows.items():
+        table.add_row(side, *[values.get(m, "") for m in metrics])
+    out.print(table)
+    out.print(f"results in {report['run_dir']} (results.csv: one row per run and metric)")
+
+
 @cli.command()
 @_config_command
 def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="first choose each side's settings on "
                                                        "a validation split (as fedrec tune), then run with them"),
-            tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS) -> None:
+            tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS, repeats: int = _REPEATS) -> None:
     """Central and federated runs with the same model, split and seeds, side by side."""
     if tune:
         require("tune", "compare --tune")
     from fedrec.experiments.compare import run_compare
+    from fedrec.experiments.repeats import check_repeats
+
+    check_repeats(repeats)
+    if repeats > 1:
+        if tune:
+            raise ConfigError("--tune runs once: tune first (fedrec tune), then compare --repeats with --config "
+                              "of the chosen settings")
+        return compare_repeats_cli(cfg, repeats)
 
     if (tune_trials or tune_seconds) and not tune:
         raise ConfigError("--tune-trials and --tune-seconds apply with --tune; add --tune")
