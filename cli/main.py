@@ -531,13 +531,23 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
         0, help="users per SuperNode in the federated runs (1 = one user per node; 0 = auto cohorts)"),
         tune_trials: int = typer.Option(0, help="also tune the federated settings on validation, this many trials "
                                                "per data set, and score them against the peers (0: skip)"),
+        repeats: int = typer.Option(1, "--repeats", help="the whole benchmark with seeds seed, seed+1, ...: each "
+                                                         "case's mean and 95% interval; its federations run in "
+                                                         "this process, sharing its start-up"),
 ) -> None:
     """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
+    from fedrec.experiments.repeats import check_repeats
+
     if tune_trials < 0:
         raise ConfigError(f"--tune-trials must be >= 0 (got {tune_trials})")
+    check_repeats(repeats)
+    if tune_trials and repeats > 1:
+        raise ConfigError("--tune-trials runs once: drop --repeats, or tune first and pass the chosen settings")
     if tune_trials:
         require("tune", "accuracy --tune-trials")
     _quiet_engines()
+    if repeats > 1:
+        return accuracy_repeats_cli(cfg, repeats, users_per_node_federated)
     from fedrec.experiments.accuracy import run_accuracy
 
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
@@ -556,6 +566,22 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
         rows[f"{name} best peer"] = {"rmse": case["best_peer_rmse"]}
     _show("accuracy", rows)
     out.print(f"results in {report['run_dir']}/accuracy.json")
+
+
+def accuracy_repeats_cli(cfg: RunConfig, count: int, users_per_node: int) -> None:
+    from fedrec.experiments.accuracy_repeats import run_accuracy_repeats, table_rows
+
+    report = run_accuracy_repeats(cfg, count, users_per_node, log=lambda line: console.print(line, highlight=False))
+    rows = table_rows(report["intervals_frame"], report["difference_frame"])
+    metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
+    table = Table(title=f"accuracy, {count} repeats (mean ± 95% interval half-width)")
+    table.add_column("run")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for name, values in rows.items():
+        table.add_row(name, *[values.get(m, "") for m in metrics])
+    out.print(table)
+    out.print(f"results in {report['run_dir']}/accuracy.json (results.csv: one row per run and metric)")
 
 
 @cli.command()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -18,10 +20,14 @@ from fedrec.simulations.federated import simulate
 
 from .peers import peer_results
 
+# How a federated run is run: Flower's engine (simulate), or with --repeats in this process, shared by
+# every run (experiments/repeats.py). Set for a whole suite, so the helpers below keep their signatures.
+_FEDERATE: ContextVar[Callable | None] = ContextVar("federate", default=None)
+
 
 def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
     start = time.perf_counter()
-    outcome = simulate(dataclasses.replace(cfg, users_per_node=users_per_node))
+    outcome = (_FEDERATE.get() or simulate)(dataclasses.replace(cfg, users_per_node=users_per_node))
     metric = main_metric(cfg.implicit, cfg.top_k)
     rows = [r for r in outcome.history if metric in r]
     log(f"federated {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {time.perf_counter() - start:.1f} s")
@@ -35,7 +41,7 @@ def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
 def _central(cfg: RunConfig, log) -> dict:
     outcome = run_central(cfg, write=False)
     log(f"central {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {outcome.summary['train_seconds']:.2f} s")
-    return {"metrics": outcome.summary["metrics"], "epochs": cfg.epochs,
+    return {"metrics": outcome.summary["metrics"], "epochs": cfg.epochs, "model": outcome.summary["model"],
             "train_seconds": outcome.summary["train_seconds"], "wall_seconds": outcome.summary["wall_seconds"]}
 
 
@@ -84,6 +90,14 @@ def _tuned(cfg: RunConfig, trials: int, run_dir, users_per_node: int, log) -> di
 def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials: int = 0) -> dict:
     """`cfg` carries data-dir, out and any model settings; datasets and splits are fixed here."""
     run_dir = make_run_dir(cfg, "accuracy")
+    report = _suite(cfg, users_per_node, log, tune_trials, run_dir)
+    write_json(run_dir / "accuracy.json", report)
+    report["run_dir"] = str(run_dir)
+    return report
+
+
+def _suite(cfg: RunConfig, users_per_node: int, log, tune_trials: int, run_dir) -> dict:
+    """Every case once, with cfg's seed."""
     ml = dataclasses.replace(cfg, dataset="ml-100k", out="")
     report: dict = {"settings": cfg.resolved().to_dict(), "users_per_node": users_per_node, "cases": {}}
     report["cases"]["ml100k-u1-u5"] = _folds(ml, users_per_node, log)
@@ -119,6 +133,4 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials
         case["gap"] = {k: f[k] - c[k] for k in c if k in f and k != "train_loss"}
         if "rmse" in c:
             case["ratio_rmse"] = f["rmse"] / c["rmse"]
-    write_json(run_dir / "accuracy.json", report)
-    report["run_dir"] = str(run_dir)
     return report

@@ -109,3 +109,40 @@ def test_a_federation_in_session_trains_what_flowers_engine_trains(tmp_path):
     session = federate_in_session(dataclasses.replace(cfg, out=str(tmp_path / "session")))
     assert session.summary["metrics"] == pytest.approx(engine.summary["metrics"], rel=1e-9)
     assert all(np.allclose(session.model[k], engine.model[k], rtol=1e-6, atol=1e-7) for k in engine.model)
+
+
+def _fake_suite(cfg, users_per_node, log, tune_trials, run_dir):
+    """accuracy's cases as its report holds them, with values that depend on the seed."""
+    from fedrec.experiments import accuracy
+
+    assert accuracy._FEDERATE.get() is not None  # the repeats' federations run in this process
+    s = cfg.seed * 0.01
+
+    def pair(model, metrics):
+        return {"central": {"model": model, "metrics": metrics},
+                "federated": {"metrics": {k: v + 0.02 for k, v in metrics.items()}}}
+
+    folds = {f"u{k}": pair("bpmf", {"rmse": 0.9 + k * 0.001 + s}) | {"peers": {"SVD": {"rmse": 0.95, "mae": 0.7}}}
+             for k in range(1, 6)}
+    return {"cases": {"ml100k-u1-u5": {"folds": folds}, "ml100k-u1": folds["u1"],
+                      "ml100k-loo": pair("mf", {"hr@10": 0.6 + s, "ndcg@10": 0.35})}}
+
+
+def test_accuracy_repeats_write_one_row_per_run_and_metric_and_intervals_per_case(tmp_path, monkeypatch):
+    from fedrec.experiments import accuracy
+    from fedrec.experiments.accuracy_repeats import run_accuracy_repeats
+
+    monkeypatch.setattr(accuracy, "_suite", _fake_suite)
+    report = run_accuracy_repeats(RunConfig(out=str(tmp_path / "acc"), seed=3), 2, log=lambda line: None)
+    frame = pd.read_csv(tmp_path / "acc" / "results.csv")
+    assert list(frame.columns) == COLUMNS
+    # per repeat: 5 folds x (central and federated rmse, SVD's rmse and mae), leave-one-out's 2 sides x 2 metrics
+    assert len(frame) == 2 * (5 * 4 + 4) and sorted(frame["seed"].unique()) == [3, 4]
+    assert set(frame[frame.experiment == "ml100k-loo"]["fold"]) == {"loo"}
+    assert set(frame[frame.side == "peer"]["algorithm"]) == {"SVD"}
+    saved = json.loads((tmp_path / "acc" / "accuracy.json").read_text())
+    diff = {(r["experiment"], r["metric"]): r for r in saved["difference"]}
+    assert diff[("ml100k-loo", "hr@10")]["mean"] == pytest.approx(-0.02)
+    assert diff[("ml100k-u1-u5", "rmse")]["n"] == 10  # five folds in each of two repeats
+    assert (tmp_path / "acc" / "accuracy.png").stat().st_size > 0 and len(saved["runs"]) == 2
+    assert report["intervals_frame"]["n"].min() == 2
