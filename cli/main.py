@@ -628,6 +628,59 @@ def bench(cfg: RunConfig,
 
 
 @cli.command()
+def experiment(file: Path = typer.Argument(..., help="the grid: a TOML file (examples/ holds the docs' grids)"),
+               out_dir: str = typer.Option("", "--out", help="where results go [default: runs/experiment-<time>]; "
+                                                             "a finished or stopped grid's OUT resumes it"),
+               data_dir: str = typer.Option("", "--data-dir", help="data root, over the file's data-dir")) -> None:
+    """Run a grid of algorithms x settings x repeats: one tidy results.csv, a plot per axis with
+    reference lines. Each cell's result is kept as it finishes: run the same command again to resume."""
+    run_dir = None
+    try:
+        from fedrec.experiments.grid import read_grid
+        from fedrec.experiments.grid_run import run_grid
+
+        grid = read_grid(file, data_dir)
+        _fetch_data(grid.base)
+        _quiet_engines()
+        with _progress(len(grid.cells), "grid") as progress:
+            task = progress.add_task("grid", total=len(grid.cells), info="")
+
+            def on_cell(cell, status: str) -> None:
+                _raise_if_interrupted()
+                progress.update(task, advance=status != "running", info=cell.key if status == "running" else "")
+
+            report = run_grid(grid, out_dir, str(file.resolve()), on_cell)
+        run_dir = report["run_dir"]
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to resume (finished cells are kept)",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+    frame = report["frame"]
+    from fedrec.experiments.stats import interval_text, summarize
+
+    metric = main_metric_of(grid)
+    table = Table(title=f"{grid.name}: {metric}, mean ± 95% interval half-width")
+    by = ["algorithm", "side", *grid.axes]
+    rows = summarize(frame[frame["metric"] == metric], by=[c for c in by if c in frame])
+    for column in (*by, "n", metric):
+        table.add_column(column, justify="right")
+    for row in rows.to_dict("records"):
+        table.add_row(*[("" if row[c] != row[c] else str(row[c])) for c in (*by, "n")],
+                      interval_text(row["mean"], row["low"], row["high"]))
+    out.print(table)
+    note = " (resumed)" if report["resumed"] else ""
+    out.print(f"results in {run_dir}/results.csv{note}; plots: {', '.join(p.name for p in report['plots'])}")
+
+
+def main_metric_of(grid) -> str:
+    from fedrec.run.rundir import main_metric
+
+    return main_metric(grid.base.implicit, grid.base.top_k)
+
+
+@cli.command()
 @_config_command
 def partition(cfg: RunConfig, nodes: int = typer.Option(
         0, min=0, help="shards to cut (0: as many as simulate would use with --users-per-node)")) -> None:
