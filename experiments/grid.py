@@ -12,9 +12,10 @@
     [grid]                            # axes: every combination is a cell
     target-epsilon = [1, 2, 4, 8, 16]
 
-A cell is one run: an algorithm, one value per axis, one repeat. The references run the base settings
-without the grid's axes and without privacy (no DP, clipping or SecAgg+): "central" the central
-baseline, "non-private" the federated run. Every cell is checked before any runs.
+A cell is one run: an algorithm, one value per axis, one repeat. The references run without privacy
+(no DP, clipping or SecAgg+): "central" the central baseline, on each value of the axes it reads
+(not the privacy or federated-only ones: its runs would be the same); "non-private" the federated
+run, on each value of the axes other than the privacy ones. Every cell is checked before any runs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import hashlib
 import itertools
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fedrec.run.config import ConfigError, RunConfig
+from fedrec.privacy.config import PrivacyConfig
+from fedrec.run.config import CENTRAL_SETTINGS, ConfigError, RunConfig
 
 from .repeats import Repeat, repeats
 
@@ -107,16 +109,29 @@ def read_grid(path: Path, data_dir: str = "") -> Grid:
     return Grid(str(data.get("name") or Path(path).stem), digest, axes, cells, base)
 
 
+def reference_axes(kind: str, axes: dict) -> dict:
+    """The axes a reference follows: central, the settings central training reads; the non-private
+    federated run, every setting but the privacy ones."""
+    reads = CENTRAL_SETTINGS if kind == "central" else {f.name for f in fields(RunConfig)}
+    private = {f.name for f in fields(PrivacyConfig)}
+    return {k: v for k, v in axes.items() if k.replace("-", "_") in reads - private}
+
+
 def _cells(base: RunConfig, algorithms: list[str], axes: dict, count: int, references: list[str]) -> list[Cell]:
-    cells = []
+    cells, seen = [], set()
     for algorithm in algorithms:
         model = dataclasses.replace(base, model=algorithm)
         for values in itertools.product(*axes.values()):
             chosen = dict(zip(axes, values))
             cfg = RunConfig.from_mapping(chosen, model)
             cells += [Cell("federated", algorithm, chosen, rep) for rep in repeats(cfg, count)]
-        plain = dataclasses.replace(model, **NON_PRIVATE)
-        cells += [Cell(kind, algorithm, {}, rep) for kind in references for rep in repeats(plain, count)]
+            for kind in references:
+                follows = reference_axes(kind, chosen)
+                if (kind, algorithm, tuple(follows.items())) in seen:
+                    continue
+                seen.add((kind, algorithm, tuple(follows.items())))
+                plain = dataclasses.replace(RunConfig.from_mapping(follows, model), **NON_PRIVATE)
+                cells += [Cell(kind, algorithm, follows, rep) for rep in repeats(plain, count)]
     return cells
 
 

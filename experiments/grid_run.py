@@ -25,7 +25,7 @@ from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .grid import Cell, Grid
 from .repeats import federate_in_session
-from .stats import COLUMNS, summarize, tidy
+from .stats import COLUMNS, summarize, t_interval, tidy
 
 
 def grid_dir(grid: Grid, out: str) -> tuple[Path, bool]:
@@ -116,10 +116,10 @@ def plot_grid(grid: Grid, frame: pd.DataFrame, root: Path) -> list[Path]:
             label = ", ".join([f"{key[0]} federated", *(f"{a} {v}" for a, v in zip(others, key[1:]))])
             ax.errorbar(line[axis], line["mean"], yerr=(line["mean"] - line["low"]).fillna(0), marker="o",
                         capsize=3, label=label)
-        refs = summarize(data[data["side"] != "federated"], by=["algorithm", "side"])
-        for r, style in zip(refs.itertuples(), itertools.cycle(("--", ":", "-."))):
-            ax.axhline(r.mean, color="gray" if r.side == "non-private" else "black", linestyle=style,
-                       label=f"{r.algorithm} {r.side} ({r.mean:.4f})")
+        styles = itertools.cycle(("--", ":", "-."))
+        for (algorithm, side), group in data[data["side"] != "federated"].groupby(["algorithm", "side"], sort=False):
+            _reference(ax, group, axis, [a for a in grid.axes if group[a].notna().any()], f"{algorithm} {side}",
+                       dict(color="gray" if side == "non-private" else "black", linestyle=next(styles)))
         if axis in ("target-epsilon", "noise-multiplier"):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(axis)
@@ -133,3 +133,21 @@ def plot_grid(grid: Grid, frame: pd.DataFrame, root: Path) -> list[Path]:
         plt.close(fig)
         made.append(path)
     return made
+
+
+def _reference(ax, group: pd.DataFrame, axis: str, follows: list[str], name: str, style: dict) -> None:
+    """A reference's mean: a curve where it follows the plotted axis, else a horizontal line (one per
+    value of the other axes it follows)."""
+    others = [a for a in follows if a != axis]
+    if not follows:
+        mean = t_interval(group["value"])[0]
+        ax.axhline(mean, label=f"{name} ({mean:.4f})", **style)
+        return
+    points = summarize(group, by=follows)
+    for key, line in (points.groupby(others, sort=False) if others else [((), points)]):
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join([name, *(f"{a} {v}" for a, v in zip(others, key))])
+        if axis in follows:
+            ax.plot(line[axis], line["mean"], label=label, **style)
+        else:
+            ax.axhline(float(line["mean"].mean()), label=f"{label} ({float(line['mean'].mean()):.4f})", **style)
