@@ -97,6 +97,8 @@ def read_grid(path: Path, data_dir: str = "") -> Grid:
                               + ("; list the models in algorithms" if name == "model" else ""))
     try:
         base = RunConfig.from_mapping(settings | ({"data-dir": data_dir} if data_dir else {}))
+        for algorithm in algorithms:
+            dataclasses.replace(base, model=algorithm).check_values()  # a name --model knows
         for name, values in axes.items():
             for value in values:
                 RunConfig.from_mapping({name: value}, base)
