@@ -3,6 +3,9 @@ console (no per-round log lines, no deprecation banner)."""
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pandas as pd
 import pytest
 
@@ -12,6 +15,17 @@ from fedrec.run.config import ConfigError
 
 SMALL = dict(synthetic_users=40, synthetic_items=30, synthetic_density=0.25, model="mf", dim=4, rounds=2, epochs=2,
              eval_every=2)
+
+
+@pytest.fixture(autouse=True)
+def flower_logs_rounds(monkeypatch, capfd):
+    """Flower's console log at its own default, INFO, on this test's stderr (a CLI test before may have
+    quietened it for the process, or imported Flower while CliRunner held stderr); capfd first, so that
+    sys.stderr is the one it captures."""
+    from flwr.supercore.logger import console_handler
+
+    monkeypatch.setattr(console_handler, "level", logging.INFO)
+    monkeypatch.setattr(console_handler, "stream", sys.stderr)
 
 
 def _flower_free(text: str) -> None:

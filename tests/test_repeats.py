@@ -146,3 +146,16 @@ def test_accuracy_repeats_write_one_row_per_run_and_metric_and_intervals_per_cas
     assert diff[("ml100k-u1-u5", "rmse")]["n"] == 10  # five folds in each of two repeats
     assert (tmp_path / "acc" / "accuracy.png").stat().st_size > 0 and len(saved["runs"]) == 2
     assert report["intervals_frame"]["n"].min() == 2
+
+
+def test_accuracy_with_repeats_runs_its_federations_in_session(tmp_path):
+    from fedrec.experiments import accuracy
+
+    cfg = RunConfig.from_mapping({k.lstrip("-"): v for k, v in zip(SMALL[::2], SMALL[1::2])})
+    token = accuracy._FEDERATE.set(lambda c: federate_in_session(dataclasses.replace(c, out=str(tmp_path / "f"))))
+    try:
+        case = accuracy._fed(cfg, 0, log=lambda line: None)
+    finally:
+        accuracy._FEDERATE.reset(token)
+    assert case["num_nodes"] == 2 and 0 < case["metrics"]["rmse"] < 2 and case["curve"][-1]["round"] == 4
+    assert (tmp_path / "f" / "summary.json").is_file()
