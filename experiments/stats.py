@@ -42,9 +42,10 @@ def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple
 
 
 def summarize(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Mean, 95% interval and count of `value` per group (default: everything but repeat, seed, fold
-    and value), one row per group, in first-seen order."""
-    by = by or [c for c in frame.columns if c not in ("repeat", "seed", "fold", "value")]
+    """Mean, 95% interval and count of `value` per group (default: every column but what differs
+    between repeats, and the epsilon a DP run spent, an outcome like the value), one row per group,
+    in first-seen order."""
+    by = by or [c for c in frame.columns if c not in ("repeat", "seed", "fold", "value", "epsilon")]
     rows = []
     for key, group in frame.groupby(by, sort=False, dropna=False):
         mean, low, high = t_interval(group["value"])
