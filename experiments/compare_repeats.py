@@ -73,7 +73,7 @@ def comparison_lines(cfg: RunConfig, runs: list[dict], intervals: pd.DataFrame, 
     metrics = [m for m in dict.fromkeys(intervals["metric"]) if m in table.get(paired, {})]
     lines += [f"| metric | central | federated | {paired} (paired) |", "|---|---|---|---|"]
     lines += [f"| {m} | {table['central'][m]} | {table['federated'][m]} | {table[paired][m]} |" for m in metrics]
-    labels = [dp_label(r["privacy"]) for r in runs]
+    labels = list(dict.fromkeys(dp_label(r["privacy"]) for r in runs))
     if any(labels):
         lines += ["", f"Federated runs' privacy, each: {'; '.join(labels)}. The repeats train on the same users' "
                       f"data: together they release {len(runs)} models, whose privacy losses compose (at most the "
