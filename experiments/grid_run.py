@@ -3,7 +3,8 @@
     OUT/grid.json         the grid's name, digest and file: a rerun with another grid is refused
     OUT/cells/<cell>.json one finished cell (written atomically as it finishes: a rerun skips it)
     OUT/runs/<cell>/      a federated cell's run directory
-    OUT/results.csv       one row per run and metric (experiments/stats.py columns, plus the axes)
+    OUT/results.csv       one row per run and metric (experiments/stats.py columns, plus the axes and,
+                          for a DP run, the epsilon it spent and its noise multiplier)
     OUT/<metric>_vs_<axis>.png  per axis: mean and 95% interval per algorithm, the references as lines
 
 The federations run in this process, one after another (experiments/repeats.py federate_in_session).
@@ -25,7 +26,7 @@ from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .grid import Cell, Grid
 from .repeats import federate_in_session
-from .stats import COLUMNS, summarize, t_interval, tidy
+from .stats import COLUMNS, SPENT, summarize, t_interval, tidy
 
 
 def grid_dir(grid: Grid, out: str) -> tuple[Path, bool]:
@@ -78,7 +79,8 @@ def run_cell(cell: Cell, run_dir: Path, on_round=None) -> dict:
     privacy = summary.get("privacy", {})
     return {"kind": cell.kind, "algorithm": cell.algorithm, "axes": cell.axes, "repeat": cell.repeat.index,
             "seed": cell.repeat.seed, "fold": cell.repeat.fold, "metrics": summary["metrics"],
-            "epsilon": privacy.get("epsilon"), "model": summary.get("model")}
+            "epsilon": privacy.get("epsilon"), "noise_multiplier": privacy.get("noise_multiplier"),
+            "model": summary.get("model")}
 
 
 def results(grid: Grid, root: Path) -> pd.DataFrame:
@@ -91,8 +93,8 @@ def results(grid: Grid, root: Path) -> pd.DataFrame:
         done = json.loads(path.read_text())
         axes = {name: done["axes"].get(name) for name in grid.axes}
         rows += tidy(grid.name, done["algorithm"], done["kind"], done["repeat"], done["seed"], done["fold"],
-                     done["metrics"], **axes, epsilon=done["epsilon"])
-    columns = [*COLUMNS[:6], *grid.axes, "epsilon", *COLUMNS[6:]]
+                     done["metrics"], **axes, epsilon=done["epsilon"], noise_multiplier=done["noise_multiplier"])
+    columns = [*COLUMNS[:6], *grid.axes, *SPENT, *COLUMNS[6:]]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 COLUMNS = ["experiment", "algorithm", "side", "repeat", "seed", "fold", "metric", "value"]
 CONFIDENCE = 0.95
+SPENT = ["epsilon", "noise_multiplier"]  # what a DP run spent: outcomes, like the value, not settings to group by
 
 
 def tidy(experiment: str, algorithm: str, side: str, repeat: int, seed: int, fold: str, metrics: dict,
@@ -45,7 +46,7 @@ def summarize(frame: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Mean, 95% interval and count of `value` per group (default: every column but what differs
     between repeats, and the epsilon a DP run spent, an outcome like the value), one row per group,
     in first-seen order."""
-    by = by or [c for c in frame.columns if c not in ("repeat", "seed", "fold", "value", "epsilon")]
+    by = by or [c for c in frame.columns if c not in ("repeat", "seed", "fold", "value", *SPENT)]
     rows = []
     for key, group in frame.groupby(by, sort=False, dropna=False):
         mean, low, high = t_interval(group["value"])

@@ -52,11 +52,13 @@ def test_a_tiny_grid_writes_one_tidy_csv_and_a_plot_per_axis(tmp_path):
     result = _run(_grid(tmp_path), tmp_path / "out")
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert list(frame.columns) == [*COLUMNS[:6], "target-epsilon", "epsilon", "metric", "value"]
+    assert list(frame.columns) == [*COLUMNS[:6], "target-epsilon", "epsilon", "noise_multiplier", "metric", "value"]
     assert len(frame) == CELLS * 2 + 2  # rmse and mae per run, and each central run's train_loss
     assert set(frame["side"]) == {"federated", "central", "non-private"}
     dp = frame[frame.side == "federated"]
     assert sorted(dp["target-epsilon"].unique()) == [4, 16] and dp["epsilon"].between(3.5, 16).all()
+    z = dp.groupby("target-epsilon")["noise_multiplier"].first()
+    assert z[4] > z[16] > 0  # a smaller epsilon needs more noise
     assert frame[frame.side != "federated"]["target-epsilon"].isna().all()  # the references follow no privacy axis
     assert sorted(frame["seed"].unique()) == [0, 1]
     assert (tmp_path / "out" / "rmse_vs_target-epsilon.png").stat().st_size > 0
