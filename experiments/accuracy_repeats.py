@@ -17,14 +17,15 @@ from fedrec.run.config import RunConfig
 from fedrec.run.rundir import make_run_dir, write_json
 
 from . import accuracy
-from .repeats import Repeat, federate_in_session, repeats
+from .repeats import Repeat, federate_in_session, one_torch_thread, repeats
 from .stats import COLUMNS, CONFIDENCE, interval_text, paired_difference, summarize, tidy
 
 
 def run_accuracy_repeats(cfg: RunConfig, count: int, users_per_node: int = 0, log=print) -> dict:
     run_dir = make_run_dir(cfg, "accuracy")
     rows, reports = [], []
-    with tempfile.TemporaryDirectory(prefix="fedrec-accuracy-") as scratch:  # the federations' run directories
+    # the federations' run directories are scratch; central runs get one torch thread too (repeats.one_torch_thread)
+    with tempfile.TemporaryDirectory(prefix="fedrec-accuracy-") as scratch, one_torch_thread():
         numbers = itertools.count()
         token = accuracy._FEDERATE.set(
             lambda c: federate_in_session(dataclasses.replace(c, out=str(Path(scratch) / f"run-{next(numbers)}"))))

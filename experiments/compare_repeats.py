@@ -15,7 +15,7 @@ from fedrec.run.config import RunConfig
 from fedrec.run.rundir import dp_label, main_metric, make_run_dir, write_json
 
 from .compare import model_title
-from .repeats import Repeat, repeats
+from .repeats import Repeat, one_torch_thread, repeats
 from .stats import COLUMNS, CONFIDENCE, interval_text, paired_difference, summarize, t_interval, tidy
 
 
@@ -25,17 +25,18 @@ def run_compare_repeats(cfg: RunConfig, count: int, central_fn, federated_fn, on
     cfg = dataclasses.replace(cfg, model=cfg.resolved().model)  # --model auto decided once, for every repeat
     run_dir = make_run_dir(cfg, "compare")
     rows, curves, runs = [], [], []
-    for rep in repeats(cfg, count):
-        if on_repeat:
-            on_repeat(rep)
-        where = run_dir / f"repeat-{rep.index}"
-        central = central_fn(dataclasses.replace(rep.cfg, out=str(where / "central")))
-        federated = federated_fn(dataclasses.replace(rep.cfg, out=str(where / "federated")))
-        for side, outcome in (("central", central), ("federated", federated)):
-            rows += tidy("compare", cfg.model, side, rep.index, rep.seed, rep.fold, outcome.summary["metrics"])
-        curves += [{"repeat": rep.index, **row} for row in federated.history]
-        runs.append({"repeat": rep.index, "seed": rep.seed, "fold": rep.fold, "dir": str(where.relative_to(run_dir)),
-                     "privacy": federated.summary["privacy"]})
+    with one_torch_thread():  # both sides: see repeats.one_torch_thread
+        for rep in repeats(cfg, count):
+            if on_repeat:
+                on_repeat(rep)
+            where = run_dir / f"repeat-{rep.index}"
+            central = central_fn(dataclasses.replace(rep.cfg, out=str(where / "central")))
+            federated = federated_fn(dataclasses.replace(rep.cfg, out=str(where / "federated")))
+            for side, outcome in (("central", central), ("federated", federated)):
+                rows += tidy("compare", cfg.model, side, rep.index, rep.seed, rep.fold, outcome.summary["metrics"])
+            curves += [{"repeat": rep.index, **row} for row in federated.history]
+            runs.append({"repeat": rep.index, "seed": rep.seed, "fold": rep.fold,
+                         "dir": str(where.relative_to(run_dir)), "privacy": federated.summary["privacy"]})
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame.to_csv(run_dir / "results.csv", index=False)
     intervals, difference = summarize(frame), paired_difference(frame)

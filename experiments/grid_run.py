@@ -25,7 +25,7 @@ from fedrec.run.config import ConfigError, RunConfig
 from fedrec.run.rundir import main_metric, make_run_dir, write_json
 
 from .grid import Cell, Grid
-from .repeats import federate_in_session
+from .repeats import federate_in_session, one_torch_thread
 from .stats import COLUMNS, SPENT, summarize, t_interval, tidy
 
 
@@ -51,6 +51,17 @@ def run_grid(grid: Grid, out: str = "", source: str = "", on_cell: Callable[[Cel
         write_json(root / "grid.json", {"name": grid.name, "digest": grid.digest, "file": source,
                                         "cells": len(grid.cells)})
     (root / "cells").mkdir(exist_ok=True)
+    with one_torch_thread():  # central cells too: see repeats.one_torch_thread
+        _run_cells(grid, root, on_cell, on_round)
+    frame = results(grid, root)
+    tmp = root / "results.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    tmp.replace(root / "results.csv")
+    plots = plot_grid(grid, frame, root)
+    return {"run_dir": root, "frame": frame, "resumed": resumed, "plots": plots}
+
+
+def _run_cells(grid: Grid, root: Path, on_cell, on_round) -> None:
     for cell in grid.cells:
         tell = on_cell or (lambda cell, status: None)
         if (root / "cells" / f"{cell.key}.json").is_file():
@@ -59,12 +70,6 @@ def run_grid(grid: Grid, out: str = "", source: str = "", on_cell: Callable[[Cel
         tell(cell, "running")
         write_json(root / "cells" / f"{cell.key}.json", run_cell(cell, root / "runs" / cell.key, on_round))
         tell(cell, "finished")
-    frame = results(grid, root)
-    tmp = root / "results.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(root / "results.csv")
-    plots = plot_grid(grid, frame, root)
-    return {"run_dir": root, "frame": frame, "resumed": resumed, "plots": plots}
 
 
 def run_cell(cell: Cell, run_dir: Path, on_round=None) -> dict:

@@ -17,6 +17,7 @@ robustness` do): torch, the data and the shards are loaded once for all repeats.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from collections.abc import Callable
@@ -52,12 +53,26 @@ def check_repeats(count: int) -> None:
         raise ConfigError(f"--repeats must be >= 1 (got {count})")
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread, as each of the engine's ClientApp actors (simulations/federated.py worker_env).
+    On the shared 2-core machine torch's own intra-op threads made ML-100K u1 federated rounds 3.4x and
+    central MF epochs 7x slower (measured back to back under load); the engine's actors are why."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def federate_in_session(cfg: RunConfig, on_round: Callable[[dict], None] | None = None):
     """One federation through the ServerApp and ClientApp code in this process (see the module
     docstring); the FederatedOutcome `simulate` returns, with cfg.out as its run directory. The
     devices' state lives beside it while the run goes and is removed after (unless
     --keep-checkpoints), as `simulate` does."""
-    import torch
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrec.client.app import app as client_app
@@ -74,16 +89,11 @@ def federate_in_session(cfg: RunConfig, on_round: Callable[[dict], None] | None 
     shards = ensure_shards(cfg, nodes).resolve()
     run_dir = make_run_dir(cfg, "federated")
     devices = device_dir(run_dir)
-    # One torch thread, as each of the engine's ClientApp actors has (simulations/federated.py worker_env):
-    # on a shared 2-core machine torch's own intra-op threads made ML-100K u1 rounds 3.4x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        with _environment({SHARDS_ENV: str(shards), ENV_DIR: str(devices)}):
+        with _environment({SHARDS_ENV: str(shards), ENV_DIR: str(devices)}), one_torch_thread():
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
             return run_server(InProcessGrid(client_app, nodes), dataclasses.replace(cfg, out=str(run_dir)),
                               on_round, catalogue=read_items(shards))
     finally:
-        torch.set_num_threads(threads)
         if not cfg.keep_checkpoints:
             shutil.rmtree(devices, ignore_errors=True)
