@@ -422,15 +422,30 @@ def run_tune_cli(cfg: RunConfig, trials: int, seconds: float, run_dir: Path):
     return report
 
 
+_REPEATS = typer.Option(1, "--repeats", help="runs with seeds seed, seed+1, ... (and on ML-100K u1..u5, the next "
+                                              "folds), reported as mean and 95% interval; their federations run in "
+                                              "this process, sharing its start-up")
+
+
 @cli.command()
 @_config_command
 def compare(cfg: RunConfig, tune: bool = typer.Option(False, "--tune", help="first choose each side's settings on "
                                                        "a validation split (as fedrec tune), then run with them"),
-            tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS) -> None:
+            tune_trials: int = _TUNE_TRIALS, tune_seconds: float = _TUNE_SECONDS, repeats: int = _REPEATS) -> None:
     """Central and federated runs with the same model, split and seeds, side by side."""
     if tune:
         require("tune", "compare --tune")
     from fedrec.experiments.compare import run_compare
+    from fedrec.experiments.repeats import check_repeats
+
+    check_repeats(repeats)
+    if repeats > 1:
+        if tune:
+            raise ConfigError("--tune runs once: tune first (fedrec tune), then compare --repeats with --config "
+                              "of the chosen settings")
+        from fedrec.cli.research import compare_repeats_cli
+
+        return compare_repeats_cli(cfg, repeats)
 
     if (tune_trials or tune_seconds) and not tune:
         raise ConfigError("--tune-trials and --tune-seconds apply with --tune; add --tune")
@@ -477,13 +492,25 @@ def accuracy(cfg: RunConfig, users_per_node_federated: int = typer.Option(
                                                "per data set, and score them against the peers (0: skip)"),
         sequential: bool = typer.Option(False, help="run the central runs and peers alone, not beside the federated "
                                                     "runs: slower, and their seconds are each run's own"),
+        repeats: int = typer.Option(1, "--repeats", help="the whole benchmark with seeds seed, seed+1, ...: each "
+                                                         "case's mean and 95% interval; its federations run in "
+                                                         "this process, sharing its start-up"),
 ) -> None:
     """Accuracy benchmark: central vs federated on ML-100K u1-u5 and leave-one-out, and on synthetic data."""
+    from fedrec.experiments.repeats import check_repeats
+
     if tune_trials < 0:
         raise ConfigError(f"--tune-trials must be >= 0 (got {tune_trials})")
+    check_repeats(repeats)
+    if tune_trials and repeats > 1:
+        raise ConfigError("--tune-trials runs once: drop --repeats, or tune first and pass the chosen settings")
     if tune_trials:
         require("tune", "accuracy --tune-trials")
     _quiet_engines()
+    if repeats > 1:
+        from fedrec.cli.research import accuracy_repeats_cli
+
+        return accuracy_repeats_cli(cfg, repeats, users_per_node_federated)
     from fedrec.experiments.accuracy import run_accuracy
 
     report = run_accuracy(cfg, users_per_node_federated, log=lambda line: console.print(line, highlight=False),
@@ -910,6 +937,8 @@ small (a chunk of users, K <= 64): a second thread gains little, and on a busy 2
 OpenMP barriers wait for a descheduled thread. Central ML-100K u1, 60 epochs, load 5-7 on 2 cores,
 back to back: MF 7.5-16.6 s with one thread against 55-74 s with two, BPMF 4.7-8.8 s against
 11.4-30.8 s, the same RMSE. The engine's processes inherit it (the ClientApp actors set it anyway)."""
+
+from fedrec.cli import research as _research  # noqa: E402,F401  (its commands: fedrec experiment)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -27,10 +29,14 @@ from fedrec.simulations.federated import simulate
 
 from .peers import peer_results
 
+# How a federated run is run: Flower's engine (simulate), or with --repeats in this process, shared by
+# every run (experiments/repeats.py). Set for a whole suite, so the helpers below keep their signatures.
+_FEDERATE: ContextVar[Callable | None] = ContextVar("federate", default=None)
+
 
 def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
     start = time.perf_counter()
-    outcome = simulate(dataclasses.replace(cfg, users_per_node=users_per_node))
+    outcome = (_FEDERATE.get() or simulate)(dataclasses.replace(cfg, users_per_node=users_per_node))
     metric = main_metric(cfg.implicit, cfg.top_k)
     rows = [r for r in outcome.history if metric in r]
     log(f"federated {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {time.perf_counter() - start:.1f} s")
@@ -44,7 +50,7 @@ def _fed(cfg: RunConfig, users_per_node: int, log) -> dict:
 def _central(cfg: RunConfig, log) -> dict:
     outcome = run_central(cfg, write=False)
     log(f"central {cfg.dataset} {cfg.split}: {outcome.summary['metrics']} in {outcome.summary['train_seconds']:.2f} s")
-    return {"metrics": outcome.summary["metrics"], "epochs": cfg.epochs,
+    return {"metrics": outcome.summary["metrics"], "epochs": cfg.epochs, "model": outcome.summary["model"],
             "train_seconds": outcome.summary["train_seconds"], "wall_seconds": outcome.summary["wall_seconds"]}
 
 
@@ -121,7 +127,7 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials
     run_dir = make_run_dir(cfg, "accuracy")
     aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accuracy-central") if concurrent else _Inline()
     try:
-        report = _cases(cfg, run_dir, users_per_node, log, tune_trials, aside)
+        report = _suite(cfg, users_per_node, log, tune_trials, run_dir, aside)
     finally:
         aside.shutdown(wait=True, cancel_futures=True)  # Ctrl-C or a failure: what has not started never starts
     report["concurrent"] = concurrent
@@ -130,7 +136,9 @@ def run_accuracy(cfg: RunConfig, users_per_node: int = 0, log=print, tune_trials
     return report
 
 
-def _cases(cfg: RunConfig, run_dir, users_per_node: int, log, tune_trials: int, aside) -> dict:
+def _suite(cfg: RunConfig, users_per_node: int, log, tune_trials: int, run_dir, aside=None) -> dict:
+    """Every case once, with cfg's seed; `aside` as in _folds."""
+    aside = aside or _Inline()
     ml = dataclasses.replace(cfg, dataset="ml-100k", out="")
     report: dict = {"settings": cfg.resolved().to_dict(), "users_per_node": users_per_node, "cases": {}}
     report["cases"]["ml100k-u1-u5"] = _folds(ml, users_per_node, log, aside)
