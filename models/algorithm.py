@@ -175,6 +175,7 @@ class Algorithm(ABC):
     refuses: ClassVar[dict[str, str]] = {}  # privacy mechanisms (MECHANISMS) its statistics do not admit, and why
     settings_read: ClassVar[frozenset[str]]  # the model settings it reads (others are moot with it)
     implicit_feedback: ClassVar[bool] = True  # does it model leave-one-out (implicit) data too?
+    rating_feedback: ClassVar[bool] = True  # does it model ratings (random, u1..u5 splits) too?
     # Replies of honest users have comparable norms, so a norm far above the round's median is hostile
     # (--robust-aggregation norm-bound). False where a heavy user's honest statistics grow with its ratings.
     comparable_norms: ClassVar[bool] = True
@@ -185,7 +186,7 @@ class Algorithm(ABC):
     @classmethod
     def defaults(cls, implicit: bool) -> dict:
         """Its K and regularization where the run leaves them at -1 (chosen on validation splits of ML-100K)."""
-        return {"dim": 32, **{k: v[implicit] for k, v in DEFAULT_REG.items()}}
+        return {"dim": 32, "local_batch": 0, **{k: v[implicit] for k, v in DEFAULT_REG.items()}}
 
     # ------------------------------------------------------------------ device
     @abstractmethod

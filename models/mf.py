@@ -195,7 +195,10 @@ class MF(Algorithm):
                     torch.as_tensor(rows.train_rating, dtype=torch.float32))
         counts = np.bincount(seg, minlength=len(rows.users))
         key = keys.negatives(round_)
-        neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts * self.settings.train_negatives,
+        skip_seg, skip_item = seg, item
+        if self.settings.heldout_not_negative:  # the papers' protocol, a leak (DataConfig.heldout_not_negative)
+            skip_seg, skip_item = np.concatenate([seg, rows.test_segment]), np.concatenate([item, rows.test_item])
+        neg_seg, neg_item = sample_negatives(rows.users, skip_seg, skip_item, counts * self.settings.train_negatives,
                                              self.n_items, key)
         target = np.concatenate([np.ones(len(seg), np.float32), np.zeros(len(neg_seg), np.float32)])
         return (torch.as_tensor(np.concatenate([seg, neg_seg])), torch.as_tensor(np.concatenate([item, neg_item])),
