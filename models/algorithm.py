@@ -224,6 +224,13 @@ class Algorithm(ABC):
     def evaluate(self, model: dict[str, torch.Tensor], state: UserState, rows: CohortData, k: int) -> dict[str, float]:
         """Metric sums (fedrec.models.metrics) of the users of `rows` on their own held-out rows."""
 
+    def evaluate_with_validation(self, model: dict[str, torch.Tensor], state: UserState, rows: CohortData, k: int
+                                 ) -> tuple[dict[str, float], dict[str, float]]:
+        """(test sums, validation sums) of a cohort whose held-out rows include validation items
+        (CohortData.test_validation); an algorithm whose scoring has a costly per-user part shares it."""
+        return (self.evaluate(model, state, rows.validation_side(False), k),
+                self.evaluate(model, state, rows.validation_side(True), k))
+
     @abstractmethod
     def recommend(self, model: dict[str, torch.Tensor], items: np.ndarray, ratings: np.ndarray, n: int,
                   hide: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

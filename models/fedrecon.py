@@ -57,13 +57,8 @@ class FedRecon(MF):
         users = self.reconstruct(shared, seg[support], item[support], target[support], n)
         moments = torch.zeros(n, self.settings.dim + 1)
         fresh = {"emb": users.emb, "bias": users.bias, "m": moments, "v": moments.clone(), "step": torch.zeros(n)}
-        seg, item, target = seg[~support], item[~support], target[~support]
-        decoy = None
-        if decoys is not None:
-            decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
-            seg = torch.cat([seg, torch.as_tensor(decoys.segment)])
-            item = torch.cat([item, torch.as_tensor(decoys.item)])
-            target = torch.cat([target, self.decoy_targets(shared, fresh, rows, decoys)])
+        seg, item, target, decoy = self.with_decoys(shared, fresh, rows, seg[~support], item[~support],
+                                                    target[~support], decoys)
         _, contributions = self.fit_rows(shared, fresh, seg, item, target, decoy, n)
         return state, contributions
 

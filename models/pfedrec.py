@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from .algorithm import DECOYS, DeviceKeys, RowContributions, Statistic, UserState
-from .factors import ITEM_EMB, ItemParams, Users, init_items, top_n
+from .factors import FULL_RANKING_CHUNK, ITEM_EMB, ItemParams, Users, init_items, top_n
 from .metrics import add_sums, full_ranking_sums, loo_sums
 from .mf import MF, FactorServer
 from .randomness import init_generator, mix64, negatives_key, uniform01
+from .train import chunks, take
 
 EVALUATION_ROUND = 0  # the negatives key of the scoring fine-tune: training rounds count from 1
 
@@ -66,13 +67,13 @@ class PFedRec(MF):
         n = len(rows.users)
         pair_key, pair = torch.unique(seg * self.n_items + item, return_inverse=True)
         start = shared[ITEM_EMB][pair_key % self.n_items]
-        w, c, copies, loss_sum = self._local(state["emb"], state["bias"], start, seg, pair, target, n,
+        w, c, copies, loss_sum = self._local(state["emb"], state["bias"], start, seg, item, pair, target, n,
                                              rows.users, keys.negatives(round_), train_score=True)
         contributions = RowContributions(n, pair_key // self.n_items, pair_key % self.n_items,
                                          {ITEM_EMB: copies - start}, {}, loss_sum=loss_sum, num_rows=len(seg))
         return {"emb": w, "bias": c}, contributions
 
-    def _local(self, w, c, copies, seg, pair, target, n, users, key, train_score: bool):
+    def _local(self, w, c, copies, seg, item, pair, target, n, users, key, train_score: bool):
         """`local_epochs` passes over the rows in minibatches of `local_batch` per user (shuffled per pass,
         counter-based per user): the score function's step, then the item copies' step with it. A step is
         dense: the active users' batches padded to [users, batch, K], so that it costs two batched matrix
@@ -82,7 +83,7 @@ class PFedRec(MF):
         item_lr = s.lr * self.n_items * s.item_lr_scale
         loss_sum = 0.0
         for epoch in range(s.local_epochs):
-            for active, rows, real in _minibatches(seg.numpy(), users, key, epoch, s.local_batch):
+            for active, rows, real in _minibatches(seg.numpy(), item.numpy(), users, key, epoch, s.local_batch):
                 p, t = pair[rows], target[rows] * real
                 q = copies.index_select(0, p.reshape(-1)).reshape(*p.shape, -1)  # [users, batch, K]
                 size = real.sum(1, keepdim=True)
@@ -115,42 +116,34 @@ class PFedRec(MF):
         seg, item, target = self.training_rows(rows, EVALUATION_ROUND, DeviceKeys(self.settings.seed))
         pair_key, pair = torch.unique(seg * self.n_items + item, return_inverse=True)
         start = model[ITEM_EMB][pair_key % self.n_items]
-        _, _, copies, _ = self._local(state["emb"], state["bias"], start, seg, pair, target, len(rows.users),
+        _, _, copies, _ = self._local(state["emb"], state["bias"], start, seg, item, pair, target, len(rows.users),
                                       rows.users, negatives_key(self.settings.seed, EVALUATION_ROUND), False)
         return pair_key, copies
 
-    def scores(self, model, state: UserState, rows, users: np.ndarray) -> torch.Tensor:
-        """[len(users), items] logits of the cohort's users at positions `users`, through their own views."""
+    def scores(self, model, state: UserState, rows) -> torch.Tensor:
+        """[users, items] logits of the cohort's users through their own views of the items."""
         pair_key, copies = self.personal_view(model, state, rows)
-        q = model[ITEM_EMB]
-        index = torch.as_tensor(users)
-        logits = state["emb"][index] @ q.T + state["bias"][index, None]
-        local = torch.full((len(rows.users),), -1, dtype=torch.long)
-        local[index] = torch.arange(len(users))
-        pair_user, pair_item = pair_key // self.n_items, pair_key % self.n_items
-        mine = local[pair_user] >= 0
-        row = local[pair_user[mine]]
-        logits[row, pair_item[mine]] = ((state["emb"][pair_user[mine]] * copies[mine]).sum(1)
-                                        + state["bias"][pair_user[mine]])
+        logits = state["emb"] @ model[ITEM_EMB].T + state["bias"][:, None]
+        user, item = pair_key // self.n_items, pair_key % self.n_items
+        logits[user, item] = (state["emb"][user] * copies).sum(1) + state["bias"][user]
         return logits
 
     def evaluate(self, model, state, rows, k: int) -> dict[str, float]:
-        if len(rows.test_segment) == 0:
-            return {}
+        return self.evaluate_with_validation(model, state, rows, k)[0]
+
+    def evaluate_with_validation(self, model, state, rows, k: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Both sides from one personal view per user (its fine-tune is the costly part of scoring)."""
+        test: dict[str, float] = {}
+        held: dict[str, float] = {}
         with torch.no_grad():
-            tested = np.unique(rows.test_segment)
-            logits = self.scores(model, state, rows, tested)
-            local = np.full(len(rows.users), -1)
-            local[tested] = np.arange(len(tested))
-            at = torch.as_tensor(local[rows.test_segment])
-            neg = torch.as_tensor(rows.test_negatives)
-            sums = loo_sums(logits[at, torch.as_tensor(rows.test_item)], logits[at[:, None], neg], k)
-            exclude = torch.zeros_like(logits, dtype=torch.bool)
-            relevant = torch.zeros_like(exclude)
-            trained = local[rows.train_segment] >= 0
-            exclude[local[rows.train_segment[trained]], rows.train_item[trained]] = True
-            relevant[at, rows.test_item] = True
-            return add_sums(sums, full_ranking_sums(logits, exclude, relevant, k))
+            for lo, hi, part in chunks(rows, FULL_RANKING_CHUNK):
+                logits = self.scores(model, take(state, torch.arange(lo, hi)), part)
+                if part.test_validation is None:
+                    add_sums(test, _ranked(logits, part, k, full=True))
+                else:
+                    add_sums(test, _ranked(logits, part.validation_side(False), k, full=True))
+                    add_sums(held, _ranked(logits, part.validation_side(True), k, full=False))
+        return test, held
 
     def fit_user(self, model, items: np.ndarray, ratings: np.ndarray) -> Users:
         """A score function for the user's own interactions with the shared items fixed (logistic regression
@@ -165,13 +158,29 @@ class PFedRec(MF):
         return top_n(shared, user, rated, n, None, hide)
 
 
-def _minibatches(seg: np.ndarray, users: np.ndarray, key: np.ndarray, epoch: int, size: int):
+def _ranked(logits: torch.Tensor, rows, k: int, full: bool) -> dict[str, float]:
+    """Ranking sums of the held-out rows of `rows` from the users' logits [users, items]: against their
+    sampled negatives, and (`full`) against every item they did not train on."""
+    if len(rows.test_segment) == 0:
+        return {}
+    seg, item = torch.as_tensor(rows.test_segment), torch.as_tensor(rows.test_item)
+    sums = loo_sums(logits[seg, item], logits[seg[:, None], torch.as_tensor(rows.test_negatives)], k)
+    if not full:
+        return sums
+    exclude = torch.zeros_like(logits, dtype=torch.bool)
+    exclude[rows.train_segment, rows.train_item] = True
+    relevant = torch.zeros_like(exclude)
+    relevant[seg, item] = True
+    return add_sums(sums, full_ranking_sums(logits, exclude, relevant, k))
+
+
+def _minibatches(seg: np.ndarray, item: np.ndarray, users: np.ndarray, key: np.ndarray, epoch: int, size: int):
     """Each lockstep minibatch as (active user positions [a], row indices [a, batch], 1.0 on real rows and
-    0.0 on padding): a user's rows in a random order (counter-based per user, pass and row, so a user's
+    0.0 on padding): a user's rows in a random order (counter-based per user, pass and item, so a user's
     batches do not depend on who shares its cohort), `size` at a time (0: all of them at once)."""
     salt = np.uint64(epoch * 0x9E3779B97F4A7C15 % (1 << 64))
-    draw = uniform01(mix64(mix64(users[seg].astype(np.uint64) ^ key ^ salt) + _ranks(seg).astype(np.uint64)))
-    order = np.argsort(seg + draw * 0.5)  # by user, then shuffled within the user
+    draw = uniform01(mix64(mix64(users[seg].astype(np.uint64) ^ key ^ salt) + item.astype(np.uint64)))
+    order = np.argsort(seg + draw * 0.5, kind="stable")  # by user, then shuffled (an item's rows in row order)
     counts = np.bincount(seg)
     position = np.arange(len(seg)) - np.repeat(np.cumsum(counts) - counts, counts)  # in `order`
     width = size if size > 0 else int(counts.max(initial=0))
@@ -188,11 +197,3 @@ def _minibatches(seg: np.ndarray, users: np.ndarray, key: np.ndarray, epoch: int
         index[local, slot] = rows
         real[local, slot] = 1.0
         yield torch.as_tensor(owner[new_user]), torch.as_tensor(index), torch.as_tensor(real)
-
-
-def _ranks(segment: np.ndarray) -> np.ndarray:
-    """Position of each row among its user's rows, in row order."""
-    order = np.argsort(segment, kind="stable")
-    rank = np.empty(len(segment), np.int64)
-    rank[order] = np.arange(len(segment)) - np.searchsorted(segment[order], segment[order])
-    return rank

@@ -64,9 +64,8 @@ def evaluate_cohort(algorithm: Algorithm, model: dict[str, torch.Tensor], state:
     are scored apart, their ranking sums under VALIDATION-prefixed keys."""
     if rows.test_validation is None:
         return algorithm.evaluate(model, state, rows, k)
-    held = algorithm.evaluate(model, state, rows.validation_side(True), k)
-    return add_sums(algorithm.evaluate(model, state, rows.validation_side(False), k),
-                    {VALIDATION + key: held.get(key, 0.0) for key in VALIDATION_SUMS})
+    test, held = algorithm.evaluate_with_validation(model, state, rows, k)
+    return add_sums(test, {VALIDATION + key: held.get(key, 0.0) for key in VALIDATION_SUMS})
 
 
 def chunks(rows, size: int) -> Iterator[tuple[int, int, object]]:

@@ -167,7 +167,7 @@ def test_pfedrec_scores_through_its_own_view_of_the_items(tmp_path):
     assert torch.equal(state["emb"][0], state["emb"][1])  # one public start, as the official code's
     trained = device_step(algorithm, algorithm.init_server().broadcast(), state, rows, 1, policy, cfg.seed).state
     assert not torch.equal(trained["emb"][0], trained["emb"][1])
-    personal = algorithm.scores(model, trained, rows, np.arange(data.n_users))
+    personal = algorithm.scores(model, trained, rows)
     shared = trained["emb"] @ model["item-emb"].T + trained["bias"][:, None]
     assert not torch.allclose(personal, shared)
 
