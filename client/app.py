@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedrec.models.metrics import add_sums
 from fedrec.models.randomness import dropped, private_rng
+from fedrec.models.train import evaluate_cohort
 from fedrec.privacy.device import DeviceResult, device_step
 from fedrec.privacy.noise import add_device_noise
 from fedrec.run import schema
@@ -154,8 +155,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     for start in range(0, len(scored), EVAL_CHUNK):  # a cohort of a million users, a slice at a time
         chunk = scored[start:start + EVAL_CHUNK]
         index = torch.as_tensor(chunk)
-        add_sums(sums, node.algorithm.evaluate(model, {k: v[index] for k, v in state.items()},
-                                               node.shard.cohort(chunk), device.top_k))
+        add_sums(sums, evaluate_cohort(node.algorithm, model, {k: v[index] for k, v in state.items()},
+                                       node.shard.cohort(chunk), device.top_k))
     metrics = MetricRecord({schema.WEIGHT: len(scored), **{k: float(sums.get(k, 0.0)) for k in schema.EVAL_SUMS}})
     return Message(RecordDict({schema.METRICS: metrics}), reply_to=msg)
 

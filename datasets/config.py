@@ -34,6 +34,15 @@ class DataConfig:
     validation: bool = _data(False, "Score on a validation split cut from the training rows alone (per user: "
                                     "--test-fraction of them; --split loo: the latest one) instead of the test set, "
                                     "whose rows are then never used; what `fedrec tune` does.")
+    validation_item: bool = _data(False, "Leave-one-out: hold out each user's latest training interaction too, as a "
+                                         "validation item with its own --negatives; every evaluation scores both, and "
+                                         "the run reports the test metrics of its best-validation round (the protocol "
+                                         "of NCF and PFedRec).")
+    heldout_not_negative: bool = _data(False, "Leave-one-out: a user's held-out items (test and validation) are never "
+                                              "its training negatives, as in the code of NCF and PFedRec, which draw "
+                                              "them from items the user never interacted with in the whole data set. "
+                                              "A leak a real device cannot have (it does not know its future items): "
+                                              "for reproducing those papers' numbers only.")
     synthetic_users: int = _synthetic(_SYNTHETIC.users, "Synthetic data: number of users.")
     synthetic_items: int = _synthetic(_SYNTHETIC.items, "Synthetic data: number of items.")
     synthetic_density: float = _synthetic(_SYNTHETIC.density, "Synthetic data: expected share of user-item pairs "
@@ -62,5 +71,10 @@ class DataConfig:
             raise ConfigError(f"test-fraction must be between 0 and 1 (got {self.test_fraction})")
         if not 0 < self.synthetic_density <= 1:
             raise ConfigError(f"synthetic-density must be in (0, 1] (got {self.synthetic_density})")
+        if self.heldout_not_negative and self.split != "loo":
+            raise ConfigError("heldout-not-negative is about leave-one-out's training negatives: use --split loo")
+        if self.validation_item and (self.split != "loo" or self.validation):
+            raise ConfigError("validation-item needs --split loo and no --validation (it holds out its own "
+                              "validation item)")
         if self.split.startswith("u") and self.dataset != "ml-100k":
             raise ConfigError(f"split {self.split} exists only for ml-100k; use --split random or loo")

@@ -93,7 +93,8 @@ class Split:
     """Train/test interactions of one data set under one split rule.
 
     `test_negatives[j]` holds the sampled negative items of test row j (leave-one-out
-    ranking evaluation); None for rating-prediction splits.
+    ranking evaluation); None for rating-prediction splits. `test_validation[j]` marks test row j
+    as a validation row, scored apart from the test rows (None: none are).
     """
 
     dataset: str
@@ -108,6 +109,7 @@ class Split:
     user_ids: np.ndarray | None = None
     item_ids: np.ndarray | None = None
     item_titles: np.ndarray | None = None
+    test_validation: np.ndarray | None = None  # True on test rows that are validation items (validation_item)
     _index: dict = field(default_factory=dict, repr=False, compare=False)
 
     def train_index(self) -> UserIndex:

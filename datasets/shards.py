@@ -54,6 +54,7 @@ class Shard:
     test_item: np.ndarray
     test_rating: np.ndarray
     test_negatives: np.ndarray | None
+    test_validation: np.ndarray | None = None
 
     @property
     def users(self) -> np.ndarray:
@@ -67,7 +68,8 @@ class Shard:
         negatives = None if self.test_negatives is None else np.asarray(self.test_negatives[test], np.int64)
         return CohortData(self.users[positions], train_seg, self.train_item[train].astype(np.int64),
                           np.asarray(self.train_rating[train]), test_seg, self.test_item[test].astype(np.int64),
-                          np.asarray(self.test_rating[test]), negatives, np.asarray(self.train_time[train]))
+                          np.asarray(self.test_rating[test]), negatives, np.asarray(self.train_time[train]),
+                          None if self.test_validation is None else np.asarray(self.test_validation[test]))
 
     def train_counts(self) -> np.ndarray:
         return np.diff(self.train_indptr)
@@ -95,9 +97,9 @@ def open_shard(path: str | Path) -> Shard:
         raise DataError(f"{path} was written by another fedrec version; write it again with `fedrec partition`")
     meta = ShardMeta(**{**raw, "rating_scale": tuple(raw["rating_scale"])})
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
-    negatives = path / "test_negatives.npy"
-    return Shard(meta, **arrays,
-                 test_negatives=np.load(negatives, mmap_mode="r", allow_pickle=False) if negatives.is_file() else None)
+    optional = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                if (path / f"{name}.npy").is_file() else None for name in ("test_negatives", "test_validation")}
+    return Shard(meta, **arrays, **optional)
 
 
 def read_items(shard_set: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -150,6 +152,8 @@ def _write_shard(path: Path, meta: ShardMeta, rows: CohortData) -> None:
     }
     if rows.test_negatives is not None:
         arrays["test_negatives"] = rows.test_negatives.astype(np.int32)
+    if rows.test_validation is not None:
+        arrays["test_validation"] = rows.test_validation.astype(bool)
     for name, values in arrays.items():
         np.save(path / f"{name}.npy", values, allow_pickle=False)
     (path / "meta.json").write_text(json.dumps({"format": SHARD_FORMAT, **meta.__dict__}, indent=1))

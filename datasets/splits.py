@@ -98,6 +98,19 @@ def validation_split(split: Split, fraction: float = TEST_FRACTION, negatives: i
                                item_ids=split.item_ids, _index={})
 
 
+def with_validation_item(split: Split, negatives: int = TEST_NEGATIVES, seed=0) -> Split:
+    """`split` (leave-one-out) with each user's latest training interaction held out as well, as a
+    validation item with its own sampled negatives: the protocol of NCF and PFedRec, which score both
+    items each round and report the test metrics of the best-validation round. The validation rows
+    join the test side, marked by `test_validation`; training keeps the rest."""
+    held = validation_split(split, negatives=negatives, seed=seed)
+    test = Interactions(*(np.concatenate([getattr(split.test, f), getattr(held.test, f)])
+                          for f in ("user", "item", "rating", "timestamp")))
+    marks = np.concatenate([np.zeros(len(split.test), bool), np.ones(len(held.test), bool)])
+    return dataclasses.replace(split, train=held.train, test=test, test_validation=marks, _index={},
+                               test_negatives=np.concatenate([split.test_negatives, held.test_negatives]))
+
+
 def sample_negatives(index: UserIndex, items: np.ndarray, users: np.ndarray, n_items: int,
                      n: int, rng: np.random.Generator) -> np.ndarray:
     """For each entry of `users`, n distinct items that user never interacted with."""

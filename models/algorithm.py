@@ -176,6 +176,7 @@ class Algorithm(ABC):
     refuses: ClassVar[dict[str, str]] = {}  # privacy mechanisms (MECHANISMS) its statistics do not admit, and why
     settings_read: ClassVar[frozenset[str]]  # the model settings it reads (others are moot with it)
     implicit_feedback: ClassVar[bool] = True  # does it model leave-one-out (implicit) data too?
+    rating_feedback: ClassVar[bool] = True  # does it model ratings (random, u1..u5 splits) too?
     # Replies of honest users have comparable norms, so a norm far above the round's median is hostile
     # (--robust-aggregation norm-bound). False where a heavy user's honest statistics grow with its ratings.
     comparable_norms: ClassVar[bool] = True
@@ -189,7 +190,7 @@ class Algorithm(ABC):
     @classmethod
     def defaults(cls, implicit: bool) -> dict:
         """Its K and regularization where the run leaves them at -1 (chosen on validation splits of ML-100K)."""
-        return {"dim": 32, **{k: v[implicit] for k, v in DEFAULT_REG.items()}}
+        return {"dim": 32, "local_batch": 0, **{k: v[implicit] for k, v in DEFAULT_REG.items()}}
 
     @classmethod
     def release_weights(cls, epsilon: float) -> tuple[float, ...] | None:
@@ -236,6 +237,13 @@ class Algorithm(ABC):
     @abstractmethod
     def evaluate(self, model: dict[str, torch.Tensor], state: UserState, rows: CohortData, k: int) -> dict[str, float]:
         """Metric sums (fedrec.models.metrics) of the users of `rows` on their own held-out rows."""
+
+    def evaluate_with_validation(self, model: dict[str, torch.Tensor], state: UserState, rows: CohortData, k: int
+                                 ) -> tuple[dict[str, float], dict[str, float]]:
+        """(test sums, validation sums) of a cohort whose held-out rows include validation items
+        (CohortData.test_validation); an algorithm whose scoring has a costly per-user part shares it."""
+        return (self.evaluate(model, state, rows.validation_side(False), k),
+                self.evaluate(model, state, rows.validation_side(True), k))
 
     @abstractmethod
     def recommend(self, model: dict[str, torch.Tensor], items: np.ndarray, ratings: np.ndarray, n: int,

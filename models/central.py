@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from .algorithm import Algorithm, DeviceKeys, UserState
-from .metrics import DEFAULT_TOP_K, finish
+from .metrics import DEFAULT_TOP_K, finish, reported
 from .server_opt import DEFAULT_SERVER_LR, DEFAULT_SERVER_OPTIMIZER
-from .train import train_cohort
+from .train import evaluate_cohort, train_cohort
 
 
 @dataclass
@@ -24,6 +24,7 @@ class CentralResult:
     history: list[dict] = field(default_factory=list)  # one row per evaluated epoch
     metrics: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    reported_epoch: int = 0  # the epoch of `metrics`: the last, or the best-validation one (--validation-item)
 
 
 def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -46,11 +47,13 @@ def train_central(algorithm: Algorithm, rows, n_users: int, epochs: int, strateg
         row = {"epoch": epoch, "train_loss": sums.loss_sum / max(sums.num_rows, 1),
                "seconds": time.perf_counter() - start}
         if epoch % eval_every == 0 or epoch == epochs:
-            row.update(finish(algorithm.evaluate(tensors(server.model()), users, rows, k), k))
+            row.update(finish(evaluate_cohort(algorithm, tensors(server.model()), users, rows, k), k))
             result.history.append(row)
         if on_epoch:
             on_epoch(row)
     result.model, result.users = server.model(), users
-    result.metrics = {k_: v for k_, v in result.history[-1].items() if k_ not in ("epoch", "seconds")}
+    chosen, _ = reported(result.history, k)
+    result.metrics = {k_: v for k_, v in chosen.items() if k_ not in ("epoch", "seconds")}
+    result.reported_epoch = chosen["epoch"]
     result.wall_seconds = time.perf_counter() - start
     return result

@@ -33,7 +33,10 @@ class ModelConfig:
                                 "and no --clipping-norm); mf: biased matrix factorization; svdpp: adds implicit "
                                 "factors y_j of the items a user rated; bpmf: Bayesian MF by Gibbs sampling, one sweep "
                                 "per round; dpstats: private sufficient statistics, 2 or 3 releases (its defaults "
-                                "and rounds are a rule of epsilon). docs/design.md lists what each sends.",
+                                "and rounds are a rule of epsilon); the published federated recommenders: pfedrec (a "
+                                "personal score function per device), fcf (federated implicit ALS), fedrecon (devices "
+                                "keep no state and reconstruct the user's vector each round). docs/design.md lists "
+                                "what each sends.",
                         ("auto", *MODELS))
     dim: int = _model(-1, f"Embedding size K of users and items; -1: the algorithm's own ({BPMF_DIM} for bpmf, "
                           f"{_HYPER.dim} otherwise; chosen on validation).")
@@ -53,18 +56,29 @@ class ModelConfig:
     bpmf_alpha: float = _model(_HYPER.bpmf_alpha, "BPMF: precision of the rating noise (1 / its variance).")
     burn_in: int = _model(_HYPER.burn_in, "BPMF: first rounds (central: epochs) whose draws are not averaged into the "
                                           "model that is evaluated and saved (at most half of them).")
+    item_lr_scale: float = _model(_HYPER.item_lr_scale, "PFedRec: a device's SGD step on its item embeddings is lr x "
+                                  "number of items x this (its official code's lr_eta).")
+    recon_fraction: float = _model(_HYPER.recon_fraction, "FedRecon: share of a user's training rows (drawn afresh "
+                                   "each round) that reconstruct its vector; the rest train the items.")
+    confidence: float = _model(_HYPER.confidence, "FCF: confidence of an interaction is 1 + this (alpha of "
+                                                  "confidence-weighted ALS); unobserved items weigh 1.")
     lr: float = setting("Training", _HYPER.lr, "Client learning rate: Adam on the user's own vector, SGD on its item "
                                                "copies.")
     local_epochs: int = setting("Training", _HYPER.local_epochs, "Full-batch passes each sampled user makes over its "
                                 "own ratings per round.")
+    local_batch: int = setting("Training", -1, "Rows per local SGD step of a user (PFedRec); 0: one full-batch step "
+                               "per local epoch; -1: the algorithm's own (256 for pfedrec, as its official code).")
 
     def check_model(self) -> None:
-        check_signs(self, positive=("lr", "local_epochs", "train_negatives", "recency_items", "bpmf_alpha"),
-                    non_negative=("init_std", "recency_weight", "burn_in"))
+        check_signs(self, positive=("lr", "local_epochs", "train_negatives", "recency_items", "bpmf_alpha",
+                                    "item_lr_scale"),
+                    non_negative=("init_std", "recency_weight", "burn_in", "confidence"))
         check_limits(self, LIMITS)
-        for name in ("reg_user", "reg_item", "reg_bias", "dim"):
+        for name in ("reg_user", "reg_item", "reg_bias", "dim", "local_batch"):
             if getattr(self, name) < 0 and getattr(self, name) != -1:
                 raise ConfigError(f"{kebab(name)} must be >= 0, or -1 for the default (got {getattr(self, name)})")
+        if not 0 < self.recon_fraction < 1:
+            raise ConfigError(f"recon-fraction must be between 0 and 1 (got {self.recon_fraction})")
         if not 0 <= self.recency_decay <= 1:
             raise ConfigError(f"recency-decay must be in [0, 1] (got {self.recency_decay})")
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # mf: biased MF; svdpp: adds the implicit factors y_j of the items a user rated (models/svdpp.py);
-# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py); dpstats: private sufficient statistics (models/dpstats.py)
-MODELS = ("mf", "svdpp", "bpmf", "dpstats")
+# bpmf: Bayesian MF by Gibbs sampling (models/bpmf.py); dpstats: private sufficient statistics (models/dpstats.py);
+# the published federated recommenders: pfedrec, fedrecon, fcf (models/pfedrec.py, fedrecon.py, fcf.py)
+MODELS = ("mf", "svdpp", "bpmf", "dpstats", "pfedrec", "fedrecon", "fcf")
 
 # L2 per rating as (ratings, implicit feedback): the losses differ in scale, so each has its own.
 # Chosen by `fedrec tune` on validation splits of ML-100K u1.base / leave-one-out train.
@@ -44,10 +45,11 @@ class Hyper:
     bpmf_alpha: float = 1.5  # BPMF: precision of the rating noise
     burn_in: int = 20  # BPMF: rounds whose samples are not averaged into the model
     epsilon: float = 0.0  # the run's target epsilon (0: not private, or z by hand): public, for defaults ruled by it
-
-
-
-
+    local_batch: int = 0  # rows per local SGD step (PFedRec); 0: one full-batch step per local epoch
+    item_lr_scale: float = 80.0  # PFedRec: item step = lr x items x this (its code's lr_eta)
+    recon_fraction: float = 0.5  # FedRecon: share of a user's rows that reconstruct its vector each round
+    heldout_not_negative: bool = False  # leave-one-out: training negatives skip held-out items (a leak, see config)
+    confidence: float = 1.0  # FCF: an interaction's confidence is 1 + this (Hu et al.'s alpha)
 
 
 SERVER_OPTIMIZERS = ("fedadam", "fedavg", "fedavgm", "fedadagrad")  # models/server_opt.py

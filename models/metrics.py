@@ -13,7 +13,10 @@ import torch
 
 from .defaults import DEFAULT_TOP_K
 
-SUM_KEYS = ("sse", "sae", "num-ratings", "hits", "ndcg", "num-ranked", "recall-full", "ndcg-full", "num-full")
+VALIDATION = "val-"  # prefix of the sums and metrics of validation items (--validation-item)
+VALIDATION_SUMS = ("hits", "ndcg", "num-ranked")
+SUM_KEYS = ("sse", "sae", "num-ratings", "hits", "ndcg", "num-ranked", "recall-full", "ndcg-full", "num-full",
+            *(VALIDATION + k for k in VALIDATION_SUMS))
 
 
 def error_sums(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -63,7 +66,7 @@ def add_sums(total: dict[str, float], part: dict[str, float]) -> dict[str, float
     return total
 
 
-METRIC_PREFIXES = ("rmse", "mae", "hr", "ndcg", "recall", "full-ndcg")  # names finish() gives, before "@k"
+METRIC_PREFIXES = ("rmse", "mae", "hr", "ndcg", "recall", "full-ndcg", "val-hr", "val-ndcg")  # finish()'s, before "@k"
 
 
 def finish(sums: dict[str, float], k: int = DEFAULT_TOP_K) -> dict[str, float]:
@@ -78,4 +81,18 @@ def finish(sums: dict[str, float], k: int = DEFAULT_TOP_K) -> dict[str, float]:
     if sums.get("num-full", 0) > 0:
         out[f"recall@{k}"] = sums["recall-full"] / sums["num-full"]
         out[f"full-ndcg@{k}"] = sums["ndcg-full"] / sums["num-full"]
+    if sums.get(VALIDATION + "num-ranked", 0) > 0:
+        out[f"{VALIDATION}hr@{k}"] = sums[VALIDATION + "hits"] / sums[VALIDATION + "num-ranked"]
+        out[f"{VALIDATION}ndcg@{k}"] = sums[VALIDATION + "ndcg"] / sums[VALIDATION + "num-ranked"]
     return out
+
+
+def reported(history: list[dict], k: int = DEFAULT_TOP_K) -> tuple[dict, int | None]:
+    """(the evaluated row a run reports, its position in `history`): the last one, or where rows score
+    validation items, the one of the best validation HR@k (the latest of equals, as PFedRec's code does),
+    so that the test metrics are chosen by validation and not by the test set."""
+    rows = [(i, row) for i, row in enumerate(history) if f"{VALIDATION}hr@{k}" in row]
+    if not rows:
+        return (history[-1], len(history) - 1) if history else ({}, None)
+    best = max(rows, key=lambda pair: (pair[1][f"{VALIDATION}hr@{k}"], pair[0]))
+    return best[1], best[0]

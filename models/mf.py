@@ -106,13 +106,16 @@ class MF(Algorithm):
         own vector, its bias, mu or the loss: they are trained like real rows so that their item changes
         look alike). Returns the new state and each user's change of the item rows it touched."""
         seg, item, target = self.training_rows(rows, round_, keys)
-        decoy = None
-        if decoys is not None:
-            decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
-            seg = torch.cat([seg, torch.as_tensor(decoys.segment)])
-            item = torch.cat([item, torch.as_tensor(decoys.item)])
-            target = torch.cat([target, self.decoy_targets(shared, state, rows, decoys)])
+        seg, item, target, decoy = self.with_decoys(shared, state, rows, seg, item, target, decoys)
         return self.fit_rows(shared, state, seg, item, target, decoy, len(rows.users))
+
+    def with_decoys(self, shared, state: UserState, rows, seg, item, target, decoys: Decoys | None):
+        """The training rows with the decoy rows after them, and which rows are decoys (None: no decoys)."""
+        if decoys is None:
+            return seg, item, target, None
+        decoy = torch.cat([torch.zeros(len(seg), dtype=torch.bool), torch.ones(len(decoys.segment), dtype=bool)])
+        return (torch.cat([seg, torch.as_tensor(decoys.segment)]), torch.cat([item, torch.as_tensor(decoys.item)]),
+                torch.cat([target, self.decoy_targets(shared, state, rows, decoys)]), decoy)
 
     def fit_rows(self, shared: dict[str, torch.Tensor], state: UserState, seg: torch.Tensor, item: torch.Tensor,
                  target: torch.Tensor, decoy: torch.Tensor | None, n: int) -> tuple[UserState, RowContributions]:
@@ -195,7 +198,10 @@ class MF(Algorithm):
                     torch.as_tensor(rows.train_rating, dtype=torch.float32))
         counts = np.bincount(seg, minlength=len(rows.users))
         key = keys.negatives(round_)
-        neg_seg, neg_item = sample_negatives(rows.users, seg, item, counts * self.settings.train_negatives,
+        skip_seg, skip_item = seg, item
+        if self.settings.heldout_not_negative:  # the papers' protocol, a leak (DataConfig.heldout_not_negative)
+            skip_seg, skip_item = np.concatenate([seg, rows.test_segment]), np.concatenate([item, rows.test_item])
+        neg_seg, neg_item = sample_negatives(rows.users, skip_seg, skip_item, counts * self.settings.train_negatives,
                                              self.n_items, key)
         target = np.concatenate([np.ones(len(seg), np.float32), np.zeros(len(neg_seg), np.float32)])
         return (torch.as_tensor(np.concatenate([seg, neg_seg])), torch.as_tensor(np.concatenate([item, neg_item])),

@@ -13,10 +13,13 @@ from collections.abc import Iterator
 from .algorithm import Algorithm
 from .bpmf import BPMF
 from .dpstats import DPStats
+from .fcf import FCF
+from .fedrecon import FedRecon
 from .mf import MF
+from .pfedrec import PFedRec
 from .svdpp import SVDPP
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MF, SVDPP, BPMF, DPStats)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MF, SVDPP, BPMF, DPStats, PFedRec, FedRecon, FCF)}
 AUTO_ORDER = ("bpmf", "dpstats", "mf")
 """--model auto runs the first of these that admits everything the run asks for: Bayesian MF won on
 validation (ML-100K u1: 0.9095 vs MF's 0.9248) but admits no privacy mechanism and needs every user in

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .algorithm import Algorithm, Contributions, Decoys, DeviceKeys, Sums, UserState
+from .metrics import VALIDATION, VALIDATION_SUMS, add_sums
 
 USERS_PER_CHUNK = 1024
 """Users trained at once. On the 100k-user bench, 1,024 gave lower peak memory than 4,096 (2.18 vs
@@ -57,6 +58,16 @@ def train_cohort(algorithm: Algorithm, shared: dict[str, torch.Tensor], state: U
     return new_state, sums
 
 
+def evaluate_cohort(algorithm: Algorithm, model: dict[str, torch.Tensor], state: UserState, rows, k: int
+                    ) -> dict[str, float]:
+    """The metric sums of a cohort on its held-out rows; validation items (CohortData.test_validation)
+    are scored apart, their ranking sums under VALIDATION-prefixed keys."""
+    if rows.test_validation is None:
+        return algorithm.evaluate(model, state, rows, k)
+    test, held = algorithm.evaluate_with_validation(model, state, rows, k)
+    return add_sums(test, {VALIDATION + key: held.get(key, 0.0) for key in VALIDATION_SUMS})
+
+
 def chunks(rows, size: int) -> Iterator[tuple[int, int, object]]:
     """(first user, end, the rows of users [first, end)) with segments renumbered from 0. Rows are
     grouped by user once (stable: a user's rows keep their order), so each chunk is a slice."""
@@ -75,7 +86,8 @@ def chunks(rows, size: int) -> Iterator[tuple[int, int, object]]:
             rows.users[lo:hi], rows.train_segment[tr] - lo, rows.train_item[tr], rows.train_rating[tr],
             rows.test_segment[te] - lo, rows.test_item[te], rows.test_rating[te],
             None if rows.test_negatives is None else rows.test_negatives[te],
-            None if rows.train_time is None else rows.train_time[tr])
+            None if rows.train_time is None else rows.train_time[tr],
+            None if rows.test_validation is None else rows.test_validation[te])
 
 
 def _grouped(segment: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from fedrec.datasets.download import dataset_folder
 from fedrec.datasets.movielens import FORMATS
 from fedrec.datasets.partition import cohort
 from fedrec.datasets.shards import SHARD_FORMAT, node_name, open_shard, write_shards
-from fedrec.datasets.splits import validation_split
+from fedrec.datasets.splits import validation_split, with_validation_item
 from fedrec.datasets.synthetic import stream_seed
 from fedrec.models.algorithm import Algorithm
 from fedrec.models.defaults import Hyper
@@ -34,10 +34,13 @@ def synthetic_spec(cfg: DataConfig) -> SyntheticSpec:
 
 def load_data(cfg: DataConfig) -> Split:
     """The run's split; with cfg.validation, a validation split cut from its training rows alone
-    (what the central trainer and, through ensure_shards, every device then train and score on)."""
+    (what the central trainer and, through ensure_shards, every device then train and score on); with
+    cfg.validation_item, the split with a validation item per user held out beside its test item."""
     split = load_split(cfg.dataset, cfg.split, cfg.data_dir or None, cfg.seed,
                        synthetic_spec(cfg) if cfg.dataset == "synthetic" else None,
                        cfg.test_fraction, cfg.negatives)
+    if cfg.validation_item:
+        return with_validation_item(split, cfg.negatives, stream_seed(cfg.seed, "validation"))
     if not cfg.validation:
         return split
     return validation_split(split, cfg.test_fraction, cfg.negatives, stream_seed(cfg.seed, "validation"))
@@ -49,7 +52,9 @@ def hyper(cfg: RunConfig) -> Hyper:
                  lr=cfg.lr, local_epochs=cfg.local_epochs, implicit=cfg.implicit, train_negatives=cfg.train_negatives,
                  init_std=cfg.init_std, seed=cfg.seed, recency_items=cfg.recency_items,
                  recency_decay=cfg.recency_decay, recency_weight=cfg.recency_weight, bpmf_alpha=cfg.bpmf_alpha,
-                 burn_in=burn_in(cfg.burn_in, cfg.rounds), epsilon=cfg.target_epsilon if cfg.dp != "none" else 0.0)
+                 burn_in=burn_in(cfg.burn_in, cfg.rounds), epsilon=cfg.target_epsilon if cfg.dp != "none" else 0.0,
+                 local_batch=cfg.local_batch, item_lr_scale=cfg.item_lr_scale, recon_fraction=cfg.recon_fraction,
+                 confidence=cfg.confidence, heldout_not_negative=cfg.heldout_not_negative)
 
 
 def burn_in(setting: int, steps: int) -> int:
@@ -88,6 +93,8 @@ def data_key(cfg: DataConfig) -> str:
         fields["synthetic"] = synthetic_spec(cfg).__dict__
     if cfg.validation:  # only when set: the keys (and cached shards) of test runs stay as they were
         fields["validation"] = "loo" if cfg.implicit else cfg.test_fraction
+    if cfg.validation_item:
+        fields["validation_item"] = True
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,7 +135,7 @@ def ensure_shards(cfg: DataConfig, num_partitions: int, out: str | Path | None =
         raise ConfigError(f"cannot cut {users} users into {num_partitions} shards; use 1..{users}")
     bounds = np.linspace(0, users, num_partitions + 1).round().astype(np.int64)
     common = dict(population=users, data_key=data_key(cfg), progress=progress)
-    if cfg.dataset == "synthetic" and not cfg.validation:  # a validation split is cut from everyone's train rows
+    if cfg.dataset == "synthetic" and not (cfg.validation or cfg.validation_item):  # cut from everyone's train rows
         spec = synthetic_spec(cfg)
 
         def rows_of(lo: int, hi: int):

@@ -113,6 +113,10 @@ class RunConfig(EngineConfig, ServerConfig, PrivacyConfig, ModelConfig, DataConf
         if self.implicit and not cls.implicit_feedback:
             others = ", ".join(n for n, c in ALGORITHMS.items() if c.implicit_feedback)
             raise ConfigError(f"--model {name} models ratings; for --split loo use --model {others}")
+        if not self.implicit and not cls.rating_feedback:
+            others = ", ".join(n for n, c in ALGORITHMS.items() if c.rating_feedback)
+            raise ConfigError(f"--model {name} models implicit feedback only; use --split loo, or for ratings "
+                              f"--model {others}")
         for mechanism, flag in self.asked().items():
             if mechanism in cls.refuses:
                 raise ConfigError(f"--model {name} refuses {flag}: {cls.refuses[mechanism]}")

@@ -136,12 +136,13 @@ def main_metric(implicit: bool, k: int) -> str:
     return f"hr@{k}" if implicit else "rmse"
 
 
-def metric_columns(implicit: bool, top_k: int) -> list[str]:
+def metric_columns(implicit: bool, top_k: int, validation_item: bool = False) -> list[str]:
     """The evaluation metrics a run reports, in the order finish() gives them."""
-    from fedrec.models.metrics import SUM_KEYS, finish
+    from fedrec.models.metrics import SUM_KEYS, VALIDATION, finish
 
     names = list(finish({k: 1.0 for k in SUM_KEYS}, top_k))
-    return [n for n in names if (n in ("rmse", "mae")) != implicit]
+    return [n for n in names
+            if (n in ("rmse", "mae")) != implicit and (validation_item or not n.startswith(VALIDATION))]
 
 
 class RunWriter:

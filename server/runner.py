@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
 
+from fedrec.models.metrics import reported
 from fedrec.models.registry import algorithm_class
 from fedrec.privacy.accountant import PrivacyPlan, participation_cap
 from fedrec.privacy.guarantee import describe
@@ -185,7 +186,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             audit_file.write(json.dumps(line) + "\n")
             audit_file.flush()
 
-    columns = list(ROUND_COLUMNS if plan is None else DP_ROUND_KEYS) + metric_columns(cfg.implicit, cfg.top_k)
+    columns = (list(ROUND_COLUMNS if plan is None else DP_ROUND_KEYS)
+               + metric_columns(cfg.implicit, cfg.top_k, cfg.validation_item))
     # With users forgotten, every round's counts of replies and bytes are withheld (blank), in all rounds
     # alike: they dip where a forgotten user is drawn and dropped, and the draws follow the public seed.
     blank = dict.fromkeys(REPLY_COUNTS, "") if forgotten else {}
@@ -269,8 +271,13 @@ def excluded_users(users: set[int], population: int) -> np.ndarray | None:
 
 
 def finished_summary(cfg, plan, federation, state, directory, secure, grid, stopped, start) -> dict:
-    final = {k: v for k, v in federation.history[-1].items() if is_evaluation(k)} if federation.history else {}
-    summary = {"metrics": final, "rounds": federation.rounds_trained, "num_nodes": len(directory.node_ids)}
+    chosen = federation.history[-1] if federation.history else {}
+    if cfg.validation_item:  # the test metrics of the best-validation round, not of the last
+        chosen, _ = reported([row for row in federation.history if any(is_evaluation(k) for k in row)], cfg.top_k)
+    summary = {"metrics": {k: v for k, v in chosen.items() if is_evaluation(k)}, "rounds": federation.rounds_trained,
+               "num_nodes": len(directory.node_ids)}
+    if cfg.validation_item and "round" in chosen:
+        summary["reported_round"] = chosen["round"]  # the best-validation round, whose test metrics these are
     if plan is None and federation.excluded is None:
         # with users forgotten neither: a replay's seconds bound its start round (a user's first
         # participation), totals of bytes how much a forgotten user's rows weighed

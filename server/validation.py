@@ -187,6 +187,11 @@ def check_eval_reply(content: RecordDict, hosted_users: int, cfg: RunConfig, rat
         bounds = [("sse", s["sse"], 0.0, n * spread**2),
                   ("sae", s["sae"], s["sse"] / spread if spread else 0.0, math.sqrt(n * s["sse"])),
                   *((k, s[k], 0.0, 0.0) for k in ("hits", "ndcg", "recall-full", "ndcg-full"))]
+    # validation items (--validation-item): one per user, ranking sums only, bounded like the test item's
+    held = cfg.validation_item and cfg.implicit
+    checks += [("val-num-ranked", s["val-num-ranked"], hosted_users if held else 0),
+               ("val-hits", s["val-hits"], s["val-num-ranked"])]
+    bounds += [("val-ndcg", s["val-ndcg"], s["val-hits"] / math.log2(cfg.top_k + 1), s["val-hits"])]
     for key, value, most in checks:
         problem = _count(key, value, most)
         if problem:

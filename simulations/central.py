@@ -42,6 +42,7 @@ def run_central(cfg: RunConfig, on_epoch: Callable[[dict], None] | None = None, 
     summary = {
         "mode": "central", "dataset": cfg.dataset, "split": cfg.split, "model": cfg.model,
         "model_reason": cfg.model_reason(), "metrics": result.metrics,
+        **({"reported_epoch": result.reported_epoch} if cfg.validation_item else {}),
         **({"burn_in": central_hyper.burn_in} if "burn_in" in algorithm.settings_read else {}),
         "epochs": cfg.epochs, "wall_seconds": time.perf_counter() - start, "train_seconds": result.wall_seconds,
         "num_users": split.n_users, "num_items": split.n_items, "config": cfg.to_dict(),

@@ -59,7 +59,7 @@ def test_each_users_upload_is_clipped_and_the_cohort_sums_them(users, mode, loca
     cls = ALGORITHMS[model]
     if mode == "padded" and DECOYS in cls.refuses:
         mode = "sparse"  # refused (tests/models/test_svdpp.py, tests/models/test_bpmf.py)
-    implicit = implicit and cls.implicit_feedback
+    implicit = (implicit and cls.implicit_feedback) or not cls.rating_feedback
     hyper = Hyper(model=model, dim=4, lr=lr, local_epochs=local_epochs, implicit=implicit,
                   train_negatives=train_negatives, seed=2)
     policy = DevicePolicy(update_mode=mode, clipping_norm=clip_norm, reproducible_seed=SEED)

@@ -226,10 +226,11 @@ def test_norm_bound_drops_outliers_only_and_never_under_dp():
 
 
 # ------------------------------------------------------------------ evaluation
+NO_VALIDATION = {"val-hits": 0.0, "val-ndcg": 0.0, "val-num-ranked": 0.0}  # sums of --validation-item runs
 EXPLICIT = {W: 4, "sse": 8.0, "sae": 8.0, "num-ratings": 10.0, "hits": 0.0, "ndcg": 0.0, "num-ranked": 0.0,
-            "recall-full": 0.0, "ndcg-full": 0.0, "num-full": 0.0}
+            "recall-full": 0.0, "ndcg-full": 0.0, "num-full": 0.0, **NO_VALIDATION}
 IMPLICIT = {W: 4, "sse": 0.0, "sae": 0.0, "num-ratings": 0.0, "hits": 2.0, "ndcg": 2 / math.log2(3),
-            "num-ranked": 4.0, "recall-full": 1.0, "ndcg-full": 0.5, "num-full": 4.0}
+            "num-ranked": 4.0, "recall-full": 1.0, "ndcg-full": 0.5, "num-full": 4.0, **NO_VALIDATION}
 LOO = {"split": "loo"}
 EVAL_CASES = [  # (id, settings, sums changed (None: dropped), extra records, part of the reason)
     ("an arrays record", {}, {}, {schema.ARRAYS: ArrayRecord()}, "records"),
@@ -254,6 +255,10 @@ EVAL_CASES = [  # (id, settings, sums changed (None: dropped), extra records, pa
     ("ndcg above hits", LOO, {"ndcg": 2.5}, {}, "ndcg"),
     ("ndcg below hits at rank k", LOO, {"ndcg": 2 / math.log2(11) - 0.01}, {}, "ndcg"),
     ("more full-ranking users than hosted", LOO, {"num-full": 5.0}, {}, "num-full"),
+    ("validation items the run does not hold out", LOO, {"val-num-ranked": 1.0}, {}, "val-num-ranked"),
+    ("two validation items a user", LOO | {"validation_item": True}, {"val-num-ranked": 5.0}, {}, "val-num-ranked"),
+    ("more validation hits than items", LOO | {"validation_item": True}, {"val-num-ranked": 2.0, "val-hits": 3.0}, {},
+     "val-hits"),
     ("recall above its users", LOO, {"recall-full": 4.5}, {}, "recall-full"),
     ("full ndcg above its users", LOO, {"ndcg-full": 4.5}, {}, "ndcg-full"),
 ]

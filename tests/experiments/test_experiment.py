@@ -15,7 +15,7 @@ from fedrec.experiments import grid_run
 from fedrec.experiments.grid import read_grid
 from fedrec.experiments.stats import COLUMNS
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = """
 name = "tiny"
 algorithms = ["mf"]

@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "central_vs_federated.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "central_vs_federated.ipynb"
 
 
 def _run(notebook, tmp_path) -> None:
