@@ -87,5 +87,6 @@ def with_defaults(model: ModelConfig, name: str, implicit: bool) -> dict:
     """The settings the algorithm `name` fills where they are -1 (its K and regularization)."""
     from .registry import algorithm_class  # the algorithms import torch: only once a run resolves
 
-    defaults = algorithm_class(name).defaults(implicit)
+    # local_batch is read by few algorithms: one that does not name it trains in full batches (Hyper's 0)
+    defaults = {"local_batch": Hyper.local_batch, **algorithm_class(name).defaults(implicit)}
     return {k: v for k, v in defaults.items() if getattr(model, k) < 0}

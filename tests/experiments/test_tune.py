@@ -104,7 +104,7 @@ def test_the_space_follows_what_an_algorithm_reads_not_its_name(tmp_path, monkey
 
     for cls in (Twin, Sampler, Narrow):
         monkeypatch.setitem(registry.ALGORITHMS, cls.name, cls)
-    assert space_for(_cfg(tmp_path, model="twin")) == {**SEARCH_SPACE, "model": ("mf", "svdpp", "twin")}
+    assert space_for(_cfg(tmp_path, model="twin")) == {**SEARCH_SPACE, "model": ("mf", "svdpp", "fedrecon", "twin")}
     assert space_for(_cfg(tmp_path, model="sampler")) == {**BPMF_SPACE, "model": ("bpmf", "sampler")}
     loo = space_for(_cfg(tmp_path, model="twin", split="loo"))
     assert loo["model"] == ("mf", "svdpp", "twin") and "recency_weight" in loo
