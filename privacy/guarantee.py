@@ -51,8 +51,8 @@ def _against_server(cfg: RunConfig, readers: str, server_epsilon: float | None) 
             else "user-level DP composed over each user's rounds (reported when the run ends)"
         if not cfg.partial:  # nobody is sampled: the zero-out relation holds against the server as against readers
             return (bound + ": it sees only the SecAgg+ sum of every user's noised statistics (every user takes part "
-                    "in every round, so it chooses nobody); it learns that each device is enrolled, not its ratings "
-                    "or their count (evaluation sums are not covered)")
+                    "in every round, so it chooses nobody); from training it learns that each device is enrolled, "
+                    "not its ratings or their count; each device's evaluation sums reach it un-noised (not covered)")
         return (bound + ": it sees only the SecAgg+ sum of noised updates, but knows who was sampled, so no "
                 "amplification by sampling (evaluation sums are not covered)")
     if cfg.secure_aggregation != "none":
