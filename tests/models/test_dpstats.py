@@ -44,12 +44,20 @@ def _cfg(tmp_path, **changes) -> RunConfig:
 
 # ---------------------------------------------------------------- releases of unequal weight
 @settings(max_examples=15, deadline=None)
-@given(weights=st.lists(st.floats(0.05, 1.0), min_size=2, max_size=4), target=st.sampled_from([0.5, 1.0, 4.0, 8.0]),
-       accountant=st.sampled_from(["rdp", "pld"]))
-def test_the_composition_of_unequal_rounds_spends_the_target_epsilon(weights, target, accountant):
+@given(weights=st.lists(st.floats(0.05, 1.0), min_size=2, max_size=4), target=st.sampled_from([0.5, 1.0, 4.0, 8.0]))
+def test_the_composition_of_unequal_rounds_spends_the_target_epsilon(weights, target):
     """z is calibrated once; round r is noised with z / sqrt(w_r); dp-accounting's composition of those rounds
     spends the target (a little under: the calibration stays inside), and is the composition dp-accounting
-    computes by itself."""
+    computes by itself. RDP here (any weights); PLD, whose calibration takes seconds, on dpstats' own below."""
+    _spends_the_target(weights, target, "rdp")
+
+
+def test_pld_composes_dpstats_own_release_weights_to_the_target():
+    """At eps = 8: three releases of unequal weight (PLD's calibration alone takes seconds a target)."""
+    _spends_the_target(DPStats.release_weights(8.0), 8.0, "pld")
+
+
+def _spends_the_target(weights, target: float, accountant: str) -> None:
     w = tuple(x / sum(weights) for x in weights)
     plan = PrivacyPlan("central", 0.0, 1.0, "fixed", 500, 500, 1e-5, accountant, weights=w)
     z = plan.calibrate(target, len(w)) + 1e-3
