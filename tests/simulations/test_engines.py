@@ -182,7 +182,8 @@ def test_deployment_one_user_per_supernode_on_loopback(tmp_path, processes):
     port = start_federation(processes, tmp_path, users)
     out = tmp_path / "run"
     _flwr_run(tmp_path, processes.env, "dep", port,
-              f"rounds=2 eval-every=2 synthetic-users={users} synthetic-items=40 synthetic-density=0.5 out='{out}'", [])
+              f"rounds=2 eval-every=2 synthetic-users={users} synthetic-items=40 synthetic-density=0.5 model='mf' "
+              f"out='{out}'", [])  # MF: the audit below names MF's statistics (auto would train BPMF here)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_nodes"] == users and summary["num_users"] == users
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
