@@ -58,33 +58,30 @@ def compare_repeats_cli(cfg: RunConfig, count: int) -> None:
     federated_side = run_federated_cli if cfg.ray_address else \
         (lambda side_cfg: run_session_cli(side_cfg, f"federated {state['label']}"))
     report = run_compare_repeats(cfg, count, central_side, federated_side, on_repeat)
-    table = Table(title=f"central vs federated: {cfg.dataset}, {report['model']}, {count} repeats "
-                        "(mean ± 95% interval half-width)")
     rows = interval_table(report["intervals_frame"], report["difference_frame"])
     paired = rows.get("central - federated", {})
     metrics = [m for m in dict.fromkeys(report["intervals_frame"]["metric"]) if m in paired]
-    table.add_column("run")
-    for metric in metrics:
-        table.add_column(metric, justify="right")
-    for side, values in rows.items():
-        table.add_row(side, *[values.get(m, "") for m in metrics])
-    out.print(table)
+    _print_intervals(f"central vs federated: {cfg.dataset}, {report['model']}, {count} repeats", rows, metrics)
     out.print(f"results in {report['run_dir']} (results.csv: one row per run and metric)")
 
 
-def accuracy_repeats_cli(cfg: RunConfig, count: int, users_per_node: int) -> None:
-    from fedrec.experiments.accuracy_repeats import run_accuracy_repeats, table_rows
 
-    report = run_accuracy_repeats(cfg, count, users_per_node, log=lambda line: console.print(line, highlight=False))
-    rows = table_rows(report["intervals_frame"], report["difference_frame"])
-    metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
-    table = Table(title=f"accuracy, {count} repeats (mean ± 95% interval half-width)")
+def _print_intervals(title: str, rows: dict[str, dict[str, str]], metrics: list[str]) -> None:
+    """One row per run (or difference), one column per metric, each cell "mean ± half-width"."""
+    table = Table(title=f"{title} (mean ± 95% interval half-width)")
     table.add_column("run")
     for metric in metrics:
         table.add_column(metric, justify="right")
     for name, values in rows.items():
         table.add_row(name, *[values.get(m, "") for m in metrics])
     out.print(table)
+
+def accuracy_repeats_cli(cfg: RunConfig, count: int, users_per_node: int) -> None:
+    from fedrec.experiments.accuracy_repeats import run_accuracy_repeats, table_rows
+
+    report = run_accuracy_repeats(cfg, count, users_per_node, log=lambda line: console.print(line, highlight=False))
+    rows = table_rows(report["intervals_frame"], report["difference_frame"])
+    _print_intervals(f"accuracy, {count} repeats", rows, list(dict.fromkeys(m for r in rows.values() for m in r)))
     out.print(f"results in {report['run_dir']}/accuracy.json (results.csv: one row per run and metric)")
 
 
